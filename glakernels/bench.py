@@ -1,0 +1,121 @@
+"""Shared pieces of every benchmark: the DESIGN.md §7 shapes, inputs, memory floors, timing.
+
+Used by ``glakernels bench``, the asv suites and the GPU benchmark scripts, so that they all
+time the same thing the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim_k: int
+    head_dim_v: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name}(B={self.batch},T={self.seq_len},H={self.heads},"
+            f"K={self.head_dim_k},V={self.head_dim_v})"
+        )
+
+
+#: DESIGN.md §7: the shapes every benchmark uses (B, T, H, K, V).
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        Shape("vigT_224", 128, 196, 3, 32, 64),
+        Shape("vigB_224", 64, 196, 12, 32, 64),
+        Shape("vigT_1024", 8, 4096, 3, 32, 64),
+        Shape("vigT_2048", 2, 16384, 3, 32, 64),
+        Shape("lm_4k", 4, 4096, 8, 128, 128),
+    )
+}
+
+#: Small versions for CPU runs: ViG-T at 224 px with B=8 and at 1024 px with B=1.
+CPU_SHAPES: dict[str, Shape] = {
+    "vigT_224_B8": Shape("vigT_224_B8", 8, 196, 3, 32, 64),
+    "vigT_1024_B1": Shape("vigT_1024_B1", 1, 4096, 3, 32, 64),
+}
+
+
+def random_inputs(
+    shape: Shape,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    bidirectional: bool = True,
+    requires_grad: bool = False,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """ViG-like inputs: unit-variance q, k, v; gates ``logsigmoid(x) / 16`` as in ViG."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, T, H, K, V = shape.batch, shape.seq_len, shape.heads, shape.head_dim_k, shape.head_dim_v
+
+    def make(*size, gate=False):
+        x = torch.randn(*size, generator=gen)
+        if gate:
+            x = F.logsigmoid(x) / 16
+        return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    inputs = {
+        "q": make(B, T, H, K),
+        "k": make(B, T, H, K),
+        "v": make(B, T, H, V),
+        "g": make(B, T, H, K, gate=True),
+    }
+    if bidirectional:
+        inputs["g_reverse"] = make(B, T, H, K, gate=True)
+    return inputs
+
+
+def memory_floor_bytes(shape: Shape, dtype: torch.dtype, *, bidirectional: bool = True, backward: bool = False) -> int:
+    """Bytes that must move: read q, k, v, g (and g_reverse), write o; with ``backward`` also
+    read those and dO, and write every input gradient (~2.75x the forward at ViG's shapes)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    tokens = shape.batch * shape.seq_len * shape.heads
+    gates = 2 if bidirectional else 1
+    inputs = tokens * ((2 + gates) * shape.head_dim_k + shape.head_dim_v)
+    output = tokens * shape.head_dim_v
+    forward = inputs + output
+    if not backward:
+        return forward * size
+    return (forward + (inputs + output) + inputs) * size
+
+
+def synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str | torch.device = "cpu", *, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of ``fn()`` in seconds; GPU work is synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,210 @@
+"""The shared suite every registered backend runs: against the float64 reference (outputs and
+every gradient), hostile inputs, algebraic properties, batch invariance and determinism.
+
+Backends are found through the registry (``gla_testing.backend_params``); a new backend is
+tested here as soon as it registers, with no edits to this file. Hypothesis draws only within
+what each backend declares (dtypes, head-dim limits, modes)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gla_testing import (
+    GATE_REGIMES,
+    Case,
+    assert_close,
+    backend_params,
+    check_against_reference,
+    make_inputs,
+    max_tokens,
+    outputs_and_grads,
+)
+from glakernels import gated_linear_attention
+from glakernels._dispatch import registry
+
+BACKENDS = backend_params()
+
+# fixed cases: T = 1, T below / not a multiple of any chunk size, odd K and V, B*H = 1
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 67, 2, 17, 33),
+    (1, 100, 1, 72, 1),
+    (1, 31, 3, 33, 72),
+    (1, 9, 1, 100, 17),
+]
+MODES = [("bi", True, False), ("causal", False, False), ("causal-state", False, True)]
+
+
+def _cases(dtypes):
+    for dtype in dtypes:
+        for B, T, H, K, V in SHAPES:
+            for mode, bidirectional, states in MODES:
+                yield Case(B, T, H, K, V, dtype, bidirectional, states)
+
+
+def _supported(backend_name, case: Case, device: str) -> bool:
+    backend = registry.get(backend_name)
+    spec_ok = (
+        case.dtype in backend.dtypes
+        and (backend.max_head_dim_k is None or case.K <= backend.max_head_dim_k)
+        and (backend.max_head_dim_v is None or case.V <= backend.max_head_dim_v)
+        and (backend.supports_bidirectional or not case.bidirectional)
+        and (backend.supports_causal or case.bidirectional)
+        and (backend.supports_states or not case.states)
+    )
+    return spec_ok and case.B * case.T * case.H <= max_tokens(backend_name, device)
+
+
+ALL_CASES = list(_cases([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id())
+def test_matches_reference(backend_device, case):
+    name, device = backend_device
+    if not _supported(name, case, device):
+        pytest.skip(f"{name} does not declare support for {case.id()}")
+    check_against_reference(name, case, device, seed=hash(case.id()) % 1000)
+
+
+HOSTILE = [
+    Case(2, 45, 2, 17, 9, torch.float32, gates="extreme"),
+    Case(1, 70, 1, 32, 16, torch.float32, gates="strong"),
+    Case(1, 50, 2, 8, 8, torch.float32, bidirectional=False, states=True, gates="extreme"),
+    Case(1, 40, 1, 5, 6, torch.float64, gates="extreme"),
+    Case(1, 40, 1, 5, 6, torch.float64, bidirectional=False, states=True, gates="extreme"),
+    Case(1, 64, 2, 16, 16, torch.bfloat16, gates="extreme"),
+]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("case", HOSTILE, ids=lambda c: c.id())
+def test_hostile_gates(backend_device, case):
+    """Gates anywhere in [-1e4, 0] with hard resets: finite and within the DESIGN bounds."""
+    name, device = backend_device
+    if not _supported(name, case, device):
+        pytest.skip(f"{name} does not declare support for {case.id()}")
+    check_against_reference(name, case, device, seed=11)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_hard_reset(backend_device):
+    """``g = -1e4`` at step r behaves like a hard reset: outputs from r on equal a run that
+    starts at r, even when r falls inside a chunk."""
+    name, device = backend_device
+    case = Case(2, 50, 2, 8, 16, torch.float32, bidirectional=False)
+    x = make_inputs(case, device, seed=5)
+    r = 21
+    x["g"][:, r] = -1e4
+    full = gated_linear_attention(**x, bidirectional=False, backend=name)
+    tail = gated_linear_attention(**{n: t[:, r:] for n, t in x.items()}, bidirectional=False, backend=name)
+    assert torch.isfinite(full).all()
+    assert_close({"o": full[:, r:]}, {"o": tail}, registry.get(name).tolerance(case.dtype), "reset")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_bidirectional_identity(backend_device, dtype):
+    """bidirectional = ½ (causal + flip ∘ causal ∘ flip), with separate reverse gates."""
+    name, device = backend_device
+    case = Case(2, 41, 2, 9, 12, dtype)
+    x = make_inputs(case, device, seed=2)
+    bi = gated_linear_attention(**x, backend=name)
+    flip = lambda t: t.flip(1)  # noqa: E731
+    forward = gated_linear_attention(x["q"], x["k"], x["v"], x["g"], False, backend=name)
+    reverse = gated_linear_attention(flip(x["q"]), flip(x["k"]), flip(x["v"]), flip(x["g_reverse"]), False, backend=name)
+    assert_close({"o": bi}, {"o": 0.5 * (forward + flip(reverse))}, registry.get(name).tolerance(dtype), "identity")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("split", [1, 16, 29])
+def test_state_carry(backend_device, split):
+    """Two halves chained through ``initial_state`` equal one call: outputs, final state, and
+    every gradient (which exercises the gradients of both states)."""
+    name, device = backend_device
+    case = Case(1, 45, 2, 8, 6, torch.float64 if torch.float64 in registry.get(name).dtypes else torch.float32,
+                bidirectional=False, states=True, gates="strong")
+    x = make_inputs(case, device, seed=split)
+
+    def whole(q, k, v, g, initial_state):
+        return gated_linear_attention(q, k, v, g, False, initial_state=initial_state, output_final_state=True, backend=name)
+
+    def chained(q, k, v, g, initial_state):
+        first = slice(None, split), slice(split, None)
+        o1, s1 = gated_linear_attention(q[:, first[0]], k[:, first[0]], v[:, first[0]], g[:, first[0]], False,
+                                        initial_state=initial_state, output_final_state=True, backend=name)
+        o2, s2 = gated_linear_attention(q[:, first[1]], k[:, first[1]], v[:, first[1]], g[:, first[1]], False,
+                                        initial_state=s1, output_final_state=True, backend=name)
+        return torch.cat([o1, o2], dim=1), s2
+
+    got, cot = outputs_and_grads(chained, x, None)
+    expected, _ = outputs_and_grads(whole, x, cot)
+    assert_close(got, expected, registry.get(name).tolerance(case.dtype), f"state carry split={split}")
+
+
+def _deterministic(name):
+    if not registry.get(name).deterministic:
+        pytest.skip(f"{name} declares itself non-deterministic")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("mode", ["bi", "causal-state"])
+def test_batch_invariance(backend_device, mode):
+    """A sequence's output and gradients do not depend on the rest of the batch, bitwise."""
+    name, device = backend_device
+    _deterministic(name)
+    case = Case(3, 37, 2, 16, 32, torch.float32, bidirectional=mode == "bi", states=mode != "bi")
+    kwargs = {"bidirectional": case.bidirectional, "backend": name}
+    if case.states:
+        kwargs["output_final_state"] = True
+    x = make_inputs(case, device, seed=4)
+    batch, cot = outputs_and_grads(gated_linear_attention, x, None, **kwargs)
+    one = {n: t[1:2] for n, t in x.items()}
+    single, _ = outputs_and_grads(gated_linear_attention, one, [c[1:2] for c in cot], **kwargs)
+    for tensor_name, value in single.items():
+        assert torch.equal(batch[tensor_name][1:2], value), f"{tensor_name} differs with batch size"
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_determinism(backend_device):
+    """Same inputs, same backend: bitwise-identical outputs and gradients."""
+    name, device = backend_device
+    _deterministic(name)
+    case = Case(2, 53, 2, 16, 32, torch.float32, gates="strong")
+    x = make_inputs(case, device, seed=9)
+    first, cot = outputs_and_grads(gated_linear_attention, x, None, backend=name)
+    second, _ = outputs_and_grads(gated_linear_attention, x, cot, backend=name)
+    for tensor_name in first:
+        assert torch.equal(first[tensor_name], second[tensor_name]), tensor_name
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@given(data=st.data())
+def test_matches_reference_drawn(backend_device, data):
+    """Hypothesis: shapes, dtypes, modes and gate regimes drawn within the backend's declared
+    capabilities; fresh inputs every example."""
+    name, device = backend_device
+    backend = registry.get(name)
+    max_k = min(backend.max_head_dim_k or 80, 80)
+    max_v = min(backend.max_head_dim_v or 80, 80)
+    modes = [m for m in MODES if (m[1] and backend.supports_bidirectional) or (not m[1] and backend.supports_causal)]
+    if not backend.supports_states:
+        modes = [m for m in modes if not m[2]]
+    mode, bidirectional, states = data.draw(st.sampled_from(modes), label="mode")
+    dtypes = sorted(backend.dtypes, key=str)
+    case = Case(
+        B=data.draw(st.integers(1, 3), label="B"),
+        T=data.draw(st.integers(1, 80), label="T"),
+        H=data.draw(st.integers(1, 3), label="H"),
+        K=data.draw(st.integers(1, max_k), label="K"),
+        V=data.draw(st.integers(1, max_v), label="V"),
+        dtype=data.draw(st.sampled_from(dtypes), label="dtype"),
+        bidirectional=bidirectional,
+        states=states,
+        gates=data.draw(st.sampled_from(GATE_REGIMES), label="gates"),
+    )
+    if case.B * case.T * case.H > max_tokens(name, device):
+        case = Case(1, min(case.T, max_tokens(name, device)), 1, case.K, case.V, case.dtype,
+                    case.bidirectional, case.states, case.gates)
+    check_against_reference(name, case, device, seed=data.draw(st.integers(0, 2**31 - 1), label="seed"))

@@ -1,0 +1,158 @@
+"""DESIGN.md §5: custom op registration, gradcheck, torch.compile, strides, autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gla_testing import Case, assert_close, backend_params, make_inputs, outputs_and_grads
+from glakernels import gated_linear_attention
+from glakernels._dispatch import registry
+
+BACKENDS = backend_params()
+
+
+def _float64_or_skip(name):
+    if torch.float64 not in registry.get(name).dtypes:
+        pytest.skip(f"{name} has no float64 path for gradcheck")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("mode", ["bi", "causal-state"])
+def test_gradcheck_float64(backend_device, mode):
+    name, device = backend_device
+    _float64_or_skip(name)
+    case = Case(1, 11, 2, 3, 4, torch.float64, bidirectional=mode == "bi", states=mode != "bi", gates="strong")
+    x = {n: t.requires_grad_() for n, t in make_inputs(case, device, seed=1).items()}
+    kwargs = dict(bidirectional=case.bidirectional, backend=name)
+    if case.states:
+        kwargs["output_final_state"] = True
+    names = list(x)
+    assert torch.autograd.gradcheck(
+        lambda *tensors: gated_linear_attention(**dict(zip(names, tensors)), **kwargs), tuple(x.values())
+    )
+
+
+def test_opcheck_forward_and_backward():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration."""
+    case = Case(2, 9, 2, 3, 5, torch.float32, bidirectional=False, states=True)
+    x = make_inputs(case, seed=2)
+    for tensor in x.values():
+        tensor.requires_grad_()
+    args = (x["q"], x["k"], x["v"], x["g"], None, x["initial_state"], 0.5, False, True, "torch")
+    torch.library.opcheck(torch.ops.glakernels.gla_forward.default, args)
+    bi = make_inputs(Case(1, 7, 1, 4, 3, torch.float32), seed=3)
+    for tensor in bi.values():
+        tensor.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.glakernels.gla_forward.default,
+        (bi["q"], bi["k"], bi["v"], bi["g"], bi["g_reverse"], None, 0.5, True, False, "torch"),
+    )
+    grad = torch.randn(1, 7, 1, 3)
+    torch.library.opcheck(
+        torch.ops.glakernels.gla_backward.default,
+        (grad, None, bi["q"], bi["k"], bi["v"], bi["g"], bi["g_reverse"], None, 0.5, True, "torch"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+class _TinyGLA(torch.nn.Module):
+    """Projects tokens to q, k, v, gates and calls the op, as a ViG block would."""
+
+    def __init__(self, dim=12, heads=2, head_k=4, head_v=6, backend=None):
+        super().__init__()
+        self.heads, self.head_k, self.head_v, self.backend = heads, head_k, head_v, backend
+        self.proj = torch.nn.Linear(dim, heads * (3 * head_k + head_v + head_k))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h, k, v = self.heads, self.head_k, self.head_v
+        q, key, val, g, g_rev = self.proj(x).split([h * k, h * k, h * v, h * k, h * k], dim=-1)
+        shape = lambda t, d: t.reshape(B, T, h, d)  # noqa: E731
+        out = gated_linear_attention(
+            shape(q, k), shape(key, k), shape(val, v), shape(F.logsigmoid(g), k) / 16,
+            g_reverse=shape(F.logsigmoid(g_rev), k) / 16, backend=self.backend,
+        )
+        return out.reshape(B, T, h * v)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend_device):
+    name, device = backend_device
+    torch.manual_seed(0)
+    model = _TinyGLA(backend=name).to(device)
+    x = torch.randn(2, 19, 12, device=device)
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out = model(x)
+    eager_out.square().sum().backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled_out = compiled(x)
+    compiled_out.square().sum().backward()
+    bound = registry.get(name).tolerance(torch.float32)
+    assert_close({"o": compiled_out}, {"o": eager_out}, bound, "compiled output")
+    assert_close({n: p.grad for n, p in model.named_parameters()}, eager_grads, bound, "compiled grads")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_non_contiguous_inputs(backend_device):
+    """Transposed, sliced and expanded views give the same result as contiguous copies."""
+    name, device = backend_device
+    B, T, H, K, V = 2, 21, 3, 8, 5
+    torch.manual_seed(0)
+    # [B, H, T, D] storage viewed as [B, T, H, D]; every other time step; an expanded gate
+    q = torch.randn(B, H, T, K, device=device).transpose(1, 2)
+    k = torch.randn(B, T * 2, H, K, device=device)[:, ::2]
+    v = torch.randn(B, T, H, 2 * V, device=device)[..., V:]
+    g = F.logsigmoid(torch.randn(1, T, H, K, device=device)).expand(B, T, H, K)
+    g_rev = F.logsigmoid(torch.randn(B, T, H, K, device=device)).transpose(0, 0)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or g.is_contiguous())
+    tensors = dict(q=q, k=k, v=v, g=g, g_reverse=g_rev)
+    got, cot = outputs_and_grads(gated_linear_attention, tensors, None, backend=name)
+    copies = {n: t.contiguous() for n, t in tensors.items()}
+    expected, _ = outputs_and_grads(gated_linear_attention, copies, cot, backend=name)
+    for tensor_name in expected:
+        assert torch.equal(got[tensor_name], expected[tensor_name]), tensor_name
+
+
+def test_autocast_runs_in_autocast_dtype():
+    """Like a matmul: float32 inputs under autocast run (and return) in the autocast dtype,
+    and gradients come back to the float32 leaves in float32."""
+    case = Case(2, 13, 2, 8, 8, torch.float32)
+    x = {n: t.requires_grad_() for n, t in make_inputs(case, seed=4).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gated_linear_attention(**x)
+    assert out.dtype == torch.bfloat16
+    expected = gated_linear_attention(**{n: t.detach().to(torch.bfloat16) for n, t in x.items()})
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in x.values())
+    with torch.autocast("cpu", enabled=False):
+        assert gated_linear_attention(**x).dtype == torch.float32
+
+
+def test_autocast_keeps_state_in_float32():
+    case = Case(1, 9, 1, 4, 4, torch.float32, bidirectional=False, states=True)
+    x = make_inputs(case, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, state = gated_linear_attention(**x, bidirectional=False, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
+
+
+def test_final_state_gradient_flows_when_only_state_is_used():
+    case = Case(1, 10, 1, 3, 3, torch.float64, bidirectional=False, states=True)
+    x = {n: t.requires_grad_() for n, t in make_inputs(case, seed=6).items()}
+    _, state = gated_linear_attention(**x, bidirectional=False, output_final_state=True)
+    state.sum().backward()
+    assert x["initial_state"].grad is not None and x["initial_state"].grad.abs().sum() > 0
+    assert x["q"].grad.abs().sum() == 0  # o was not used: nothing flows to q
+
+
+def test_default_reverse_gate_is_the_forward_gate():
+    """With g_reverse omitted both directions use g, and g receives both directions' gradient."""
+    case = Case(1, 15, 2, 4, 4, torch.float64, separate_reverse_gate=False)
+    x = make_inputs(case, seed=8)
+    got, cot = outputs_and_grads(gated_linear_attention, x, None)
+    with_copy = dict(x, g_reverse=x["g"].clone())
+    expected, _ = outputs_and_grads(gated_linear_attention, with_copy, cot)
+    assert_close({"o": got["o"]}, {"o": expected["o"]}, 1e-12)
+    assert_close({"dg": got["dg"]}, {"dg": expected["dg"] + expected["dg_reverse"]}, 1e-12)
