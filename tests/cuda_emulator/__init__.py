@@ -77,7 +77,7 @@ class Emulator:
         if not library.exists():
             source = build_dir / f"gla_emulator_{digest}.cpp"
             source.write_text(unit)
-            command = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DGLA_EMULATION",
+            command = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-DGLA_EMULATION",
                        "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{KERNEL_DIR}", str(source), "-o", str(library)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:

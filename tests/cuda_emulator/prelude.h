@@ -17,8 +17,8 @@
 struct gla_emu_dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-// threadIdx / blockIdx differ per emulated thread; blockDim / gridDim are one launch's
-extern thread_local gla_emu_dim3 threadIdx;
-extern thread_local gla_emu_dim3 blockIdx;
+// set by the emulator before it resumes a thread (threads are fibers on one OS thread)
+extern gla_emu_dim3 threadIdx;
+extern gla_emu_dim3 blockIdx;
 extern gla_emu_dim3 blockDim;
 extern gla_emu_dim3 gridDim;
