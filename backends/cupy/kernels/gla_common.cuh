@@ -59,6 +59,9 @@ struct Params {
     return params_;                                                 \
   }()
 
+// 16 bytes, 16-byte aligned: shared-memory rows are read four floats at a time
+struct alignas(16) Float4 { float x, y, z, w; };
+
 template <class T>
 __device__ __forceinline__ const T* in_ptr(u64 address) { return reinterpret_cast<const T*>(address); }
 template <class T>
@@ -104,8 +107,8 @@ __device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
 }
 
 __device__ __forceinline__ unsigned char* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char gla_dynamic_smem_[];
-  return gla_dynamic_smem_;
+  extern __shared__ Float4 gla_dynamic_smem_[];  // the element type makes it 16-byte aligned
+  return reinterpret_cast<unsigned char*>(gla_dynamic_smem_);
 }
 
 __device__ __forceinline__ unsigned dynamic_smem_bytes() {

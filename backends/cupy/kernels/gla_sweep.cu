@@ -89,8 +89,6 @@ struct Tile {
   static_assert(CT * INNER_PAD % THREADS == 0 && CT * OWN_TILE % THREADS == 0, "staging must divide evenly");
 };
 
-struct alignas(16) Float4 { float x, y, z, w; };
-
 __device__ __forceinline__ i64 imin(i64 a, i64 b) { return a < b ? a : b; }
 
 // Sum `acc` over the SPLIT lanes of an own index. Recursive halving: each round a lane keeps
@@ -132,7 +130,7 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
   constexpr int CT = TILE::CT, THREADS = TILE::THREADS, INNER_PAD = TILE::INNER_PAD;
   constexpr int IN_PT = TILE::IN_PER_THREAD, OWN_PT = TILE::OWN_PER_THREAD;
   constexpr int GROUP_FLOATS = SweepSmem<TILE, ROLE>::GROUP_FLOATS;
-  static_assert(!R::LOCAL || THREADS >= INNER_PAD, "chunk decay products use one thread per inner index");
+  constexpr int DECAY_PT = (INNER_PAD + THREADS - 1) / THREADS;  // chunk decay products per thread
 
   const bool bidir = p.bidirectional != 0;
   const bool midpoint = bidir && !R::LOCAL;
@@ -282,7 +280,9 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
     const bool has_final = p.final_term != 0 && group == 0 && !bidir && N == 1 && c < d_own;
     dg_acc[u] = has_final ? in_ptr<float>(p.final_term)[bh * p.K + c] : 0.0f;
   }
-  float decay_product = 1.0f;  // chunk roles: product of this chunk's decays, one inner index
+  float decay_product[DECAY_PT];  // chunk roles: product of this chunk's decays, inner index tid + u*THREADS
+#pragma unroll
+  for (int u = 0; u < DECAY_PT; ++u) decay_product[u] = 1.0f;
 
   T* out = out_ptr<T>(ROLE == kForwardOutput ? p.o : ROLE == kBackwardDv ? p.dv
                       : ROLE == kBackwardDq ? p.dq : p.dk);
@@ -375,8 +375,14 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
       }
     }
 
-    if (R::LOCAL && blockIdx.y == 0 && tid < INNER_PAD) {
-      for (int j = 0; j < count; ++j) decay_product *= ds[j * INNER_PAD + tid];
+    if (R::LOCAL && blockIdx.y == 0) {
+#pragma unroll
+      for (int u = 0; u < DECAY_PT; ++u) {
+        const int i = tid + u * THREADS;
+        if (i < INNER_PAD) {
+          for (int j = 0; j < count; ++j) decay_product[u] *= ds[j * INNER_PAD + i];
+        }
+      }
     }
   }
   if (midpoint && !met) group_sync(0, 2 * THREADS);
@@ -396,8 +402,12 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
         }
       }
     }
-    if (blockIdx.y == 0 && tid < d_inner) {
-      out_ptr<float>(p.decay)[((bh * 2 + group) * N + n) * p.K + tid] = decay_product;
+    if (blockIdx.y == 0) {
+#pragma unroll
+      for (int u = 0; u < DECAY_PT; ++u) {
+        const int i = tid + u * THREADS;
+        if (i < d_inner) out_ptr<float>(p.decay)[((bh * 2 + group) * N + n) * p.K + i] = decay_product[u];
+      }
     }
   }
 

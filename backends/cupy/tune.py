@@ -1,0 +1,170 @@
+"""Time the cupy backend's tile and chunking variants against the other GPU backends.
+
+    python -m glakernels.backends.cupy.tune [--shape vigT_224 ...] [--variants] [--json out.json]
+
+For every DESIGN §7 shape (bf16, bidirectional): forward and forward+backward through the
+public op, for each available CUDA backend and (with ``--variants``) cupy variants with other
+tiles or chunk lengths. Each time is the median of CUDA-event timings after warm-up, rotating
+between input sets so that small shapes do not run from L2; "graph" columns replay the same
+call from a CUDA graph, i.e. device time without Python/launch overhead. A variant is checked
+against the default cupy output before it is timed. A development tool; the regression
+benchmarks are the asv suites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from glakernels import bench, gated_linear_attention
+from glakernels._dispatch import registry
+
+from . import CupyBackend, _driver
+from ._plan import DEFAULT_TILES, Tile
+from ._runtime import CupyLauncher
+
+
+def _tiles(**overrides):
+    """DEFAULT_TILES with the tile for some inner-dim limits replaced."""
+    return tuple((limit, overrides.get(f"d{limit}", tile)) for limit, tile in DEFAULT_TILES)
+
+
+VARIANTS = {
+    "opt2": dict(tiles=_tiles(d32=Tile(32, 2, 2, 16, 8), d64=Tile(32, 2, 4, 16, 8), d128=Tile(32, 2, 8, 16, 8))),
+    "opt4": dict(tiles=_tiles(d32=Tile(32, 4, 4, 8, 8), d64=Tile(32, 4, 4, 16, 8), d128=Tile(32, 4, 8, 16, 4))),
+    "split1": dict(tiles=_tiles(d32=Tile(32, 1, 1, 32, 8), d64=Tile(32, 2, 2, 32, 8), d128=Tile(32, 2, 4, 32, 4))),
+    "own64": dict(tiles=_tiles(d32=Tile(64, 2, 2, 16, 16), d64=Tile(64, 2, 4, 16, 8), d128=Tile(64, 2, 8, 16, 8))),
+    "chunk128": dict(chunk_len=128),
+    "chunk512": dict(chunk_len=512),
+}
+
+
+class _Variant(CupyBackend):
+    auto_priority = {}
+
+    def __init__(self, name, tiles=None, chunk_len=None):
+        self.name, self.tiles, self.chunk_len = name, tiles, chunk_len
+
+    def forward(self, inputs):
+        return _driver.forward(inputs, CupyLauncher(inputs.q.device), chunk_len=self.chunk_len, tiles=self.tiles)
+
+    def backward(self, inputs, grad_output, grad_final_state):
+        return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, CupyLauncher(inputs.q.device),
+                                chunk_len=self.chunk_len, tiles=self.tiles)
+
+
+def _median_ms(fn, sets: int, warmup: int = 3, repeats: int = 15) -> float:
+    for i in range(warmup):
+        fn(i % sets)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i % sets)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _graph_ms(fn, sets: int) -> float:
+    graphs = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(sets):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    for i in range(sets):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(i)
+        graphs.append(graph)
+    return _median_ms(lambda i: graphs[i].replay(), sets)
+
+
+def time_backend(name: str, inputs: list, grad: torch.Tensor) -> dict:
+    def forward(i):
+        with torch.no_grad():
+            return gated_linear_attention(**inputs[i], backend=name)
+
+    def forward_backward(i):
+        out = gated_linear_attention(**inputs[i], backend=name)
+        torch.autograd.grad(out, list(inputs[i].values()), grad)
+
+    sets = len(inputs)
+    result = {"fwd": _median_ms(forward, sets), "fwd_bwd": _median_ms(forward_backward, sets)}
+    for key, fn in (("fwd_graph", forward), ("fwd_bwd_graph", forward_backward)):
+        try:
+            result[key] = _graph_ms(fn, sets)
+        except Exception as exc:  # a backend that cannot be captured still gets eager times
+            result[key] = float("nan")
+            result[key + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", action="append", choices=list(bench.SHAPES))
+    parser.add_argument("--variants", action="store_true", help="also time cupy tile/chunk variants")
+    parser.add_argument("--backends", default="triton,cupy,torch")
+    parser.add_argument("--json", help="write every number here")
+    args = parser.parse_args(argv)
+    dtype = torch.bfloat16
+    names = [n for n in args.backends.split(",") if n in registry.names() and registry.get(n).available]
+    variants = []
+    if args.variants:
+        for label, kwargs in VARIANTS.items():
+            variant = _Variant(f"cupy-{label}", **kwargs)
+            registry.register(variant)
+            variants.append(variant.name)
+    results = {}
+    print(f"GPU: {torch.cuda.get_device_name()}; bf16, bidirectional; ms, median of CUDA-event timings")
+    print(f"{'shape':<10} {'backend':<14} {'fwd':>8} {'fwd+bwd':>8} {'fwd(g)':>8} {'f+b(g)':>8} {'fwd/tri':>8} {'f+b/tri':>8}")
+    try:
+        for shape_name in args.shape or list(bench.SHAPES):
+            shape = bench.SHAPES[shape_name]
+            per_set = 2 * shape.batch * shape.seq_len * shape.heads * (3 * shape.head_dim_k + 2 * shape.head_dim_v)
+            sets = 1 if per_set > (64 << 20) else 3  # rotate inputs unless one set already exceeds L2
+            inputs = [bench.random_inputs(shape, dtype, "cuda", requires_grad=True, seed=s) for s in range(sets)]
+            grad = torch.randn(shape.batch, shape.seq_len, shape.heads, shape.head_dim_v, device="cuda", dtype=dtype)
+            reference = None
+            row = {}
+            for name in names + variants:
+                if name.startswith("cupy-"):
+                    with torch.no_grad():
+                        got = gated_linear_attention(**inputs[0], backend=name).float()
+                    err = float((got - reference).norm() / reference.norm())
+                    if not err < 1e-2:
+                        print(f"{shape_name:<10} {name:<14} WRONG: relative difference {err:.2e} from cupy")
+                        continue
+                if name == "cupy":
+                    with torch.no_grad():
+                        reference = gated_linear_attention(**inputs[0], backend="cupy").float()
+                try:
+                    row[name] = time_backend(name, inputs, grad)
+                except Exception as exc:
+                    print(f"{shape_name:<10} {name:<14} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+                    continue
+                r, base = row[name], row.get("triton")
+                ratio = (lambda k: f"{r[k] / base[k]:.2f}" if base else "-")
+                print(f"{shape_name:<10} {name:<14} {r['fwd']:>8.3f} {r['fwd_bwd']:>8.3f} {r['fwd_graph']:>8.3f} "
+                      f"{r['fwd_bwd_graph']:>8.3f} {ratio('fwd'):>8} {ratio('fwd_bwd'):>8}", flush=True)
+            results[shape_name] = row
+            del inputs
+            torch.cuda.empty_cache()
+    finally:
+        for name in variants:
+            registry.unregister(name)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
