@@ -7,6 +7,10 @@ CUDA thread of a block becomes an OS thread, ``__syncthreads``/named barriers be
 indexing, chunking, barriers, the midpoint hand-over, the backward algebra — not their speed,
 and not GPU-only behaviour (memory model subtleties, occupancy).
 
+``GLAKERNELS_EMULATOR_SANITIZE=address`` builds the library with AddressSanitizer (run
+python with ``LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0``):
+every out-of-bounds read or write of a tensor by a kernel is then reported.
+
 ``Emulator(names)`` builds a shared library holding the listed kernels (name expressions,
 as the launcher asks for them) and is itself a launcher for
 :func:`glakernels.backends.cupy._driver.forward` / ``backward`` on CPU tensors.
@@ -68,16 +72,21 @@ class Emulator:
             raise RuntimeError("no C++ compiler (g++ or clang++) found")
         names_by_file = {f: tuple(dict.fromkeys(n)) for f, n in names_by_file.items()}
         unit = _translation_unit(names_by_file)
+        flags = ["-O1"]
+        sanitize = os.environ.get("GLAKERNELS_EMULATOR_SANITIZE")
+        if sanitize:  # sanitizers follow ucontext switches, not the hand-written one
+            flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-DGLA_EMU_UCONTEXT"]
         digest = hashlib.sha256(
             (unit + "".join(kernel_source(f) for f in names_by_file)
-             + "".join((HERE / h).read_text() for h in ("prelude.h", "gla_emulation.h", "runtime.h"))).encode()
+             + "".join((HERE / h).read_text() for h in ("prelude.h", "gla_emulation.h", "runtime.h"))
+             + " ".join(flags)).encode()
         ).hexdigest()[:16]
         build_dir.mkdir(parents=True, exist_ok=True)
         library = build_dir / f"gla_emulator_{digest}.so"
         if not library.exists():
             source = build_dir / f"gla_emulator_{digest}.cpp"
             source.write_text(unit)
-            command = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-DGLA_EMULATION",
+            command = [cxx, "-std=c++20", *flags, "-shared", "-fPIC", "-DGLA_EMULATION",
                        "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{KERNEL_DIR}", str(source), "-o", str(library)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:

@@ -27,7 +27,7 @@ namespace gla_emu {
 
 constexpr size_t kStackBytes = 256 * 1024;
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(GLA_EMU_UCONTEXT)  // ucontext under sanitizers
 // Save the callee-saved registers on the current stack, store its pointer in *save, switch to
 // the stack `load` and restore that fiber's registers (System V x86-64 ABI).
 extern "C" void gla_emu_switch(void** save, void* load);

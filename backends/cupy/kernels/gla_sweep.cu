@@ -277,7 +277,8 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
 #pragma unroll
   for (int u = 0; u < TILE::OUT_PER_LANE; ++u) {
     const int c = own0 + slot * OPT + u + TILE::OUT_PER_LANE * (lane_split / TILE::LANES_PER_OUT);
-    const bool has_final = p.final_term != 0 && group == 0 && !bidir && N == 1 && c < d_own;
+    const bool has_final =
+        ROLE == kBackwardDk && p.final_term != 0 && group == 0 && !bidir && N == 1 && c < d_own;
     dg_acc[u] = has_final ? in_ptr<float>(p.final_term)[bh * p.K + c] : 0.0f;
   }
   float decay_product[DECAY_PT];  // chunk roles: product of this chunk's decays, inner index tid + u*THREADS
