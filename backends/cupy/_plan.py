@@ -50,12 +50,15 @@ class Tile:
         return f"gla::Tile<{self.own_tile}, {self.opt}, {self.split}, {self.ipt}, {self.ct}>"
 
 
-#: (largest inner dim, tile) — the first that fits is used
+#: (largest inner dim, tile) — the first that fits is used. Chosen from GPU timings of several
+#: layouts (H100, bf16, DESIGN §7 shapes; backends/cupy/NOTES.md): for K = 32 (forward
+#: output, dv) two own columns per thread over a 64-wide tile; for V = 64 (dq, dk) two own
+#: columns per thread and 8 staged tokens; for 128 four own columns per thread.
 DEFAULT_TILES = (
     (16, Tile(32, 1, 1, 16, 16)),
-    (32, Tile(32, 1, 2, 16, 16)),
-    (64, Tile(32, 1, 4, 16, 16)),
-    (128, Tile(32, 1, 8, 16, 16)),
+    (32, Tile(64, 2, 2, 16, 16)),
+    (64, Tile(32, 2, 4, 16, 8)),
+    (128, Tile(32, 4, 8, 16, 4)),
     (256, Tile(32, 1, 8, 32, 8)),
 )
 MAX_HEAD_DIM = DEFAULT_TILES[-1][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import torch
 
@@ -28,6 +29,7 @@ _modules: dict[tuple, object] = {}
 _kernels: dict[tuple, object] = {}
 _smem_set: dict[tuple, int] = {}
 _streams: dict[tuple, object] = {}
+_functions: dict[tuple, object] = {}
 #: seconds spent compiling or loading each module in this process (for ``compile_report``)
 compile_seconds: dict[tuple, float] = {}
 
@@ -42,43 +44,50 @@ def _family_of(file: str, name: str) -> tuple[str, ...]:
 
 
 def _kernel(device_index: int, file: str, name: str):
+    """The compiled kernel ``name`` of ``file`` for device ``device_index``."""
+    kernel = _kernels.get((device_index, file, name))
+    if kernel is not None:
+        return kernel
     import cupy
 
-    with cupy.cuda.Device(device_index) as device:
-        arch = device.compute_capability
-        key = (arch, file, name)
-        kernel = _kernels.get(key)
-        if kernel is not None:
-            return kernel
-        with _lock:
-            family = _family_of(file, name)
-            module_key = (arch, file, source_digest(file), NVRTC_OPTIONS, family)
-            module = _modules.get(module_key)
-            if module is None:
-                start = time.perf_counter()
-                module = cupy.RawModule(code=kernel_source(file), options=NVRTC_OPTIONS,
-                                        name_expressions=list(family))
-                module.compile()
-                compile_seconds[module_key] = time.perf_counter() - start
-                _modules[module_key] = module
-            kernel = module.get_function(name)
-            _kernels[key] = kernel
+    with _lock, cupy.cuda.Device(device_index) as device:
+        family = _family_of(file, name)
+        module_key = (device.compute_capability, file, source_digest(file), NVRTC_OPTIONS, family)
+        module = _modules.get(module_key)
+        if module is None:
+            start = time.perf_counter()
+            module = cupy.RawModule(code=kernel_source(file), options=NVRTC_OPTIONS, name_expressions=list(family))
+            module.compile()
+            compile_seconds[module_key] = time.perf_counter() - start
+            _modules[module_key] = module
+        kernel = _kernels[(device_index, file, name)] = module.get_function(name)
         return kernel
 
 
 def _stream(device_index: int):
+    """CuPy's handle on PyTorch's current stream of ``device_index`` (cached per stream)."""
     import cupy
 
-    handle = torch.cuda.current_stream(device_index).cuda_stream
-    key = (device_index, handle)
+    torch_stream = torch.cuda.current_stream(device_index)
+    key = (device_index, torch_stream.cuda_stream)
     stream = _streams.get(key)
     if stream is None:
-        stream = _streams[key] = cupy.cuda.ExternalStream(handle, device_index)
+        try:
+            stream = cupy.cuda.Stream.from_external(torch_stream)
+        except Exception:  # CuPy or PyTorch without the __cuda_stream__ protocol
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)
+        _streams[key] = stream
     return stream
 
 
 class CupyLauncher:
-    """Launches kernels on ``device``'s current PyTorch stream."""
+    """Launches kernels on ``device``'s current PyTorch stream.
+
+    Host time matters at ViG's sizes (a forward is one short kernel), so the common path
+    is a cached ``cupy.cuda.Function`` called with the stream as an argument: no device or
+    stream context is entered unless CuPy's current device differs from the tensors'."""
 
     def __init__(self, device: torch.device):
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
@@ -86,14 +95,26 @@ class CupyLauncher:
     def __call__(self, file: str, name: str, grid: tuple, block: int, smem: int, args: tuple) -> None:
         import cupy
 
-        kernel = _kernel(self.device_index, file, name)
-        if smem > _DEFAULT_SMEM_LIMIT:
-            key = (self.device_index, file, name)
-            if _smem_set.get(key, 0) < smem:
-                with cupy.cuda.Device(self.device_index):
-                    kernel.max_dynamic_shared_size_bytes = smem
-                _smem_set[key] = smem
-        with cupy.cuda.Device(self.device_index), _stream(self.device_index):
+        index = self.device_index
+        if cupy.cuda.runtime.getDevice() != index:
+            with cupy.cuda.Device(index):
+                return self(file, name, grid, block, smem, args)
+        key = (index, file, name)
+        kernel = _kernel(index, file, name)
+        if smem > _DEFAULT_SMEM_LIMIT and _smem_set.get(key, 0) < smem:
+            kernel.max_dynamic_shared_size_bytes = smem
+            _smem_set[key] = smem
+        stream = _stream(index)
+        function = _functions.get(key)
+        if function is None:
+            function = _functions[key] = getattr(kernel, "kernel", None) or False
+        if function:
+            try:
+                function(tuple(grid), (block, 1, 1), args, smem, stream)
+                return
+            except TypeError:  # a CuPy whose Function takes other arguments
+                _functions[key] = False
+        with stream:
             kernel(tuple(grid), (block, 1, 1), args, shared_mem=smem)
 
 

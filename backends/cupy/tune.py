@@ -1,14 +1,19 @@
 """Time the cupy backend's tile and chunking variants against the other GPU backends.
 
-    python -m glakernels.backends.cupy.tune [--shape vigT_224 ...] [--variants] [--json out.json]
+    python -m glakernels.backends.cupy.tune [--shape vigT_224 ...] [--variants] [--sdpa]
+                                            [--baseline triton] [--profile-host] [--json out.json]
 
 For every DESIGN §7 shape (bf16, bidirectional): forward and forward+backward through the
 public op, for each available CUDA backend and (with ``--variants``) cupy variants with other
 tiles or chunk lengths. Each time is the median of CUDA-event timings after warm-up, rotating
 between input sets so that small shapes do not run from L2; "graph" columns replay the same
 call from a CUDA graph, i.e. device time without Python/launch overhead. A variant is checked
-against the default cupy output before it is timed. A development tool; the regression
-benchmarks are the asv suites.
+against the default cupy output before it is timed. ``--sdpa`` adds PyTorch's
+scaled_dot_product_attention (FlashAttention; head dim 64, same B, T, H: the DESIGN §8 anchor)
+and the memory floors (DESIGN §7 bytes at this card's measured copy bandwidth). Ratios are
+against ``--baseline`` (default triton) timed in the same run. ``--profile-host`` prints
+where the host time of 200 eager cupy forwards at the first shape goes. A development tool;
+the regression benchmarks are the asv suites.
 """
 
 from __future__ import annotations
@@ -107,12 +112,61 @@ def time_backend(name: str, inputs: list, grad: torch.Tensor) -> dict:
     return result
 
 
+def _print_row(shape_name, name, r, base):
+    ratio = (lambda k: f"{r[k] / base[k]:.2f}" if base else "-")
+    print(f"{shape_name:<10} {name:<14} {r['fwd']:>8.3f} {r['fwd_bwd']:>8.3f} {r['fwd_graph']:>8.3f} "
+          f"{r['fwd_bwd_graph']:>8.3f} {ratio('fwd_graph'):>8} {ratio('fwd_bwd_graph'):>8}", flush=True)
+
+
+def _time_sdpa(shape, dtype) -> dict:
+    """FlashAttention through SDPA on the same B, T, H with head dim 64 (DESIGN §8)."""
+    import torch.nn.functional as F
+
+    B, T, H = shape.batch, shape.seq_len, shape.heads
+    q, k, v = (torch.randn(B, H, T, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(B, H, T, 64, device="cuda", dtype=dtype)
+
+    def forward(i):
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def forward_backward(i):
+        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+
+    result = {"fwd": _median_ms(forward, 1), "fwd_bwd": _median_ms(forward_backward, 1)}
+    result["fwd_graph"] = _graph_ms(forward, 1)
+    result["fwd_bwd_graph"] = _graph_ms(forward_backward, 1)
+    return result
+
+
+def _profile_host(shape, dtype) -> None:
+    import cProfile
+    import pstats
+
+    inputs = bench.random_inputs(shape, dtype, "cuda")
+    with torch.no_grad():
+        for _ in range(5):
+            gated_linear_attention(**inputs, backend="cupy")
+        torch.cuda.synchronize()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(200):
+            gated_linear_attention(**inputs, backend="cupy")
+        profile.disable()
+        torch.cuda.synchronize()
+    print(f"host profile: 200 eager cupy forwards at {shape}")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", choices=list(bench.SHAPES))
     parser.add_argument("--variants", action="store_true", help="also time cupy tile/chunk variants")
     parser.add_argument("--backends", default="triton,cupy,torch")
     parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--sdpa", action="store_true", help="also time SDPA and print the memory floors")
+    parser.add_argument("--baseline", default="triton", help="backend the ratios are taken against")
+    parser.add_argument("--profile-host", action="store_true")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16
     names = [n for n in args.backends.split(",") if n in registry.names() and registry.get(n).available]
@@ -123,8 +177,11 @@ def main(argv=None) -> int:
             registry.register(variant)
             variants.append(variant.name)
     results = {}
-    print(f"GPU: {torch.cuda.get_device_name()}; bf16, bidirectional; ms, median of CUDA-event timings")
-    print(f"{'shape':<10} {'backend':<14} {'fwd':>8} {'fwd+bwd':>8} {'fwd(g)':>8} {'f+b(g)':>8} {'fwd/tri':>8} {'f+b/tri':>8}")
+    bandwidth = bench.copy_bandwidth("cuda") if args.sdpa else None
+    print(f"GPU: {torch.cuda.get_device_name()}; bf16, bidirectional; ms, median of CUDA-event timings"
+          + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+    print(f"{'shape':<10} {'backend':<14} {'fwd':>8} {'fwd+bwd':>8} {'fwd(g)':>8} {'f+b(g)':>8} "
+          f"{'fwd/base':>8} {'f+b/base':>8}   (ratios: graph times over {args.baseline}'s)")
     try:
         for shape_name in args.shape or list(bench.SHAPES):
             shape = bench.SHAPES[shape_name]
@@ -150,16 +207,22 @@ def main(argv=None) -> int:
                 except Exception as exc:
                     print(f"{shape_name:<10} {name:<14} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
-                r, base = row[name], row.get("triton")
-                ratio = (lambda k: f"{r[k] / base[k]:.2f}" if base else "-")
-                print(f"{shape_name:<10} {name:<14} {r['fwd']:>8.3f} {r['fwd_bwd']:>8.3f} {r['fwd_graph']:>8.3f} "
-                      f"{r['fwd_bwd_graph']:>8.3f} {ratio('fwd'):>8} {ratio('fwd_bwd'):>8}", flush=True)
+                _print_row(shape_name, name, row[name], row.get(args.baseline))
+            if args.sdpa:
+                row["sdpa"] = _time_sdpa(shape, dtype)
+                _print_row(shape_name, "sdpa", row["sdpa"], row.get(args.baseline))
+                floors = {f"floor_{k}": bench.memory_floor_bytes(shape, dtype, backward=k == "fwd_bwd") / bandwidth * 1e3
+                          for k in ("fwd", "fwd_bwd")}
+                row["floor"] = floors
+                print(f"{shape_name:<10} {'memory floor':<14} {floors['floor_fwd']:>8.3f} {floors['floor_fwd_bwd']:>8.3f}")
             results[shape_name] = row
             del inputs
             torch.cuda.empty_cache()
     finally:
         for name in variants:
             registry.unregister(name)
+    if args.profile_host:
+        _profile_host(bench.SHAPES[(args.shape or list(bench.SHAPES))[0]], dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
