@@ -112,6 +112,13 @@ def time_backend(name: str, inputs: list, grad: torch.Tensor) -> dict:
     return result
 
 
+def _copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (_median_ms(lambda i: dst.copy_(src), 1) / 1e3)
+
+
 def _print_row(shape_name, name, r, base):
     ratio = (lambda k: f"{r[k] / base[k]:.2f}" if base else "-")
     print(f"{shape_name:<10} {name:<14} {r['fwd']:>8.3f} {r['fwd_bwd']:>8.3f} {r['fwd_graph']:>8.3f} "
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
             registry.register(variant)
             variants.append(variant.name)
     results = {}
-    bandwidth = bench.copy_bandwidth("cuda") if args.sdpa else None
+    bandwidth = _copy_bandwidth() if args.sdpa else None
     print(f"GPU: {torch.cuda.get_device_name()}; bf16, bidirectional; ms, median of CUDA-event timings"
           + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
     print(f"{'shape':<10} {'backend':<14} {'fwd':>8} {'fwd+bwd':>8} {'fwd(g)':>8} {'f+b(g)':>8} "

@@ -343,36 +343,36 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
         }
       }
       if constexpr (!R::LOCAL) {
-      float acc[OPT];
+        float acc[OPT];
 #pragma unroll
-      for (int r = 0; r < OPT; ++r) acc[r] = acc_even[r] + acc_odd[r];
-      reduce_over_split<TILE>(acc, lane_split);
+        for (int r = 0; r < OPT; ++r) acc[r] = acc_even[r] + acc_odd[r];
+        reduce_over_split<TILE>(acc, lane_split);
 
-      const i64 t = token_at(step);
-      const bool writer = lane_split % TILE::LANES_PER_OUT == 0;
+        const i64 t = token_at(step);
+        const bool writer = lane_split % TILE::LANES_PER_OUT == 0;
 #pragma unroll
-      for (int u = 0; u < TILE::OUT_PER_LANE; ++u) {
-        const int c_local = slot * OPT + u + TILE::OUT_PER_LANE * (lane_split / TILE::LANES_PER_OUT);
-        const int c = own0 + c_local;
-        if (!writer || c >= d_own) continue;
-        const float value = acc[u] * out_scale;  // this direction's contribution
-        const i64 off = row(t) * d_own + c;
-        if (ROLE == kBackwardDq) {
-          out_ptr<float>(p.a_ws)[group * btkh + off] = e1s[j * OWN_TILE + c_local] * value;
+        for (int u = 0; u < TILE::OUT_PER_LANE; ++u) {
+          const int c_local = slot * OPT + u + TILE::OUT_PER_LANE * (lane_split / TILE::LANES_PER_OUT);
+          const int c = own0 + c_local;
+          if (!writer || c >= d_own) continue;
+          const float value = acc[u] * out_scale;  // this direction's contribution
+          const i64 off = row(t) * d_own + c;
+          if (ROLE == kBackwardDq) {
+            out_ptr<float>(p.a_ws)[group * btkh + off] = e1s[j * OWN_TILE + c_local] * value;
+          }
+          if (ROLE == kBackwardDk) {
+            dg_acc[u] += e2s[j * OWN_TILE + c_local] - e1s[j * OWN_TILE + c_local] * value;
+            if (N > 1) out_ptr<float>(p.dg_ws)[group * btkh + off] = dg_acc[u];
+            else out_ptr<T>(group == 0 ? p.dg : p.dg_rev)[off] = from_float<T>(dg_acc[u]);
+          }
+          if (midpoint) {
+            float* cell = parked + (t - t0) * OWN_TILE + c_local;
+            if (step < phase1) *cell = value;
+            else out[off] = from_float<T>(*cell + value);
+          } else {
+            out[off] = from_float<T>(value);
+          }
         }
-        if (ROLE == kBackwardDk) {
-          dg_acc[u] += e2s[j * OWN_TILE + c_local] - e1s[j * OWN_TILE + c_local] * value;
-          if (N > 1) out_ptr<float>(p.dg_ws)[group * btkh + off] = dg_acc[u];
-          else out_ptr<T>(group == 0 ? p.dg : p.dg_rev)[off] = from_float<T>(dg_acc[u]);
-        }
-        if (midpoint) {
-          float* cell = parked + (t - t0) * OWN_TILE + c_local;
-          if (step < phase1) *cell = value;
-          else out[off] = from_float<T>(*cell + value);
-        } else {
-          out[off] = from_float<T>(value);
-        }
-      }
       }
     }
 
