@@ -30,7 +30,7 @@ _kernels: dict[tuple, object] = {}
 _smem_set: dict[tuple, int] = {}
 _streams: dict[tuple, object] = {}
 _functions: dict[tuple, object] = {}
-#: seconds spent compiling or loading each module in this process (for ``compile_report``)
+#: seconds spent compiling (or loading from the disk cache) each module in this process
 compile_seconds: dict[tuple, float] = {}
 
 

@@ -17,15 +17,16 @@ struct bf16 { unsigned short bits; };
 struct f16 { unsigned short bits; };
 
 // Every kernel takes the same parameters, listed once here (an X-macro) and read by the
-// Python launcher (backends/cupy/_params.py) so the two sides cannot drift apart. Tensors
+// Python launcher (backends/cupy/_sources.py) so the two sides cannot drift apart. Tensors
 // travel as raw device addresses; all are contiguous. Absent tensors are 0.
 //
 //   inputs   q, k, g, g_rev: [B, T, H, K]; v, dout: [B, T, H, V]            (element type T)
 //   outputs  o, dv: [B, T, H, V]; dq, dk, dg, dg_rev: [B, T, H, K]             (element type T)
 //   states   s0, ds_final, s_final, ds0: [B, H, K, V]                          (float32)
-//   scratch  a_ws, dg_ws: [2, B, T, H, K]; final_term: [B, H, K];
+//   scratch  a_ws, dg_ws: [directions, B, T, H, K]; final_term: [B, H, K];
 //            enter: [B*H, 2, N, K, V]; decay: [B*H, 2, N, K]; dg_total: [B*H, 2, N, K]
 //
+// `scale` arrives already halved for bidirectional calls (the two directions are averaged).
 // `chunk_len` / `n_chunks` cut time into N chunks that separate blocks sweep in parallel
 // (N = 1: one block walks the whole sequence). `lambda_scan` selects, in the state scan,
 // the adjoint (reverse-time) recurrence instead of the state one.
