@@ -141,14 +141,36 @@ def _level_factors(f, f_shift, ROWS: tl.constexpr, SEG: tl.constexpr, COLS: tl.c
 
 
 @triton.jit
-def _level_mask(C: tl.constexpr, LVL: tl.constexpr, REV: tl.constexpr):
-    """Pairs (t, s) whose highest differing index bit is ``LVL``: s in the left half and t in
-    the right half of one aligned block (forward), or the other way round (reverse)."""
+def _level_factors_at(f, f_shift, lvl, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
+    """``_level_factors`` for a level known only at run time.
+
+    The level loop is a run-time loop with one static branch per level (segment sizes must be
+    static for the reshapes): only one level's temporaries are alive at a time, which keeps
+    register use and compile time down compared with unrolling the levels."""
+    if lvl == 0:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 1, BK, REV)
+    elif lvl == 1:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 2, BK, REV)
+    elif lvl == 2:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 4, BK, REV)
+    elif lvl == 3:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 8, BK, REV)
+    elif lvl == 4:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 16 if C > 16 else 8, BK, REV)
+    else:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 32 if C > 32 else 8, BK, REV)
+    return q_fac, k_fac
+
+
+@triton.jit
+def _level_mask(C: tl.constexpr, lvl, REV: tl.constexpr):
+    """Pairs (t, s) whose highest differing index bit is ``lvl``: s in the left and t in the
+    right half of one aligned block of 2^(lvl+1) rows (forward), or the other way round."""
     t = tl.arange(0, C)[:, None]
     s = tl.arange(0, C)[None, :]
-    same_block = (t >> (LVL + 1)) == (s >> (LVL + 1))
-    t_right = ((t >> LVL) & 1) == 1
-    s_right = ((s >> LVL) & 1) == 1
+    same_block = (t >> (lvl + 1)) == (s >> (lvl + 1))
+    t_right = ((t >> lvl) & 1) == 1
+    s_right = ((s >> lvl) & 1) == 1
     if REV:
         mask = same_block & (~t_right) & s_right
     else:
@@ -239,10 +261,10 @@ def _walk_step(state, a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a
 def _scores_one_direction(q, k, f, f_shift, A, C: tl.constexpr, BK: tl.constexpr, LOG2C: tl.constexpr,
                           REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """Add one direction's off-diagonal intra-chunk scores to ``A`` (level by level)."""
-    for LVL in tl.static_range(LOG2C):
-        q_fac, k_fac = _level_factors(f, f_shift, C, 1 << LVL, BK, REV)
+    for lvl in range(0, LOG2C):
+        q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
         s = _dot(q * q_fac, tl.trans(k * k_fac), DOT_BF16, PRECISION)
-        A += tl.where(_level_mask(C, LVL, REV), s, 0.0)
+        A += tl.where(_level_mask(C, lvl, REV), s, 0.0)
     return A
 
 
@@ -254,11 +276,11 @@ def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK
     given the unmasked score gradient ``dA = dO vᵀ`` (unscaled)."""
     dq = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
-    for LVL in tl.static_range(LOG2C):
-        q_fac, k_fac = _level_factors(f, f_shift, C, 1 << LVL, BK, REV)
+    for lvl in range(0, LOG2C):
+        q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
         qh = q * q_fac
         kh = k * k_fac
-        mask = _level_mask(C, LVL, REV)
+        mask = _level_mask(C, lvl, REV)
         A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
         dA_level = tl.where(mask, dA, 0.0)
         dq += q_fac * _dot(dA_level, kh, DOT_BF16, PRECISION)
