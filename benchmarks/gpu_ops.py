@@ -201,8 +201,10 @@ def main(argv=None) -> int:
             for shape in shapes:
                 small = dataclasses.replace(shape, batch=1)
                 x = random_inputs(small, dtype, "cuda", requires_grad=True)
+                t0 = time.perf_counter()
                 gated_linear_attention(**x, backend=args.backend).sum().backward()
-        torch.cuda.synchronize()
+                torch.cuda.synchronize()
+                print(f"first forward+backward {shape.name} {args.config}: {time.perf_counter() - t0:.1f} s")
         return 0
     bandwidth = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
