@@ -187,10 +187,15 @@ def _row(x, r, ROWS: tl.constexpr):
 
 @triton.jit
 def _tile(ptr, row0, rows, row_ok, stride_t, cols, ncols):
-    """Load ``ptr[(row0 + rows[i] * stride_t) + cols[j]]`` where in range, else 0."""
-    offs = row0 + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
-    mask = row_ok[:, None] & (cols < ncols)[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+    """Load ``ptr[(row0 + rows[i] * stride_t) + cols[j]]`` where in range, else 0.
+
+    Masked-out lanes get the address of element (0, 0) rather than an out-of-range one: a
+    pipelined (asynchronous) load may translate the address of a lane it does not read, and
+    the row before a sequence's first token can lie before the start of the allocation."""
+    col_ok = cols < ncols
+    offs = tl.where(row_ok, rows, 0)[:, None].to(tl.int64) * stride_t + tl.where(col_ok, cols, 0)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    return tl.load(ptr + row0 + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -204,9 +209,10 @@ def _gates(g_ptr, row0, t0, n_valid, stride_t, cols, ncols, ROWS: tl.constexpr, 
 
 @triton.jit
 def _state_ptrs(base, cols_k, cols_v, K, V):
-    offs = cols_k[:, None].to(tl.int64) * V + cols_v[None, :]
-    mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
-    return base + offs, mask
+    ok_k = cols_k < K
+    ok_v = cols_v < V
+    offs = tl.where(ok_k, cols_k, 0)[:, None].to(tl.int64) * V + tl.where(ok_v, cols_v, 0)[None, :]
+    return base + offs, ok_k[:, None] & ok_v[None, :]
 
 
 @triton.jit
@@ -368,15 +374,15 @@ def _gla_fwd_kernel(
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Forward, one program per (segment, batch·head, V block); see the module docstring.
+    """Forward, one program per (batch·head, segment, V block); see the module docstring.
 
     ``scale`` is scale' (already halved for bidirectional). ``scratch`` holds, per program,
     the state entering every chunk of the segment: slot 0 = F[i], slot 1 = R[i] (boundaries
     i = 0..SEG/C). ``bstates`` (when present) holds the segment boundary states."""
-    seg = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    seg = tl.program_id(1)
     vb = tl.program_id(2)
-    BH = tl.num_programs(1)
+    BH = tl.num_programs(0)
     b = bh // H
     h = bh % H
     SLOTS: tl.constexpr = 2 if BIDIR else 1
@@ -462,12 +468,12 @@ def _gla_bwd_kernel(
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Backward, one program per (segment, batch·head); every gradient written once.
+    """Backward, one program per (batch·head, segment); every gradient written once.
 
     Scratch / bstates slots: 0 = F, 1 = dF, and when bidirectional 2 = R, 3 = dR."""
-    seg = tl.program_id(0)
-    bh = tl.program_id(1)
-    BH = tl.num_programs(1)
+    bh = tl.program_id(0)
+    seg = tl.program_id(1)
+    BH = tl.num_programs(0)
     b = bh // H
     h = bh % H
     SLOTS: tl.constexpr = 4 if BIDIR else 2

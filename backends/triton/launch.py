@@ -36,9 +36,11 @@ class Config:
     block_k: int  # K tile (power of two, >= 16)
     block_v: int  # V tile (power of two, >= 16); the forward grid splits V by it
     num_warps: int
+    num_stages: int  # software pipelining depth of the segment kernels' loops
     states_block_k: int
     states_block_v: int
     states_num_warps: int
+    states_num_stages: int
 
 
 _overrides = threading.local()
@@ -73,9 +75,11 @@ def choose_config(T: int, K: int, V: int) -> Config:
         block_k=block_k,
         block_v=block_v,
         num_warps=4,
+        num_stages=2,
         states_block_k=min(32, max(16, _pow2(K))),
         states_block_v=min(32, max(16, _pow2(V))),
         states_num_warps=4,
+        states_num_stages=2,
     )
     fields = getattr(_overrides, "fields", None)
     return dataclasses.replace(config, **fields) if fields else config
@@ -142,14 +146,16 @@ def forward(
                 SEG=SEG, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=1,
                 HAS_H0=initial_state is not None, HAS_DHT=False,
                 DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
+                num_stages=cfg.states_num_stages,
             )
         nvb = _cdiv(V, cfg.block_v)
-        kernels._gla_fwd_kernel[(nseg, B * H, nvb)](
+        kernels._gla_fwd_kernel[(B * H, nseg, nvb)](
             q, k, v, g, gr, o, h0, ht, bstates, scratch,
             T, H, K, V, scale_eff, SEG, nseg,
             C=C, LOG2C=C.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v, NKB=_cdiv(K, cfg.block_k),
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
             HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return o, (ht if output_final_state else None)
 
@@ -195,8 +201,9 @@ def backward(
                 SEG=SEG, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=1 if bidirectional else 2,
                 HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
                 DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
+                num_stages=cfg.states_num_stages,
             )
-        kernels._gla_bwd_kernel[(nseg, B * H)](
+        kernels._gla_bwd_kernel[(B * H, nseg)](
             q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
             dh0 if dh0 is not None else scratch, bstates, scratch,
             T, H, K, V, scale_eff, SEG, nseg,
@@ -204,6 +211,6 @@ def backward(
             NKB=_cdiv(K, cfg.block_k), NVB=_cdiv(V, cfg.block_v),
             BIDIR=bidirectional, HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
             STORE_DH0=initial_state is not None, HAS_BSTATES=nseg > 1,
-            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps,
+            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq, dk, dv, dg, (dgr if bidirectional else None), dh0
