@@ -189,12 +189,13 @@ def _row(x, r, ROWS: tl.constexpr):
 def _tile(ptr, row0, rows, row_ok, stride_t, cols, ncols):
     """Load ``ptr[(row0 + rows[i] * stride_t) + cols[j]]`` where in range, else 0.
 
-    Masked-out lanes get the address of element (0, 0) rather than an out-of-range one: a
-    pipelined (asynchronous) load may translate the address of a lane it does not read, and
-    the row before a sequence's first token can lie before the start of the allocation."""
-    col_ok = cols < ncols
-    offs = tl.where(row_ok, rows, 0)[:, None].to(tl.int64) * stride_t + tl.where(col_ok, cols, 0)[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
+    Masked-out rows get the address of row 0 rather than an out-of-range one: a pipelined
+    (asynchronous) load may translate the address of a lane it does not read, and the row
+    before a sequence's first token can lie before the start of the allocation. (Columns are
+    left alone: clamping them would hide their contiguity from the compiler and cost vector
+    loads; a column overrun stays within one row block of the tensor's end.)"""
+    offs = tl.where(row_ok, rows, 0)[:, None].to(tl.int64) * stride_t + cols[None, :]
+    mask = row_ok[:, None] & (cols < ncols)[None, :]
     return tl.load(ptr + row0 + offs, mask=mask, other=0.0)
 
 
@@ -210,9 +211,8 @@ def _gates(g_ptr, row0, t0, n_valid, stride_t, cols, ncols, ROWS: tl.constexpr, 
 @triton.jit
 def _state_ptrs(base, cols_k, cols_v, K, V):
     ok_k = cols_k < K
-    ok_v = cols_v < V
-    offs = tl.where(ok_k, cols_k, 0)[:, None].to(tl.int64) * V + tl.where(ok_v, cols_v, 0)[None, :]
-    return base + offs, ok_k[:, None] & ok_v[None, :]
+    offs = tl.where(ok_k, cols_k, 0)[:, None].to(tl.int64) * V + cols_v[None, :]
+    return base + offs, ok_k[:, None] & (cols_v < V)[None, :]
 
 
 @triton.jit
