@@ -48,17 +48,18 @@ the chunk's output gains ``qbar F[n]``. The reverse state ``R`` runs right to le
 
 **Launch structure.** The sequence is cut into segments of ``SEG`` tokens (a multiple of C).
 
-* ``_gla_fwd_kernel``, one program per (segment, batch·head, V block). Phase 1 walks the
+* ``_gla_fwd_kernel``, one program per (batch·head, segment, V block). Phase 1 walks the
   segment's chunks left to right for ``F`` and right to left for ``R`` at once (two
   independent chains), starting from the segment's boundary states, and parks each chunk's
-  entering states in a float32 scratch buffer. A CTA barrier. Phase 2 computes every chunk's
+  entering states in a float32 scratch buffer. A CTA barrier (``bar.sync`` orders the
+  threads' global stores before the other threads' loads). Phase 2 computes every chunk's
   output (scores + states) and writes ``o`` once — the two directions are combined in
   registers, no atomics, bitwise deterministic.
 * For short sequences (the whole sequence is one segment: ViG at 224 px) that is the only
   launch. For long ones, ``_gla_states_kernel`` first walks the whole sequence one *segment*
   per step (one big matmul per step) and stores the states at segment boundaries, which the
-  segment programs start from: two launches, and the sequential chain per program is the
-  number of segments, not of chunks.
+  segment programs start from: two launches; the states kernel's sequential chain is the
+  number of segments, and each segment program's chain is the chunks of its segment.
 
 **Backward**, same structure. With ``dA = dO vᵀ`` (shared by both directions),
 
@@ -75,8 +76,8 @@ from the segment boundary states (``_gla_states_kernel`` computes all four for l
 Gate gradients use the identity of Yang et al. (2023): with ``dG_t = q_t ⊙ dq_t − k_t ⊙ dk_t``
 (this direction's dq, dk, without the diagonal terms, which cancel), ``dg_r = Σ_{t >= r} dG_t``.
 The sum is hierarchical: within the chunk it is a direct suffix sum (``tl.cumsum(reverse)``),
-and everything after the chunk is one closed-form term — adding δ to the gate at the chunk's
-first token after the chunk scales the state ``F[n+1]`` by e^δ, so
+and everything after the chunk is one closed-form term — adding δ to the gate of the first
+token after the chunk scales the state ``F[n+1]`` by e^δ, so
 
     Σ_{t > chunk n} dG_t (+ the final-state term) = Σ_v F[n+1] ⊙ dF[n+1]
 
@@ -87,7 +88,7 @@ Numerics: accumulation is float32. Matmul operands are bfloat16 for bfloat16 inp
 float32 otherwise — IEEE for float32 inputs (tf32 only when the caller allows it, see
 ``launch.py``), tf32 for float16 inputs (same 10-bit mantissa as float16; float16 itself
 could overflow in the states). States and scratch are float32. All index arithmetic that can
-pass 2³¹ is int64.
+pass 2³¹ is int64, and masked-out lanes carry in-range addresses (see ``_tile``).
 """
 
 from __future__ import annotations
