@@ -62,15 +62,20 @@ def _pow2(n: int) -> int:
 
 
 def choose_config(T: int, K: int, V: int) -> Config:
+    fields = dict(getattr(_overrides, "fields", None) or {})
     # Chosen from sm_90 compiles (registers and spills from ptxas, see NOTES.md), not yet
     # from timings: chunks of 32 with 8 warps compile without spills in the forward kernel.
-    chunk = 32
+    chunk = fields.pop("chunk", 32)
     block_k = min(64, max(16, _pow2(K)))
     block_v = min(64, max(16, _pow2(V)))
     if T <= SINGLE_SEGMENT_MAX_T:
         segment = chunk * -(-T // chunk)
     else:
-        segment = LONG_SEGMENT
+        segment = max(LONG_SEGMENT, chunk)
+    segment = fields.pop("segment", segment)
+    if segment % chunk or (segment < T and segment & (segment - 1)):
+        raise ValueError(f"segment={segment} must be a multiple of chunk={chunk}, and a power of two "
+                         f"when shorter than the sequence ({T})")
     config = Config(
         chunk=chunk,
         segment=segment,
@@ -83,7 +88,6 @@ def choose_config(T: int, K: int, V: int) -> Config:
         states_num_warps=8,
         states_num_stages=2,
     )
-    fields = getattr(_overrides, "fields", None)
     return dataclasses.replace(config, **fields) if fields else config
 
 
@@ -126,7 +130,7 @@ def forward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = config or choose_config(T, K, V)
-    C, SEG = cfg.chunk, max(cfg.segment, cfg.chunk)
+    C, SEG = cfg.chunk, cfg.segment
     nseg = _cdiv(T, SEG)
     slots = 2 if bidirectional else 1
     dot_bf16, precision = _dot_mode(q.dtype, q.device.type)
@@ -179,7 +183,7 @@ def backward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = config or choose_config(T, K, V)
-    C, SEG = cfg.chunk, max(cfg.segment, cfg.chunk)
+    C, SEG = cfg.chunk, cfg.segment
     nseg = _cdiv(T, SEG)
     slots = 4 if bidirectional else 2
     dot_bf16, precision = _dot_mode(q.dtype, q.device.type)
