@@ -11,6 +11,8 @@ from ._registry import create_model, is_model, list_models, register_model
 from .checkpoint import load_checkpoint, resample_pos_embed, unwrap_state_dict
 from .vig import ViG
 from .vig_h import HierViG
+from .dig import DiG
+from .diffusion import GaussianDiffusion
 
 __all__ = [
     "create_model",
@@ -22,4 +24,6 @@ __all__ = [
     "unwrap_state_dict",
     "ViG",
     "HierViG",
+    "DiG",
+    "GaussianDiffusion",
 ]

@@ -27,13 +27,16 @@ def _timm_register() -> Callable | None:
     return timm_register_model
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its ``__name__`` (here, and with timm when timm is installed)."""
+def register_model(fn: Callable[..., nn.Module] | None = None, *, timm: bool = True):
+    """Register ``fn`` under its ``__name__`` — here, and with timm when timm is installed and
+    ``timm`` is true. Use as ``@register_model`` or ``@register_model(timm=False)``."""
+    if fn is None:
+        return lambda f: register_model(f, timm=timm)
     name = fn.__name__
     if name in _ENTRY_POINTS and _ENTRY_POINTS[name] is not fn:
         raise ValueError(f"model name {name!r} is already registered by {_ENTRY_POINTS[name].__module__}")
     _ENTRY_POINTS[name] = fn
-    timm_register = _timm_register()
+    timm_register = _timm_register() if timm else None
     if timm_register is not None:
         timm_register(fn)
     return fn
