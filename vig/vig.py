@@ -133,7 +133,7 @@ class ViG(nn.Module):
         self.patch_embed = PatchEmbedV2(patch_size, in_chans, embed_dim)
         self.patch_grid = self.patch_embed.grid_size(img_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear rule
         self.blocks = nn.ModuleList(
             ViGBlock(embed_dim, num_heads, expand_k, expand_v, mlp_hidden, rates[i], act_in_conv, out_act, norm_eps)
             for i in range(depth)
@@ -222,7 +222,10 @@ def _create_vig(name: str, pretrained: bool, **kwargs) -> ViG:
     check_no_download(name, pretrained)
     config = dict(patch_size=16, depth=12, expand_k=0.5, expand_v=1.0, **_CONFIGS[name])
     config.update(drop_timm_kwargs(kwargs))
-    return ViG(**config)
+    model = ViG(**config)
+    # what timm's builder would attach: its data pipeline reads mean/std/input size here
+    model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name], architecture=name)
+    return model
 
 
 @register_model

@@ -121,7 +121,8 @@ class HierViG(nn.Module):
         self.num_features = self.dims[-1]
         self.global_pool = global_pool
         self.patch_embed = _stem(in_chans, self.dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
@@ -229,7 +230,10 @@ def _create_vig_h(name: str, pretrained: bool, **kwargs) -> HierViG:
     check_no_download(name, pretrained)
     config = dict(expand_k=0.5, expand_v=1.0, act_in_conv=False, out_act=False, **_CONFIGS[name])
     config.update(drop_timm_kwargs(kwargs))
-    return HierViG(**config)
+    model = HierViG(**config)
+    # what timm's builder would attach: its data pipeline reads mean/std/input size here
+    model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name], architecture=name)
+    return model
 
 
 @register_model
