@@ -16,8 +16,9 @@ Speed notes (the reasons behind the shape of ``forward``):
 - Both scan directions run in **one** ``gated_linear_attention(..., bidirectional=True,
   g_reverse=...)`` call: no flipped copies, no batch concatenation, the same path in training
   and evaluation.
-- The normalisations, the sigmoid mix and the optional SiLU are one small function of
-  elementwise work that ``torch.compile`` fuses into a single kernel.
+- The normalisations, the sigmoid mix and the optional SiLU are one autograd function
+  (:func:`vig.fused.mix_global_local`) that keeps only its inputs for backward and that
+  ``torch.compile`` fuses into one kernel each way.
 """
 
 from __future__ import annotations
@@ -28,28 +29,12 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .layers import RMSNorm, depthwise_conv_nhwc, rms_norm
+from .fused import mix_global_local
+from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
 
-__all__ = ["GatedLinearAttention2D", "mix_global_local"]
-
-
-def mix_global_local(
-    global_out: Tensor,
-    local_out: Tensor,
-    gate_logits: Tensor,
-    global_weight: Tensor,
-    local_weight: Tensor,
-    eps: float,
-    out_act: bool,
-) -> Tensor:
-    """``silu?( g · norm(global) + (1 − g) · norm(local) )`` with ``g = sigmoid(gate_logits)``.
-
-    All three inputs are ``[..., heads, head_dim]``; both norms are per head."""
-    g = torch.sigmoid(gate_logits)
-    mixed = torch.lerp(rms_norm(local_out, local_weight, eps), rms_norm(global_out, global_weight, eps), g)
-    return F.silu(mixed) if out_act else mixed
+__all__ = ["GatedLinearAttention2D"]
 
 
 class GatedLinearAttention2D(nn.Module):

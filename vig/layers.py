@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import swiglu_linear
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -117,5 +119,5 @@ class SwiGLU(nn.Module):
         return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, value = getattr(self, self._in_name)(x).chunk(2, dim=-1)
-        return getattr(self, self._out_name)(F.silu(gate) * value)
+        # the product silu(gate)·value is recomputed in backward instead of kept (see vig.fused)
+        return swiglu_linear(getattr(self, self._in_name)(x), getattr(self, self._out_name).weight)
