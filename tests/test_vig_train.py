@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn", reason="the digits dataset ships with scikit-learn")
 
@@ -47,6 +48,13 @@ def test_torchrun_two_processes_replicas_identical_and_resume_on_one(tmp_path):
     assert hashes["0"] == hashes["1"], "DDP replicas diverged"
     assert "on 2 x cpu" in out and "after 3 steps" in out
     assert (tmp_path / "ddp" / "last.pt").exists()
+    # the same global batches on one process: the same model up to summation order
+    single = _run([*SMALL, "--steps", "3", "--threads", "1", "--output-dir", "single"], tmp_path)
+    assert "after 3 steps" in single
+    ddp_state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["model"]
+    single_state = torch.load(tmp_path / "single" / "last.pt", weights_only=False)["model"]
+    for name, value in single_state.items():
+        assert torch.allclose(ddp_state[name], value, rtol=1e-4, atol=1e-6), name
     # the same checkpoint continues on a single process
     resumed = _run([*SMALL, "--steps", "5", "--threads", "1", "--output-dir", "ddp", "--resume", "auto"], tmp_path)
     assert "step 3" in resumed and "after 5 steps" in resumed

@@ -49,17 +49,17 @@ def _sum_to_last(x: Tensor) -> Tensor:
 class _MixGlobalLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act):
-        a_hat, _ = _rms_forward(global_out, global_weight, eps)
-        b_hat, _ = _rms_forward(local_out, local_weight, eps)
-        g = torch.sigmoid(_acc(gate_logits))
-        mixed = torch.lerp(b_hat * _acc(local_weight), a_hat * _acc(global_weight), g)
-        out = F.silu(mixed) if out_act else mixed
+        # forward as eager PyTorch would run it (fused rms_norm kernels, input dtype) ...
+        na = F.rms_norm(global_out, (global_out.shape[-1],), global_weight.to(global_out.dtype), eps)
+        nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
+        mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
         ctx.save_for_backward(global_out, local_out, gate_logits, global_weight, local_weight)
         ctx.eps, ctx.out_act = eps, out_act
-        return out.to(global_out.dtype)
+        return F.silu(mixed) if out_act else mixed
 
     @staticmethod
     def backward(ctx, grad_out):
+        # ... and backward recomputes the normalised branches from the saved inputs, in float32
         global_out, local_out, gate_logits, global_weight, local_weight = ctx.saved_tensors
         a_hat, a_rstd = _rms_forward(global_out, global_weight, ctx.eps)
         b_hat, b_rstd = _rms_forward(local_out, local_weight, ctx.eps)

@@ -93,6 +93,10 @@ class GatedLinearAttention2D(nn.Module):
         self.g_norm = RMSNorm(value_dim // num_heads, eps=norm_eps)
         self.l_norm = RMSNorm(value_dim // num_heads, eps=norm_eps)
         self.g_proj = nn.Linear(dim, value_dim, bias=True)
+        # the convolution runs channels-last, and so do its weight gradients: keep the weight
+        # in the same layout (DistributedDataParallel buckets gradients in the weight's layout)
+        conv = self.in_proj[0]
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

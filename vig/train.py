@@ -12,7 +12,8 @@ is split across processes; rank 0 alone writes checkpoints)::
 Checkpoints hold the model (``{"model": state_dict}``, like the official ones), the optimizer,
 the schedule and the position in training; a run can resume on a different process count.
 ``--print-param-hash`` prints a hash of every process's parameters at the end (replicas of a
-correct data-parallel run are bitwise identical).
+correct data-parallel run are bitwise identical). The sequence of global batches does not
+depend on the process count, so 1 and N processes train the same model up to rounding.
 """
 
 from __future__ import annotations
@@ -242,7 +243,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if env.enabled:
             sampler.set_epoch(epoch)
         else:
-            sampler.generator.manual_seed(args.seed * 1000 + epoch)
+            # the permutation DistributedSampler draws (seed + epoch): the sequence of global
+            # batches is then the same for any process count
+            sampler.generator.manual_seed(args.seed + epoch)
         bar = progress_bar(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                            disable=not env.is_main or args.no_progress)
         bar.update(state["epoch_step"])
