@@ -1,0 +1,205 @@
+"""ViG-T/S against timm's DeiT-T/S/B: images/s and peak memory, inference and a training step.
+
+One run measures every model at every resolution on the same device, so the ratios in the
+final table compare like with like (DESIGN.md §8 targets, bf16 autocast on an H100):
+
+- ViG-T inference >= 1.0x DeiT-T's images/s at 224 px (batch 128), >= 4.8x at 1024 px (batch 8);
+- ViG-T training step at 1024 px with less peak memory than DeiT-T.
+
+DeiT runs timm's ``VisionTransformer`` (fused SDPA attention, i.e. FlashAttention on H100);
+its position embedding is sized for each resolution. ViG runs ``gated_linear_attention`` on
+the best backend available (``--backend`` forces one).
+
+    python benchmarks/models_gpu.py                              # the full table on CUDA
+    python benchmarks/models_gpu.py --compile-modes eager,compile --json out.json
+    python benchmarks/models_gpu.py --device cpu --tiny          # smoke test on a laptop / CI box
+
+Needs timm for DeiT (without it only the ViG rows are measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import vig  # noqa: E402  (after the path tweak, so a checkout runs without installing)
+
+#: (resolution, batch): DESIGN.md §8's measurement points
+FULL_POINTS = [(224, 128), (512, 32), (1024, 8)]
+TINY_POINTS = [(64, 4), (128, 2)]
+
+VIG_MODELS = {"ViG-T": "vig_tiny", "ViG-S": "vig_small"}
+DEIT_MODELS = {"DeiT-T": "deit_tiny_patch16_224", "DeiT-S": "deit_small_patch16_224", "DeiT-B": "deit_base_patch16_224"}
+
+
+def build(label: str, img_size: int, tiny: bool) -> nn.Module:
+    shrink = dict(depth=2) if tiny else {}
+    if label in VIG_MODELS:
+        return vig.create_model(VIG_MODELS[label], img_size=img_size, **shrink)
+    import timm
+
+    return timm.create_model(DEIT_MODELS[label], img_size=img_size, **shrink)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, min_time: float, min_iters: int) -> float:
+    """Median seconds per call over at least ``min_iters`` calls and ``min_time`` seconds."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_time:
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def measure(label: str, img_size: int, batch: int, mode: str, compiled: bool, args, device) -> dict:
+    torch.manual_seed(0)
+    model = build(label, img_size, args.tiny).to(device)
+    model.train(mode == "train")
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    runner = torch.compile(model) if compiled else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if mode == "train" else None
+
+    def infer():
+        with torch.no_grad(), amp:
+            runner(x)
+
+    def train_step():
+        with amp:
+            loss = nn.functional.cross_entropy(runner(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step = infer if mode == "infer" else train_step
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, args.min_time, args.min_iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    del model, runner, optimizer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(model=label, img_size=img_size, batch=batch, mode=mode, compiled=compiled,
+                images_per_s=batch / seconds, ms=1e3 * seconds, peak_mib=peak)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':8} {'px':>5} {'batch':>5} {'mode':6} {'compiled':8} {'img/s':>10} {'ms':>9} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['model']:8} {r['img_size']:5d} {r['batch']:5d} {r['mode']:6} {str(r['compiled']):8} "
+              f"{r['images_per_s']:10.1f} {r['ms']:9.2f} {r['peak_mib']:9.0f}")
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """ViG over DeiT of the same size class at each point (the DESIGN.md §8 targets)."""
+    index = {(r["model"], r["img_size"], r["mode"], r["compiled"]): r for r in rows}
+    print("\nratios (same run, same device)")
+    for (model, px, mode, compiled), r in sorted(index.items()):
+        if not model.startswith("ViG"):
+            continue
+        deit = index.get(("DeiT" + model[3:], px, mode, compiled))
+        if deit is None:
+            continue
+        speed = r["images_per_s"] / deit["images_per_s"]
+        memory = r["peak_mib"] / deit["peak_mib"] if deit["peak_mib"] == deit["peak_mib"] else float("nan")
+        print(f"  {model} / DeiT{model[3:]} at {px:4d} px, {mode:5} {'compiled' if compiled else 'eager   '}: "
+              f"{speed:5.2f}x images/s, {memory:5.2f}x peak memory")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="2-block models at small sizes (a smoke test for CPU)")
+    p.add_argument("--models", default="ViG-T,ViG-S,DeiT-T,DeiT-S,DeiT-B")
+    p.add_argument("--points", default=None, help="resolution:batch list, e.g. 224:128,1024:8")
+    p.add_argument("--modes", default="infer,train")
+    p.add_argument("--compile-modes", default="eager", help="eager, compile, or both (eager,compile)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--backend", default=None, help="force a glakernels backend for ViG")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
+    p.add_argument("--min-iters", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.backend:
+        os.environ["GLAKERNELS_BACKEND"] = args.backend
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    points = FULL_POINTS if not args.tiny else TINY_POINTS
+    if args.points:
+        points = [tuple(int(v) for v in pt.split(":")) for pt in args.points.split(",")]
+    models = args.models.split(",")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        print("timm is not installed: measuring the ViG rows only", file=sys.stderr)
+        models = [m for m in models if m in VIG_MODELS]
+    compile_modes = [m == "compile" for m in args.compile_modes.split(",")]
+
+    import glakernels
+
+    backends = [b.name for b in glakernels.available_backends() if b.available]
+    print(f"device: {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
+          f"glakernels backends available: {backends}")
+    rows = []
+    for compiled in compile_modes:
+        for mode in args.modes.split(","):
+            for img_size, batch in points:
+                for label in models:
+                    try:
+                        row = measure(label, img_size, batch, mode, compiled, args, device)
+                    except torch.OutOfMemoryError:
+                        print(f"{label} {img_size}px batch {batch} {mode}: out of memory", file=sys.stderr)
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
+                    rows.append(row)
+                    print(f"{label:7} {img_size:5d}px b{batch:<4d} {mode:5} {'compiled' if compiled else 'eager'}: "
+                          f"{row['images_per_s']:9.1f} img/s  {row['peak_mib']:8.0f} MiB", flush=True)
+    print_table(rows)
+    print_ratios(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device_name(device), torch=torch.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

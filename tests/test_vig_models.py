@@ -1,0 +1,169 @@
+"""ViG / ViG-H: official parameter names and shapes, strict loading of official-format
+checkpoints (also at another resolution), published sizes, the timm-style interface."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import vig
+from official_vig_keys import HIERARCHICAL, PLAIN, PUBLISHED_MILLIONS, official_keys
+from vig.checkpoint import resample_pos_embed
+
+CLASSIFIERS = sorted(PLAIN) + sorted(HIERARCHICAL)
+HAS_TIMM = importlib.util.find_spec("timm") is not None
+
+
+def _on_meta(name, **kwargs):
+    """Built on the meta device: names, shapes and counts without the cost of initialising
+    89M parameters on a 2-core CI machine."""
+    with torch.device("meta"):
+        return vig.create_model(name, **kwargs)
+
+
+def _shapes(model):
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _official_checkpoint(name, seed=0, grid=None):
+    """A synthetic checkpoint in the official container: random tensors with the official
+    names and shapes (what ``torch.load`` of a released ``.pth`` gives)."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = official_keys(name)
+    if grid is not None:
+        keys["pos_embed"] = (1, grid * grid, keys["pos_embed"][-1])
+    state = {key: torch.randn(shape, generator=gen) for key, shape in keys.items()}
+    return {"model": state, "optimizer": {}, "epoch": 299, "max_accuracy": 0.0}
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_state_dict_matches_the_official_names_and_shapes(name):
+    ours, theirs = _shapes(_on_meta(name)), official_keys(name)
+    assert sorted(set(theirs) - set(ours)) == [], "official parameters our model lacks"
+    assert sorted(set(ours) - set(theirs)) == [], "parameters the official checkpoints lack"
+    wrong = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    assert wrong == {}
+
+
+def test_official_vig_tiny_size_was_hand_computed():
+    """ViG-T's official parameter total worked out by hand from the module definitions:
+    stem 190,080 + pos_embed 37,632 + 12 blocks x 451,136 + norm 192 + head 193,000."""
+    assert sum(torch.Size(s).numel() for s in official_keys("vig_tiny").values()) == 5_834_536
+    assert len(official_keys("vig_tiny")) == 9 + 12 * 14 + 3  # stem + pos_embed, 14 tensors a block, norm + head
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_parameter_count_is_the_published_one(name):
+    count = sum(p.numel() for p in _on_meta(name).parameters())
+    assert abs(count / 1e6 - PUBLISHED_MILLIONS[name]) < 0.5, f"{name}: {count / 1e6:.2f}M"
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_official_checkpoint_loads_strictly_and_is_used(name):
+    checkpoint = _official_checkpoint(name)
+    model = vig.create_model(name)
+    result = vig.load_checkpoint(model, checkpoint, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_official_checkpoint_file_through_create_model(tmp_path):
+    checkpoint = _official_checkpoint("vig_tiny", seed=3)
+    checkpoint["model"] = {f"module.{k}": v for k, v in checkpoint["model"].items()}  # saved from DDP
+    path = tmp_path / "vig_tiny.pth"
+    torch.save(checkpoint, path)
+    model = vig.create_model("vig_tiny", checkpoint_path=str(path))
+    assert torch.equal(model.head.weight, checkpoint["model"]["module.head.weight"])
+
+
+def test_official_checkpoint_at_another_resolution_resamples_pos_embed():
+    checkpoint = _official_checkpoint("vig_tiny", seed=1)
+    model = vig.create_model("vig_tiny", img_size=320)  # 20 x 20 tokens
+    vig.load_checkpoint(model, checkpoint, strict=True)
+    assert model.pos_embed.shape == (1, 400, 192)
+    expected = resample_pos_embed(checkpoint["model"]["pos_embed"], (14, 14), (20, 20))
+    assert torch.equal(model.pos_embed.detach(), expected)
+    assert torch.equal(model.blocks[3].attn.qkv_proj.weight, checkpoint["model"]["blocks.3.attn.qkv_proj.weight"])
+
+
+def test_resample_pos_embed_is_bicubic_on_the_token_grid():
+    gen = torch.Generator().manual_seed(0)
+    # a smooth function of the grid position is reproduced by resampling (up to interpolation)
+    rows, cols = torch.meshgrid(torch.linspace(0, 1, 14), torch.linspace(0, 1, 14), indexing="ij")
+    pos = torch.stack([rows, cols, rows * cols], dim=-1).reshape(1, 196, 3)
+    same = resample_pos_embed(pos, (14, 14), (14, 14))
+    assert same is pos
+    up = resample_pos_embed(pos, (14, 14), (28, 21)).reshape(28, 21, 3)
+    # bicubic keeps the row index constant along rows and orders values along columns
+    assert torch.allclose(up[:, :, 0], up[:, :1, 0].expand(28, 21), atol=1e-6)
+    assert (up[:, 1:, 1] >= up[:, :-1, 1] - 1e-6).all()
+    assert up[0, 0, 1] < 0.05 and up[-1, -1, 1] > 0.95
+    with pytest.raises(ValueError, match="pos_embed has 196 tokens"):
+        resample_pos_embed(torch.randn(1, 196, 3, generator=gen), (10, 10), (14, 14))
+
+
+def test_native_checkpoint_round_trip_at_other_resolution(tmp_path):
+    torch.manual_seed(0)
+    source = vig.create_model("vig_tiny", num_classes=7, depth=2, embed_dim=64, num_heads=2)
+    torch.save({"model": source.state_dict()}, tmp_path / "native.pt")
+    target = vig.create_model("vig_tiny", num_classes=7, depth=2, embed_dim=64, num_heads=2, img_size=160,
+                              checkpoint_path=str(tmp_path / "native.pt"))
+    x = torch.randn(1, 3, 160, 160)
+    # at the source's own grid the resampled embedding would be the original one: compare there
+    source_at_160 = source.position_embedding((10, 10))
+    assert torch.allclose(target.position_embedding((10, 10)), source_at_160)
+    assert torch.allclose(target(x), source(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_small", "vig_h_tiny"])  # the base sizes share the code
+def test_forward_backward_small_input(name):
+    torch.manual_seed(0)
+    small = dict(depth=1) if name in PLAIN else dict(depths=(1, 1, 1, 1))
+    model = vig.create_model(name, num_classes=5, **small)
+    x = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.ndim == 4 and features.shape[0] == 2 and features.shape[-1] == model.num_features
+    logits = model.forward_head(features)
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    logits.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_same_forward_in_train_and_eval():
+    torch.manual_seed(0)
+    model = vig.create_model("vig_tiny", num_classes=3, depth=2, embed_dim=48, num_heads=2, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 48, 48)
+    train_out = model.train()(x)
+    eval_out = model.eval()(x)
+    assert torch.equal(train_out, eval_out)
+
+
+def test_reset_classifier_and_create_model_errors():
+    model = vig.create_model("vig_h_tiny", depths=(1, 1, 1, 1), num_classes=4)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, model.num_features)
+    with pytest.raises(ValueError, match="unknown model name"):
+        vig.create_model("vig_gigantic")
+    with pytest.raises(ValueError, match="no hosted weights"):
+        vig.create_model("vig_tiny", pretrained=True)
+    with pytest.raises(ValueError, match="expand_v must be 1"):
+        vig.create_model("vig_tiny", expand_v=2.0)
+    with pytest.raises(ValueError, match="num_heads=5"):
+        vig.create_model("vig_tiny", num_heads=5)
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_timm_create_model(name):
+    import timm
+
+    assert name in timm.list_models("vig*")
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=3)
+    assert type(model) is type(_on_meta(name))
+    assert model.get_classifier().out_features == 3
+    assert _shapes(model) == _shapes(_on_meta(name, num_classes=3))
+    assert model.pretrained_cfg["classifier"] in ("head", "classifier.head")

@@ -1,0 +1,68 @@
+"""The training CLI: a few steps on the digits, checkpoints and resume (bitwise continuation),
+and DistributedDataParallel under torchrun with 2 CPU processes (gloo): replicas identical,
+resumable on another process count."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the digits dataset ships with scikit-learn")
+
+# a very small ViG on 16-px digits: the CLI's logic is under test here, not the accuracy
+SMALL = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--img-size", "16",
+         "--batch-size", "16", "--warmup-steps", "2", "--no-progress", "--print-param-hash", "--epochs", "1"]
+
+
+def _run(args, tmp_path, launcher=(sys.executable, "-m", "vig.train"), timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _hashes(output):
+    return dict(re.findall(r"param-hash rank=(\d+) world=\d+ sha256=([0-9a-f]+)", output))
+
+
+def test_resume_continues_bitwise(tmp_path):
+    straight = _run([*SMALL, "--steps", "4", "--threads", "1"], tmp_path)
+    assert "test accuracy:" in straight
+    first = _run([*SMALL, "--steps", "2", "--threads", "1", "--output-dir", "run"], tmp_path)
+    assert (tmp_path / "run" / "last.pt").exists()
+    resumed = _run([*SMALL, "--steps", "4", "--threads", "1", "--output-dir", "run", "--resume", "auto"], tmp_path)
+    assert "resumed from" in resumed and "epoch 0, step 2" in resumed
+    assert "after 4 steps" in resumed
+    assert _hashes(first)["0"] != _hashes(straight)["0"]
+    assert _hashes(resumed)["0"] == _hashes(straight)["0"], "2 + 2 steps must equal 4 steps exactly"
+
+
+def test_torchrun_two_processes_replicas_identical_and_resume_on_one(tmp_path):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vig.train")
+    out = _run([*SMALL, "--steps", "3", "--output-dir", "ddp"], tmp_path, launcher=torchrun)
+    hashes = _hashes(out)
+    assert set(hashes) == {"0", "1"}, out[-2000:]
+    assert hashes["0"] == hashes["1"], "DDP replicas diverged"
+    assert "on 2 x cpu" in out and "after 3 steps" in out
+    assert (tmp_path / "ddp" / "last.pt").exists()
+    # the same global batches on one process: the same model up to summation order
+    single = _run([*SMALL, "--steps", "3", "--threads", "1", "--output-dir", "single"], tmp_path)
+    assert "after 3 steps" in single
+    ddp_state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["model"]
+    single_state = torch.load(tmp_path / "single" / "last.pt", weights_only=False)["model"]
+    for name, value in single_state.items():
+        assert torch.allclose(ddp_state[name], value, rtol=1e-4, atol=1e-6), name
+    # the same checkpoint continues on a single process
+    resumed = _run([*SMALL, "--steps", "5", "--threads", "1", "--output-dir", "ddp", "--resume", "auto"], tmp_path)
+    assert "step 3" in resumed and "after 5 steps" in resumed
+    assert _hashes(resumed)["0"] != hashes["0"]  # it trained further
+
+
+def test_eval_only_reports_accuracy_of_checkpoint(tmp_path):
+    _run([*SMALL, "--steps", "1", "--threads", "1", "--output-dir", "run"], tmp_path)
+    out = _run([*SMALL, "--threads", "1", "--resume", "run/last.pt", "--eval-only"], tmp_path)
+    match = re.search(r"test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", out)
+    assert match and int(match.group(3)) == 360

@@ -1,0 +1,136 @@
+"""The ViG token mixer: bidirectional gated linear attention with 2D locality injection.
+
+ViG (Liao et al. 2024, arXiv 2405.18425), §3: a depth-wise 3×3 convolution injects 2D
+locality; queries, keys, values and two sets of data-dependent forget gates (one per scan
+direction, through a low-rank projection, ``logsigmoid(·)/16``) are projected from its output;
+bidirectional GLA gives the global branch; the global and the (RMS-normalised) local branch
+are mixed per channel by a learned sigmoid gate, then projected out.
+
+Speed notes (the reasons behind the shape of ``forward``):
+
+- Activations are ``[B, H, W, C]`` end to end; ``q``, ``k``, ``v`` and the gates are
+  ``[B, T, heads, dim]`` views of contiguous linear outputs, the op's native layout.
+- One fused projection weight ``qkv_proj`` (the checkpoint format) is applied as three matmuls
+  on row slices of the weight: each output is contiguous, so the op copies nothing (a split of
+  one matmul's output would give strided views that must be copied).
+- Both scan directions run in **one** ``gated_linear_attention(..., bidirectional=True,
+  g_reverse=...)`` call: no flipped copies, no batch concatenation, the same path in training
+  and evaluation.
+- The normalisations, the sigmoid mix and the optional SiLU are one autograd function
+  (:func:`vig.fused.mix_global_local`) that keeps only its inputs for backward and that
+  ``torch.compile`` fuses into one kernel each way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glakernels import gated_linear_attention
+
+from .fused import mix_global_local
+from .layers import RMSNorm, depthwise_conv_nhwc
+
+Tensor = torch.Tensor
+
+__all__ = ["GatedLinearAttention2D"]
+
+
+class GatedLinearAttention2D(nn.Module):
+    """ViG's mixer on a channels-last token grid ``[B, H, W, C]`` -> ``[B, H, W, C]``.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads; ``dim · expand_k`` and ``dim · expand_v`` must divide by it.
+        expand_k, expand_v: key and value widths relative to ``dim``. The local branch is
+            normalised per head with the value head size, so ``expand_v`` must be 1.
+        gate_low_rank_dim: rank of the gate projection (16 in ViG).
+        gate_logit_normalizer: the gates are ``logsigmoid(·) / gate_logit_normalizer``.
+        act_in_conv: SiLU after the depth-wise convolution (ViG-T's configuration).
+        out_act: SiLU after the global/local mix (ViG-T's configuration).
+        norm_eps: epsilon of the two per-head RMSNorms.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        gate_low_rank_dim: int = 16,
+        gate_logit_normalizer: float = 16.0,
+        act_in_conv: bool = False,
+        out_act: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        key_dim, value_dim = int(dim * expand_k), int(dim * expand_v)
+        if key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide key width {key_dim} (dim·expand_k) and "
+                f"value width {value_dim} (dim·expand_v)"
+            )
+        if value_dim != dim:
+            raise ValueError(f"expand_v must be 1 (the local branch has dim={dim} channels), got {expand_v}")
+        self.num_heads = num_heads
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.gate_logit_normalizer = float(gate_logit_normalizer)
+        self.out_act = out_act
+        self.norm_eps = norm_eps
+
+        # names and shapes as in the official checkpoints
+        self.in_proj = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False),
+            nn.SiLU() if act_in_conv else nn.Identity(),
+        )
+        self.qkv_proj = nn.Linear(dim, 2 * key_dim + value_dim, bias=False)
+        self.gk_proj = nn.Sequential(
+            nn.Linear(dim, gate_low_rank_dim, bias=False),
+            nn.Linear(gate_low_rank_dim, 2 * key_dim, bias=True),  # [forward gates; reverse gates]
+        )
+        self.o_proj = nn.Linear(value_dim, dim, bias=False)
+        self.g_norm = RMSNorm(value_dim // num_heads, eps=norm_eps)
+        self.l_norm = RMSNorm(value_dim // num_heads, eps=norm_eps)
+        self.g_proj = nn.Linear(dim, value_dim, bias=True)
+        # the convolution runs channels-last, and so do its weight gradients: keep the weight
+        # in the same layout (DistributedDataParallel buckets gradients in the weight's layout)
+        conv = self.in_proj[0]
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # as the official code: small Xavier init of every projection (gain 2^-2.5)
+        for weight in (self.qkv_proj.weight, self.in_proj[0].weight, self.g_proj.weight, self.o_proj.weight,
+                       self.gk_proj[0].weight, self.gk_proj[1].weight):
+            nn.init.xavier_uniform_(weight, gain=2**-2.5)
+        nn.init.zeros_(self.g_proj.bias)
+        nn.init.zeros_(self.gk_proj[1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        heads, kd = self.num_heads, self.key_dim
+        local = depthwise_conv_nhwc(x, self.in_proj[0].weight)
+        local = self.in_proj[1](local)
+
+        w_qkv = self.qkv_proj.weight
+        q = F.linear(local, w_qkv[:kd]).view(B, H * W, heads, -1)
+        k = F.linear(local, w_qkv[kd : 2 * kd]).view(B, H * W, heads, -1)
+        v = F.linear(local, w_qkv[2 * kd :]).view(B, H * W, heads, -1)
+
+        low_rank = self.gk_proj[0](local)
+        w_gate, b_gate = self.gk_proj[1].weight, self.gk_proj[1].bias
+        norm = self.gate_logit_normalizer
+        g_fwd = F.logsigmoid(F.linear(low_rank, w_gate[:kd], b_gate[:kd])) / norm
+        g_rev = F.logsigmoid(F.linear(low_rank, w_gate[kd:], b_gate[kd:])) / norm
+
+        o = gated_linear_attention(
+            q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,
+            g_reverse=g_rev.view(B, H * W, heads, -1),
+        )
+        gate_logits = self.g_proj(local).view(B, H * W, heads, -1)
+        mixed = mix_global_local(
+            o, local.reshape(B, H * W, heads, -1), gate_logits, self.g_norm.weight, self.l_norm.weight,
+            self.norm_eps, self.out_act,
+        )
+        return self.o_proj(mixed.view(B, H, W, -1))
