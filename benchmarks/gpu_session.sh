@@ -44,14 +44,15 @@ if wants ops; then
     step ops_cupy_vs_triton 100 python3 -m glakernels.backends.cupy.tune --backends triton,cupy --baseline triton --sdpa
 fi
 if wants models; then
-    step models 300 python3 benchmarks/models_gpu.py --models ViG-T,ViG-S,DeiT-T,DeiT-S,DeiT-B
+    step models 170 python3 benchmarks/models_gpu.py --models ViG-T,ViG-S,DeiT-T,DeiT-S,DeiT-B --min-time 0.5
 fi
 if wants asv; then
     # asv needs the git history to date the commit: use the checkout's, or a bundle of it
     # (git bundle create .stage/repo.bundle HEAD) where the tree was copied without .git
     repo=$PWD
     if ! git -C "$repo" rev-parse HEAD > /dev/null 2>&1; then
-        git clone -q .stage/repo.bundle /tmp/asv-repo && repo=/tmp/asv-repo
+        rm -rf /tmp/asv-repo
+        git clone -q .stage/repo.bundle /tmp/asv-repo && git -C /tmp/asv-repo checkout -q -B main && repo=/tmp/asv-repo
     fi
     commit=$(git -C "$repo" rev-parse HEAD)
     machine=$(cd asv_bench && HOME=/tmp python3 machine.py | tail -1)
@@ -60,10 +61,13 @@ import json, pathlib, sys
 conf = pathlib.Path("asv_bench/asv.conf.json")
 config = json.loads("\n".join(l for l in conf.read_text().splitlines() if not l.strip().startswith("//")))
 config.update(repo=sys.argv[1], results_dir=sys.argv[2], benchmark_dir=str(conf.parent.resolve() / "benchmarks"),
-              html_dir="/tmp/asv-html", env_dir="/tmp/asv-env")
+              html_dir="/tmp/asv-html", env_dir="/tmp/asv-env", environment_type="existing")
+for key in ("pythons", "matrix"):  # the virtualenv settings do not apply to this environment
+    config.pop(key, None)
 pathlib.Path("/tmp/asv.conf.json").write_text(json.dumps(config))
 PY
-    GLAKERNELS_ASV_BACKENDS=triton,cupy GLAKERNELS_ASV_DTYPES=bfloat16 GLAKERNELS_ASV_DIRECTIONS=bidirectional \
-        HOME=/tmp step asv 330 python3 -m asv run --config /tmp/asv.conf.json --python=same --machine "$machine" \
-        --set-commit-hash "$commit" -b 'TimeOp|BandwidthOp|GpuMemoryOp|ModelStep|GpuModelMemory' -a repeat=5
+    GLAKERNELS_ASV_BACKENDS=${GLAKERNELS_ASV_BACKENDS:-triton,cupy} GLAKERNELS_ASV_DTYPES=bfloat16 \
+        GLAKERNELS_ASV_DIRECTIONS=bidirectional HOME=/tmp step asv "${ASV_SECONDS:-330}" \
+        python3 -m asv run --config /tmp/asv.conf.json --python=same --machine "$machine" \
+        --set-commit-hash "$commit" -b "${ASV_BENCH:-TimeOp|BandwidthOp|GpuMemoryOp|ModelStep|GpuModelMemory}" -a repeat=5
 fi
