@@ -29,15 +29,22 @@ def _config(tmp_path, results_dir) -> pathlib.Path:
     return path
 
 
-def _asv(args, tmp_path, config, timeout=1500):
+def _env(tmp_path) -> dict:
     env = dict(os.environ, HOME=str(tmp_path))  # asv keeps its machine file in $HOME
+    # benchmark the real backends: the test session may have turned Triton's CPU interpreter on
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _asv(args, tmp_path, config, timeout=1500):
+    env = _env(tmp_path)
     return subprocess.run([sys.executable, "-m", "asv", *args, "--config", str(config)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_asv_check_and_quick_run(tmp_path):
-    machine = subprocess.run([sys.executable, str(ASV_DIR / "machine.py")], cwd=tmp_path,
-                             env=dict(os.environ, HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    machine = subprocess.run([sys.executable, str(ASV_DIR / "machine.py")], cwd=tmp_path, env=_env(tmp_path),
+                             capture_output=True, text=True, timeout=120)
     assert machine.returncode == 0, machine.stderr
     name = machine.stdout.strip().splitlines()[-1]
     config = _config(tmp_path, tmp_path / "results")
