@@ -95,8 +95,12 @@ class GatedLinearAttention2D(nn.Module):
         self.g_proj = nn.Linear(dim, value_dim, bias=True)
         # the convolution runs channels-last, and so do its weight gradients: keep the weight
         # in the same layout (DistributedDataParallel buckets gradients in the weight's layout)
-        conv = self.in_proj[0]
-        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        # (explicit strides: with one input channel per group, .contiguous(channels_last) is a no-op)
+        w = self.in_proj[0].weight.data
+        out_ch, in_ch, kh, kw = w.shape
+        self.in_proj[0].weight.data = torch.empty_strided(
+            w.shape, (kh * kw * in_ch, 1, kw * in_ch, in_ch), dtype=w.dtype, device=w.device
+        ).copy_(w)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
