@@ -181,6 +181,11 @@ def select_backend(spec: ProblemSpec, argument: Optional[str] = None) -> Backend
     return registry.select(spec, name, source)
 
 
+#: ProblemSpec's field names, read outside any tracing: ``dataclasses.astuple`` recurses into
+#: every value and calls ``hasattr(torch.dtype, ...)``, which torch 2.11's Dynamo cannot trace
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ProblemSpec))
+
+
 @torch.compiler.assume_constant_result
 def _select_backend_name(*spec_fields_and_argument) -> str:
     *fields, argument = spec_fields_and_argument
@@ -191,7 +196,7 @@ def select_backend_name(spec: ProblemSpec, argument: Optional[str] = None) -> st
     """:func:`select_backend`'s name. Under ``torch.compile`` this runs once, at trace time,
     and its result is baked into the graph: selection reads environment and thread state that
     the compiler should not trace, so only plain fields cross the boundary."""
-    return _select_backend_name(*dataclasses.astuple(spec), argument)
+    return _select_backend_name(*(getattr(spec, name) for name in _SPEC_FIELDS), argument)
 
 
 def available_backends() -> list[BackendStatus]:

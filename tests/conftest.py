@@ -1,9 +1,10 @@
-"""Hypothesis profiles and the GPU marker.
+"""Hypothesis profiles, the GPU marker, and Triton's interpreter on machines without a GPU.
 
 ``HYPOTHESIS_PROFILE=ci`` (default) keeps property tests bounded for CI on 2 cores;
 ``HYPOTHESIS_PROFILE=thorough`` draws many more examples (run it on a workstation or GPU box).
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -25,6 +26,24 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_INTERPRET = "TRITON_INTERPRET"
+_set_interpret = pytest.StashKey[bool]()
+
+
+def pytest_configure(config):
+    """Without a GPU, run the triton backend's kernels through Triton's interpreter on CPU
+    tensors for this session (it must be on before the kernels are first imported), so the
+    shared suites test them in CI; the variable is restored when the session ends."""
+    if not torch.cuda.is_available() and _INTERPRET not in os.environ and importlib.util.find_spec("triton"):
+        os.environ[_INTERPRET] = "1"
+        config.stash[_set_interpret] = True
+
+
+def pytest_unconfigure(config):
+    if config.stash.get(_set_interpret, False):
+        os.environ.pop(_INTERPRET, None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,44 +10,52 @@ import importlib.util
 
 import torch
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-#: (resolution, batch) per device
-POINTS = ["224x128", "1024x8"] if CUDA else ["64x2"]
+#: "resolution x batch". The small point runs on CPU machines, the others on CUDA machines
+#: (a point that does not belong to the machine is skipped in setup).
+CPU_POINTS = ["64x2"]
+GPU_POINTS = ["224x128", "1024x8"]
 MODELS = ["vig_tiny"] + (["deit_tiny_patch16_224"] if importlib.util.find_spec("timm") else [])
 
 
-def _build(name, img_size):
+def _device() -> str:
+    # decided inside each benchmark process, never at import: asv's forkserver imports this
+    # module once and forks, and CUDA must not be initialised before the fork
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build(name, img_size, device):
     torch.manual_seed(0)
     if name.startswith("vig"):
         import vig
 
-        return vig.create_model(name, img_size=img_size).to(DEVICE)
+        return vig.create_model(name, img_size=img_size).to(device)
     import timm
 
-    return timm.create_model(name, img_size=img_size).to(DEVICE)
+    return timm.create_model(name, img_size=img_size).to(device)
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-class ModelStep:
-    params = (MODELS, POINTS, ["infer", "train"])
+class _Model:
+    params = (MODELS, CPU_POINTS + GPU_POINTS, ["infer", "train"])
     param_names = ["model", "point", "mode"]
     timeout = 600
 
     def setup(self, name, point, mode):
+        self.device = _device()
+        if point not in (GPU_POINTS if self.device == "cuda" else CPU_POINTS):
+            raise NotImplementedError(f"{point} is not benchmarked on {self.device}")
         img_size, batch = (int(v) for v in point.split("x"))
-        self.model = _build(name, img_size).train(mode == "train")
-        self.x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
-        self.y = torch.randint(0, 1000, (batch,), device=DEVICE)
-        self.amp = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA)
+        self.model = _build(name, img_size, self.device).train(mode == "train")
+        self.x = torch.randn(batch, 3, img_size, img_size, device=self.device)
+        self.y = torch.randint(0, 1000, (batch,), device=self.device)
+        self.amp = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda")
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4) if mode == "train" else None
         self.step = self._infer if mode == "infer" else self._train
         self.step()  # warm-up: kernel compilation, autotuning, allocator
-        _sync()
+        self._sync()
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
     def _infer(self):
         with torch.no_grad(), self.amp:
@@ -60,29 +68,40 @@ class ModelStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+
+class ModelStep(_Model):
+    """Time of one step and images/s (inference, or a training step with SGD)."""
+
     def time_step(self, name, point, mode):
         self.step()
-        _sync()
+        self._sync()
 
     def track_images_per_second(self, name, point, mode):
         import time
 
         batch = self.x.shape[0]
-        _sync()
+        self._sync()
         start = time.perf_counter()
         for _ in range(3):
             self.step()
-        _sync()
+        self._sync()
         return 3 * batch / (time.perf_counter() - start)
 
     track_images_per_second.unit = "images/s"
 
+
+class GpuModelMemory(_Model):
+    """Peak GPU memory of one step (CUDA machines only)."""
+
+    def setup(self, name, point, mode):
+        if _device() != "cuda":
+            raise NotImplementedError("GPU memory is tracked on CUDA machines only")
+        super().setup(name, point, mode)
+
     def track_peak_memory_mib(self, name, point, mode):
-        if not CUDA:
-            return float("nan")
         torch.cuda.reset_peak_memory_stats()
         self.step()
-        _sync()
+        self._sync()
         return torch.cuda.max_memory_allocated() / 2**20
 
     track_peak_memory_mib.unit = "MiB"

@@ -1,0 +1,59 @@
+"""The ``cupy`` backend: raw CUDA C++ kernels compiled by CuPy (NVRTC) on first use.
+
+Sources: ``kernels/gla_sweep.cu`` (every recurrent sweep, forward and backward, both
+directions in one launch) and ``kernels/gla_scan.cu`` (stitching time chunks together);
+the algorithm is described at the top of ``gla_sweep.cu``. Kernels run on PyTorch's
+current CUDA stream with the tensors' device addresses as arguments: no copies, no
+synchronisation, so the op can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from glakernels._backend import Backend
+from glakernels._dispatch import register_backend
+from glakernels._problem import GLAInputs
+
+from ._plan import MAX_HEAD_DIM
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    description = "raw CUDA C++ kernels compiled by CuPy/NVRTC on first use (CUDA GPUs)"
+    device_types = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    max_head_dim_k = MAX_HEAD_DIM
+    max_head_dim_v = MAX_HEAD_DIM
+    # below triton (30), above torch (0)
+    auto_priority = {"cuda": 20}
+
+    def unavailable_reasons(self) -> list[str]:
+        reasons = []
+        try:
+            import cupy  # noqa: F401
+        except Exception as exc:  # ImportError, or a CuPy built for another CUDA
+            reasons.append(f"cupy is not importable ({type(exc).__name__}: {exc}); "
+                           "install glakernels[cupy] (cupy-cuda13x)")
+        if torch.version.cuda is None:
+            reasons.append("this PyTorch build has no CUDA support")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible")
+        return reasons
+
+    def forward(self, inputs: GLAInputs):
+        from ._driver import forward
+        from ._runtime import CupyLauncher
+
+        return forward(inputs, CupyLauncher(inputs.q.device))
+
+    def backward(self, inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Optional[torch.Tensor]):
+        from ._driver import backward
+        from ._runtime import CupyLauncher
+
+        return backward(inputs, grad_output.contiguous(), grad_final_state, CupyLauncher(inputs.q.device))
+
+
+register_backend(CupyBackend())

@@ -1,0 +1,141 @@
+"""Forward and backward of the cupy backend: workspaces and the sequence of launches.
+
+Device-agnostic on purpose: every launch goes through a ``launcher`` callable
+``(file, name, grid, block, smem_bytes, args)``. On a GPU that is CuPy
+(:mod:`._runtime`); the tests also run these very drivers, on CPU tensors, through a C++
+emulator of the kernels. Nothing here reads tensor values or synchronises.
+
+Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_MAX):
+
+    forward:   [chunk_state, state_scan]  forward_output
+    backward:  [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
+               [gate_grad_fixup]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from glakernels._problem import GLAGradients, GLAInputs
+
+from . import _plan as plan
+from ._sources import SCAN_FILE, SWEEP_FILE, kernel_args
+
+Launcher = Callable[[str, str, tuple, int, int, tuple], None]
+
+
+def _address(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+class _Call:
+    """Shapes, chunking and the parameter values shared by every launch of one call."""
+
+    def __init__(self, inputs: GLAInputs, launcher: Launcher, chunk_len: Optional[int], tiles):
+        spec = inputs.spec
+        self.spec = spec
+        self.launch = launcher
+        self.tiles = tiles or plan.DEFAULT_TILES
+        self.B, self.T, self.H, self.K, self.V = (
+            spec.batch, spec.seq_len, spec.heads, spec.head_dim_k, spec.head_dim_v)
+        self.bidirectional = spec.bidirectional
+        self.groups = 2 if spec.bidirectional else 1
+        self.chunk_len, self.n_chunks = plan.chunking(self.T, chunk_len)
+        self.device = inputs.q.device
+        scale = inputs.scale * (0.5 if spec.bidirectional else 1.0)  # the two directions are averaged
+        self.params = dict(
+            q=_address(inputs.q), k=_address(inputs.k), v=_address(inputs.v), g=_address(inputs.g),
+            g_rev=_address(inputs.g_reverse if spec.bidirectional else None),
+            s0=_address(inputs.initial_state),
+            B=self.B, T=self.T, H=self.H, K=self.K, V=self.V,
+            chunk_len=self.chunk_len, n_chunks=self.n_chunks,
+            bidirectional=int(spec.bidirectional), scale=scale,
+        )
+
+    def scratch(self, *shape) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
+    def sweep(self, role: int, **extra) -> None:
+        own_is_v = role in plan.OWN_IS_V
+        inner, own = (self.K, self.V) if own_is_v else (self.V, self.K)
+        tile = plan.tile_for(inner, self.tiles)
+        grid = (self.B * self.H, math.ceil(own / tile.own_tile), self.n_chunks)
+        smem = plan.sweep_smem_bytes(tile, role, self.bidirectional, self.chunk_len)
+        name = plan.sweep_name(self.spec.dtype, tile, role)
+        self.launch(SWEEP_FILE, name, grid, self.groups * tile.threads, smem,
+                    kernel_args({**self.params, **extra}))
+
+    def state_scan(self, adjoint: bool, **extra) -> None:
+        grid = (self.B * self.H * 2, math.ceil(self.K * self.V / plan.SCAN_THREADS), 1)
+        self.launch(SCAN_FILE, plan.SCAN_NAME, grid, plan.SCAN_THREADS, 0,
+                    kernel_args({**self.params, "lambda_scan": int(adjoint), **extra}))
+
+    def chunk_entering_states(self, adjoint: bool, **extra) -> torch.Tensor:
+        """State (or adjoint) entering every chunk: ``[B*H, 2, N, K, V]`` float32."""
+        enter = self.scratch(self.B * self.H, 2, self.n_chunks, self.K, self.V)
+        decay = self.scratch(self.B * self.H, 2, self.n_chunks, self.K)  # used by the scan only
+        buffers = dict(enter=enter.data_ptr(), decay=decay.data_ptr())
+        self.sweep(plan.CHUNK_ADJOINT if adjoint else plan.CHUNK_STATE, **extra, **buffers)
+        self.state_scan(adjoint, **extra, **buffers)
+        return enter
+
+
+def forward(inputs: GLAInputs, launcher: Launcher, *, chunk_len: Optional[int] = None, tiles=None):
+    """``(o, final_state or None)`` as :meth:`Backend.forward` returns them."""
+    call = _Call(inputs, launcher, chunk_len, tiles)
+    spec = inputs.spec
+    o = torch.empty(call.B, call.T, call.H, call.V, dtype=spec.dtype, device=call.device)
+    final = (torch.empty(call.B, call.H, call.K, call.V, dtype=torch.float32, device=call.device)
+             if spec.output_final_state else None)
+    # scratch tensors are referenced until every launch that uses them is queued (on a GPU the
+    # caching allocator may then reuse them, in stream order; on the emulator they must live)
+    enter = call.chunk_entering_states(adjoint=False) if call.n_chunks > 1 else None
+    call.sweep(plan.FORWARD_OUTPUT, o=o.data_ptr(), s_final=_address(final), enter=_address(enter))
+    return o, final
+
+
+def backward(
+    inputs: GLAInputs,
+    grad_output: torch.Tensor,
+    grad_final_state: Optional[torch.Tensor],
+    launcher: Launcher,
+    *,
+    chunk_len: Optional[int] = None,
+    tiles=None,
+) -> GLAGradients:
+    call = _Call(inputs, launcher, chunk_len, tiles)
+    spec = inputs.spec
+    like_k = lambda: torch.empty(call.B, call.T, call.H, call.K, dtype=spec.dtype, device=call.device)  # noqa: E731
+    dq, dk, dg = like_k(), like_k(), like_k()
+    dv = torch.empty(call.B, call.T, call.H, call.V, dtype=spec.dtype, device=call.device)
+    dg_rev = like_k() if spec.bidirectional else None
+    ds0 = (torch.empty(call.B, call.H, call.K, call.V, dtype=torch.float32, device=call.device)
+           if inputs.initial_state is not None else None)
+    ds_final = None if grad_final_state is None else grad_final_state.to(torch.float32).contiguous()
+    q_dq = call.scratch(call.groups, call.B, call.T, call.H, call.K)  # q ⊙ dq per direction
+    final_term = call.scratch(call.B, call.H, call.K) if ds_final is not None else None
+
+    common = dict(dout=grad_output.data_ptr(), ds_final=_address(ds_final), a_ws=q_dq.data_ptr(),
+                  final_term=_address(final_term))
+    enter_state = enter_adjoint = None
+    chunked = call.n_chunks > 1
+    if chunked:
+        enter_state = call.chunk_entering_states(adjoint=False, **common)
+        enter_adjoint = call.chunk_entering_states(adjoint=True, **common)
+        dg_local = call.scratch(call.groups, call.B, call.T, call.H, call.K)
+        dg_total = call.scratch(call.B * call.H, 2, call.n_chunks, call.K)
+        common.update(dg_ws=dg_local.data_ptr(), dg_total=dg_total.data_ptr())
+
+    call.sweep(plan.BACKWARD_DQ, dq=dq.data_ptr(), enter=_address(enter_state), **common)
+    call.sweep(plan.BACKWARD_DK, dk=dk.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev),
+               ds0=_address(ds0), enter=_address(enter_adjoint), **common)
+    call.sweep(plan.BACKWARD_DV, dv=dv.data_ptr(), enter=_address(enter_adjoint), **common)
+    if chunked:
+        total = call.groups * call.B * call.T * call.H * call.K
+        grid = (math.ceil(total / plan.FIXUP_THREADS), 1, 1)
+        launcher(SCAN_FILE, plan.fixup_name(spec.dtype), grid, plan.FIXUP_THREADS, 0,
+                 kernel_args({**call.params, **common, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}))
+    return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)

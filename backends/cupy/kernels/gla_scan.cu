@@ -1,0 +1,92 @@
+// The two small steps that stitch chunks swept in parallel back into one sequence.
+//
+// gla_state_scan: from each chunk's local end state (its tokens swept from a zero state) and
+// the product of its decays, the state entering every chunk, in place:
+//     enter_n = decay_{n-1} ⊙ enter_{n-1} + local_{n-1}     (in the sweep's own time order)
+// One thread per (sequence, direction, state element) walks the N chunks; loads are issued a
+// batch ahead so the walk is not N round trips to memory.
+//
+// gla_gate_grad_fixup: backward_dk sums gate gradients only within a chunk; add what the
+// chunks swept before it (in that direction's reversed time) contribute, in the same order
+// a single sequential sweep would have added them.
+#include "gla_common.cuh"
+
+namespace gla {
+
+constexpr int kScanBatch = 8;
+
+__global__ void gla_state_scan(GLA_KERNEL_PARAMS) {
+  GLA_COLLECT_PARAMS;
+  const i64 kv = p.K * p.V;
+  const i64 e = (i64)blockIdx.y * blockDim.x + threadIdx.x;
+  if (e >= kv) return;
+  const i64 bh = blockIdx.x / 2;
+  const int group = blockIdx.x % 2;
+  if (p.bidirectional == 0 && group == 1) return;
+  const bool adjoint = p.lambda_scan != 0;
+  const bool ascending = adjoint ? group == 1 : group == 0;
+  const int N = (int)p.n_chunks;
+  const i64 k = e / p.V;
+
+  float state = 0.0f;
+  if (group == 0 && p.bidirectional == 0) {
+    const u64 init = adjoint ? p.ds_final : p.s0;
+    if (init) state = in_ptr<float>(init)[bh * kv + e];
+  }
+  float* enter = out_ptr<float>(p.enter) + (bh * 2 + group) * N * kv + e;
+  const float* decay = in_ptr<float>(p.decay) + (bh * 2 + group) * N * p.K + k;
+
+  for (int base = 0; base < N; base += kScanBatch) {
+    float local[kScanBatch], factor[kScanBatch];
+#pragma unroll
+    for (int s = 0; s < kScanBatch; ++s) {
+      const int step = base + s;
+      const int n = ascending ? step : N - 1 - step;
+      // the last chunk in sweep order has no local state (nothing comes after it)
+      const bool has_local = step < N - 1;
+      local[s] = has_local ? enter[n * kv] : 0.0f;
+      factor[s] = has_local ? decay[n * p.K] : 0.0f;
+    }
+#pragma unroll
+    for (int s = 0; s < kScanBatch; ++s) {
+      const int step = base + s;
+      if (step >= N) break;
+      const int n = ascending ? step : N - 1 - step;
+      enter[n * kv] = state;
+      state = fmaf(factor[s], state, local[s]);
+    }
+  }
+}
+
+template <class T>
+__global__ void gla_gate_grad_fixup(GLA_KERNEL_PARAMS) {
+  GLA_COLLECT_PARAMS;
+  const i64 per_direction = p.B * p.T * p.H * p.K;
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= 2 * per_direction) return;
+  const int group = (int)(idx / per_direction);
+  if (p.bidirectional == 0 && group == 1) return;
+  const i64 rem = idx % per_direction;
+  const i64 k = rem % p.K;
+  const i64 row = rem / p.K;
+  const i64 h = row % p.H;
+  const i64 t = (row / p.H) % p.T;
+  const i64 b = row / (p.H * p.T);
+  const i64 bh = b * p.H + h;
+  const int N = (int)p.n_chunks;
+  const int n = (int)(t / p.chunk_len);
+
+  float offset = 0.0f;
+  if (group == 0 && p.bidirectional == 0 && p.final_term != 0) offset = in_ptr<float>(p.final_term)[bh * p.K + k];
+  const float* total = in_ptr<float>(p.dg_total) + (bh * 2 + group) * N * p.K + k;
+  // the forward direction's adjoint runs backwards in time, the reverse direction's forwards
+  if (group == 0) {
+    for (int m = N - 1; m > n; --m) offset += total[m * p.K];
+  } else {
+    for (int m = 0; m < n; ++m) offset += total[m * p.K];
+  }
+  const float value = in_ptr<float>(p.dg_ws)[idx] + offset;
+  out_ptr<T>(group == 0 ? p.dg : p.dg_rev)[rem] = from_float<T>(value);
+}
+
+}  // namespace gla

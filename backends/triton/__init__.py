@@ -1,0 +1,70 @@
+"""The ``triton`` backend: chunked Triton kernels for CUDA GPUs, forward and backward, causal
+and bidirectional, both directions fused in one launch (algorithm: ``kernels.py``).
+
+On a machine without a GPU the same kernels run on CPU tensors through Triton's interpreter
+when ``TRITON_INTERPRET=1`` is set before the kernels are first used — slowly, for tests; the
+backend is then runnable on ``cpu`` by name but never chosen automatically there.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from glakernels._backend import Backend
+from glakernels._dispatch import register_backend
+from glakernels._problem import GLAGradients, GLAInputs
+
+_TRUE = ("1", "true", "on", "yes", "y")
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's interpreter is on (read the way Triton reads it, at kernel definition)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "chunked Triton kernels, both directions fused in one launch (CUDA; CPU under TRITON_INTERPRET=1)"
+    device_types = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    max_head_dim_k = 256
+    max_head_dim_v = 256
+    auto_priority = {"cuda": 100}
+    # the interpreter runs every program in Python: keep the shared CPU suites' problems small
+    test_max_tokens_cpu = 300
+
+    def unavailable_reasons(self) -> list[str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return ["triton is not installed (pip install 'glakernels[triton]')"]
+        if not interpreter_enabled() and not torch.cuda.is_available():
+            return ["no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on CPU, slowly, for testing)"]
+        return []
+
+    def runs_on(self) -> frozenset[str]:
+        return self.device_types | {"cpu"} if interpreter_enabled() else self.device_types
+
+    def forward(self, inputs: GLAInputs):
+        from . import launch
+
+        spec = inputs.spec
+        return launch.forward(
+            inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, inputs.initial_state,
+            inputs.scale, spec.bidirectional, spec.output_final_state,
+        )
+
+    def backward(self, inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Optional[torch.Tensor]):
+        from . import launch
+
+        dq, dk, dv, dg, dg_reverse, d_initial = launch.backward(
+            inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, inputs.initial_state,
+            grad_output, grad_final_state, inputs.scale, inputs.spec.bidirectional,
+        )
+        return GLAGradients(dq, dk, dv, dg, dg_reverse, d_initial)
+
+
+register_backend(TritonBackend())

@@ -1,0 +1,641 @@
+"""Chunked gated linear attention in Triton: forward and backward, causal and bidirectional,
+both directions in one launch. Launchers live in ``launch.py``; this file holds only kernels.
+
+Algorithm
+=========
+
+Notation per (batch, head) sequence: log gates ``g`` (forward direction) and ``gr`` (reverse
+direction), decay factors ``f = exp(g)``, ``fr = exp(gr)`` (each in [0, 1]). The causal
+recurrence is ``S_t = diag(f_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``; the reverse one
+runs the same over flipped time with ``fr``. So token ``t`` sees token ``s`` with the weight
+
+    forward (s <= t):  decay(t, s) = prod_{s < u <= t} f_u
+    reverse (s >= t):  decay(t, s) = prod_{t <= u < s} fr_u
+
+**Decays are products, never differences.** Every decay is formed as a cumulative *product* of
+factors in [0, 1] (``tl.cumprod`` over a tile, restarted at segment boundaries), never as
+``exp(G_t − G_s)`` from cumulative log sums: there is no overflow (no factor exceeds 1), no
+cancellation (a product of n factors has relative error <= n·eps whatever the size of the log
+sums: after a -1e4 gate the factor is exactly 0 and the products restart cleanly), and no gate
+clamping. The error bound of every decay is (number of factors + 1)·eps_float32 relative,
+i.e. <= 260 · 6e-8 = 1.6e-5 for the longest product (a 256-token segment), typically sqrt of
+that; everything else is ordinary float32 accumulation.
+
+**Intra-chunk scores without division: a binary hierarchy of reference points.** Time is cut
+into chunks of ``C`` tokens (C a power of two). Inside a chunk, the pair (t, s) with s < t is
+split at the highest bit ℓ where t and s differ: s lies in the left half and t in the right
+half of one aligned block of 2·2^ℓ tokens, and the decay factors at the boundary ``m`` between
+the halves into two products that never exceed 1:
+
+    decay(t, s) = [prod_{m < u <= t} f_u] · [prod_{s < u <= m} f_u]
+                =  Qf_ℓ[t]  ·  Kf_ℓ[s]
+
+``Qf_ℓ`` is the inclusive prefix product within 2^ℓ-token segments, ``Kf_ℓ`` the exclusive
+suffix product within them. So the score matrix is, per level ℓ = 0 .. log2(C) − 1,
+``A += mask_ℓ ⊙ ((q ⊙ Qf_ℓ) (k ⊙ Kf_ℓ)ᵀ)`` — one tensor-core matmul per level — plus the
+diagonal ``q_t · k_t`` (decay 1). The reverse direction is the mirror image (upper triangle,
+``Qr_ℓ`` = inclusive suffix, ``Kr_ℓ`` = exclusive prefix products of ``fr``), and both
+directions add into one score matrix, so ``o = (A_fwd + A_rev) v`` is one matmul.
+
+**Across chunks: states.** With ``qbar = q ⊙ (prefix product of f from the chunk start)``,
+``kbar = k ⊙ (exclusive suffix product of f to the chunk end)`` and ``Γ`` the chunk's total
+product, the forward state at chunk boundaries obeys ``F[n+1] = Γ_n ⊙ F[n] + kbar_nᵀ v_n`` and
+the chunk's output gains ``qbar F[n]``. The reverse state ``R`` runs right to left the same way
+(``R[n] = Γr_n ⊙ R[n+1] + kbarr_nᵀ v_n``) and the chunk gains ``qbarr R[n+1]``. Then
+
+    o_chunk = scale' · ( (A_fwd + A_rev) v + qbar F[n] + qbarr R[n+1] ),   scale' = ½·scale
+    (bidirectional) or scale (causal).
+
+**Launch structure.** The sequence is cut into segments of ``SEG`` tokens (a multiple of C).
+
+* ``_gla_fwd_kernel``, one program per (batch·head, segment, V block). Phase 1 walks the
+  segment's chunks left to right for ``F`` and right to left for ``R`` at once (two
+  independent chains), starting from the segment's boundary states, and parks each chunk's
+  entering states in a float32 scratch buffer. A CTA barrier (``bar.sync`` orders the
+  threads' global stores before the other threads' loads). Phase 2 computes every chunk's
+  output (scores + states) and writes ``o`` once — the two directions are combined in
+  registers, no atomics, bitwise deterministic.
+* For short sequences (the whole sequence is one segment: ViG at 224 px) that is the only
+  launch. For long ones, ``_gla_states_kernel`` first walks the whole sequence one *segment*
+  per step (one big matmul per step) and stores the states at segment boundaries, which the
+  segment programs start from: two launches; the states kernel's sequential chain is the
+  number of segments, and each segment program's chain is the chunks of its segment.
+
+**Backward**, same structure. With ``dA = dO vᵀ`` (shared by both directions),
+
+    dq_fwd = scale'·[ Σ_ℓ Qf_ℓ ⊙ ((dA ⊙ mask_ℓ)(k ⊙ Kf_ℓ)) + diag(dA) k + qf ⊙ (dO F[n]ᵀ) ]
+    dk_fwd = scale'·[ Σ_ℓ Kf_ℓ ⊙ ((dA ⊙ mask_ℓ)ᵀ(q ⊙ Qf_ℓ)) + diag(dA) q ] + kf ⊙ (v dF[n+1]ᵀ)
+    dv     = scale'·(A_fwd + A_rev)ᵀ dO + kbar dF[n+1] + kbarr dR[n]
+
+(reverse direction mirrored), where the state gradients run the opposite way to the states:
+``dF[n] = Γ_n ⊙ dF[n+1] + scale'·qbar_nᵀ dO_n`` (right to left, from ``dF[N]`` = gradient of
+the final state) and ``dR[n+1] = Γr_n ⊙ dR[n] + scale'·qbarr_nᵀ dO_n`` (left to right). So the
+backward needs four walks — F and dR left to right, R and dF right to left — which phase 1 runs
+from the segment boundary states (``_gla_states_kernel`` computes all four for long inputs).
+
+Gate gradients use the identity of Yang et al. (2023): with ``dG_t = q_t ⊙ dq_t − k_t ⊙ dk_t``
+(this direction's dq, dk, without the diagonal terms, which cancel), ``dg_r = Σ_{t >= r} dG_t``.
+The sum is hierarchical: within the chunk it is a direct suffix sum (``tl.cumsum(reverse)``),
+and everything after the chunk is one closed-form term — adding δ to the gate of the first
+token after the chunk scales the state ``F[n+1]`` by e^δ, so
+
+    Σ_{t > chunk n} dG_t (+ the final-state term) = Σ_v F[n+1] ⊙ dF[n+1]
+
+(for the reverse direction, the prefix sum within the chunk plus ``Σ_v R[n] ⊙ dR[n]``). No
+total-minus-prefix differences anywhere, no cross-chunk scan.
+
+Numerics: accumulation is float32. Matmul operands are bfloat16 for bfloat16 inputs, and
+float32 otherwise — IEEE for float32 inputs (tf32 only when the caller allows it, see
+``launch.py``), tf32 for float16 inputs (same 10-bit mantissa as float16; float16 itself
+could overflow in the states). States and scratch are float32. All index arithmetic that can
+pass 2³¹ is int64, and masked-out lanes carry in-range addresses (see ``_tile``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+@triton.jit
+def _dot(a, b, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """Matmul with float32 accumulation in the operand format chosen for the input dtype."""
+    if DOT_BF16:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _seg_cumprod(x, ROWS: tl.constexpr, SEG: tl.constexpr, COLS: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive cumulative product along rows, restarting every ``SEG`` rows."""
+    if SEG == 1:
+        out = x
+    elif SEG == ROWS:
+        out = tl.cumprod(x, axis=0, reverse=REVERSE)
+    else:
+        y = tl.reshape(x, (ROWS // SEG, SEG, COLS))
+        y = tl.cumprod(y, axis=1, reverse=REVERSE)
+        out = tl.reshape(y, (ROWS, COLS))
+    return out
+
+
+@triton.jit
+def _level_factors(f, f_shift, ROWS: tl.constexpr, SEG: tl.constexpr, COLS: tl.constexpr, REV: tl.constexpr):
+    """Query- and key-side decay factors for pairs split at segments of ``SEG`` rows.
+
+    Forward (``REV`` false): query factor = inclusive prefix product of ``f`` within the
+    segment, key factor = exclusive suffix product (``f_shift`` holds ``f`` of the next row).
+    Reverse: inclusive suffix products of ``f``, exclusive prefix (``f_shift`` = previous row)."""
+    i = tl.arange(0, ROWS)[:, None]
+    if REV:
+        q_fac = _seg_cumprod(f, ROWS, SEG, COLS, True)
+        k_fac = _seg_cumprod(tl.where(i % SEG == 0, 1.0, f_shift), ROWS, SEG, COLS, False)
+    else:
+        q_fac = _seg_cumprod(f, ROWS, SEG, COLS, False)
+        k_fac = _seg_cumprod(tl.where(i % SEG == SEG - 1, 1.0, f_shift), ROWS, SEG, COLS, True)
+    return q_fac, k_fac
+
+
+@triton.jit
+def _level_factors_at(f, f_shift, lvl, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
+    """``_level_factors`` for a level known only at run time.
+
+    The level loop is a run-time loop with one static branch per level (segment sizes must be
+    static for the reshapes): only one level's temporaries are alive at a time, which keeps
+    register use and compile time down compared with unrolling the levels."""
+    if lvl == 0:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 1, BK, REV)
+    elif lvl == 1:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 2, BK, REV)
+    elif lvl == 2:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 4, BK, REV)
+    elif lvl == 3:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 8, BK, REV)
+    elif lvl == 4:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 16 if C > 16 else 8, BK, REV)
+    else:
+        q_fac, k_fac = _level_factors(f, f_shift, C, 32 if C > 32 else 8, BK, REV)
+    return q_fac, k_fac
+
+
+@triton.jit
+def _level_mask(C: tl.constexpr, lvl, REV: tl.constexpr):
+    """Pairs (t, s) whose highest differing index bit is ``lvl``: s in the left and t in the
+    right half of one aligned block of 2^(lvl+1) rows (forward), or the other way round."""
+    t = tl.arange(0, C)[:, None]
+    s = tl.arange(0, C)[None, :]
+    same_block = (t >> (lvl + 1)) == (s >> (lvl + 1))
+    t_right = ((t >> lvl) & 1) == 1
+    s_right = ((s >> lvl) & 1) == 1
+    if REV:
+        mask = same_block & (~t_right) & s_right
+    else:
+        mask = same_block & t_right & (~s_right)
+    return mask
+
+
+@triton.jit
+def _row(x, r, ROWS: tl.constexpr):
+    """Row ``r`` of a 2-D tile, as a vector."""
+    i = tl.arange(0, ROWS)[:, None]
+    return tl.sum(tl.where(i == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def _tile(ptr, row0, rows, row_ok, stride_t, cols, ncols):
+    """Load ``ptr[(row0 + rows[i] * stride_t) + cols[j]]`` where in range, else 0.
+
+    Masked-out rows get the address of row 0 rather than an out-of-range one: a pipelined
+    (asynchronous) load may translate the address of a lane it does not read, and the row
+    before a sequence's first token can lie before the start of the allocation. (Columns are
+    left alone: clamping them would hide their contiguity from the compiler and cost vector
+    loads; a column overrun stays within one row block of the tensor's end.)"""
+    offs = tl.where(row_ok, rows, 0)[:, None].to(tl.int64) * stride_t + cols[None, :]
+    mask = row_ok[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptr + row0 + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _gates(g_ptr, row0, t0, n_valid, stride_t, cols, ncols, ROWS: tl.constexpr, SHIFT: tl.constexpr):
+    """Decay factors exp(g) of rows ``t0 + SHIFT + i`` (1 outside ``[t0, t0 + n_valid)``)."""
+    i = tl.arange(0, ROWS) + SHIFT
+    ok = (i >= 0) & (i < n_valid)
+    g = _tile(g_ptr, row0, t0 + i, ok, stride_t, cols, ncols)
+    return tl.exp(g.to(tl.float32))
+
+
+@triton.jit
+def _state_ptrs(base, cols_k, cols_v, K, V):
+    ok_k = cols_k < K
+    offs = tl.where(ok_k, cols_k, 0)[:, None].to(tl.int64) * V + cols_v[None, :]
+    return base + offs, ok_k[:, None] & (cols_v < V)[None, :]
+
+
+@triton.jit
+def _load_state(base, cols_k, cols_v, K, V):
+    ptrs, mask = _state_ptrs(base, cols_k, cols_v, K, V)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_state(base, x, cols_k, cols_v, K, V):
+    ptrs, mask = _state_ptrs(base, cols_k, cols_v, K, V)
+    tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
+def _walk_step(state, a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a, stride_b,
+               cols_k, cols_v, K, V, coef,
+               STEP: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr, INCLUSIVE: tl.constexpr,
+               DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One step of a state walk over rows ``[t0, t0 + n_valid)`` (``n_valid <= STEP``):
+
+        state <- Γ ⊙ state + coef · (a ⊙ w)ᵀ b
+
+    with ``w`` the product of decay factors from each row to the step's far end in the walk
+    direction (exclusive of the row itself for states, inclusive for state gradients) and
+    ``Γ`` the product over the whole step. Rows past ``n_valid`` are zero with factor 1."""
+    i = tl.arange(0, STEP)
+    ok = i < n_valid
+    a = _tile(a_ptr, a_row0, t0 + i, ok, stride_a, cols_k, K)
+    b = _tile(b_ptr, b_row0, t0 + i, ok, stride_b, cols_v, V)
+    f = _gates(g_ptr, a_row0, t0, n_valid, stride_a, cols_k, K, STEP, 0)
+    if INCLUSIVE:
+        w = _seg_cumprod(f, STEP, STEP, BK, not REVERSE)
+        if REVERSE:
+            total = _row(w, STEP - 1, STEP)
+        else:
+            total = _row(w, 0, STEP)
+    else:
+        if REVERSE:
+            f_prev = _gates(g_ptr, a_row0, t0, n_valid, stride_a, cols_k, K, STEP, -1)
+            w = _seg_cumprod(tl.where(i[:, None] == 0, 1.0, f_prev), STEP, STEP, BK, False)
+            total = _row(f * w, STEP - 1, STEP)
+        else:
+            f_next = _gates(g_ptr, a_row0, t0, n_valid, stride_a, cols_k, K, STEP, 1)
+            w = _seg_cumprod(tl.where(i[:, None] == STEP - 1, 1.0, f_next), STEP, STEP, BK, True)
+            total = _row(f * w, 0, STEP)
+    aw = (a.to(tl.float32) * w) * coef
+    return total[:, None] * state + _dot(tl.trans(aw), b, DOT_BF16, PRECISION)
+
+
+@triton.jit
+def _scores_one_direction(q, k, f, f_shift, A, C: tl.constexpr, BK: tl.constexpr, LOG2C: tl.constexpr,
+                          REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one direction's off-diagonal intra-chunk scores to ``A`` (level by level)."""
+    for lvl in range(0, LOG2C):
+        q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
+        s = _dot(q * q_fac, tl.trans(k * k_fac), DOT_BF16, PRECISION)
+        A += tl.where(_level_mask(C, lvl, REV), s, 0.0)
+    return A
+
+
+@triton.jit
+def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK: tl.constexpr,
+                                    LOG2C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr,
+                                    PRECISION: tl.constexpr):
+    """Off-diagonal intra-chunk scores (added to ``A``) and their contributions to dq and dk
+    given the unmasked score gradient ``dA = dO vᵀ`` (unscaled)."""
+    dq = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    for lvl in range(0, LOG2C):
+        q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
+        qh = q * q_fac
+        kh = k * k_fac
+        mask = _level_mask(C, lvl, REV)
+        A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+        dA_level = tl.where(mask, dA, 0.0)
+        dq += q_fac * _dot(dA_level, kh, DOT_BF16, PRECISION)
+        dk += k_fac * _dot(tl.trans(dA_level), qh, DOT_BF16, PRECISION)
+    return A, dq, dk
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _gla_states_kernel(
+    q, k, v, g, gr, do, h0, dht, bstates,
+    T, H, K, V, coef_grad, NSEG,
+    SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
+    KIND_STRIDE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """States at segment boundaries for the whole sequence, one segment per step.
+
+    Program (batch·head × K block × V block, slot) walks state ``kind = slot · KIND_STRIDE``:
+    0 = F (left to right, k v g), 1 = R (right to left, k v gr), 2 = dF (right to left, q dO g),
+    3 = dR (left to right, q dO gr). ``bstates[slot, bh, p]`` = that state at boundary p (token
+    p·SEG), p = 0..NSEG. (Causal backward launches slots {0, 1} with stride 2: F and dF.)"""
+    pid = tl.program_id(0)
+    slot = tl.program_id(1)
+    kind = slot * KIND_STRIDE
+    vb = pid % NVB
+    kb = (pid // NVB) % NKB
+    bh = pid // (NVB * NKB)
+    b = bh // H
+    h = bh % H
+    BH = tl.num_programs(0) // (NVB * NKB)
+    row_qk = ((b.to(tl.int64) * T) * H + h) * K
+    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    stride_qk = H * K
+    stride_v = H * V
+    cols_k = kb * BK + tl.arange(0, BK)
+    cols_v = vb * BV + tl.arange(0, BV)
+    kv = tl.cast(K, tl.int64) * V
+    out = bstates + ((slot * BH + bh).to(tl.int64) * (NSEG + 1)) * kv
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if kind == 0:
+        if HAS_H0:
+            state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+        for p in range(0, NSEG):
+            _store_state(out + p * kv, state, cols_k, cols_v, K, V)
+            t0 = p * SEG
+            state = _walk_step(state, k, v, g, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, 1.0, SEG, BK, False, False, DOT_BF16, PRECISION)
+        _store_state(out + NSEG * kv, state, cols_k, cols_v, K, V)
+    elif kind == 1:
+        for i in range(0, NSEG):
+            p = NSEG - 1 - i
+            _store_state(out + (p + 1) * kv, state, cols_k, cols_v, K, V)
+            t0 = p * SEG
+            state = _walk_step(state, k, v, gr, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, 1.0, SEG, BK, True, False, DOT_BF16, PRECISION)
+        _store_state(out, state, cols_k, cols_v, K, V)
+    elif kind == 2:
+        if HAS_DHT:
+            state = _load_state(dht + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+        for i in range(0, NSEG):
+            p = NSEG - 1 - i
+            _store_state(out + (p + 1) * kv, state, cols_k, cols_v, K, V)
+            t0 = p * SEG
+            state = _walk_step(state, q, do, g, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, coef_grad, SEG, BK, True, True, DOT_BF16, PRECISION)
+        _store_state(out, state, cols_k, cols_v, K, V)
+    else:
+        for p in range(0, NSEG):
+            _store_state(out + p * kv, state, cols_k, cols_v, K, V)
+            t0 = p * SEG
+            state = _walk_step(state, q, do, gr, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, coef_grad, SEG, BK, False, True, DOT_BF16, PRECISION)
+        _store_state(out + NSEG * kv, state, cols_k, cols_v, K, V)
+
+
+@triton.jit
+def _gla_fwd_kernel(
+    q, k, v, g, gr, o, h0, ht, bstates, scratch,
+    T, H, K, V, scale, SEG, NSEG,
+    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
+    BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
+    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Forward, one program per (batch·head, segment, V block); see the module docstring.
+
+    ``scale`` is scale' (already halved for bidirectional). ``scratch`` holds, per program,
+    the state entering every chunk of the segment: slot 0 = F[i], slot 1 = R[i] (boundaries
+    i = 0..SEG/C). ``bstates`` (when present) holds the segment boundary states."""
+    bh = tl.program_id(0)
+    seg = tl.program_id(1)
+    vb = tl.program_id(2)
+    BH = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    SLOTS: tl.constexpr = 2 if BIDIR else 1
+    row_qk = ((b.to(tl.int64) * T) * H + h) * K
+    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    stride_qk = H * K
+    stride_v = H * V
+    seg_start = seg * SEG
+    seg_end = tl.minimum(seg_start + SEG, T)
+    ncs = tl.cdiv(seg_end - seg_start, C)
+    kv = tl.cast(K, tl.int64) * V
+    scr = scratch + ((bh.to(tl.int64) * NSEG + seg) * (SEG // C + 1)) * SLOTS * kv
+    cols_v = vb * BV + tl.arange(0, BV)
+
+    # phase 1: the states entering every chunk of this segment, both directions at once
+    for kb in range(0, NKB):
+        cols_k = kb * BK + tl.arange(0, BK)
+        F = tl.zeros([BK, BV], dtype=tl.float32)
+        R = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_BSTATES:
+            F = _load_state(bstates + ((0 * BH + bh).to(tl.int64) * (NSEG + 1) + seg) * kv, cols_k, cols_v, K, V)
+            if BIDIR:
+                R = _load_state(bstates + ((1 * BH + bh).to(tl.int64) * (NSEG + 1) + seg + 1) * kv,
+                                cols_k, cols_v, K, V)
+        elif HAS_H0:
+            F = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+        for i in range(0, ncs):
+            t0 = seg_start + i * C
+            _store_state(scr + (i * SLOTS) * kv, F, cols_k, cols_v, K, V)
+            F = _walk_step(F, k, v, g, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk, stride_v,
+                           cols_k, cols_v, K, V, 1.0, C, BK, False, False, DOT_BF16, PRECISION)
+            if BIDIR:
+                j = ncs - 1 - i
+                t1 = seg_start + j * C
+                _store_state(scr + ((j + 1) * SLOTS + 1) * kv, R, cols_k, cols_v, K, V)
+                R = _walk_step(R, k, v, gr, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, 1.0, C, BK, True, False, DOT_BF16, PRECISION)
+        if STORE_HT:
+            if seg == NSEG - 1:
+                _store_state(ht + bh.to(tl.int64) * kv, F, cols_k, cols_v, K, V)
+    # phase 2 reads what other threads of this program wrote in phase 1
+    tl.debug_barrier()
+
+    # phase 2: every chunk's output, both directions combined in registers, written once
+    rows = tl.arange(0, C)
+    eye = rows[:, None] == rows[None, :]
+    for i in range(0, ncs):
+        t0 = seg_start + i * C
+        n_valid = tl.minimum(C, seg_end - t0)
+        ok = rows < n_valid
+        A = tl.zeros([C, C], dtype=tl.float32)
+        acc = tl.zeros([C, BV], dtype=tl.float32)
+        diag = tl.zeros([C], dtype=tl.float32)
+        for kb in range(0, NKB):
+            cols_k = kb * BK + tl.arange(0, BK)
+            qt = _tile(q, row_qk, t0 + rows, ok, stride_qk, cols_k, K).to(tl.float32)
+            kt = _tile(k, row_qk, t0 + rows, ok, stride_qk, cols_k, K).to(tl.float32)
+            diag += tl.sum(qt * kt, axis=1)
+            f = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+            f_next = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 1)
+            A = _scores_one_direction(qt, kt, f, f_next, A, C, BK, LOG2C, False, DOT_BF16, PRECISION)
+            F = _load_state(scr + (i * SLOTS) * kv, cols_k, cols_v, K, V)
+            acc += _dot(qt * _seg_cumprod(f, C, C, BK, False), F, DOT_BF16, PRECISION)
+            if BIDIR:
+                fr = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+                fr_prev = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, -1)
+                A = _scores_one_direction(qt, kt, fr, fr_prev, A, C, BK, LOG2C, True, DOT_BF16, PRECISION)
+                R = _load_state(scr + ((i + 1) * SLOTS + 1) * kv, cols_k, cols_v, K, V)
+                acc += _dot(qt * _seg_cumprod(fr, C, C, BK, True), R, DOT_BF16, PRECISION)
+        A += tl.where(eye, diag[:, None] * SLOTS, 0.0)  # the own token counts in each direction
+        vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
+        out = scale * (_dot(A, vt, DOT_BF16, PRECISION) + acc)
+        offs = row_v + (t0 + rows)[:, None].to(tl.int64) * stride_v + cols_v[None, :]
+        tl.store(o + offs, out.to(o.dtype.element_ty), mask=ok[:, None] & (cols_v < V)[None, :])
+
+
+@triton.jit
+def _gla_bwd_kernel(
+    q, k, v, g, gr, do, dq, dk, dv, dg, dgr, h0, dht, dh0, bstates, scratch,
+    T, H, K, V, scale, SEG, NSEG,
+    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NKB: tl.constexpr, NVB: tl.constexpr,
+    BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward, one program per (batch·head, segment); every gradient written once.
+
+    Scratch / bstates slots: 0 = F, 1 = dF, and when bidirectional 2 = R, 3 = dR."""
+    bh = tl.program_id(0)
+    seg = tl.program_id(1)
+    BH = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    SLOTS: tl.constexpr = 4 if BIDIR else 2
+    NDIR: tl.constexpr = 2 if BIDIR else 1
+    row_qk = ((b.to(tl.int64) * T) * H + h) * K
+    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    stride_qk = H * K
+    stride_v = H * V
+    seg_start = seg * SEG
+    seg_end = tl.minimum(seg_start + SEG, T)
+    ncs = tl.cdiv(seg_end - seg_start, C)
+    kv = tl.cast(K, tl.int64) * V
+    scr = scratch + ((bh.to(tl.int64) * NSEG + seg) * (SEG // C + 1)) * SLOTS * kv
+    bst = bstates + (bh.to(tl.int64) * (NSEG + 1)) * kv
+    bst_slot = BH.to(tl.int64) * (NSEG + 1) * kv
+
+    # phase 1: F and dR walk left to right, R and dF right to left, from the segment edges
+    for kb in range(0, NKB):
+        cols_k = kb * BK + tl.arange(0, BK)
+        for vb in range(0, NVB):
+            cols_v = vb * BV + tl.arange(0, BV)
+            F = tl.zeros([BK, BV], dtype=tl.float32)
+            dF = tl.zeros([BK, BV], dtype=tl.float32)
+            R = tl.zeros([BK, BV], dtype=tl.float32)
+            dR = tl.zeros([BK, BV], dtype=tl.float32)
+            if HAS_BSTATES:
+                # the states kernel's slots: F, (R,) dF, (dR)
+                F = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
+                dF = _load_state(bst + (SLOTS // 2) * bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+                if BIDIR:
+                    R = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+                    dR = _load_state(bst + 3 * bst_slot + seg * kv, cols_k, cols_v, K, V)
+            else:
+                if HAS_H0:
+                    F = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+                if HAS_DHT:
+                    dF = _load_state(dht + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+            for i in range(0, ncs):
+                t0 = seg_start + i * C
+                j = ncs - 1 - i
+                t1 = seg_start + j * C
+                _store_state(scr + (i * SLOTS) * kv, F, cols_k, cols_v, K, V)
+                _store_state(scr + ((j + 1) * SLOTS + 1) * kv, dF, cols_k, cols_v, K, V)
+                F = _walk_step(F, k, v, g, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, 1.0, C, BK, False, False, DOT_BF16, PRECISION)
+                dF = _walk_step(dF, q, do, g, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk,
+                                stride_v, cols_k, cols_v, K, V, scale, C, BK, True, True, DOT_BF16, PRECISION)
+                if BIDIR:
+                    _store_state(scr + ((j + 1) * SLOTS + 2) * kv, R, cols_k, cols_v, K, V)
+                    _store_state(scr + (i * SLOTS + 3) * kv, dR, cols_k, cols_v, K, V)
+                    R = _walk_step(R, k, v, gr, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk,
+                                   stride_v, cols_k, cols_v, K, V, 1.0, C, BK, True, False, DOT_BF16, PRECISION)
+                    dR = _walk_step(dR, q, do, gr, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk,
+                                    stride_v, cols_k, cols_v, K, V, scale, C, BK, False, True, DOT_BF16, PRECISION)
+            _store_state(scr + (ncs * SLOTS) * kv, F, cols_k, cols_v, K, V)
+            _store_state(scr + 1 * kv, dF, cols_k, cols_v, K, V)
+            if BIDIR:
+                _store_state(scr + 2 * kv, R, cols_k, cols_v, K, V)
+                _store_state(scr + (ncs * SLOTS + 3) * kv, dR, cols_k, cols_v, K, V)
+            if STORE_DH0:
+                if seg == 0:
+                    _store_state(dh0 + bh.to(tl.int64) * kv, dF, cols_k, cols_v, K, V)
+    tl.debug_barrier()
+
+    # phase 2: every chunk's gradients
+    rows = tl.arange(0, C)
+    eye = rows[:, None] == rows[None, :]
+    for i in range(0, ncs):
+        t0 = seg_start + i * C
+        n_valid = tl.minimum(C, seg_end - t0)
+        ok = rows < n_valid
+        dA = tl.zeros([C, C], dtype=tl.float32)
+        for vb in range(0, NVB):
+            cols_v = vb * BV + tl.arange(0, BV)
+            dot_ = _tile(do, row_v, t0 + rows, ok, stride_v, cols_v, V)
+            vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
+            dA += _dot(dot_, tl.trans(vt), DOT_BF16, PRECISION)
+        dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1)
+        A = tl.zeros([C, C], dtype=tl.float32)
+        diag = tl.zeros([C], dtype=tl.float32)
+        for kb in range(0, NKB):
+            cols_k = kb * BK + tl.arange(0, BK)
+            io_offs = row_qk + (t0 + rows)[:, None].to(tl.int64) * stride_qk + cols_k[None, :]
+            io_mask = ok[:, None] & (cols_k < K)[None, :]
+            qt = _tile(q, row_qk, t0 + rows, ok, stride_qk, cols_k, K).to(tl.float32)
+            kt = _tile(k, row_qk, t0 + rows, ok, stride_qk, cols_k, K).to(tl.float32)
+            diag += tl.sum(qt * kt, axis=1)
+
+            # forward direction
+            f = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+            f_next = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 1)
+            A, dq_f, dk_f = _scores_and_grads_one_direction(qt, kt, f, f_next, dA, A, C, BK, LOG2C, False,
+                                                            DOT_BF16, PRECISION)
+            q_fac, k_fac = _level_factors(f, f_next, C, C, BK, False)
+            dq_f = dq_f * scale
+            dk_f = dk_f * scale
+            carry = tl.zeros([BK], dtype=tl.float32)
+            for vb in range(0, NVB):
+                cols_v = vb * BV + tl.arange(0, BV)
+                dot_ = _tile(do, row_v, t0 + rows, ok, stride_v, cols_v, V)
+                vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
+                F_in = _load_state(scr + (i * SLOTS) * kv, cols_k, cols_v, K, V)
+                F_out = _load_state(scr + ((i + 1) * SLOTS) * kv, cols_k, cols_v, K, V)
+                dF_out = _load_state(scr + ((i + 1) * SLOTS + 1) * kv, cols_k, cols_v, K, V)
+                dq_f += (scale * q_fac) * _dot(dot_, tl.trans(F_in), DOT_BF16, PRECISION)
+                dk_f += k_fac * _dot(vt, tl.trans(dF_out), DOT_BF16, PRECISION)
+                carry += tl.sum(F_out * dF_out, axis=1)
+            # everything after this chunk enters through F[i+1]; see the module docstring
+            dg_t = tl.cumsum(qt * dq_f - kt * dk_f, axis=0, reverse=True) + carry[None, :]
+            tl.store(dg + io_offs, dg_t.to(dg.dtype.element_ty), mask=io_mask)
+            dq_t = dq_f
+            dk_t = dk_f
+
+            if BIDIR:
+                fr = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+                fr_prev = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, -1)
+                A, dq_r, dk_r = _scores_and_grads_one_direction(qt, kt, fr, fr_prev, dA, A, C, BK, LOG2C, True,
+                                                                DOT_BF16, PRECISION)
+                qr_fac, kr_fac = _level_factors(fr, fr_prev, C, C, BK, True)
+                dq_r = dq_r * scale
+                dk_r = dk_r * scale
+                carry_r = tl.zeros([BK], dtype=tl.float32)
+                for vb in range(0, NVB):
+                    cols_v = vb * BV + tl.arange(0, BV)
+                    dot_ = _tile(do, row_v, t0 + rows, ok, stride_v, cols_v, V)
+                    vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
+                    R_in = _load_state(scr + ((i + 1) * SLOTS + 2) * kv, cols_k, cols_v, K, V)
+                    R_out = _load_state(scr + (i * SLOTS + 2) * kv, cols_k, cols_v, K, V)
+                    dR_out = _load_state(scr + (i * SLOTS + 3) * kv, cols_k, cols_v, K, V)
+                    dq_r += (scale * qr_fac) * _dot(dot_, tl.trans(R_in), DOT_BF16, PRECISION)
+                    dk_r += kr_fac * _dot(vt, tl.trans(dR_out), DOT_BF16, PRECISION)
+                    carry_r += tl.sum(R_out * dR_out, axis=1)
+                dgr_t = tl.cumsum(qt * dq_r - kt * dk_r, axis=0) + carry_r[None, :]
+                tl.store(dgr + io_offs, dgr_t.to(dgr.dtype.element_ty), mask=io_mask)
+                dq_t += dq_r
+                dk_t += dk_r
+
+            # the own token (decay 1) in each direction; its gate terms cancel, so added last
+            dq_t += (NDIR * scale) * dA_diag[:, None] * kt
+            dk_t += (NDIR * scale) * dA_diag[:, None] * qt
+            tl.store(dq + io_offs, dq_t.to(dq.dtype.element_ty), mask=io_mask)
+            tl.store(dk + io_offs, dk_t.to(dk.dtype.element_ty), mask=io_mask)
+
+        A += tl.where(eye, diag[:, None] * NDIR, 0.0)
+        for vb in range(0, NVB):
+            cols_v = vb * BV + tl.arange(0, BV)
+            dot_ = _tile(do, row_v, t0 + rows, ok, stride_v, cols_v, V)
+            dv_t = scale * _dot(tl.trans(A), dot_, DOT_BF16, PRECISION)
+            for kb in range(0, NKB):
+                cols_k = kb * BK + tl.arange(0, BK)
+                kt = _tile(k, row_qk, t0 + rows, ok, stride_qk, cols_k, K).to(tl.float32)
+                f = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+                f_next = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 1)
+                q_fac, k_fac = _level_factors(f, f_next, C, C, BK, False)
+                dF_out = _load_state(scr + ((i + 1) * SLOTS + 1) * kv, cols_k, cols_v, K, V)
+                dv_t += _dot(kt * k_fac, dF_out, DOT_BF16, PRECISION)
+                if BIDIR:
+                    fr = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+                    fr_prev = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, -1)
+                    qr_fac, kr_fac = _level_factors(fr, fr_prev, C, C, BK, True)
+                    dR_out = _load_state(scr + (i * SLOTS + 3) * kv, cols_k, cols_v, K, V)
+                    dv_t += _dot(kt * kr_fac, dR_out, DOT_BF16, PRECISION)
+            offs = row_v + (t0 + rows)[:, None].to(tl.int64) * stride_v + cols_v[None, :]
+            tl.store(dv + offs, dv_t.to(dv.dtype.element_ty), mask=ok[:, None] & (cols_v < V)[None, :])

@@ -1,0 +1,222 @@
+"""Launchers for the Triton kernels: tile and segment choice, allocation, grids.
+
+Launch counts: forward 1 kernel when the sequence is one segment (ViG at 224 px), else 2
+(segment states, then segments); backward the same. Nothing here reads tensor values or
+synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace around it.
+
+float32 inputs use IEEE float32 matmuls. The documented opt-in to tf32 is PyTorch's own
+switch for matmuls, read at every call: ``torch.backends.cuda.matmul.allow_tf32 = True`` (or
+``torch.set_float32_matmul_precision("high")``). float16 inputs always use tf32 (the same
+10-bit mantissa as float16), bfloat16 inputs bfloat16 operands; accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from . import kernels
+
+#: Sequences up to this length run as one segment: one launch, the whole chain in one program.
+SINGLE_SEGMENT_MAX_T = 512
+#: Segment length for longer sequences (a power of two: the states kernel steps one segment
+#: at a time as one tile).
+LONG_SEGMENT = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    chunk: int  # C, tokens per chunk (power of two, >= 16)
+    segment: int  # tokens per segment (multiple of chunk); >= T means a single segment
+    block_k: int  # K tile (power of two, >= 16)
+    block_v: int  # V tile (power of two, >= 16); the forward grid splits V by it
+    num_warps: int
+    num_stages: int  # software pipelining depth of the segment kernels' loops
+    states_block_k: int
+    states_block_v: int
+    states_num_warps: int
+    states_num_stages: int
+
+
+_overrides = threading.local()
+
+
+@contextlib.contextmanager
+def override_config(**fields) -> Iterator[None]:
+    """Force config fields (tests use it to run the multi-segment path at small sizes)."""
+    previous = getattr(_overrides, "fields", {})
+    _overrides.fields = {**previous, **fields}
+    try:
+        yield
+    finally:
+        _overrides.fields = previous
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def choose_config(T: int, K: int, V: int) -> Config:
+    fields = dict(getattr(_overrides, "fields", None) or {})
+    # Chosen from sm_90 compiles (registers and spills from ptxas, see NOTES.md), not yet
+    # from timings: chunks of 32 with 8 warps compile without spills in the forward kernel.
+    chunk = fields.pop("chunk", 32)
+    block_k = min(64, max(16, _pow2(K)))
+    block_v = min(64, max(16, _pow2(V)))
+    if T <= SINGLE_SEGMENT_MAX_T:
+        segment = chunk * -(-T // chunk)
+    else:
+        segment = max(LONG_SEGMENT, chunk)
+    segment = fields.pop("segment", segment)
+    if segment % chunk or (segment < T and segment & (segment - 1)):
+        raise ValueError(f"segment={segment} must be a multiple of chunk={chunk}, and a power of two "
+                         f"when shorter than the sequence ({T})")
+    config = Config(
+        chunk=chunk,
+        segment=segment,
+        block_k=block_k,
+        block_v=block_v,
+        num_warps=8,
+        num_stages=2,
+        states_block_k=min(32, max(16, _pow2(K))),
+        states_block_v=min(32, max(16, _pow2(V))),
+        states_num_warps=8,
+        states_num_stages=2,
+    )
+    return dataclasses.replace(config, **fields) if fields else config
+
+
+def _dot_mode(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
+    """(bfloat16 operands?, input precision of float32 operands)."""
+    if device_type == "cpu":
+        # Triton's interpreter multiplies bfloat16 operands as raw bits: float32 there
+        return False, "ieee"
+    if dtype == torch.bfloat16:
+        return True, "ieee"
+    if dtype == torch.float16:
+        return False, "tf32"
+    return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _device_guard(x: torch.Tensor):
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    g_reverse: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor],
+    scale: float,
+    bidirectional: bool,
+    output_final_state: bool,
+    config: Optional[Config] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``o`` (and the final state) for contiguous ``[B, T, H, D]`` inputs; ``scale`` as given
+    to the op (halved here for the bidirectional average)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    cfg = config or choose_config(T, K, V)
+    C, SEG = cfg.chunk, cfg.segment
+    nseg = _cdiv(T, SEG)
+    slots = 2 if bidirectional else 1
+    dot_bf16, precision = _dot_mode(q.dtype, q.device.type)
+    scale_eff = 0.5 * scale if bidirectional else scale
+    gr = g_reverse if bidirectional else g
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    scratch = torch.empty(B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device, dtype=torch.float32)
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else scratch
+    h0 = initial_state if initial_state is not None else scratch
+    bstates = scratch
+    with _device_guard(q):
+        if nseg > 1:
+            bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
+            sbk, sbv = cfg.states_block_k, cfg.states_block_v
+            nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
+            kernels._gla_states_kernel[(B * H * nkb * nvb, slots)](
+                q, k, v, g, gr, q, h0, scratch, bstates,
+                T, H, K, V, 1.0, nseg,
+                SEG=SEG, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=1,
+                HAS_H0=initial_state is not None, HAS_DHT=False,
+                DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
+                num_stages=cfg.states_num_stages,
+            )
+        nvb = _cdiv(V, cfg.block_v)
+        kernels._gla_fwd_kernel[(B * H, nseg, nvb)](
+            q, k, v, g, gr, o, h0, ht, bstates, scratch,
+            T, H, K, V, scale_eff, SEG, nseg,
+            C=C, LOG2C=C.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v, NKB=_cdiv(K, cfg.block_k),
+            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return o, (ht if output_final_state else None)
+
+
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    g_reverse: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor],
+    grad_output: torch.Tensor,
+    grad_final_state: Optional[torch.Tensor],
+    scale: float,
+    bidirectional: bool,
+    config: Optional[Config] = None,
+):
+    """``dq, dk, dv, dg, dg_reverse, d initial_state`` (``None`` where absent)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    cfg = config or choose_config(T, K, V)
+    C, SEG = cfg.chunk, cfg.segment
+    nseg = _cdiv(T, SEG)
+    slots = 4 if bidirectional else 2
+    dot_bf16, precision = _dot_mode(q.dtype, q.device.type)
+    scale_eff = 0.5 * scale if bidirectional else scale
+    gr = g_reverse if bidirectional else g
+    dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    dgr = torch.empty_like(g_reverse) if bidirectional else dg
+    scratch = torch.empty(B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device, dtype=torch.float32)
+    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
+    h0 = initial_state if initial_state is not None else scratch
+    dht = grad_final_state if grad_final_state is not None else scratch
+    bstates = scratch
+    with _device_guard(q):
+        if nseg > 1:
+            bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
+            sbk, sbv = cfg.states_block_k, cfg.states_block_v
+            nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
+            kernels._gla_states_kernel[(B * H * nkb * nvb, slots)](
+                q, k, v, g, gr, grad_output, h0, dht, bstates,
+                T, H, K, V, scale_eff, nseg,
+                SEG=SEG, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=1 if bidirectional else 2,
+                HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
+                DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
+                num_stages=cfg.states_num_stages,
+            )
+        kernels._gla_bwd_kernel[(B * H, nseg)](
+            q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
+            dh0 if dh0 is not None else scratch, bstates, scratch,
+            T, H, K, V, scale_eff, SEG, nseg,
+            C=C, LOG2C=C.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v,
+            NKB=_cdiv(K, cfg.block_k), NVB=_cdiv(V, cfg.block_v),
+            BIDIR=bidirectional, HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
+            STORE_DH0=initial_state is not None, HAS_BSTATES=nseg > 1,
+            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dq, dk, dv, dg, (dgr if bidirectional else None), dh0

@@ -1,0 +1,112 @@
+"""The cupy backend's CUDA kernels, compiled by a C++ compiler and run on the CPU by the
+emulator in ``tests/cuda_emulator``: the shared correctness checks hold for the kernels'
+logic on every CI run, GPU or not. Two emulated backends are registered for the duration of
+this module: one with the backend's own plan, one cutting time into 7-token chunks so that
+the chunked path (chunk states, state scan, gate-gradient fix-up) runs at test sizes too.
+
+What this cannot check: speed, and behaviour only a GPU has (memory ordering between warps
+beyond barriers, occupancy); the GPU runs of the shared suites cover those."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import test_backends as shared
+from cuda_emulator import Emulator, compiler
+from gla_testing import Case, check_against_reference, temporary_backend
+from glakernels.backends.cupy import CupyBackend, _driver, _plan
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
+
+CHUNK = 7
+NAMES = {"plan": "cupy-emulated", "chunked": "cupy-emulated-chunked"}
+
+
+class EmulatedCupy(CupyBackend):
+    """The cupy backend's drivers and kernels, on CPU tensors, through the emulator."""
+
+    description = "cupy kernels on the CPU emulator (tests only)"
+    device_types = frozenset({"cpu"})
+    auto_priority = {}
+
+    def __init__(self, name, emulator, chunk_len=None):
+        self.name, self.emulator, self.chunk_len = name, emulator, chunk_len
+
+    def unavailable_reasons(self):
+        return []
+
+    def forward(self, inputs):
+        return _driver.forward(inputs, self.emulator, chunk_len=self.chunk_len)
+
+    def backward(self, inputs, grad_output, grad_final_state):
+        return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, self.emulator,
+                                chunk_len=self.chunk_len)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    emulator = Emulator(_plan.every_name_expression(), tmp_path_factory.mktemp("emulator"))
+    with temporary_backend(EmulatedCupy(NAMES["plan"], emulator)), \
+            temporary_backend(EmulatedCupy(NAMES["chunked"], emulator, CHUNK)):
+        yield NAMES
+
+
+VARIANTS = list(NAMES)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CASES = [Case(B, T, H, K, V, dtype, bi, states)
+         for dtype in DTYPES for B, T, H, K, V in shared.SHAPES for _, bi, states in shared.MODES]
+# the chunked path shares the per-dtype code with the plain one: two dtypes are enough there
+VARIANT_CASES = [(variant, case) for variant in VARIANTS for case in CASES
+                 if variant == "plan" or case.dtype != torch.float16]
+
+
+@pytest.mark.parametrize("variant, case", VARIANT_CASES, ids=lambda x: x if isinstance(x, str) else x.id())
+def test_matches_reference(emulated, variant, case):
+    check_against_reference(emulated[variant], case, "cpu", seed=hash(case.id()) % 1000)
+
+
+BIG_HEADS = [  # the largest tiles (inner dims up to 256), chunked and not
+    Case(1, 12, 1, 256, 130, torch.float32, bidirectional=False, states=True),
+    Case(1, 12, 1, 129, 256, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", shared.HOSTILE + BIG_HEADS, ids=lambda c: c.id())
+def test_hostile_gates_and_big_heads(emulated, variant, case):
+    if case.dtype == torch.float64:
+        case = Case(case.B, case.T, case.H, case.K, case.V, torch.float32, case.bidirectional, case.states, case.gates)
+    check_against_reference(emulated[variant], case, "cpu", seed=11)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hard_reset(emulated, variant):
+    shared.test_hard_reset((emulated[variant], "cpu"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bidirectional_identity(emulated, variant):
+    shared.test_bidirectional_identity((emulated[variant], "cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("split", [1, 16, 29])
+def test_state_carry(emulated, variant, split):
+    shared.test_state_carry((emulated[variant], "cpu"), split)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["bi", "causal-state"])
+def test_batch_invariance(emulated, variant, mode):
+    shared.test_batch_invariance((emulated[variant], "cpu"), mode)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_determinism(emulated, variant):
+    shared.test_determinism((emulated[variant], "cpu"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference_drawn(emulated, variant):
+    shared.test_matches_reference_drawn((emulated[variant], "cpu"))

@@ -1,0 +1,138 @@
+"""What only a GPU can show about the cupy backend (the shared suites already run it on
+CUDA against the reference): the chunked path at test sizes, PyTorch's current stream, CUDA
+graph capture, 64-bit offsets past 2^31 elements, and the compile cache across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gla_testing import Case, check_against_reference, make_inputs, temporary_backend
+from glakernels import gated_linear_attention
+from glakernels._dispatch import registry
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cupy_backend():
+    backend = registry.get("cupy")
+    if backend.availability():
+        pytest.skip("; ".join(backend.availability()))
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return backend
+
+
+@pytest.fixture(scope="module")
+def chunked(cupy_backend):
+    """The cupy backend cutting time into 5-token chunks (the path long sequences take)."""
+    from glakernels.backends.cupy import CupyBackend, _driver
+    from glakernels.backends.cupy._runtime import CupyLauncher
+
+    class Chunked(CupyBackend):
+        name = "cupy-chunk5"
+        auto_priority = {}
+
+        def forward(self, inputs):
+            return _driver.forward(inputs, CupyLauncher(inputs.q.device), chunk_len=5)
+
+        def backward(self, inputs, grad_output, grad_final_state):
+            return _driver.backward(inputs, grad_output.contiguous(), grad_final_state,
+                                    CupyLauncher(inputs.q.device), chunk_len=5)
+
+    with temporary_backend(Chunked()) as backend:
+        yield backend.name
+
+
+CHUNKED_CASES = [
+    Case(2, 67, 2, 17, 33, torch.float32),
+    Case(2, 67, 2, 17, 33, torch.bfloat16, bidirectional=False, states=True),
+    Case(1, 45, 2, 72, 100, torch.float16, gates="extreme"),
+    Case(1, 50, 2, 8, 8, torch.float32, bidirectional=False, states=True, gates="extreme"),
+    Case(1, 23, 1, 256, 256, torch.float32, bidirectional=False, states=True),
+]
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES, ids=lambda c: c.id())
+def test_chunked_path_matches_reference(chunked, case):
+    check_against_reference(chunked, case, "cuda", seed=3)
+
+
+def test_runs_on_the_current_stream(cupy_backend):
+    case = Case(4, 300, 3, 32, 64, torch.bfloat16)
+    x = make_inputs(case, "cuda", seed=1)
+    expected = gated_linear_attention(**x, backend="cupy")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = gated_linear_attention(**x, backend="cupy")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("seq_len", [196, 1100], ids=["one-chunk", "chunked"])
+def test_cuda_graph_capture(cupy_backend, seq_len):
+    """Forward and backward captured once, replayed on new inputs: same bits as eager."""
+    case = Case(2, seq_len, 2, 32, 64, torch.bfloat16)
+    static = {n: t.requires_grad_() for n, t in make_inputs(case, "cuda", seed=2).items()}
+    grad = torch.randn(2, seq_len, 2, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = gated_linear_attention(**static, backend="cupy")
+        return (out, *torch.autograd.grad(out, list(static.values()), grad))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh = make_inputs(case, "cuda", seed=7)
+    with torch.no_grad():
+        for name, tensor in static.items():
+            tensor.copy_(fresh[name])
+    graph.replay()
+    expected = step()
+    for got, want in zip(captured, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_offsets_past_two_to_the_31(cupy_backend):
+    """q, k, v, g, o with more than 2^31 elements: the last head (whose elements all lie past
+    2^31) equals, bitwise, the same head run alone (batch/head invariance + 64-bit indexing)."""
+    free, _ = torch.cuda.mem_get_info()
+    T, H, K = (1 << 21) + 77, 32, 32
+    if free < 40 * (1 << 30):
+        pytest.skip("needs ~40 GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda: torch.randn(1, T, H, K, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q, k, v = make(), make(), make()
+    g = torch.nn.functional.logsigmoid(make().float()).div_(16).to(torch.bfloat16)
+    assert q.numel() > 2**31
+    with torch.no_grad():
+        o = gated_linear_attention(q, k, v, g, False, backend="cupy")
+        last = [x[:, :, -1:].contiguous() for x in (q, k, v, g)]
+        alone = gated_linear_attention(*last, False, backend="cupy")
+    assert torch.isfinite(o[:, -1000:, -1]).all()
+    assert torch.equal(o[:, :, -1:], alone)
+
+
+def test_compiled_kernels_are_cached_on_disk(cupy_backend, tmp_path):
+    """A second process loads the compiled kernels from CuPy's cache instead of compiling."""
+    code = (
+        "import time, torch, glakernels\n"
+        "from glakernels.backends.cupy._runtime import warm_up\n"
+        "print(warm_up(torch.device('cuda'), torch.float16, 40, 24))\n"
+    )
+    env = {**__import__("os").environ, "CUPY_CACHE_DIR": str(tmp_path)}
+    first, second = (float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                          env=env, check=True).stdout.split()[-1]) for _ in range(2))
+    print(f"first-call compile {first:.2f}s, cached {second:.2f}s")
+    assert second < first

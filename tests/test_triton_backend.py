@@ -1,0 +1,196 @@
+"""What the shared suites do not reach in the triton backend: the multi-segment path (states
+kernel) at small sizes, head dims up to 256, the float32/tf32 switch, its availability
+rules, and on a GPU: CUDA graph capture, no host synchronisation, 64-bit offsets.
+
+On a machine without a GPU the kernels run through Triton's interpreter (``conftest.py``
+turns it on for the session), so everything here except the ``gpu`` tests runs in CI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gla_testing import Case, assert_close, check_against_reference, make_inputs, outputs_and_grads
+from glakernels import gated_linear_attention
+from glakernels._dispatch import registry, select_backend
+from glakernels._problem import ProblemSpec
+
+BACKEND = registry.get("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    bool(BACKEND.availability()) or DEVICE not in BACKEND.runs_on(),
+    reason=f"triton backend cannot run here: {'; '.join(BACKEND.availability()) or 'no device'}",
+)
+
+
+def _launch():
+    from glakernels.backends.triton import launch
+
+    return launch
+
+
+# ---------------------------------------------------------------------------------------------
+# paths the shared shapes do not take
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 100, 2, 8, 8, torch.float32, gates="extreme"),
+        Case(1, 77, 1, 8, 6, torch.float32, bidirectional=False, states=True, gates="extreme"),
+        Case(1, 70, 2, 16, 16, torch.bfloat16, gates="strong"),
+    ],
+    ids=lambda c: c.id(),
+)
+def test_multi_segment_path(case):
+    """Sequences longer than one segment run the segment-states kernel first; force short
+    segments so that path runs (with partial last segments and chunks) at test sizes."""
+    with _launch().override_config(chunk=16, segment=32, states_block_k=16, states_block_v=16):
+        check_against_reference("triton", case, DEVICE, seed=7)
+
+
+@pytest.mark.parametrize(
+    "dims",
+    [(256, 256), (256, 1), (1, 256), (130, 70)],
+    ids=lambda d: f"K{d[0]}-V{d[1]}",
+)
+def test_head_dims_up_to_256(dims):
+    """Several K and V blocks per program (the shared suites stop at 80)."""
+    K, V = dims
+    check_against_reference("triton", Case(1, 5, 1, K, V, torch.float32, gates="strong"), DEVICE, seed=3)
+    check_against_reference("triton", Case(1, 6, 1, K, V, torch.float32, bidirectional=False, states=True),
+                            DEVICE, seed=4)
+
+
+def test_segment_boundaries_do_not_change_results():
+    """One segment or many, chunks of 16 or 32: the same function within float32 rounding."""
+    case = Case(2, 90, 2, 12, 10, torch.float32, gates="strong")
+    x = make_inputs(case, DEVICE, seed=12)
+    single, cot = outputs_and_grads(gated_linear_attention, x, None, backend="triton")
+    with _launch().override_config(chunk=16, segment=32):
+        multi, _ = outputs_and_grads(gated_linear_attention, x, cot, backend="triton")
+    assert_close(multi, single, 1e-5, "segments")
+
+
+# ---------------------------------------------------------------------------------------------
+# declarations and availability
+
+
+def test_never_chosen_automatically_on_cpu():
+    spec = ProblemSpec(1, 8, 1, 4, 4, torch.float32, "cpu", True)
+    assert BACKEND.priority_for("cpu") is None
+    assert select_backend(spec).name != "triton"
+
+
+def test_unavailable_without_gpu_or_interpreter(tmp_path):
+    """Without a GPU and without the interpreter the backend says why it cannot run."""
+    code = (
+        "import glakernels\n"
+        "s = {b.name: b for b in glakernels.available_backends()}['triton']\n"
+        "print(s.available, s.reasons)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "False" in result.stdout and "no CUDA GPU" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.gpu
+def test_float32_uses_ieee_unless_tf32_is_allowed():
+    """float32 matmuls are IEEE by default; ``torch.backends.cuda.matmul.allow_tf32`` opts in."""
+    case = Case(2, 96, 2, 64, 64, torch.float32, gates="vig")
+    x = make_inputs(case, "cuda", seed=5)
+    ref = gated_linear_attention(**{n: t.double() for n, t in x.items()}, backend="torch")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ieee = gated_linear_attention(**x, backend="triton")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = gated_linear_attention(**x, backend="triton")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    err = lambda out: ((out.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(ieee) < 1e-5
+    assert not torch.equal(ieee, tf32) and err(tf32) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bi", "causal-state"])
+def test_cuda_graph_capture_and_no_host_sync(mode):
+    """Forward and backward capture into a CUDA graph (no host synchronisation inside the
+    op: sync debug mode raises on any) and replay on new inputs."""
+    case = Case(2, 150, 3, 32, 64, torch.bfloat16, bidirectional=mode == "bi", states=mode != "bi")
+    kwargs = {"bidirectional": case.bidirectional, "backend": "triton"}
+    if case.states:
+        kwargs["output_final_state"] = True
+    static = {n: t.clone().requires_grad_() for n, t in make_inputs(case, "cuda", seed=1).items()}
+    grad = torch.randn(case.B, case.T, case.H, case.V, device="cuda", dtype=case.dtype)
+
+    def step():
+        out = gated_linear_attention(**static, **kwargs)
+        o = out[0] if isinstance(out, tuple) else out
+        loss = (o.float() * grad.float()).sum() + (out[1].sum() if isinstance(out, tuple) else 0)
+        grads = torch.autograd.grad(loss, list(static.values()))
+        return o, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile and allocate outside the capture
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_static, grads_static = step()
+    fresh = make_inputs(case, "cuda", seed=2)
+    with torch.no_grad():
+        for name, tensor in static.items():
+            tensor.copy_(fresh[name])
+    graph.replay()
+    o_eager, grads_eager = step()
+    assert torch.equal(o_static, o_eager)
+    for name, a, b in zip(static, grads_static, grads_eager):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_64bit_offsets():
+    """q has more than 2^31 elements: the last sequences must come out exactly as when run
+    alone (index arithmetic past 2^31 is 64-bit)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 60 * 2**30:
+        pytest.skip("needs about 60 GiB of free GPU memory")
+    B, T, H, K, V = 2**21 + 3, 64, 1, 16, 16  # B*T*H*K = 2^31 + 3072
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = {n: torch.randn(B, T, H, K if n != "v" else V, device="cuda", dtype=torch.bfloat16, generator=gen)
+         for n in ("q", "k", "v")}
+    for n in ("g", "g_reverse"):
+        x[n] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)).to(torch.bfloat16)
+    assert x["q"].numel() > 2**31
+    tail = slice(B - 3, B)
+    full = gated_linear_attention(**x, backend="triton")[tail]
+    alone = gated_linear_attention(**{n: t[tail] for n, t in x.items()}, backend="triton")
+    assert torch.equal(full, alone)
+    del full
+    leaves = {n: t.requires_grad_() for n, t in x.items()}
+    gated_linear_attention(**leaves, backend="triton")[tail].float().sum().backward()
+    tail_grads = {n: t.grad[tail].clone() for n, t in leaves.items()}
+    del leaves
+    small = {n: t[tail].detach().clone().requires_grad_() for n, t in x.items()}
+    gated_linear_attention(**small, backend="triton").float().sum().backward()
+    for name, tensor in small.items():
+        assert torch.equal(tensor.grad, tail_grads[name]), name
