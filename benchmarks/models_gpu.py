@@ -11,7 +11,7 @@ its position embedding is sized for each resolution. ViG runs ``gated_linear_att
 the best backend available (``--backend`` forces one).
 
     python benchmarks/models_gpu.py                              # the full table on CUDA
-    python benchmarks/models_gpu.py --compile-modes eager,compile --json out.json
+    python benchmarks/models_gpu.py --compile-modes eager,compile --json out.json   # + torch.compile rows
     python benchmarks/models_gpu.py --device cpu --tiny          # smoke test on a laptop / CI box
 
 Needs timm for DeiT (without it only the ViG rows are measured).
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--points", default=None, help="resolution:batch list, e.g. 224:128,1024:8")
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--compile-modes", default="eager", help="eager, compile, or both (eager,compile)")
+    p.add_argument("--compile-models", default="ViG-T,DeiT-T",
+                   help="models that get compiled rows (compiling takes ~a minute per model, point and mode)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--backend", default=None, help="force a glakernels backend for ViG")
     p.add_argument("--warmup", type=int, default=3)
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             for img_size, batch in points:
                 for label in models:
+                    if compiled and label not in args.compile_models.split(","):
+                        continue
                     try:
                         row = measure(label, img_size, batch, mode, compiled, args, device)
                     except torch.OutOfMemoryError:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import mix_global_local
+from .fused import log_gates, mix_global_local
 from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
@@ -125,16 +125,16 @@ class GatedLinearAttention2D(nn.Module):
         low_rank = self.gk_proj[0](local)
         w_gate, b_gate = self.gk_proj[1].weight, self.gk_proj[1].bias
         norm = self.gate_logit_normalizer
-        g_fwd = F.logsigmoid(F.linear(low_rank, w_gate[:kd], b_gate[:kd])) / norm
-        g_rev = F.logsigmoid(F.linear(low_rank, w_gate[kd:], b_gate[kd:])) / norm
+        g_fwd = log_gates(F.linear(low_rank, w_gate[:kd], b_gate[:kd]), norm)
+        g_rev = log_gates(F.linear(low_rank, w_gate[kd:], b_gate[kd:]), norm)
 
         o = gated_linear_attention(
             q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,
             g_reverse=g_rev.view(B, H * W, heads, -1),
         )
         gate_logits = self.g_proj(local).view(B, H * W, heads, -1)
-        mixed = mix_global_local(
+        out = mix_global_local(
             o, local.reshape(B, H * W, heads, -1), gate_logits, self.g_norm.weight, self.l_norm.weight,
-            self.norm_eps, self.out_act,
+            self.norm_eps, self.out_act, self.o_proj.weight,
         )
-        return self.o_proj(mixed.view(B, H, W, -1))
+        return out.view(B, H, W, -1)
