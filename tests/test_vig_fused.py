@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vig.fused import log_gates, mix_global_local, rms_norm, swiglu_linear
+from vig.fused import log_gates, mix_global_local, norm_conv_act, rms_norm, swiglu_linear
 
 
 def _eager_mix(a, b, z, wa, wb, eps, out_act):
@@ -81,3 +81,17 @@ def test_rms_norm_gradcheck_and_value():
     assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
     ref = F.rms_norm(x, (12,), w, 1e-6)
     assert ((rms_norm(x, w, 1e-6) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_norm_conv_act_gradcheck_and_value(act):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    wn = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    wc = torch.randn(6, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda a, b, c: norm_conv_act(a, b, 1e-6, c, act)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, wn, wc))
+    normed = F.rms_norm(x, (6,), wn, 1e-6).permute(0, 3, 1, 2)
+    ref = F.conv2d(normed, wc, padding=1, groups=6).permute(0, 2, 3, 1)
+    ref = F.silu(ref) if act else ref
+    assert ((f(x, wn, wc) - ref).norm() / ref.norm()).item() <= 1e-12

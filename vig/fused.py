@@ -6,6 +6,8 @@ intermediates, not the weights, set a training step's peak memory. The functions
 only their *inputs* and recompute the cheap rest in backward, as a fused kernel would:
 
 - :func:`rms_norm` saves its input only;
+- :func:`norm_conv_act`: ViG's pre-norm, depth-wise convolution and SiLU save the block's
+  input only (instead of it, the normalised tensor and the convolution's output);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(o) + (1 − σ(z))·RMSNorm(local))`` per head
   saves ``o, local, z`` (3 tensors instead of ~7) and, with the output projection fused in,
   not the projection's input either;
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "mix_global_local", "log_gates", "swiglu_linear"]
+__all__ = ["rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "swiglu_linear"]
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -69,6 +71,51 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dimension in the dtype of ``x``; keeps only ``x`` for backward
     (the normalised output that eager autograd would also keep is recomputed)."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+def _depthwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
+    """'Same' depth-wise convolution of ``[B, H, W, C]`` (as a channels-last NCHW convolution)."""
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=(kh // 2, kw // 2), groups=weight.shape[0])
+    return y.permute(0, 2, 3, 1)
+
+
+class _NormConvAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, conv_weight, act):
+        normed = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
+        y = _depthwise_nhwc(normed, conv_weight)  # autocast (when on) runs this in low precision
+        ctx.save_for_backward(x, norm_weight, conv_weight)
+        ctx.eps, ctx.act, ctx.conv_dtype = eps, act, y.dtype
+        return F.silu(y) if act else y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, norm_weight, conv_weight = ctx.saved_tensors
+        x_hat, rstd = _rms_forward(x, norm_weight, ctx.eps)
+        wn = _acc(norm_weight)
+        normed = (x_hat * wn).to(ctx.conv_dtype)
+        weight = conv_weight.to(ctx.conv_dtype)
+        grad_y = grad_out.to(ctx.conv_dtype)
+        if ctx.act:
+            y = _acc(_depthwise_nhwc(normed, weight))
+            s = torch.sigmoid(y)
+            grad_y = (_acc(grad_y) * s * (1 + y * (1 - s))).to(ctx.conv_dtype)
+        kh, kw = conv_weight.shape[-2:]
+        nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
+        conv_args = dict(padding=(kh // 2, kw // 2), groups=conv_weight.shape[0])
+        grad_normed = torch.nn.grad.conv2d_input(nchw(normed).shape, weight, nchw(grad_y), **conv_args)
+        grad_conv = torch.nn.grad.conv2d_weight(nchw(normed), conv_weight.shape, nchw(grad_y), **conv_args)
+        grad_normed = _acc(grad_normed.permute(0, 2, 3, 1))
+        grad_x = _rms_backward(grad_normed * wn, x_hat, rstd)
+        return (grad_x.to(x.dtype), _sum_to_last(grad_normed * x_hat).to(norm_weight.dtype), None,
+                grad_conv.to(conv_weight.dtype), None)
+
+
+def norm_conv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor, act: bool) -> Tensor:
+    """``silu?(depthwise_conv(RMSNorm(x)))`` on ``[B, H, W, C]``, keeping only ``x`` for
+    backward (the normalised input and the convolution's output are recomputed)."""
+    return _NormConvAct.apply(x, norm_weight, eps, conv_weight, act)
 
 
 class _MixGlobalLocal(torch.autograd.Function):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import log_gates, mix_global_local
+from .fused import log_gates, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
@@ -111,11 +111,16 @@ class GatedLinearAttention2D(nn.Module):
         nn.init.zeros_(self.g_proj.bias)
         nn.init.zeros_(self.gk_proj[1].bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pre_norm: RMSNorm | None = None) -> Tensor:
+        """``x``: ``[B, H, W, C]``, already normalised, or raw with ``pre_norm`` given (the
+        block's RMSNorm, then fused with the convolution: see :func:`vig.fused.norm_conv_act`)."""
         B, H, W, C = x.shape
         heads, kd = self.num_heads, self.key_dim
-        local = depthwise_conv_nhwc(x, self.in_proj[0].weight)
-        local = self.in_proj[1](local)
+        if pre_norm is not None:
+            local = norm_conv_act(x, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight,
+                                  isinstance(self.in_proj[1], nn.SiLU))
+        else:
+            local = self.in_proj[1](depthwise_conv_nhwc(x, self.in_proj[0].weight))
 
         w_qkv = self.qkv_proj.weight
         q = F.linear(local, w_qkv[:kd]).view(B, H * W, heads, -1)
