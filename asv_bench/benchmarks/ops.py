@@ -5,8 +5,11 @@ A combination a backend cannot run on this machine (not installed, wrong device,
 raises ``NotImplementedError`` in ``setup``, which asv records as skipped. On a CUDA machine the
 shapes are DESIGN §7's; on the CPU they are cut down (``glakernels.bench.shape_for_device``).
 JIT compilation and autotuning happen in ``setup``, so ``time_*`` holds only the measured call;
-GPU work is synchronised inside every timed call.
+GPU work is synchronised inside every timed call. ``GLAKERNELS_ASV_{BACKENDS,SHAPES,DTYPES,
+DIRECTIONS}`` (comma-separated) restrict the parameter grid, e.g. for a short GPU recording.
 """
+
+import os
 
 import torch
 
@@ -14,10 +17,21 @@ from glakernels import bench, gated_linear_attention
 from glakernels._dispatch import registry
 from glakernels._problem import ProblemSpec
 
-BACKENDS = registry.names()
-SHAPES = list(bench.SHAPES)
-DTYPES = ["bfloat16", "float32"]
-DIRECTIONS = ["bidirectional", "causal"]
+
+def _selection(variable: str, default: list[str]) -> list[str]:
+    """A comma-separated subset from the environment, e.g. GLAKERNELS_ASV_BACKENDS=triton,cupy
+    to record a short GPU run; the default is every value."""
+    chosen = [v.strip() for v in os.environ.get(variable, "").split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(default))
+    if unknown:
+        raise ValueError(f"{variable}: unknown {unknown}; choose from {default}")
+    return chosen or default
+
+
+BACKENDS = _selection("GLAKERNELS_ASV_BACKENDS", registry.names())
+SHAPES = _selection("GLAKERNELS_ASV_SHAPES", list(bench.SHAPES))
+DTYPES = _selection("GLAKERNELS_ASV_DTYPES", ["bfloat16", "float32"])
+DIRECTIONS = _selection("GLAKERNELS_ASV_DIRECTIONS", ["bidirectional", "causal"])
 
 
 def _device() -> str:

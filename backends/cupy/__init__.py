@@ -27,8 +27,9 @@ class CupyBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = MAX_HEAD_DIM
     max_head_dim_v = MAX_HEAD_DIM
-    # below triton (30), above torch (0)
-    auto_priority = {"cuda": 20}
+    # first on CUDA: faster than the triton backend at every DESIGN §7 shape, forward and
+    # forward+backward, on an H100 (bf16; benchmarks/gpu_session.sh, 2026-11-25, NOTES.md)
+    auto_priority = {"cuda": 200}
 
     def unavailable_reasons(self) -> list[str]:
         reasons = []

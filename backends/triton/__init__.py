@@ -32,6 +32,7 @@ class TritonBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = 256
     max_head_dim_v = 256
+    # second on CUDA, after cupy (measured faster on an H100 at every DESIGN §7 shape)
     auto_priority = {"cuda": 100}
     # the interpreter runs every program in Python: keep the shared CPU suites' problems small
     test_max_tokens_cpu = 300

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One GPU session, run from the repository root on a CUDA machine: install, check the GPU
+# backends against float64 on the GPU, time the op against the memory floor / SDPA / fla, time
+# the models against timm's DeiT. Every step runs in its own process under a time limit (a
+# kernel fault poisons its CUDA context, not the session) and logs to $OUT (default /tmp/gla).
+#
+#   bash benchmarks/gpu_session.sh [check|ops|models|asv|all]...
+#
+# fla (flash-linear-attention) is used when importable; wheels in .whl/ are installed first.
+set -u
+OUT=${OUT:-/tmp/gla}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=${*:-all}
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$OUT/install.log" 2>&1
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its tail
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc, $((SECONDS - t0)) s"
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
+    return $rc
+}
+
+wants() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
+
+if wants check; then
+    # the op at one ViG shape, every backend on the GPU, against float64 (outputs and gradients)
+    step triton_check 150 python3 benchmarks/gpu_ops.py --backend triton --check --shapes vigT_224 --no-baselines \
+        || TAIL=40 step triton_diagnose 200 python3 -m glakernels.backends.triton.diagnose_gpu
+    step pytest_gpu 200 python3 -m pytest -q --maxfail=25 -n 8 -m gpu -p no:cacheprovider tests
+fi
+if wants ops; then
+    step ops_triton 150 python3 benchmarks/gpu_ops.py --backend triton
+    step ops_cupy_vs_triton 100 python3 -m glakernels.backends.cupy.tune --backends triton,cupy --baseline triton --sdpa
+fi
+if wants models; then
+    step models 170 python3 benchmarks/models_gpu.py --models ViG-T,ViG-S,DeiT-T,DeiT-S,DeiT-B --min-time 0.5
+fi
+if wants asv; then
+    # asv needs the git history to date the commit: use the checkout's, or a bundle of it
+    # (git bundle create .stage/repo.bundle HEAD) where the tree was copied without .git
+    repo=$PWD
+    if ! git -C "$repo" rev-parse HEAD > /dev/null 2>&1; then
+        rm -rf /tmp/asv-repo
+        git clone -q .stage/repo.bundle /tmp/asv-repo && git -C /tmp/asv-repo checkout -q -B main && repo=/tmp/asv-repo
+    fi
+    commit=$(git -C "$repo" rev-parse HEAD)
+    machine=$(cd asv_bench && HOME=/tmp python3 machine.py | tail -1)
+    python3 - "$repo" "$OUT/asv_results" <<'PY'
+import json, pathlib, sys
+conf = pathlib.Path("asv_bench/asv.conf.json")
+config = json.loads("\n".join(l for l in conf.read_text().splitlines() if not l.strip().startswith("//")))
+config.update(repo=sys.argv[1], results_dir=sys.argv[2], benchmark_dir=str(conf.parent.resolve() / "benchmarks"),
+              html_dir="/tmp/asv-html", env_dir="/tmp/asv-env", environment_type="existing")
+for key in ("pythons", "matrix"):  # the virtualenv settings do not apply to this environment
+    config.pop(key, None)
+pathlib.Path("/tmp/asv.conf.json").write_text(json.dumps(config))
+PY
+    GLAKERNELS_ASV_BACKENDS=${GLAKERNELS_ASV_BACKENDS:-triton,cupy} GLAKERNELS_ASV_DTYPES=bfloat16 \
+        GLAKERNELS_ASV_DIRECTIONS=bidirectional HOME=/tmp step asv "${ASV_SECONDS:-330}" \
+        python3 -m asv run --config /tmp/asv.conf.json --python=same --machine "$machine" \
+        --set-commit-hash "$commit" -b "${ASV_BENCH:-TimeOp|BandwidthOp|GpuMemoryOp|ModelStep|GpuModelMemory}" -a repeat=5
+fi
