@@ -11,8 +11,9 @@ its position embedding is sized for each resolution. ViG runs ``gated_linear_att
 the best backend available (``--backend`` forces one).
 
     python benchmarks/models_gpu.py                              # the full table on CUDA
-    python benchmarks/models_gpu.py --compile-modes eager,compile --json out.json
+    python benchmarks/models_gpu.py --compile-modes eager,compile --json out.json   # + torch.compile rows
     python benchmarks/models_gpu.py --device cpu --tiny          # smoke test on a laptop / CI box
+    python benchmarks/models_gpu.py --profile ViG-T:1024:8:infer  # where one step spends device time
 
 Needs timm for DeiT (without it only the ViG rows are measured).
 """
@@ -139,6 +140,24 @@ def print_ratios(rows: list[dict]) -> None:
               f"{speed:5.2f}x images/s, {memory:5.2f}x peak memory")
 
 
+def profile(args, device: torch.device) -> int:
+    """Where one step's time goes: torch.profiler's operator table, sorted by device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    label, px, batch, mode = args.profile.split(":")
+    px, batch = int(px), int(batch)
+    args.min_time, args.min_iters = 0.0, 1
+    measure(label, px, batch, mode, False, args, device)  # warm-up run (allocator, kernel caches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        row = measure(label, px, batch, mode, False, args, device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30))
+    print(f"{label} {px}px b{batch} {mode}: {row['images_per_s']:.1f} img/s while profiled")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -147,12 +166,17 @@ def main(argv=None) -> int:
     p.add_argument("--points", default=None, help="resolution:batch list, e.g. 224:128,1024:8")
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--compile-modes", default="eager", help="eager, compile, or both (eager,compile)")
+    p.add_argument("--compile-models", default="ViG-T,DeiT-T",
+                   help="models that get compiled rows (compiling takes ~a minute per model, point and mode)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--backend", default=None, help="force a glakernels backend for ViG")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
     p.add_argument("--min-iters", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--profile", default=None, metavar="MODEL:PX:BATCH:MODE",
+                   help="instead of the table, profile one point (e.g. ViG-T:1024:8:infer) and print the "
+                        "operators that take the device's time")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -178,11 +202,15 @@ def main(argv=None) -> int:
     backends = [b.name for b in glakernels.available_backends() if b.available]
     print(f"device: {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
           f"glakernels backends available: {backends}")
+    if args.profile:
+        return profile(args, device)
     rows = []
     for compiled in compile_modes:
         for mode in args.modes.split(","):
             for img_size, batch in points:
                 for label in models:
+                    if compiled and label not in args.compile_models.split(","):
+                        continue
                     try:
                         row = measure(label, img_size, batch, mode, compiled, args, device)
                     except torch.OutOfMemoryError:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vig.fused import mix_global_local, swiglu_linear
+from vig.fused import log_gates, mix_global_local, norm_conv_act, rms_norm, swiglu_linear
 
 
 def _eager_mix(a, b, z, wa, wb, eps, out_act):
@@ -46,3 +46,52 @@ def test_swiglu_linear_gradcheck_and_value():
     gate, value = h.chunk(2, -1)
     ref = (F.silu(gate) * value) @ w.T
     assert ((swiglu_linear(h, w) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("out_act", [False, True])
+def test_mix_with_output_projection_gradcheck_float64(out_act):
+    gen = torch.Generator().manual_seed(3)
+    a, b, z = (torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    wa, wb = (torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    wo = torch.randn(6, 15, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda *t: mix_global_local(*t[:5], 1e-6, out_act, t[5])  # noqa: E731
+    assert torch.autograd.gradcheck(f, (a, b, z, wa, wb, wo))
+    ref = _eager_mix(a, b, z, wa, wb, 1e-6, out_act).flatten(-2) @ wo.T
+    assert ((f(a, b, z, wa, wb, wo) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+def test_log_gates_gradient_from_the_output():
+    # hostile logits included: far below zero (gates near -1e4/16) and far above (gates near 0)
+    z = torch.cat([torch.linspace(-1e4, 60, 41, dtype=torch.float64), torch.randn(20, dtype=torch.float64)])
+    z.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: log_gates(t, 16.0), (z,))
+    g = log_gates(z, 16.0)
+    assert torch.equal(g, F.logsigmoid(z) / 16)
+    # bfloat16 gates: the slope is recovered from the rounded output, within bfloat16 accuracy
+    zb = torch.randn(1000, dtype=torch.bfloat16, requires_grad=True)
+    (grad,) = torch.autograd.grad(log_gates(zb, 16.0).float().sum(), zb)
+    exact = torch.sigmoid(-zb.detach().double()) / 16
+    assert ((grad.double() - exact).norm() / exact.norm()).item() <= 2e-2
+
+
+def test_rms_norm_gradcheck_and_value():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
+    ref = F.rms_norm(x, (12,), w, 1e-6)
+    assert ((rms_norm(x, w, 1e-6) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_norm_conv_act_gradcheck_and_value(act):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    wn = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    wc = torch.randn(6, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda a, b, c: norm_conv_act(a, b, 1e-6, c, act)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, wn, wc))
+    normed = F.rms_norm(x, (6,), wn, 1e-6).permute(0, 3, 1, 2)
+    ref = F.conv2d(normed, wc, padding=1, groups=6).permute(0, 2, 3, 1)
+    ref = F.silu(ref) if act else ref
+    assert ((f(x, wn, wc) - ref).norm() / ref.norm()).item() <= 1e-12

@@ -92,3 +92,22 @@ def test_mixer_float32_close_to_float64_with_hostile_gates():
     ours = m.float()(x.float())
     assert torch.isfinite(ours).all()
     assert _rel_err(ours.double(), ref) <= 1e-4
+
+
+def test_block_fused_pre_norm_equals_norm_then_mixer():
+    """ViG blocks hand their RMSNorm to the mixer (fused with the convolution); the result and
+    every gradient equal normalising first."""
+    from vig.vig import ViGBlock
+
+    torch.manual_seed(2)
+    block = ViGBlock(24, 3, act_in_conv=True, out_act=True).double()
+    _randomize(block, seed=11)
+    x = torch.randn(2, 4, 5, 24, dtype=torch.float64, requires_grad=True)
+    fused = block.attn(x, pre_norm=block.attn_norm)
+    plain = block.attn(block.attn_norm(x))
+    assert _rel_err(fused, plain) <= 1e-12
+    grad = torch.randn_like(fused)
+    tensors = [x] + list(block.parameters())
+    for a, b in zip(torch.autograd.grad(fused, tensors, grad, allow_unused=True),
+                    torch.autograd.grad(plain, tensors, grad, allow_unused=True)):
+        assert (a is None and b is None) or _rel_err(a, b) <= 1e-10

@@ -2,16 +2,21 @@
 
 Eager autograd keeps every intermediate of a chain of elementwise ops alive until backward
 (the normalised branches, the sigmoid, the mix, the SwiGLU product, ...). At 1024 px those
-intermediates, not the weights, set a training step's peak memory. The two functions here save
+intermediates, not the weights, set a training step's peak memory. The functions here save
 only their *inputs* and recompute the cheap rest in backward, as a fused kernel would:
 
+- :func:`rms_norm` saves its input only;
+- :func:`norm_conv_act`: ViG's pre-norm, depth-wise convolution and SiLU save the block's
+  input only (instead of it, the normalised tensor and the convolution's output);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(o) + (1 − σ(z))·RMSNorm(local))`` per head
-  saves ``o, local, z`` (3 tensors instead of ~7);
+  saves ``o, local, z`` (3 tensors instead of ~7) and, with the output projection fused in,
+  not the projection's input either;
+- :func:`log_gates`: ``logsigmoid(z) / 16`` saves its output (which the op keeps anyway), not ``z``;
 - :func:`swiglu_linear`: ``(silu(gate) · value) @ Wᵀ`` saves the ``[gate, value]`` projection
   (2·I per token instead of 4·I).
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
-in the input dtype. Under ``torch.compile`` both trace as ordinary autograd functions and
+in the input dtype. Under ``torch.compile`` they trace as ordinary autograd functions and
 inductor fuses their elementwise parts.
 """
 
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["mix_global_local", "swiglu_linear"]
+__all__ = ["rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "swiglu_linear"]
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -46,29 +51,108 @@ def _sum_to_last(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).sum(0)
 
 
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        x_hat, rstd = _rms_forward(x, weight, ctx.eps)
+        grad = _acc(grad_out)
+        grad_x = _rms_backward(grad * _acc(weight), x_hat, rstd)
+        return grad_x.to(x.dtype), _sum_to_last(grad * x_hat).to(weight.dtype), None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dimension in the dtype of ``x``; keeps only ``x`` for backward
+    (the normalised output that eager autograd would also keep is recomputed)."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _depthwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
+    """'Same' depth-wise convolution of ``[B, H, W, C]`` (as a channels-last NCHW convolution)."""
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=(kh // 2, kw // 2), groups=weight.shape[0])
+    return y.permute(0, 2, 3, 1)
+
+
+class _NormConvAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, conv_weight, act):
+        normed = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
+        y = _depthwise_nhwc(normed, conv_weight)  # autocast (when on) runs this in low precision
+        ctx.save_for_backward(x, norm_weight, conv_weight)
+        ctx.eps, ctx.act, ctx.conv_dtype = eps, act, y.dtype
+        return F.silu(y) if act else y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, norm_weight, conv_weight = ctx.saved_tensors
+        x_hat, rstd = _rms_forward(x, norm_weight, ctx.eps)
+        wn = _acc(norm_weight)
+        normed = (x_hat * wn).to(ctx.conv_dtype)
+        weight = conv_weight.to(ctx.conv_dtype)
+        grad_y = grad_out.to(ctx.conv_dtype)
+        if ctx.act:
+            y = _acc(_depthwise_nhwc(normed, weight))
+            s = torch.sigmoid(y)
+            grad_y = (_acc(grad_y) * s * (1 + y * (1 - s))).to(ctx.conv_dtype)
+        kh, kw = conv_weight.shape[-2:]
+        nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
+        conv_args = dict(padding=(kh // 2, kw // 2), groups=conv_weight.shape[0])
+        grad_normed = torch.nn.grad.conv2d_input(nchw(normed).shape, weight, nchw(grad_y), **conv_args)
+        grad_conv = torch.nn.grad.conv2d_weight(nchw(normed), conv_weight.shape, nchw(grad_y), **conv_args)
+        grad_normed = _acc(grad_normed.permute(0, 2, 3, 1))
+        grad_x = _rms_backward(grad_normed * wn, x_hat, rstd)
+        return (grad_x.to(x.dtype), _sum_to_last(grad_normed * x_hat).to(norm_weight.dtype), None,
+                grad_conv.to(conv_weight.dtype), None)
+
+
+def norm_conv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor, act: bool) -> Tensor:
+    """``silu?(depthwise_conv(RMSNorm(x)))`` on ``[B, H, W, C]``, keeping only ``x`` for
+    backward (the normalised input and the convolution's output are recomputed)."""
+    return _NormConvAct.apply(x, norm_weight, eps, conv_weight, act)
+
+
 class _MixGlobalLocal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act):
+    def forward(ctx, global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act, out_weight):
         # forward as eager PyTorch would run it (fused rms_norm kernels, input dtype) ...
         na = F.rms_norm(global_out, (global_out.shape[-1],), global_weight.to(global_out.dtype), eps)
         nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
         mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
-        ctx.save_for_backward(global_out, local_out, gate_logits, global_weight, local_weight)
+        ctx.save_for_backward(global_out, local_out, gate_logits, global_weight, local_weight, out_weight)
         ctx.eps, ctx.out_act = eps, out_act
-        return F.silu(mixed) if out_act else mixed
+        mixed = F.silu(mixed) if out_act else mixed
+        if out_weight is None:
+            return mixed
+        mixed = mixed.flatten(-2)  # heads back into channels
+        return F.linear(mixed, out_weight.to(mixed.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         # ... and backward recomputes the normalised branches from the saved inputs, in float32
-        global_out, local_out, gate_logits, global_weight, local_weight = ctx.saved_tensors
+        global_out, local_out, gate_logits, global_weight, local_weight, out_weight = ctx.saved_tensors
         a_hat, a_rstd = _rms_forward(global_out, global_weight, ctx.eps)
         b_hat, b_rstd = _rms_forward(local_out, local_weight, ctx.eps)
         wa, wb = _acc(global_weight), _acc(local_weight)
         na, nb = a_hat * wa, b_hat * wb
         g = torch.sigmoid(_acc(gate_logits))
+        mixed = torch.lerp(nb, na, g)
+        grad_out_weight = None
+        if out_weight is not None:
+            # through the output projection: its input is recomputed here, not kept
+            y = F.silu(mixed) if ctx.out_act else mixed
+            y = y.flatten(-2).to(grad_out.dtype)
+            grad_out_weight = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ y.reshape(-1, y.shape[-1]))
+            grad_out_weight = grad_out_weight.to(out_weight.dtype)
+            grad_out = (grad_out @ out_weight.to(grad_out.dtype)).view(mixed.shape)
         grad = _acc(grad_out)
         if ctx.out_act:
-            mixed = torch.lerp(nb, na, g)
             s = torch.sigmoid(mixed)
             grad = grad * s * (1 + mixed * (1 - s))
         grad_na, grad_nb = grad * g, grad * (1 - g)
@@ -83,16 +167,42 @@ class _MixGlobalLocal(torch.autograd.Function):
             _sum_to_last(grad_nb * b_hat).to(local_weight.dtype),
             None,
             None,
+            grad_out_weight,
         )
 
 
 def mix_global_local(global_out: Tensor, local_out: Tensor, gate_logits: Tensor, global_weight: Tensor,
-                     local_weight: Tensor, eps: float, out_act: bool) -> Tensor:
-    """``silu?( g · RMSNorm_g(global) + (1 − g) · RMSNorm_l(local) )``, ``g = sigmoid(gate_logits)``.
+                     local_weight: Tensor, eps: float, out_act: bool, out_weight: Tensor | None = None) -> Tensor:
+    """``silu?( g · RMSNorm_g(global) + (1 − g) · RMSNorm_l(local) )``, ``g = sigmoid(gate_logits)``,
+    then ``@ out_weightᵀ`` over the flattened heads when ``out_weight`` is given.
 
     ``global_out, local_out, gate_logits``: ``[..., heads, head_dim]`` (any strides); the
-    norms are over ``head_dim``. Returns the dtype of ``global_out``."""
-    return _MixGlobalLocal.apply(global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act)
+    norms are over ``head_dim``. Returns ``[..., heads, head_dim]``, or ``[..., out]`` with
+    ``out_weight`` (``[out, heads·head_dim]``)."""
+    return _MixGlobalLocal.apply(global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act,
+                                 out_weight)
+
+
+class _LogGates(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, normalizer):
+        gates = F.logsigmoid(logits) / normalizer
+        ctx.save_for_backward(gates)  # the op keeps this tensor anyway: no extra memory
+        ctx.normalizer = normalizer
+        return gates
+
+    @staticmethod
+    def backward(ctx, grad_gates):
+        (gates,) = ctx.saved_tensors
+        # d logsigmoid(z)/dz = sigmoid(-z) = 1 - exp(logsigmoid(z)) = -expm1(normalizer · gates)
+        slope = -torch.expm1(_acc(gates) * ctx.normalizer) / ctx.normalizer
+        return (_acc(grad_gates) * slope).to(grad_gates.dtype), None
+
+
+def log_gates(logits: Tensor, normalizer: float) -> Tensor:
+    """``logsigmoid(logits) / normalizer`` (ViG's log forget gates); backward works from the
+    output, so the logits are not kept."""
+    return _LogGates.apply(logits, normalizer)
 
 
 class _SwiGLULinear(torch.autograd.Function):

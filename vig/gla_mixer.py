@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import mix_global_local
+from .fused import log_gates, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
@@ -95,8 +95,12 @@ class GatedLinearAttention2D(nn.Module):
         self.g_proj = nn.Linear(dim, value_dim, bias=True)
         # the convolution runs channels-last, and so do its weight gradients: keep the weight
         # in the same layout (DistributedDataParallel buckets gradients in the weight's layout)
-        conv = self.in_proj[0]
-        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        # (explicit strides: with one input channel per group, .contiguous(channels_last) is a no-op)
+        w = self.in_proj[0].weight.data
+        out_ch, in_ch, kh, kw = w.shape
+        self.in_proj[0].weight.data = torch.empty_strided(
+            w.shape, (kh * kw * in_ch, 1, kw * in_ch, in_ch), dtype=w.dtype, device=w.device
+        ).copy_(w)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,11 +111,16 @@ class GatedLinearAttention2D(nn.Module):
         nn.init.zeros_(self.g_proj.bias)
         nn.init.zeros_(self.gk_proj[1].bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pre_norm: RMSNorm | None = None) -> Tensor:
+        """``x``: ``[B, H, W, C]``, already normalised, or raw with ``pre_norm`` given (the
+        block's RMSNorm, then fused with the convolution: see :func:`vig.fused.norm_conv_act`)."""
         B, H, W, C = x.shape
         heads, kd = self.num_heads, self.key_dim
-        local = depthwise_conv_nhwc(x, self.in_proj[0].weight)
-        local = self.in_proj[1](local)
+        if pre_norm is not None:
+            local = norm_conv_act(x, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight,
+                                  isinstance(self.in_proj[1], nn.SiLU))
+        else:
+            local = self.in_proj[1](depthwise_conv_nhwc(x, self.in_proj[0].weight))
 
         w_qkv = self.qkv_proj.weight
         q = F.linear(local, w_qkv[:kd]).view(B, H * W, heads, -1)
@@ -121,16 +130,16 @@ class GatedLinearAttention2D(nn.Module):
         low_rank = self.gk_proj[0](local)
         w_gate, b_gate = self.gk_proj[1].weight, self.gk_proj[1].bias
         norm = self.gate_logit_normalizer
-        g_fwd = F.logsigmoid(F.linear(low_rank, w_gate[:kd], b_gate[:kd])) / norm
-        g_rev = F.logsigmoid(F.linear(low_rank, w_gate[kd:], b_gate[kd:])) / norm
+        g_fwd = log_gates(F.linear(low_rank, w_gate[:kd], b_gate[:kd]), norm)
+        g_rev = log_gates(F.linear(low_rank, w_gate[kd:], b_gate[kd:]), norm)
 
         o = gated_linear_attention(
             q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,
             g_reverse=g_rev.view(B, H * W, heads, -1),
         )
         gate_logits = self.g_proj(local).view(B, H * W, heads, -1)
-        mixed = mix_global_local(
+        out = mix_global_local(
             o, local.reshape(B, H * W, heads, -1), gate_logits, self.g_norm.weight, self.l_norm.weight,
-            self.norm_eps, self.out_act,
+            self.norm_eps, self.out_act, self.o_proj.weight,
         )
-        return self.o_proj(mixed.view(B, H, W, -1))
+        return out.view(B, H, W, -1)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import rms_norm as fused_rms_norm
 from .fused import swiglu_linear
 
 Tensor = torch.Tensor
@@ -32,8 +33,9 @@ __all__ = [
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dimension, in the dtype of ``x`` (the weight follows it, so a
-    float32 weight under autocast does not promote bfloat16 activations)."""
-    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+    float32 weight under autocast does not promote bfloat16 activations); backward keeps
+    only ``x`` (see :mod:`vig.fused`)."""
+    return fused_rms_norm(x, weight, eps)
 
 
 class RMSNorm(nn.Module):

@@ -116,6 +116,9 @@ class Distributed:
 
     def close(self) -> None:
         if self.enabled:
+            # every rank reaches the teardown before any tears down: a rank that destroys its
+            # process group while another is still in a collective can leave gloo hanging
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -89,7 +89,7 @@ class ViGBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.attn_norm(x)))
+        x = x + self.drop_path(self.attn(x, pre_norm=self.attn_norm))  # the norm is fused with the conv
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
 
