@@ -13,7 +13,7 @@ import importlib
 
 #: Import order only affects the order of listings; automatic selection uses each backend's
 #: declared ``auto_priority``.
-BUILTIN = ("pytorch",)
+BUILTIN = ("pytorch", "numba")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")

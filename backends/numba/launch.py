@@ -1,0 +1,126 @@
+"""Between tensors and the Numba kernels: compute dtype, buffers, how the work is split.
+
+Tensors cross into the kernels as NumPy views of CPU tensors (no copies for contiguous
+float32 / float64 inputs); every output buffer is allocated here with torch, so the results
+are ordinary tensors. Importing this module imports Numba (and compiles or loads the kernels
+on first call), so the backend imports it only inside its methods.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numba
+import numpy as np
+import torch
+
+from glakernels._problem import GLAGradients, GLAInputs
+
+from . import recurrent
+
+#: Narrowest block of value columns the forward pass splits ``V`` into when there are fewer
+#: sequences than threads; below this the vector loop over columns gets too short.
+MIN_FORWARD_BLOCK_V = 16
+
+#: The backward pass always cuts ``V`` into blocks of this width (the last may be narrower).
+#: The sums over V (dq, dk) are formed per block and then added in block order, so the block
+#: width must depend on V alone — never on the batch or the thread count — for a sequence's
+#: gradients to be bitwise independent of the rest of the batch.
+BACKWARD_BLOCK_V = 32
+
+
+def _array(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-contiguous NumPy view (a copy only when a cast or a re-layout is needed)."""
+    return x.detach().to(dtype).contiguous().numpy()
+
+
+def _placeholder(ndim: int, dtype: torch.dtype) -> np.ndarray:
+    # an absent optional array travels as an empty one of the right rank and dtype, so that
+    # it does not add a compiled specialisation per combination of present/absent arguments
+    return np.empty((0,) * ndim, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+
+
+def _decays(g: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    """``exp(g)``, computed once per call instead of once per value block. Computed by Numba,
+    not torch: torch's CPU exp treats the tail of a buffer with a different (scalar) routine,
+    which would make a token's decay depend on its position in the batch."""
+    gates = _array(g, acc)
+    out = np.empty_like(gates)
+    recurrent.exp_rows(gates.reshape(-1, gates.shape[-1]), out.reshape(-1, gates.shape[-1]))
+    return out
+
+
+def forward_block_v(sequences: int, head_dim_v: int, threads: int) -> int:
+    """Columns per work item in the forward pass: all of V when there are enough sequences
+    (batch × heads × directions) for every thread, else V split until there are."""
+    if sequences >= threads:
+        return head_dim_v
+    blocks = min(-(-threads // sequences), max(1, head_dim_v // MIN_FORWARD_BLOCK_V))
+    return -(-head_dim_v // blocks)
+
+
+def forward(inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    spec = inputs.spec
+    acc = spec.state_dtype
+    B, T, H, K, V = spec.batch, spec.seq_len, spec.heads, spec.head_dim_k, spec.head_dim_v
+    n_dirs = 2 if spec.bidirectional else 1
+    q, k, v = (_array(x, acc) for x in (inputs.q, inputs.k, inputs.v))
+    decay = _decays(inputs.g, acc)
+    decay_rev = _decays(inputs.g_reverse, acc) if spec.bidirectional else decay
+    # the two directions are averaged: each runs with half the scale
+    scale = q.dtype.type(inputs.scale * (0.5 if spec.bidirectional else 1.0))
+    initial = _array(inputs.initial_state, acc) if spec.has_initial_state else _placeholder(4, acc)
+    final = torch.empty(B, H, K, V, dtype=acc) if spec.output_final_state else None
+    o_dirs = torch.empty(n_dirs, B, T, H, V, dtype=acc)
+    block_v = forward_block_v(B * H * n_dirs, V, numba.get_num_threads())
+    recurrent.forward_recurrence(
+        q, k, v, decay, decay_rev, scale, initial, spec.has_initial_state, block_v,
+        o_dirs.numpy(), final.numpy() if final is not None else _placeholder(4, acc), final is not None,
+    )
+    o = o_dirs[0] if n_dirs == 1 else o_dirs[0] + o_dirs[1]
+    return o.to(spec.dtype), final
+
+
+def backward(inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Optional[torch.Tensor]) -> GLAGradients:
+    spec = inputs.spec
+    acc = spec.state_dtype
+    B, T, H, K, V = spec.batch, spec.seq_len, spec.heads, spec.head_dim_k, spec.head_dim_v
+    n_dirs = 2 if spec.bidirectional else 1
+    n_blocks = -(-V // BACKWARD_BLOCK_V)
+    q, k, v, do = (_array(x, acc) for x in (inputs.q, inputs.k, inputs.v, grad_output))
+    decay = _decays(inputs.g, acc)
+    decay_rev = _decays(inputs.g_reverse, acc) if spec.bidirectional else decay
+    scale = q.dtype.type(inputs.scale * (0.5 if spec.bidirectional else 1.0))
+    initial = _array(inputs.initial_state, acc) if spec.has_initial_state else _placeholder(4, acc)
+    use_d_final = grad_final_state is not None
+    d_final = _array(grad_final_state, acc) if use_d_final else _placeholder(4, acc)
+
+    dq_parts = np.empty((n_dirs, n_blocks, B, T, H, K), dtype=q.dtype)
+    dk_parts = np.empty_like(dq_parts)
+    dv_dirs = torch.empty(n_dirs, B, T, H, V, dtype=acc)
+    d_initial = torch.empty(B, H, K, V, dtype=acc) if spec.has_initial_state else None
+    final_dot_parts = np.empty((n_blocks, B, H, K) if use_d_final else (0, 0, 0, 0), dtype=np.float64)
+    recurrent.backward_sweeps(
+        q, k, v, decay, decay_rev, do, scale, initial, spec.has_initial_state, d_final, use_d_final,
+        BACKWARD_BLOCK_V, dq_parts, dk_parts, dv_dirs.numpy(),
+        d_initial.numpy() if d_initial is not None else _placeholder(4, acc), final_dot_parts,
+    )
+
+    dq = torch.empty(B, T, H, K, dtype=acc)
+    dk = torch.empty(B, T, H, K, dtype=acc)
+    dg = torch.empty(B, T, H, K, dtype=acc)
+    dg_rev = torch.empty(B, T, H, K, dtype=acc) if spec.bidirectional else None
+    recurrent.combine_gradients(
+        q, k, dq_parts, dk_parts, final_dot_parts, use_d_final, dq.numpy(), dk.numpy(), dg.numpy(),
+        dg_rev.numpy() if dg_rev is not None else _placeholder(4, acc),
+    )
+    dv = dv_dirs[0] if n_dirs == 1 else dv_dirs[0] + dv_dirs[1]
+    cast = lambda x: x.to(spec.dtype)  # noqa: E731
+    return GLAGradients(
+        dq=cast(dq),
+        dk=cast(dk),
+        dv=cast(dv),
+        dg=cast(dg),
+        dg_reverse=cast(dg_rev) if dg_rev is not None else None,
+        dinitial_state=d_initial,
+    )
