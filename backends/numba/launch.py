@@ -26,12 +26,18 @@ MIN_FORWARD_BLOCK_V = 16
 #: The sums over V (dq, dk) are formed per block and then added in block order, so the block
 #: width must depend on V alone — never on the batch or the thread count — for a sequence's
 #: gradients to be bitwise independent of the rest of the batch.
-BACKWARD_BLOCK_V = 32
+BACKWARD_BLOCK_V = 64
 
 
 def _array(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """A C-contiguous NumPy view (a copy only when a cast or a re-layout is needed)."""
     return x.detach().to(dtype).contiguous().numpy()
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests swap in NaN-filled buffers to catch
+    an element a kernel forgets to write)."""
+    return torch.empty(shape, dtype=dtype)
 
 
 def _placeholder(ndim: int, dtype: torch.dtype) -> np.ndarray:
@@ -45,7 +51,7 @@ def _decays(g: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     not torch: torch's CPU exp treats the tail of a buffer with a different (scalar) routine,
     which would make a token's decay depend on its position in the batch."""
     gates = _array(g, acc)
-    out = np.empty_like(gates)
+    out = _empty(gates.shape, acc).numpy()
     recurrent.exp_rows(gates.reshape(-1, gates.shape[-1]), out.reshape(-1, gates.shape[-1]))
     return out
 
@@ -70,8 +76,8 @@ def forward(inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     # the two directions are averaged: each runs with half the scale
     scale = q.dtype.type(inputs.scale * (0.5 if spec.bidirectional else 1.0))
     initial = _array(inputs.initial_state, acc) if spec.has_initial_state else _placeholder(4, acc)
-    final = torch.empty(B, H, K, V, dtype=acc) if spec.output_final_state else None
-    o_dirs = torch.empty(n_dirs, B, T, H, V, dtype=acc)
+    final = _empty((B, H, K, V), acc) if spec.output_final_state else None
+    o_dirs = _empty((n_dirs, B, T, H, V), acc)
     block_v = forward_block_v(B * H * n_dirs, V, numba.get_num_threads())
     recurrent.forward_recurrence(
         q, k, v, decay, decay_rev, scale, initial, spec.has_initial_state, block_v,
@@ -95,21 +101,19 @@ def backward(inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Opt
     use_d_final = grad_final_state is not None
     d_final = _array(grad_final_state, acc) if use_d_final else _placeholder(4, acc)
 
-    dq_parts = np.empty((n_dirs, n_blocks, B, T, H, K), dtype=q.dtype)
-    dk_parts = np.empty_like(dq_parts)
-    dv_dirs = torch.empty(n_dirs, B, T, H, V, dtype=acc)
-    d_initial = torch.empty(B, H, K, V, dtype=acc) if spec.has_initial_state else None
-    final_dot_parts = np.empty((n_blocks, B, H, K) if use_d_final else (0, 0, 0, 0), dtype=np.float64)
+    dq_parts = _empty((n_dirs, n_blocks, B, T, H, K), acc).numpy()
+    dk_parts = _empty((n_dirs, n_blocks, B, T, H, K), acc).numpy()
+    dv_dirs = _empty((n_dirs, B, T, H, V), acc)
+    d_initial = _empty((B, H, K, V), acc) if spec.has_initial_state else None
+    final_dot_parts = _empty((n_blocks, B, H, K), torch.float64).numpy() if use_d_final else _placeholder(4, torch.float64)
     recurrent.backward_sweeps(
         q, k, v, decay, decay_rev, do, scale, initial, spec.has_initial_state, d_final, use_d_final,
         BACKWARD_BLOCK_V, dq_parts, dk_parts, dv_dirs.numpy(),
         d_initial.numpy() if d_initial is not None else _placeholder(4, acc), final_dot_parts,
     )
 
-    dq = torch.empty(B, T, H, K, dtype=acc)
-    dk = torch.empty(B, T, H, K, dtype=acc)
-    dg = torch.empty(B, T, H, K, dtype=acc)
-    dg_rev = torch.empty(B, T, H, K, dtype=acc) if spec.bidirectional else None
+    dq, dk, dg = (_empty((B, T, H, K), acc) for _ in range(3))
+    dg_rev = _empty((B, T, H, K), acc) if spec.bidirectional else None
     recurrent.combine_gradients(
         q, k, dq_parts, dk_parts, final_dot_parts, use_d_final, dq.numpy(), dk.numpy(), dg.numpy(),
         dg_rev.numpy() if dg_rev is not None else _placeholder(4, acc),

@@ -72,24 +72,34 @@ def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, b
         a_all = decay if d == 0 else decay_rev
         state = np.zeros((K, w), dtype=q.dtype)
         if use_initial:
-            state[:, :] = initial[b, h, :, j0 : j0 + w]
+            for i in range(K):
+                for j in range(w):
+                    state[i, j] = initial[b, h, i, j0 + j]
         acc = np.empty(w, dtype=q.dtype)
         for n in range(T):
             t = _time_index(n, T, d)
-            vt = v[b, t, h, j0 : j0 + w]
-            acc[:] = zero
+            v_t = v[b, t, h]
+            q_t = q[b, t, h]
+            k_t = k[b, t, h]
+            a_t = a_all[b, t, h]
+            for j in range(w):
+                acc[j] = zero
             for i in range(K):
-                a = a_all[b, t, h, i]
-                kk = k[b, t, h, i]
-                qq = q[b, t, h, i] * scale
+                a = a_t[i]
+                kk = k_t[i]
+                qq = q_t[i] * scale
                 row = state[i]
                 for j in range(w):
-                    s = a * row[j] + kk * vt[j]
+                    s = a * row[j] + kk * v_t[j0 + j]
                     row[j] = s
                     acc[j] += qq * s
-            o_dirs[d, b, t, h, j0 : j0 + w] = acc
+            out = o_dirs[d, b, t, h]
+            for j in range(w):
+                out[j0 + j] = acc[j]
         if write_final:
-            final[b, h, :, j0 : j0 + w] = state
+            for i in range(K):
+                for j in range(w):
+                    final[b, h, i, j0 + j] = state[i, j]
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
@@ -124,22 +134,28 @@ def backward_sweeps(
         state_t = np.zeros((w, K), dtype=q.dtype)
         if use_initial:
             for j in range(w):
-                state_t[j, :] = initial[b, h, :, j0 + j]
+                for i in range(K):
+                    state_t[j, i] = initial[b, h, i, j0 + j]
         dq_acc = np.empty(K, dtype=q.dtype)
         for n in range(T):
             t = _time_index(n, T, d)
-            at = a_all[b, t, h]
-            kt = k[b, t, h]
-            dq_acc[:] = zero
+            a_t = a_all[b, t, h]
+            k_t = k[b, t, h]
+            v_t = v[b, t, h]
+            do_t = do[b, t, h]
+            for i in range(K):
+                dq_acc[i] = zero
             for j in range(w):
-                vj = v[b, t, h, j0 + j]
-                dj = do[b, t, h, j0 + j] * scale
+                vj = v_t[j0 + j]
+                dj = do_t[j0 + j] * scale
                 row = state_t[j]
                 for i in range(K):
-                    s = at[i] * row[i] + kt[i] * vj
+                    s = a_t[i] * row[i] + k_t[i] * vj
                     row[i] = s
                     dq_acc[i] += s * dj
-            dq_parts[d, blk, b, t, h, :] = dq_acc
+            out = dq_parts[d, blk, b, t, h]
+            for i in range(K):
+                out[i] = dq_acc[i]
         if use_d_final:
             for i in range(K):
                 total = 0.0
@@ -151,28 +167,39 @@ def backward_sweeps(
         # is multiplied by a_t, which is what reaches step t - 1
         lam = np.zeros((K, w), dtype=q.dtype)
         if use_d_final:
-            lam[:, :] = d_final[b, h, :, j0 : j0 + w]
+            for i in range(K):
+                for j in range(w):
+                    lam[i, j] = d_final[b, h, i, j0 + j]
         dv_acc = np.empty(w, dtype=q.dtype)
         for n in range(T - 1, -1, -1):
             t = _time_index(n, T, d)
-            dot = do[b, t, h, j0 : j0 + w]
-            vt = v[b, t, h, j0 : j0 + w]
-            dv_acc[:] = zero
+            a_t = a_all[b, t, h]
+            q_t = q[b, t, h]
+            k_t = k[b, t, h]
+            v_t = v[b, t, h]
+            do_t = do[b, t, h]
+            dk_t = dk_parts[d, blk, b, t, h]
+            for j in range(w):
+                dv_acc[j] = zero
             for i in range(K):
-                sq = q[b, t, h, i] * scale
-                kk = k[b, t, h, i]
-                a = a_all[b, t, h, i]
+                sq = q_t[i] * scale
+                kk = k_t[i]
+                a = a_t[i]
                 row = lam[i]
                 dk_i = zero
                 for j in range(w):
-                    lam_ij = row[j] + sq * dot[j]
-                    dk_i += lam_ij * vt[j]
+                    lam_ij = row[j] + sq * do_t[j0 + j]
+                    dk_i += lam_ij * v_t[j0 + j]
                     dv_acc[j] += lam_ij * kk
                     row[j] = a * lam_ij
-                dk_parts[d, blk, b, t, h, i] = dk_i
-            dv_dirs[d, b, t, h, j0 : j0 + w] = dv_acc
+                dk_t[i] = dk_i
+            dv_t = dv_dirs[d, b, t, h]
+            for j in range(w):
+                dv_t[j0 + j] = dv_acc[j]
         if use_initial:
-            d_initial[b, h, :, j0 : j0 + w] = lam
+            for i in range(K):
+                for j in range(w):
+                    d_initial[b, h, i, j0 + j] = lam[i, j]
 
 
 @njit(parallel=True, cache=True)
@@ -186,28 +213,34 @@ def combine_gradients(q, k, dq_parts, dk_parts, final_dot_parts, use_d_final, dq
         b = item // H
         h = item % H
         gate_sum = np.zeros(K, dtype=np.float64)
+        dq_d = np.empty(K, dtype=q.dtype)
+        dk_d = np.empty(K, dtype=q.dtype)
         for d in range(n_dirs):
             dg_d = dg if d == 0 else dg_rev
-            gate_sum[:] = 0.0
+            for i in range(K):
+                gate_sum[i] = 0.0
             if use_d_final:  # causal only: Σ_v dS_T ⊙ S_T enters every step
                 for blk in range(n_blocks):
-                    gate_sum += final_dot_parts[blk, b, h]
+                    for i in range(K):
+                        gate_sum[i] += final_dot_parts[blk, b, h, i]
             for n in range(T - 1, -1, -1):
                 t = _time_index(n, T, d)
                 for i in range(K):
-                    dq_d = dq_parts[d, 0, b, t, h, i]
-                    dk_d = dk_parts[d, 0, b, t, h, i]
-                    for blk in range(1, n_blocks):
-                        dq_d += dq_parts[d, blk, b, t, h, i]
-                        dk_d += dk_parts[d, blk, b, t, h, i]
-                    gate_sum[i] += np.float64(q[b, t, h, i]) * np.float64(dq_d) - np.float64(k[b, t, h, i]) * np.float64(dk_d)
+                    dq_d[i] = dq_parts[d, 0, b, t, h, i]
+                    dk_d[i] = dk_parts[d, 0, b, t, h, i]
+                for blk in range(1, n_blocks):
+                    for i in range(K):
+                        dq_d[i] += dq_parts[d, blk, b, t, h, i]
+                        dk_d[i] += dk_parts[d, blk, b, t, h, i]
+                for i in range(K):
+                    gate_sum[i] += np.float64(q[b, t, h, i]) * np.float64(dq_d[i]) - np.float64(k[b, t, h, i]) * np.float64(dk_d[i])
                     dg_d[b, t, h, i] = gate_sum[i]
                     if d == 0:
-                        dq[b, t, h, i] = dq_d
-                        dk[b, t, h, i] = dk_d
+                        dq[b, t, h, i] = dq_d[i]
+                        dk[b, t, h, i] = dk_d[i]
                     else:
-                        dq[b, t, h, i] += dq_d
-                        dk[b, t, h, i] += dk_d
+                        dq[b, t, h, i] += dq_d[i]
+                        dk[b, t, h, i] += dk_d[i]
 
 
 @njit(parallel=True, cache=True)
