@@ -56,6 +56,11 @@ def _decays(g: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     return out
 
 
+def _threads() -> int:
+    """Numba's thread count for this thread (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``)."""
+    return numba.get_num_threads()
+
+
 def forward_block_v(sequences: int, head_dim_v: int, threads: int) -> int:
     """Columns per work item in the forward pass: all of V when there are enough sequences
     (batch × heads × directions) for every thread, else V split until there are."""
@@ -78,7 +83,7 @@ def forward(inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     initial = _array(inputs.initial_state, acc) if spec.has_initial_state else _placeholder(4, acc)
     final = _empty((B, H, K, V), acc) if spec.output_final_state else None
     o_dirs = _empty((n_dirs, B, T, H, V), acc)
-    block_v = forward_block_v(B * H * n_dirs, V, numba.get_num_threads())
+    block_v = forward_block_v(B * H * n_dirs, V, _threads())
     recurrent.forward_recurrence(
         q, k, v, decay, decay_rev, scale, initial, spec.has_initial_state, block_v,
         o_dirs.numpy(), final.numpy() if final is not None else _placeholder(4, acc), final is not None,
