@@ -78,7 +78,9 @@ def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, b
         acc = np.empty(w, dtype=q.dtype)
         for n in range(T):
             t = _time_index(n, T, d)
-            v_t = v[b, t, h]
+            # slices of the block, indexed from 0: an index like j0 + j is not provably
+            # non-negative, and Numba's negative-index wraparound then blocks vectorisation
+            v_t = v[b, t, h, j0 : j0 + w]
             q_t = q[b, t, h]
             k_t = k[b, t, h]
             a_t = a_all[b, t, h]
@@ -90,12 +92,12 @@ def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, b
                 qq = q_t[i] * scale
                 row = state[i]
                 for j in range(w):
-                    s = a * row[j] + kk * v_t[j0 + j]
+                    s = a * row[j] + kk * v_t[j]
                     row[j] = s
                     acc[j] += qq * s
-            out = o_dirs[d, b, t, h]
+            out = o_dirs[d, b, t, h, j0 : j0 + w]
             for j in range(w):
-                out[j0 + j] = acc[j]
+                out[j] = acc[j]
         if write_final:
             for i in range(K):
                 for j in range(w):
@@ -141,13 +143,13 @@ def backward_sweeps(
             t = _time_index(n, T, d)
             a_t = a_all[b, t, h]
             k_t = k[b, t, h]
-            v_t = v[b, t, h]
-            do_t = do[b, t, h]
+            v_t = v[b, t, h, j0 : j0 + w]
+            do_t = do[b, t, h, j0 : j0 + w]
             for i in range(K):
                 dq_acc[i] = zero
             for j in range(w):
-                vj = v_t[j0 + j]
-                dj = do_t[j0 + j] * scale
+                vj = v_t[j]
+                dj = do_t[j] * scale
                 row = state_t[j]
                 for i in range(K):
                     s = a_t[i] * row[i] + k_t[i] * vj
@@ -176,8 +178,8 @@ def backward_sweeps(
             a_t = a_all[b, t, h]
             q_t = q[b, t, h]
             k_t = k[b, t, h]
-            v_t = v[b, t, h]
-            do_t = do[b, t, h]
+            v_t = v[b, t, h, j0 : j0 + w]
+            do_t = do[b, t, h, j0 : j0 + w]
             dk_t = dk_parts[d, blk, b, t, h]
             for j in range(w):
                 dv_acc[j] = zero
@@ -188,14 +190,14 @@ def backward_sweeps(
                 row = lam[i]
                 dk_i = zero
                 for j in range(w):
-                    lam_ij = row[j] + sq * do_t[j0 + j]
-                    dk_i += lam_ij * v_t[j0 + j]
+                    lam_ij = row[j] + sq * do_t[j]
+                    dk_i += lam_ij * v_t[j]
                     dv_acc[j] += lam_ij * kk
                     row[j] = a * lam_ij
                 dk_t[i] = dk_i
-            dv_t = dv_dirs[d, b, t, h]
+            dv_t = dv_dirs[d, b, t, h, j0 : j0 + w]
             for j in range(w):
-                dv_t[j0 + j] = dv_acc[j]
+                dv_t[j] = dv_acc[j]
         if use_initial:
             for i in range(K):
                 for j in range(w):
