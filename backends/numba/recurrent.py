@@ -55,49 +55,58 @@ def _time_index(step, seq_len, direction):
 
 
 @njit(parallel=True, cache=True)
-def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, block_v, o_dirs, final, write_final):
-    """``o_dirs[d]`` = direction ``d``'s output (already multiplied by ``scale``).
+def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, n_dirs, block_v, o_bufs, final, write_final):
+    """The output of ``n_dirs`` directions (1: causal, 2: bidirectional), times ``scale``.
 
-    ``decay_rev`` is used by direction 1 (``o_dirs.shape[0] == 2``); ``initial`` / ``final``
-    ``[B, H, K, V]`` only when ``use_initial`` / ``write_final`` (causal)."""
+    One buffer (``o_bufs.shape[0] == 1``): a work item walks every direction of its sequence
+    in turn and adds them up in place. ``n_dirs`` buffers: every direction is a work item of
+    its own (more items for few sequences) and writes its own buffer; the caller adds them.
+    ``decay_rev`` serves direction 1; ``initial`` / ``final`` ``[B, H, K, V]`` are used only
+    when ``use_initial`` / ``write_final`` (causal)."""
     B, T, H, K = q.shape
     V = v.shape[3]
-    n_dirs = o_dirs.shape[0]
+    n_bufs = o_bufs.shape[0]
+    dirs_per_item = n_dirs // n_bufs
     n_blocks = (V + block_v - 1) // block_v
     zero = q.dtype.type(0)
-    for item in prange(B * H * n_dirs * n_blocks):
-        b, h, d, blk = _work_item(item, H, n_dirs, n_blocks)
+    for item in prange(B * H * n_bufs * n_blocks):
+        b, h, buf, blk = _work_item(item, H, n_bufs, n_blocks)
         j0 = blk * block_v
         w = min(block_v, V - j0)
-        a_all = decay if d == 0 else decay_rev
         state = np.zeros((K, w), dtype=q.dtype)
-        if use_initial:
-            for i in range(K):
-                for j in range(w):
-                    state[i, j] = initial[b, h, i, j0 + j]
         acc = np.empty(w, dtype=q.dtype)
-        for n in range(T):
-            t = _time_index(n, T, d)
-            # slices of the block, indexed from 0: an index like j0 + j is not provably
-            # non-negative, and Numba's negative-index wraparound then blocks vectorisation
-            v_t = v[b, t, h, j0 : j0 + w]
-            q_t = q[b, t, h]
-            k_t = k[b, t, h]
-            a_t = a_all[b, t, h]
-            for j in range(w):
-                acc[j] = zero
+        for step_dir in range(dirs_per_item):
+            d = buf + step_dir
+            a_all = decay if d == 0 else decay_rev
             for i in range(K):
-                a = a_t[i]
-                kk = k_t[i]
-                qq = q_t[i] * scale
-                row = state[i]
                 for j in range(w):
-                    s = a * row[j] + kk * v_t[j]
-                    row[j] = s
-                    acc[j] += qq * s
-            out = o_dirs[d, b, t, h, j0 : j0 + w]
-            for j in range(w):
-                out[j] = acc[j]
+                    state[i, j] = initial[b, h, i, j0 + j] if use_initial else zero
+            for n in range(T):
+                t = _time_index(n, T, d)
+                # slices of the block, indexed from 0: an index like j0 + j is not provably
+                # non-negative, and Numba's negative-index wraparound then blocks vectorisation
+                v_t = v[b, t, h, j0 : j0 + w]
+                q_t = q[b, t, h]
+                k_t = k[b, t, h]
+                a_t = a_all[b, t, h]
+                for j in range(w):
+                    acc[j] = zero
+                for i in range(K):
+                    a = a_t[i]
+                    kk = k_t[i]
+                    qq = q_t[i] * scale
+                    row = state[i]
+                    for j in range(w):
+                        s = a * row[j] + kk * v_t[j]
+                        row[j] = s
+                        acc[j] += qq * s
+                out = o_bufs[buf, b, t, h, j0 : j0 + w]
+                if step_dir == 0:
+                    for j in range(w):
+                        out[j] = acc[j]
+                else:
+                    for j in range(w):
+                        out[j] += acc[j]
         if write_final:
             for i in range(K):
                 for j in range(w):
@@ -253,3 +262,14 @@ def exp_rows(x, out):
     for r in prange(x.shape[0]):
         for i in range(x.shape[1]):
             out[r, i] = np.exp(x[r, i])
+
+
+@njit(parallel=True, cache=True)
+def sum_directions(parts, out):
+    """``out = parts[0] + parts[1]`` for ``[2, N, D]`` / ``[N, D]`` arrays, row by row."""
+    for r in prange(out.shape[0]):
+        first = parts[0, r]
+        second = parts[1, r]
+        row = out[r]
+        for i in range(out.shape[1]):
+            row[i] = first[i] + second[i]
