@@ -236,22 +236,35 @@ def combine_gradients(q, k, dq_parts, dk_parts, final_dot_parts, use_d_final, dq
                         gate_sum[i] += final_dot_parts[blk, b, h, i]
             for n in range(T - 1, -1, -1):
                 t = _time_index(n, T, d)
+                # one view per statement: a view unpacked from a tuple inside prange lost its
+                # writes (Numba 0.68)
+                part_q = dq_parts[d, 0, b, t, h]
+                part_k = dk_parts[d, 0, b, t, h]
                 for i in range(K):
-                    dq_d[i] = dq_parts[d, 0, b, t, h, i]
-                    dk_d[i] = dk_parts[d, 0, b, t, h, i]
+                    dq_d[i] = part_q[i]
+                    dk_d[i] = part_k[i]
                 for blk in range(1, n_blocks):
+                    part_q = dq_parts[d, blk, b, t, h]
+                    part_k = dk_parts[d, blk, b, t, h]
                     for i in range(K):
-                        dq_d[i] += dq_parts[d, blk, b, t, h, i]
-                        dk_d[i] += dk_parts[d, blk, b, t, h, i]
+                        dq_d[i] += part_q[i]
+                        dk_d[i] += part_k[i]
+                q_t = q[b, t, h]
+                k_t = k[b, t, h]
+                dg_t = dg_d[b, t, h]
                 for i in range(K):
-                    gate_sum[i] += np.float64(q[b, t, h, i]) * np.float64(dq_d[i]) - np.float64(k[b, t, h, i]) * np.float64(dk_d[i])
-                    dg_d[b, t, h, i] = gate_sum[i]
-                    if d == 0:
-                        dq[b, t, h, i] = dq_d[i]
-                        dk[b, t, h, i] = dk_d[i]
-                    else:
-                        dq[b, t, h, i] += dq_d[i]
-                        dk[b, t, h, i] += dk_d[i]
+                    gate_sum[i] += np.float64(q_t[i]) * np.float64(dq_d[i]) - np.float64(k_t[i]) * np.float64(dk_d[i])
+                    dg_t[i] = gate_sum[i]
+                dq_t = dq[b, t, h]
+                dk_t = dk[b, t, h]
+                if d == 0:
+                    for i in range(K):
+                        dq_t[i] = dq_d[i]
+                        dk_t[i] = dk_d[i]
+                else:
+                    for i in range(K):
+                        dq_t[i] += dq_d[i]
+                        dk_t[i] += dk_d[i]
 
 
 @njit(parallel=True, cache=True)
