@@ -67,13 +67,15 @@ def _run_all(case: Case, seed: int):
 @needs_numba
 @pytest.mark.parametrize(
     "case",
-    [Case(1, 29, 1, 12, 67, torch.float32, bidirectional=False, states=True, gates="strong"),
-     Case(1, 29, 1, 12, 67, torch.float32), Case(2, 19, 1, 5, 40, torch.float64)],
+    [Case(1, 29, 1, 12, 40, torch.float32, bidirectional=False, states=True, gates="strong"),
+     Case(1, 29, 1, 12, 40, torch.float32), Case(2, 19, 1, 5, 40, torch.float64),
+     Case(1, 23, 1, 6, 67, torch.float32, bidirectional=False, states=True)],
     ids=lambda c: c.id(),
 )
 def test_results_do_not_depend_on_the_work_split(monkeypatch, case):
-    """Bitwise: splitting V over more work items (more threads, few sequences) changes no bit
-    of any output or gradient."""
+    """Bitwise: with more threads than sequences the work is cut finer (directions and value
+    blocks as separate items, shares added afterwards) than with a sequence per thread (items
+    that own whole sequences); no bit of any output or gradient may change."""
     launch = _launch()
     results = {}
     for threads in (1, 2, 5, 64):
