@@ -49,9 +49,9 @@ def _placeholder(ndim: int, dtype: torch.dtype) -> np.ndarray:
 
 
 def _decays(g: torch.Tensor, acc: torch.dtype) -> np.ndarray:
-    """``exp(g)``, computed once per call instead of once per value block. Computed by Numba,
-    not torch: torch's CPU exp treats the tail of a buffer with a different (scalar) routine,
-    which would make a token's decay depend on its position in the batch."""
+    """``exp(g)`` for the backward pass, once instead of once per sweep and value block.
+    Computed by Numba, not torch: torch's CPU exp treats the tail of a buffer with another
+    (scalar) routine, which would make a token's decay depend on its position in the batch."""
     gates = _array(g, acc)
     out = _empty(gates.shape, acc).numpy()
     recurrent.exp_rows(gates.reshape(-1, gates.shape[-1]), out.reshape(-1, gates.shape[-1]))
@@ -86,9 +86,8 @@ def forward(inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     acc = spec.state_dtype
     B, T, H, K, V = spec.batch, spec.seq_len, spec.heads, spec.head_dim_k, spec.head_dim_v
     n_dirs = 2 if spec.bidirectional else 1
-    q, k, v = (_array(x, acc) for x in (inputs.q, inputs.k, inputs.v))
-    decay = _decays(inputs.g, acc)
-    decay_rev = _decays(inputs.g_reverse, acc) if spec.bidirectional else decay
+    q, k, v, g = (_array(x, acc) for x in (inputs.q, inputs.k, inputs.v, inputs.g))
+    g_rev = _array(inputs.g_reverse, acc) if spec.bidirectional else g
     # the two directions are averaged: each runs with half the scale
     scale = q.dtype.type(inputs.scale * (0.5 if spec.bidirectional else 1.0))
     initial = _array(inputs.initial_state, acc) if spec.has_initial_state else _placeholder(4, acc)
@@ -101,7 +100,7 @@ def forward(inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     o_bufs = _empty((n_bufs, B, T, H, V), acc)
     block_v = forward_block_v(B * H * n_bufs, V, threads)
     recurrent.forward_recurrence(
-        q, k, v, decay, decay_rev, scale, initial, spec.has_initial_state, n_dirs, block_v,
+        q, k, v, g, g_rev, scale, initial, spec.has_initial_state, n_dirs, block_v,
         o_bufs.numpy(), final.numpy() if final is not None else _placeholder(4, acc), final is not None,
     )
     o = o_bufs[0] if n_bufs == 1 else _sum_directions(o_bufs)

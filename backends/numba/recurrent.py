@@ -32,7 +32,9 @@ float64 so that T·eps rounding stays out of ``dg``.
 
 Arrays: inputs ``[B, T, H, D]`` C-contiguous, all in one float dtype (float32 or float64),
 which is also the dtype of every product and accumulator except the float64 gate sums.
-``decay = exp(g)`` is precomputed by the caller (once, instead of once per value block).
+The forward pass exponentiates the gates as it goes (each decay is used once); the backward
+pass uses each decay twice per value block, so it reads ``decay = exp(g)`` precomputed by
+:func:`exp_rows`.
 
 Every jitted function lives in this one file on purpose: Numba's on-disk cache notices a
 change to the file that holds a kernel, not to another file that holds a helper it calls.
@@ -61,14 +63,15 @@ def _time_index(step, seq_len, direction):
 
 
 @njit(parallel=True, cache=True)
-def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, n_dirs, block_v, o_bufs, final, write_final):
+def forward_recurrence(q, k, v, g, g_rev, scale, initial, use_initial, n_dirs, block_v, o_bufs, final, write_final):
     """The output of ``n_dirs`` directions (1: causal, 2: bidirectional), times ``scale``.
 
     One buffer (``o_bufs.shape[0] == 1``): a work item walks every direction of its sequence
     in turn and adds them up in place. ``n_dirs`` buffers: every direction is a work item of
     its own (more items for few sequences) and writes its own buffer; the caller adds them.
-    ``decay_rev`` serves direction 1; ``initial`` / ``final`` ``[B, H, K, V]`` are used only
-    when ``use_initial`` / ``write_final`` (causal)."""
+    ``g_rev`` serves direction 1; ``initial`` / ``final`` ``[B, H, K, V]`` are used only when
+    ``use_initial`` / ``write_final`` (causal). Decays are exponentiated here, each once (per
+    value block), rather than read from a precomputed array: one pass over memory fewer."""
     B, T, H, K = q.shape
     V = v.shape[3]
     n_bufs = o_bufs.shape[0]
@@ -83,7 +86,7 @@ def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, n
         acc = np.empty(w, dtype=q.dtype)
         for step_dir in range(dirs_per_item):
             d = buf + step_dir
-            a_all = decay if d == 0 else decay_rev
+            gates = g if d == 0 else g_rev
             for i in range(K):
                 for j in range(w):
                     state[i, j] = initial[b, h, i, j0 + j] if use_initial else zero
@@ -94,11 +97,11 @@ def forward_recurrence(q, k, v, decay, decay_rev, scale, initial, use_initial, n
                 v_t = v[b, t, h, j0 : j0 + w]
                 q_t = q[b, t, h]
                 k_t = k[b, t, h]
-                a_t = a_all[b, t, h]
+                g_t = gates[b, t, h]
                 for j in range(w):
                     acc[j] = zero
                 for i in range(K):
-                    a = a_t[i]
+                    a = np.exp(g_t[i])
                     kk = k_t[i]
                     qq = q_t[i] * scale
                     row = state[i]
