@@ -63,6 +63,25 @@ def _threads() -> int:
     return numba.get_num_threads()
 
 
+#: Rough cost of running directions as separate work items (a second buffer and a pass that
+#: adds them up) relative to items that own whole sequences; only decides between layouts.
+SPLIT_OVERHEAD = 1.15
+
+
+def directions_apart(sequences: int, n_dirs: int, threads: int) -> bool:
+    """Whether the directions of a bidirectional call should be work items of their own.
+
+    Items that own a whole sequence (every direction in turn) avoid extra buffers and passes;
+    items per direction are twice as many, which balances better when the sequences do not
+    divide evenly among the threads (3 sequences on 2 threads: 2 rounds of 2 directions
+    against 3 rounds of 1). The choice never changes a result bit, only the time."""
+    if n_dirs == 1:
+        return False
+    whole = -(-sequences // threads) * n_dirs
+    apart = -(-(sequences * n_dirs) // threads) * SPLIT_OVERHEAD
+    return apart < whole
+
+
 def forward_block_v(work_items: int, head_dim_v: int, threads: int) -> int:
     """Columns per work item in the forward pass: all of V when there are enough work items
     for every thread, else V split until there are (results do not change: the columns of
@@ -93,10 +112,9 @@ def forward(inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     initial = _array(inputs.initial_state, acc) if spec.has_initial_state else _placeholder(4, acc)
     final = _empty((B, H, K, V), acc) if spec.output_final_state else None
     threads = _threads()
-    # with a sequence per thread, one work item walks both directions and adds them in place
-    # (measured faster: no second buffer, no extra pass); with fewer, every direction is a
-    # work item of its own and the two buffers are added afterwards (same arithmetic)
-    n_bufs = 1 if B * H >= threads else n_dirs
+    # one work item walks every direction of its sequence and adds them in place, or every
+    # direction is an item of its own and the buffers are added afterwards (same arithmetic)
+    n_bufs = n_dirs if directions_apart(B * H, n_dirs, threads) else 1
     o_bufs = _empty((n_bufs, B, T, H, V), acc)
     block_v = forward_block_v(B * H * n_bufs, V, threads)
     recurrent.forward_recurrence(
@@ -126,8 +144,8 @@ def backward(inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Opt
     dg_rev = _empty((B, T, H, K), acc) if spec.bidirectional else None
     dg_rev_array = dg_rev.numpy() if dg_rev is not None else _placeholder(4, acc)
 
-    if n_blocks == 1 and B * H >= _threads():
-        # a sequence per thread: items own whole sequences and write only the gradients
+    if n_blocks == 1 and not directions_apart(B * H, n_dirs, _threads()):
+        # items own whole sequences and write only the gradients
         dv = _empty((B, T, H, V), acc)
         recurrent.backward_whole_sequences(
             q, k, v, decay, decay_rev, do, scale, n_dirs, initial, spec.has_initial_state, d_final, use_d_final,
