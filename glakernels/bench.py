@@ -49,6 +49,25 @@ CPU_SHAPES: dict[str, Shape] = {
     "vigT_1024_B1": Shape("vigT_1024_B1", 1, 4096, 3, 32, 64),
 }
 
+#: Each DESIGN shape cut down (batch, then length) so that a CPU benchmark of the slowest
+#: backend stays well under a second; same heads and head dims as the original.
+_CPU_SCALED = {
+    "vigT_224": (4, 196),
+    "vigB_224": (1, 196),
+    "vigT_1024": (1, 1024),
+    "vigT_2048": (1, 2048),
+    "lm_4k": (1, 512),
+}
+
+
+def shape_for_device(name: str, device_type: str) -> Shape:
+    """The DESIGN §7 shape ``name`` on GPUs; its cut-down version (same name) on the CPU."""
+    shape = SHAPES[name]
+    if device_type != "cpu":
+        return shape
+    batch, seq_len = _CPU_SCALED[name]
+    return Shape(name, batch, seq_len, shape.heads, shape.head_dim_k, shape.head_dim_v)
+
 
 def random_inputs(
     shape: Shape,
@@ -119,3 +138,14 @@ def median_time(fn: Callable[[], object], device: str | torch.device = "cpu", *,
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def copy_bandwidth(device: str | torch.device = "cpu") -> float:
+    """Measured device-memory bandwidth in bytes/s (bytes read plus written by a large copy):
+    the rate the memory floor is taken at, measured on the machine that runs the benchmark."""
+    cuda = torch.device(device).type == "cuda"
+    numel = (1 << 28) if cuda else (1 << 25)  # 1 GiB on GPUs, 128 MiB on the CPU (float32)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, warmup=2, repeats=9)
+    return 2 * src.numel() * src.element_size() / seconds

@@ -1,0 +1,123 @@
+"""asv suites for the op: every registered backend × DESIGN §7 shape × dtype × direction.
+
+Backends come from the registry, so a new backend is benchmarked as soon as it registers.
+A combination a backend cannot run on this machine (not installed, wrong device, dtype...)
+raises ``NotImplementedError`` in ``setup``, which asv records as skipped. On a CUDA machine the
+shapes are DESIGN §7's; on the CPU they are cut down (``glakernels.bench.shape_for_device``).
+JIT compilation and autotuning happen in ``setup``, so ``time_*`` holds only the measured call;
+GPU work is synchronised inside every timed call.
+"""
+
+import torch
+
+from glakernels import bench, gated_linear_attention
+from glakernels._dispatch import registry
+from glakernels._problem import ProblemSpec
+
+BACKENDS = registry.names()
+SHAPES = list(bench.SHAPES)
+DTYPES = ["bfloat16", "float32"]
+DIRECTIONS = ["bidirectional", "causal"]
+
+
+def _device() -> str:
+    # decided inside each benchmark process, never at import: asv's forkserver imports this
+    # module once and forks, and CUDA must not be initialised before the fork
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Op:
+    params = (BACKENDS, SHAPES, DTYPES, DIRECTIONS)
+    param_names = ["backend", "shape", "dtype", "direction"]
+    timeout = 600
+
+    def setup(self, backend, shape_name, dtype_name, direction):
+        self.device = _device()
+        self.shape = bench.shape_for_device(shape_name, torch.device(self.device).type)
+        self.dtype = getattr(torch, dtype_name)
+        self.bidirectional = direction == "bidirectional"
+        s = self.shape
+        spec = ProblemSpec(s.batch, s.seq_len, s.heads, s.head_dim_k, s.head_dim_v, self.dtype,
+                           torch.device(self.device).type, self.bidirectional)
+        reasons = registry.get(backend).not_supported_reasons(spec)
+        if reasons:
+            raise NotImplementedError(f"{backend}: {'; '.join(reasons)}")
+        self.backend = backend
+        self.inputs = bench.random_inputs(s, self.dtype, self.device, bidirectional=self.bidirectional,
+                                          requires_grad=True)
+        self.grad = torch.randn(s.batch, s.seq_len, s.heads, s.head_dim_v, device=self.device, dtype=self.dtype)
+        self.forward_backward()  # compile / autotune / JIT outside the timings
+
+    def forward(self):
+        with torch.no_grad():
+            gated_linear_attention(**self.inputs, bidirectional=self.bidirectional, backend=self.backend)
+        bench.synchronize(self.device)
+
+    def forward_backward(self):
+        out = gated_linear_attention(**self.inputs, bidirectional=self.bidirectional, backend=self.backend)
+        out.backward(self.grad)
+        bench.synchronize(self.device)
+
+
+class TimeOp(_Op):
+    """Wall time of one call (forward only, and forward + backward)."""
+
+    def time_forward(self, *params):
+        self.forward()
+
+    def time_forward_backward(self, *params):
+        self.forward_backward()
+
+
+class MemoryOp(_Op):
+    """Peak process memory (RSS) of forward + backward."""
+
+    def peakmem_forward_backward(self, *params):
+        self.forward_backward()
+
+
+class GpuMemoryOp(_Op):
+    """Peak GPU memory the allocator held during forward + backward, above the inputs."""
+
+    def setup(self, *params):
+        if _device() != "cuda":
+            raise NotImplementedError("GPU memory is tracked on CUDA machines only")
+        super().setup(*params)
+
+    def track_peak_memory_forward_backward(self, *params):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        self.forward_backward()
+        return torch.cuda.max_memory_allocated() - before
+
+    track_peak_memory_forward_backward.unit = "bytes"
+
+
+class BandwidthOp(_Op):
+    """Achieved bandwidth (bytes that must move / time) and time over the memory floor, the
+    floor taken at this machine's measured copy bandwidth (DESIGN §8 uses 3.0 TB/s on H100)."""
+
+    def setup_cache(self):
+        return bench.copy_bandwidth(_device())
+
+    def setup(self, bandwidth, *params):
+        super().setup(*params)
+        self.copy_bandwidth = bandwidth
+
+    def _bytes(self, backward):
+        return bench.memory_floor_bytes(self.shape, self.dtype, bidirectional=self.bidirectional, backward=backward)
+
+    def track_forward_bandwidth(self, *params):
+        return self._bytes(False) / bench.median_time(self.forward, self.device) / 1e9
+
+    track_forward_bandwidth.unit = "GB/s"
+
+    def track_forward_floor_ratio(self, *params):
+        return bench.median_time(self.forward, self.device) / (self._bytes(False) / self.copy_bandwidth)
+
+    track_forward_floor_ratio.unit = "x floor"
+
+    def track_forward_backward_floor_ratio(self, *params):
+        return bench.median_time(self.forward_backward, self.device) / (self._bytes(True) / self.copy_bandwidth)
+
+    track_forward_backward_floor_ratio.unit = "x floor"
