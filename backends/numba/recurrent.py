@@ -227,10 +227,10 @@ def backward_whole_sequences(
     q, k, v, decay, decay_rev, do, scale, n_dirs, initial, use_initial, d_final, use_d_final,
     dq, dk, dv, dg, dg_rev, d_initial,
 ):
-    """The whole backward pass, one work item per (batch, head), every direction and all of V
-    in one item (for V up to one value block, and a sequence per thread). Nothing but the
-    gradients is written: a direction's ``dq`` waits in its gate-gradient output between the
-    two sweeps, and the reverse sweep replaces it with the gate gradient."""
+    """The whole backward pass, one work item per (batch, head): every direction in turn and
+    all of V (at most one value block). Nothing but the gradients is written: a direction's
+    ``dq`` waits in its gate-gradient output between the two sweeps, and the reverse sweep
+    replaces it with the gate gradient; the second direction adds to the first's dq, dk, dv."""
     B, T, H, K = q.shape
     V = v.shape[3]
     for item in prange(B * H):
