@@ -4,6 +4,7 @@ on-disk kernel cache of a read-only install."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 import shutil
@@ -109,6 +110,20 @@ def test_numba_num_threads_is_respected_and_changes_nothing(tmp_path):
     here = _run_all(case, seed=7)
     for name, value in here.items():
         assert torch.equal(value, single[name]), name
+
+
+@needs_numba
+def test_concurrent_calls_from_python_threads():
+    """Several Python threads calling at once (a threading layer that is not thread-safe
+    aborts the process here) get the bits they get one at a time."""
+    cases = [Case(2, 31, 2, 8, 24, torch.float32), Case(1, 40, 3, 16, 8, torch.float32, bidirectional=False, states=True)]
+    jobs = [(case, seed) for case in cases for seed in range(3)]
+    expected = [_run_all(case, seed) for case, seed in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda job: _run_all(*job), jobs))
+    for (case, seed), got, want in zip(jobs, results, expected):
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"{case.id()} seed {seed}: {name}"
 
 
 @needs_numba
