@@ -70,7 +70,7 @@ def _run_all(case: Case, seed: int):
     "case",
     [Case(1, 29, 1, 12, 40, torch.float32, bidirectional=False, states=True, gates="strong"),
      Case(1, 29, 1, 12, 40, torch.float32), Case(2, 19, 1, 5, 40, torch.float64),
-     Case(1, 23, 1, 6, 67, torch.float32, bidirectional=False, states=True)],
+     Case(1, 23, 1, 6, 67, torch.float32, bidirectional=False, states=True), Case(1, 29, 1, 12, 67, torch.float32)],
     ids=lambda c: c.id(),
 )
 def test_results_do_not_depend_on_the_work_split(monkeypatch, case):
