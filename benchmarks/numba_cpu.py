@@ -8,7 +8,8 @@ load from other processes on a shared machine falls on all of them alike. Report
 and minimum over rounds (ms), and ratios of medians and of minima (on a machine shared with
 other work the minimum is the steadier estimate of the unloaded time). The issue's targets (DESIGN §8, issue
 #3): forward+backward at least 3x faster than torch at (8, 196, 3, 32, 64) and
-(1, 4096, 3, 32, 64), bidirectional float32; T = 8192 at most 2.2x the time of T = 4096.
+(1, 4096, 3, 32, 64), bidirectional float32; T = 8192 at most 2.2x the time of T = 4096
+(the growth table also shows T = 2048 and 16384, to tell cache effects from the algorithm).
 
 Compile time: a fresh process with an empty ``NUMBA_CACHE_DIR`` (cold: every kernel compiled),
 then a second process on the same directory (warm: kernels loaded from the disk cache).
@@ -108,13 +109,16 @@ def speed_table(dtype: torch.dtype, rounds: int) -> None:
 
 
 def growth_table(dtype: torch.dtype, rounds: int) -> None:
-    print(f"\nnumba, growth in T (B=1, H=3, K=32, V=64, bidirectional), {rounds} interleaved rounds (ms: median, min)")
-    print(f"  {'pass':<8} {'T=4096':>19} {'T=8192':>19} {'8192/4096':>16}")
-    short, long = (bench.Shape(f"T{T}", 1, T, 3, 32, 64) for T in (4096, 8192))
-    inputs = {s.seq_len: bench.random_inputs(s, dtype, requires_grad=True) for s in (short, long)}
+    lengths = (2048, 4096, 8192, 16384)
+    print(f"\nnumba, growth in T (B=1, H=3, K=32, V=64, bidirectional), {rounds} interleaved rounds "
+          "(ms: median, min; ratios to the previous T of medians, of minima)")
+    print(f"  {'pass':<8} {'T':>6} {'time':>19} {'ratios':>16}")
+    inputs = {T: bench.random_inputs(bench.Shape(f"T{T}", 1, T, 3, 32, 64), dtype, requires_grad=True) for T in lengths}
     for label, make in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
         times = interleaved({T: make(x, "numba") for T, x in inputs.items()}, rounds)
-        print(f"  {label:<8} {_ms(times[4096])} {_ms(times[8192])} {_ratios(times[8192], times[4096])}")
+        for previous, T in zip((None, *lengths), lengths):
+            ratios = _ratios(times[T], times[previous]) if previous else ""
+            print(f"  {label:<8} {T:>6} {_ms(times[T])} {ratios}")
 
 
 _FIRST_CALL = """
