@@ -51,7 +51,7 @@ def nan_buffers(monkeypatch):
     ids=lambda c: c.id(),
 )
 def test_every_element_is_written(nan_buffers, monkeypatch, threads, case):
-    # the thread count changes how the forward pass splits V over work items
+    # the thread count decides how the work is cut into items (directions, value blocks)
     monkeypatch.setattr(_launch(), "_threads", lambda: threads)
     check_against_reference("numba", case, "cpu", seed=threads)
 

@@ -10,13 +10,15 @@ gate in ``[-1e4, 0]`` with no special care (``a_t = 0`` is a hard reset), and it
 exactly linear in ``T``. The reverse direction is the same recurrence walking time backwards
 with ``g_reverse``; no flipped copies are made.
 
-Parallelism: with a sequence per thread, a work item owns one (batch, head): every
-direction in turn, all value columns, adding the directions in place. With fewer sequences
-than threads, directions and blocks of value columns become work items of their own: the
-columns of ``S`` evolve independently, so the forward pass splits ``V`` freely; the backward
-pass writes each block's share of the sums over ``V`` (``dq``, ``dk``) and adds them in a fixed
-order afterwards. Both layouts perform the same arithmetic in the same order, and every item
-owns its outputs, so results never depend on the batch, the thread count or scheduling.
+Parallelism: a work item owns one (batch, head): every direction in turn, all value
+columns, adding the directions in place. When that would leave threads idle or unevenly
+loaded (fewer sequences than threads, or 3 sequences on 2 threads), directions and blocks
+of value columns become work items of their own: the columns of ``S`` evolve independently,
+so the forward pass splits ``V`` freely; the backward pass writes each block's share of the
+sums over ``V`` (``dq``, ``dk``) and adds them in a fixed order afterwards (it always does so
+for V above one block). Both layouts perform the same arithmetic in the same order, and
+every item owns its outputs, so results never depend on the batch, the thread count or
+scheduling.
 
 Backward, without storing per-step states (Λ_t = dL/dS_t, ``dS_T`` the final-state gradient)::
 
@@ -284,7 +286,8 @@ def backward_sweeps(
     dq_parts, dk_parts, dv_dirs, d_initial, final_dot_parts,
 ):
     """Both sweeps for every (batch, head, direction, value block); :func:`combine_gradients`
-    then adds the shares. For few sequences (more items than ``B·H``) or V above one block.
+    then adds the shares. For V above one block, or when directions as separate items balance
+    the threads better.
 
     Writes ``dq_parts`` / ``dk_parts`` ``[n_dirs, n_blocks, B, T, H, K]`` (this block's share
     of the sums over V), ``dv_dirs`` ``[n_dirs, B, T, H, V]``, ``d_initial`` ``[B, H, K, V]``
