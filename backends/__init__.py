@@ -13,7 +13,7 @@ import importlib
 
 #: Import order only affects the order of listings; automatic selection uses each backend's
 #: declared ``auto_priority``.
-BUILTIN = ("pytorch", "triton", "cupy")
+BUILTIN = ("pytorch", "numba", "triton", "cupy")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")

@@ -2,6 +2,7 @@
 backends never fall back; available_backends(); the glakernels command."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -135,7 +136,7 @@ def test_named_backend_never_falls_back(clean_env):
             message = str(info.value)
             assert "triton is not installed" in message
             assert "device 'cpu' not supported (runs on cuda)" in message
-            assert "Backends that can: torch" in message
+            assert re.search(r"Backends that can: [\w, -]*\btorch\b", message), message
         assert isinstance(info.value, ValueError)
 
 
