@@ -52,11 +52,11 @@ CPU_SHAPES: dict[str, Shape] = {
 #: Each DESIGN shape cut down (batch, then length) so that a CPU benchmark of the slowest
 #: backend stays well under a second; same heads and head dims as the original.
 _CPU_SCALED = {
-    "vigT_224": (4, 196),
+    "vigT_224": (2, 196),
     "vigB_224": (1, 196),
     "vigT_1024": (1, 1024),
     "vigT_2048": (1, 2048),
-    "lm_4k": (1, 512),
+    "lm_4k": (1, 256),
 }
 
 

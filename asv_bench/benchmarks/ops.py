@@ -122,16 +122,16 @@ class BandwidthOp(_Op):
         return bench.memory_floor_bytes(self.shape, self.dtype, bidirectional=self.bidirectional, backward=backward)
 
     def track_forward_bandwidth(self, *params):
-        return self._bytes(False) / bench.median_time(self.forward, self.device) / 1e9
+        return self._bytes(False) / bench.median_time(self.forward, self.device, warmup=1, repeats=3) / 1e9
 
     track_forward_bandwidth.unit = "GB/s"
 
     def track_forward_floor_ratio(self, *params):
-        return bench.median_time(self.forward, self.device) / (self._bytes(False) / self.copy_bandwidth)
+        return bench.median_time(self.forward, self.device, warmup=1, repeats=3) / (self._bytes(False) / self.copy_bandwidth)
 
     track_forward_floor_ratio.unit = "x floor"
 
     def track_forward_backward_floor_ratio(self, *params):
-        return bench.median_time(self.forward_backward, self.device) / (self._bytes(True) / self.copy_bandwidth)
+        return bench.median_time(self.forward_backward, self.device, warmup=1, repeats=3) / (self._bytes(True) / self.copy_bandwidth)
 
     track_forward_backward_floor_ratio.unit = "x floor"
