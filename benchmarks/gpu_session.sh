@@ -49,8 +49,9 @@ fi
 if wants asv; then
     # asv needs the git history to date the commit: use the checkout's, or a bundle of it
     # (git bundle create .stage/repo.bundle HEAD) where the tree was copied without .git
+    # (the bundle first: a device copy of the tree may sit inside some other, older checkout)
     repo=$PWD
-    if ! git -C "$repo" rev-parse HEAD > /dev/null 2>&1; then
+    if [ -f .stage/repo.bundle ] || ! git -C "$repo" rev-parse HEAD > /dev/null 2>&1; then
         rm -rf /tmp/asv-repo
         git clone -q .stage/repo.bundle /tmp/asv-repo && git -C /tmp/asv-repo checkout -q -B main && repo=/tmp/asv-repo
     fi

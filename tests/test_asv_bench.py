@@ -62,3 +62,21 @@ def test_committed_results_publish(tmp_path):
     publish = _asv(["publish"], tmp_path, _config(tmp_path, RESULTS))
     assert publish.returncode == 0, publish.stdout + publish.stderr
     assert (tmp_path / "html" / "index.html").exists()
+    # every committed machine and every benchmark with a recorded value reaches the report
+    index = json.loads((tmp_path / "html" / "index.json").read_text())
+    machines = {p.parent.name for p in result_files}
+    assert machines <= set(index["params"]["machine"]), (machines, index["params"]["machine"])
+    recorded = set()
+    for path in result_files:
+        results = json.loads(path.read_text())["results"]
+        recorded |= {name for name, entry in results.items() if any(v is not None for v in _flat(entry[0]))}
+    graphs = {p.stem for p in (tmp_path / "html" / "graphs" / "summary").glob("*.json")}
+    assert recorded and recorded <= graphs, sorted(recorded - graphs)
+
+
+def _flat(values):
+    if isinstance(values, list):
+        for v in values:
+            yield from _flat(v)
+    else:
+        yield values
