@@ -9,6 +9,7 @@ import torch
 from . import _custom_op  # noqa: F401  (registers torch.ops.glakernels.*)
 from ._autocast import cast_for_autocast
 from ._dispatch import select_backend_name
+from ._eager import EagerGLA, eager_path_applies
 from ._validation import validate, validate_backend_name
 from ._value_checks import check_values, value_checks_enabled
 from ._problem import state_dtype_for
@@ -96,7 +97,7 @@ def gated_linear_attention(
         g_reverse = g
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype_for(spec.dtype)).contiguous()
-    o, final_state = torch.ops.glakernels.gla_forward(
+    args = (
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -108,4 +109,7 @@ def gated_linear_attention(
         output_final_state,
         name,
     )
+    if eager_path_applies(*args[:6]):
+        return EagerGLA.apply(*args)
+    o, final_state = torch.ops.glakernels.gla_forward(*args)
     return (o, final_state) if output_final_state else o

@@ -36,6 +36,27 @@ def _inputs(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_f
     return GLAInputs(q, k, v, g, g_reverse, initial_state, scale, spec)
 
 
+def run_forward(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_final_state, backend):
+    """``(o, final_state or None)`` from backend ``backend``, outside autocast. Shared by the
+    custom op and the eager path (:mod:`._eager`), so both run exactly the same code."""
+    inputs = _inputs(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_final_state)
+    with autocast_disabled(q.device.type):
+        o, final_state = get_backend(backend).forward(inputs)
+    # the fake implementation promises contiguous outputs; no-ops for backends that comply
+    return o.contiguous(), None if final_state is None else final_state.contiguous()
+
+
+def run_backward(grad_output, grad_final_state, q, k, v, g, g_reverse, initial_state, scale, bidirectional, backend):
+    """``(dq, dk, dv, dg, dg_reverse or None, d_initial_state or None)``, contiguous."""
+    inputs = _inputs(
+        q, k, v, g, g_reverse, initial_state, scale, bidirectional, grad_final_state is not None
+    )
+    with autocast_disabled(q.device.type):
+        grads = get_backend(backend).backward(inputs, grad_output, grad_final_state)
+    outputs = (grads.dq, grads.dk, grads.dv, grads.dg, grads.dg_reverse, grads.dinitial_state)
+    return tuple(None if x is None else x.contiguous() for x in outputs)
+
+
 def _absent(like: Tensor, dtype: torch.dtype) -> Tensor:
     # custom ops cannot return None; an empty tensor stands for "no such output"
     return like.new_empty(0, dtype=dtype)
@@ -54,13 +75,10 @@ def gla_forward(
     output_final_state: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    inputs = _inputs(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_final_state)
-    with autocast_disabled(q.device.type):
-        o, final_state = get_backend(backend).forward(inputs)
+    o, final_state = run_forward(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_final_state, backend)
     if final_state is None:
         final_state = _absent(q, state_dtype_for(q.dtype))
-    # the fake implementation promises contiguous outputs; no-ops for backends that comply
-    return o.contiguous(), final_state.contiguous()
+    return o, final_state
 
 
 @gla_forward.register_fake
@@ -88,17 +106,14 @@ def gla_backward(
     bidirectional: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    inputs = _inputs(
-        q, k, v, g, g_reverse, initial_state, scale, bidirectional, grad_final_state is not None
+    dq, dk, dv, dg, dg_reverse, d_initial = run_backward(
+        grad_output, grad_final_state, q, k, v, g, g_reverse, initial_state, scale, bidirectional, backend
     )
-    with autocast_disabled(q.device.type):
-        grads = get_backend(backend).backward(inputs, grad_output, grad_final_state)
-    dg_reverse = grads.dg_reverse if grads.dg_reverse is not None else _absent(q, q.dtype)
-    d_initial = grads.dinitial_state
+    if dg_reverse is None:
+        dg_reverse = _absent(q, q.dtype)
     if d_initial is None:
         d_initial = _absent(q, state_dtype_for(q.dtype))
-    outputs = (grads.dq, grads.dk, grads.dv, grads.dg, dg_reverse, d_initial)
-    return tuple(x.contiguous() for x in outputs)
+    return dq, dk, dv, dg, dg_reverse, d_initial
 
 
 @gla_backward.register_fake

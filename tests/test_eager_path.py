@@ -1,0 +1,82 @@
+"""The eager fast path (glakernels/_eager.py): plain eager calls bypass the custom op, give the
+same results bit for bit, and every context that must see the custom op still sees it."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gla_testing import Case, backend_params, make_inputs, outputs_and_grads
+from glakernels import gated_linear_attention
+from glakernels._eager import ENV_FORCE_CUSTOM_OP
+
+BACKENDS = backend_params()
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _leaves(case, device="cpu", seed=0):
+    return {n: x.requires_grad_() for n, x in make_inputs(case, device, seed).items()}
+
+
+def test_plain_eager_call_takes_the_fast_path(monkeypatch):
+    monkeypatch.delenv(ENV_FORCE_CUSTOM_OP, raising=False)
+    x = _leaves(Case(1, 5, 1, 3, 4))
+    assert type(gated_linear_attention(**x, backend="torch").grad_fn).__name__ == "EagerGLABackward"
+    monkeypatch.setenv(ENV_FORCE_CUSTOM_OP, "1")
+    assert "EagerGLA" not in type(gated_linear_attention(**x, backend="torch").grad_fn).__name__
+
+
+def test_dispatch_mode_sees_the_custom_ops(monkeypatch):
+    """FakeTensorMode, FlopCounterMode and the like must see one op, not the kernels behind it."""
+    monkeypatch.delenv(ENV_FORCE_CUSTOM_OP, raising=False)
+    x = _leaves(Case(1, 5, 1, 3, 4))
+    with _RecordOps() as mode:
+        gated_linear_attention(**x, backend="torch").sum().backward()
+    assert "glakernels.gla_forward.default" in mode.names, mode.names
+    assert "glakernels.gla_backward.default" in mode.names, mode.names
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("mode", ["bi", "causal-state"])
+def test_fast_path_matches_custom_op_bitwise(backend_device, mode, monkeypatch):
+    name, device = backend_device
+    case = Case(2, 19, 2, 5, 7, torch.float32, bidirectional=mode == "bi", states=mode != "bi", gates="strong")
+    inputs = make_inputs(case, device, seed=4)
+    kwargs = dict(bidirectional=case.bidirectional, backend=name)
+    if case.states:
+        kwargs["output_final_state"] = True
+    results = {}
+    for force in ("0", "1"):
+        monkeypatch.setenv(ENV_FORCE_CUSTOM_OP, force)
+        results[force], _ = outputs_and_grads(gated_linear_attention, inputs, None, **kwargs)
+    assert set(results["0"]) == set(results["1"])
+    for key, fast in results["0"].items():
+        assert torch.equal(fast, results["1"][key]), f"{name}: {key} differs between the two paths"
+
+
+@pytest.mark.parametrize("force", ["0", "1"])
+def test_double_backward_raises_on_both_paths(force, monkeypatch):
+    monkeypatch.setenv(ENV_FORCE_CUSTOM_OP, force)
+    x = _leaves(Case(1, 4, 1, 2, 3, torch.float64))
+    out = gated_linear_attention(**x, backend="torch")
+    (dq,) = torch.autograd.grad(out.sum(), x["q"], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(dq.sum(), x["k"])
+
+
+def test_fast_path_under_no_grad_and_inference_mode(monkeypatch):
+    monkeypatch.delenv(ENV_FORCE_CUSTOM_OP, raising=False)
+    x = make_inputs(Case(1, 6, 2, 3, 4), seed=5)
+    expected = gated_linear_attention(**x, backend="torch")
+    with torch.no_grad():
+        assert torch.equal(gated_linear_attention(**x, backend="torch"), expected)
+    with torch.inference_mode():
+        assert torch.equal(gated_linear_attention(**x, backend="torch"), expected)
