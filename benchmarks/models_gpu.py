@@ -73,7 +73,10 @@ def timed(fn, device: torch.device, min_time: float, min_iters: int) -> float:
     return statistics.median(times)
 
 
-def measure(label: str, img_size: int, batch: int, mode: str, compiled: bool, args, device) -> dict:
+def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, args, device) -> dict:
+    """One row. ``runner_kind``: ``eager``; ``compile`` (``torch.compile``, default mode); or
+    ``graph``: inference captured once in a CUDA graph and replayed, which takes Python and
+    kernel launches out of the timing (the GPU-bound speed of the same eager kernels)."""
     torch.manual_seed(0)
     model = build(label, img_size, args.tiny).to(device)
     model.train(mode == "train")
@@ -81,8 +84,12 @@ def measure(label: str, img_size: int, batch: int, mode: str, compiled: bool, ar
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch,), device=device)
-    runner = torch.compile(model) if compiled else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+    if runner_kind == "compile":
+        torch._dynamo.reset()  # a fresh compile per row: no recompiles for dynamic shapes
+    runner = torch.compile(model) if runner_kind == "compile" else model
+    # CUDA graph capture needs autocast's weight-cast cache off
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=runner_kind != "graph")
+           if args.dtype == "bf16" else contextlib.nullcontext())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if mode == "train" else None
 
     def infer():
@@ -99,6 +106,8 @@ def measure(label: str, img_size: int, batch: int, mode: str, compiled: bool, ar
     step = infer if mode == "infer" else train_step
     for _ in range(args.warmup):
         step()
+    if runner_kind == "graph":
+        step = capture_graph(step, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.min_time, args.min_iters)
@@ -107,8 +116,22 @@ def measure(label: str, img_size: int, batch: int, mode: str, compiled: bool, ar
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(model=label, img_size=img_size, batch=batch, mode=mode, compiled=compiled,
+    return dict(model=label, img_size=img_size, batch=batch, mode=mode, compiled=runner_kind,
                 images_per_s=batch / seconds, ms=1e3 * seconds, peak_mib=peak)
+
+
+def capture_graph(step, device: torch.device):
+    """``step`` captured once in a CUDA graph (after warm-up on a side stream); returns replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def device_name(device: torch.device) -> str:
@@ -120,7 +143,7 @@ def device_name(device: torch.device) -> str:
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':8} {'px':>5} {'batch':>5} {'mode':6} {'compiled':8} {'img/s':>10} {'ms':>9} {'peak MiB':>9}")
     for r in rows:
-        print(f"{r['model']:8} {r['img_size']:5d} {r['batch']:5d} {r['mode']:6} {str(r['compiled']):8} "
+        print(f"{r['model']:8} {r['img_size']:5d} {r['batch']:5d} {r['mode']:6} {r['compiled']:8} "
               f"{r['images_per_s']:10.1f} {r['ms']:9.2f} {r['peak_mib']:9.0f}")
 
 
@@ -136,7 +159,7 @@ def print_ratios(rows: list[dict]) -> None:
             continue
         speed = r["images_per_s"] / deit["images_per_s"]
         memory = r["peak_mib"] / deit["peak_mib"] if deit["peak_mib"] == deit["peak_mib"] else float("nan")
-        print(f"  {model} / DeiT{model[3:]} at {px:4d} px, {mode:5} {'compiled' if compiled else 'eager   '}: "
+        print(f"  {model} / DeiT{model[3:]} at {px:4d} px, {mode:5} {compiled:8}: "
               f"{speed:5.2f}x images/s, {memory:5.2f}x peak memory")
 
 
@@ -148,10 +171,10 @@ def profile(args, device: torch.device) -> int:
     label, px, batch, mode = args.profile.split(":")
     px, batch = int(px), int(batch)
     args.min_time, args.min_iters = 0.0, 1
-    measure(label, px, batch, mode, False, args, device)  # warm-up run (allocator, kernel caches)
+    measure(label, px, batch, mode, "eager", args, device)  # warm-up run (allocator, kernel caches)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        row = measure(label, px, batch, mode, False, args, device)
+        row = measure(label, px, batch, mode, "eager", args, device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=30))
     print(f"{label} {px}px b{batch} {mode}: {row['images_per_s']:.1f} img/s while profiled")
@@ -165,7 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="ViG-T,ViG-S,DeiT-T,DeiT-S,DeiT-B")
     p.add_argument("--points", default=None, help="resolution:batch list, e.g. 224:128,1024:8")
     p.add_argument("--modes", default="infer,train")
-    p.add_argument("--compile-modes", default="eager", help="eager, compile, or both (eager,compile)")
+    p.add_argument("--compile-modes", default="eager",
+                   help="comma list of eager, compile (torch.compile) and graph (CUDA-graph replay, inference only)")
     p.add_argument("--compile-models", default="ViG-T,DeiT-T",
                    help="models that get compiled rows (compiling takes ~a minute per model, point and mode)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -195,7 +219,10 @@ def main(argv=None) -> int:
     except ImportError:
         print("timm is not installed: measuring the ViG rows only", file=sys.stderr)
         models = [m for m in models if m in VIG_MODELS]
-    compile_modes = [m == "compile" for m in args.compile_modes.split(",")]
+    compile_modes = args.compile_modes.split(",")
+    unknown = set(compile_modes) - {"eager", "compile", "graph"}
+    if unknown:
+        p.error(f"--compile-modes: unknown {sorted(unknown)}; expected eager, compile or graph")
 
     import glakernels
 
@@ -209,7 +236,9 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             for img_size, batch in points:
                 for label in models:
-                    if compiled and label not in args.compile_models.split(","):
+                    if compiled == "compile" and label not in args.compile_models.split(","):
+                        continue
+                    if compiled == "graph" and (mode != "infer" or device.type != "cuda"):
                         continue
                     try:
                         row = measure(label, img_size, batch, mode, compiled, args, device)
@@ -219,7 +248,7 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                         continue
                     rows.append(row)
-                    print(f"{label:7} {img_size:5d}px b{batch:<4d} {mode:5} {'compiled' if compiled else 'eager'}: "
+                    print(f"{label:7} {img_size:5d}px b{batch:<4d} {mode:5} {compiled}: "
                           f"{row['images_per_s']:9.1f} img/s  {row['peak_mib']:8.0f} MiB", flush=True)
     print_table(rows)
     print_ratios(rows)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vig.fused import log_gates, mix_global_local, norm_conv_act, rms_norm, swiglu_linear
+from vig.fused import log_gates, mix_global_local, norm_conv_act, rms_norm, swiglu_linear, swiglu_mlp
+from vig.layers import SwiGLU
 
 
 def _eager_mix(a, b, z, wa, wb, eps, out_act):
@@ -95,3 +96,46 @@ def test_norm_conv_act_gradcheck_and_value(act):
     ref = F.conv2d(normed, wc, padding=1, groups=6).permute(0, 2, 3, 1)
     ref = F.silu(ref) if act else ref
     assert ((f(x, wn, wc) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+def test_swiglu_mlp_gradcheck_and_value():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(10, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_mlp, (x, w_in, w_out))
+    gate, value = (x @ w_in.T).chunk(2, -1)
+    ref = (F.silu(gate) * value) @ w_out.T
+    assert ((swiglu_mlp(x, w_in, w_out) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+def test_swiglu_recompute_matches_kept_projection_under_autocast():
+    """The recomputing MLP gives the same output and gradients as the one that keeps its
+    projection, in float32 and under bfloat16 autocast (where backward must redo autocast's
+    casts itself), and keeps less for backward."""
+    torch.manual_seed(8)
+    mlp = SwiGLU(16, 24)
+    x0 = torch.randn(4, 64, 16)  # enough tokens that activations, not weights, dominate
+    for autocast in (False, True):
+        results, saved = {}, {}
+        for recompute in (False, True):
+            mlp.recompute_projection = recompute
+            mlp.zero_grad(set_to_none=True)
+            x = x0.clone().requires_grad_()
+            sizes = []
+
+            def pack(t, sizes=sizes):
+                sizes.append(t.numel() * t.element_size())
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = mlp(x)
+            out.float().square().sum().backward()
+            saved[recompute] = sum(sizes)
+            results[recompute] = [out, x.grad] + [p.grad for p in mlp.parameters()]
+        assert saved[True] < saved[False], saved
+        for kept, recomputed in zip(results[False], results[True]):
+            assert kept.dtype == recomputed.dtype
+            assert torch.isfinite(recomputed).all()
+            assert torch.equal(kept, recomputed), (autocast, (kept - recomputed).abs().max())

@@ -13,7 +13,10 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
   not the projection's input either;
 - :func:`log_gates`: ``logsigmoid(z) / 16`` saves its output (which the op keeps anyway), not ``z``;
 - :func:`swiglu_linear`: ``(silu(gate) · value) @ Wᵀ`` saves the ``[gate, value]`` projection
-  (2·I per token instead of 4·I).
+  (2·I per token instead of 4·I);
+- :func:`swiglu_mlp`: the whole SwiGLU MLP, ``(silu(x Wgᵀ) · x Wvᵀ) @ Woᵀ``, saves its input
+  ``x`` only (C per token instead of 2·I, I ≈ 2.7·C) and recomputes the input projection in
+  backward: one more matmul for about 40 % less saved activation in a ViG block at 1024 px.
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
 in the input dtype. Under ``torch.compile`` they trace as ordinary autograd functions and
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "swiglu_linear"]
+__all__ = ["rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "swiglu_linear", "swiglu_mlp"]
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -205,6 +208,20 @@ def log_gates(logits: Tensor, normalizer: float) -> Tensor:
     return _LogGates.apply(logits, normalizer)
 
 
+def _swiglu_backward(grad_out: Tensor, projected: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``(silu(gate) · value) @ weightᵀ`` w.r.t. ``projected = [gate, value]`` and
+    ``weight``, in the dtype of ``grad_out`` (the product is recomputed, not kept)."""
+    gate, value = projected.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    product = gate * sig * value
+    w = weight.to(grad_out.dtype)
+    grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
+    grad_product = grad_out @ w
+    grad_gate = grad_product * value * sig * (1 + gate * (1 - sig))
+    grad_value = grad_product * gate * sig
+    return torch.cat([grad_gate, grad_value], dim=-1), grad_weight.to(weight.dtype)
+
+
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, weight):
@@ -216,15 +233,36 @@ class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         projected, weight = ctx.saved_tensors
+        return _swiglu_backward(grad_out, projected, weight)
+
+
+class _SwiGLUMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, in_weight, out_weight):
+        projected = F.linear(x, in_weight)  # under autocast: in the autocast dtype
         gate, value = projected.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        product = gate * sig * value  # recomputed, not kept from forward
-        w = weight.to(grad_out.dtype)
-        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
-        grad_product = grad_out @ w
-        grad_gate = grad_product * value * sig * (1 + gate * (1 - sig))
-        grad_value = grad_product * gate * sig
-        return torch.cat([grad_gate, grad_value], dim=-1), grad_weight.to(weight.dtype)
+        product = F.silu(gate) * value
+        ctx.save_for_backward(x, in_weight, out_weight)
+        ctx.compute_dtype = projected.dtype
+        return F.linear(product, out_weight.to(product.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, in_weight, out_weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        # the same casts and matmul as forward (autocast's, when it was on): the same projection
+        x_c, w_in = x.to(dtype), in_weight.to(dtype)
+        projected = F.linear(x_c, w_in)
+        grad_projected, grad_out_weight = _swiglu_backward(grad_out.to(dtype), projected, out_weight)
+        grad_x = grad_projected @ w_in
+        grad_in_weight = grad_projected.reshape(-1, grad_projected.shape[-1]).t() @ x_c.reshape(-1, x_c.shape[-1])
+        return grad_x.to(x.dtype), grad_in_weight.to(in_weight.dtype), grad_out_weight
+
+
+def swiglu_mlp(x: Tensor, in_weight: Tensor, out_weight: Tensor) -> Tensor:
+    """``(silu(gate) · value) @ out_weightᵀ`` with ``[gate, value] = (x @ in_weightᵀ).chunk(2, -1)``;
+    keeps only ``x`` (and the weights) for backward, where the projection is recomputed."""
+    return _SwiGLUMLP.apply(x, in_weight, out_weight)
 
 
 def swiglu_linear(projected: Tensor, weight: Tensor) -> Tensor:

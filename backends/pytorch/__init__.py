@@ -6,6 +6,7 @@ The recurrent specification it is tested against lives in :mod:`glakernels.refer
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -23,6 +24,30 @@ def _flip(x: torch.Tensor) -> torch.Tensor:
     return torch.flip(x, dims=[1])
 
 
+def _one_at_a_time(inputs: GLAInputs) -> bool:
+    """Whether to run the batch one sequence at a time. On GPUs, batched matmuls choose their
+    algorithm by the batch count (and by address alignment), so a sequence's result would change
+    bitwise with what else is in the batch (found on an H100: cuBLAS). Calls shaped
+    [1, T, H, D] on fresh copies, aligned alike, give every sequence the same kernels whatever
+    the batch (DESIGN §9), a batch of one included."""
+    return inputs.q.device.type != "cpu"
+
+
+def _sequence(x: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
+    return None if x is None else x[b : b + 1].clone()
+
+
+def _sequences(inputs: GLAInputs):
+    spec = dataclasses.replace(inputs.spec, batch=1)
+    for b in range(inputs.spec.batch):
+        yield b, GLAInputs(*(_sequence(getattr(inputs, n), b) for n in ("q", "k", "v", "g", "g_reverse", "initial_state")),
+                           inputs.scale, spec)
+
+
+def _cat(parts: list) -> Optional[torch.Tensor]:
+    return None if parts[0] is None else torch.cat(parts)
+
+
 class TorchBackend(Backend):
     name = "torch"
     description = "chunked pure PyTorch (any device; slow, portable, always present)"
@@ -31,6 +56,19 @@ class TorchBackend(Backend):
     auto_priority = {"any": 0}
 
     def forward(self, inputs: GLAInputs):
+        if _one_at_a_time(inputs):
+            outs = [self._forward(one) for _, one in _sequences(inputs)]
+            return _cat([o for o, _ in outs]), _cat([s for _, s in outs])
+        return self._forward(inputs)
+
+    def backward(self, inputs: GLAInputs, grad_output, grad_final_state: Optional[torch.Tensor]):
+        if _one_at_a_time(inputs):
+            grads = [self._backward(one, _sequence(grad_output, b), _sequence(grad_final_state, b))
+                     for b, one in _sequences(inputs)]
+            return GLAGradients(*(_cat([g[i] for g in grads]) for i in range(len(GLAGradients._fields))))
+        return self._backward(inputs, grad_output, grad_final_state)
+
+    def _forward(self, inputs: GLAInputs):
         from .chunked import causal_forward
 
         spec = inputs.spec
@@ -46,7 +84,7 @@ class TorchBackend(Backend):
         o_rev, _ = causal_forward(_flip(q), _flip(k), _flip(v), _flip(g_rev), half, None, chunk)
         return (o_fwd + _flip(o_rev)).to(spec.dtype), None
 
-    def backward(self, inputs: GLAInputs, grad_output, grad_final_state: Optional[torch.Tensor]):
+    def _backward(self, inputs: GLAInputs, grad_output, grad_final_state: Optional[torch.Tensor]):
         from .chunked import causal_backward
 
         spec = inputs.spec
