@@ -33,9 +33,15 @@ Tensor = torch.Tensor
 __all__ = ["rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "swiglu_linear", "swiglu_mlp"]
 
 
+_ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def _acc(x: Tensor) -> Tensor:
-    """float32 arithmetic for low-precision inputs, float64 kept for float64 ones."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """float32 arithmetic for low-precision inputs, float32 and float64 kept as they are.
+    (A dict lookup, not ``x.to(...)``: a same-dtype ``.to`` still costs a dispatcher round
+    trip, and a training step makes hundreds of these calls.)"""
+    dtype = _ACCUMULATE.get(x.dtype)
+    return x if dtype is None else x.to(dtype)
 
 
 def _rms_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
