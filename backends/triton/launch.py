@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -62,7 +63,18 @@ def _pow2(n: int) -> int:
 
 
 def choose_config(T: int, K: int, V: int) -> Config:
-    fields = dict(getattr(_overrides, "fields", None) or {})
+    overrides = getattr(_overrides, "fields", None)
+    if not overrides:  # the common case, once per call: cached (Config is frozen)
+        return _default_config(T, K, V)
+    return _config(T, K, V, dict(overrides))
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_config(T: int, K: int, V: int) -> Config:
+    return _config(T, K, V, {})
+
+
+def _config(T: int, K: int, V: int, fields: dict) -> Config:
     # Chosen from sm_90 compiles (registers and spills from ptxas, see NOTES.md), not yet
     # from timings: chunks of 32 with 8 warps compile without spills in the forward kernel.
     chunk = fields.pop("chunk", 32)
