@@ -54,6 +54,7 @@ class _Call:
             chunk_len=self.chunk_len, n_chunks=self.n_chunks,
             bidirectional=int(spec.bidirectional), scale=scale,
         )
+        self.base_args = kernel_args(self.params)  # converted once, shared by every launch
 
     def scratch(self, *shape) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float32, device=self.device)
@@ -66,12 +67,12 @@ class _Call:
         smem = plan.sweep_smem_bytes(tile, role, self.bidirectional, self.chunk_len)
         name = plan.sweep_name(self.spec.dtype, tile, role)
         self.launch(SWEEP_FILE, name, grid, self.groups * tile.threads, smem,
-                    kernel_args({**self.params, **extra}))
+                    kernel_args(extra, self.base_args))
 
     def state_scan(self, adjoint: bool, **extra) -> None:
         grid = (self.B * self.H * 2, math.ceil(self.K * self.V / plan.SCAN_THREADS), 1)
         self.launch(SCAN_FILE, plan.SCAN_NAME, grid, plan.SCAN_THREADS, 0,
-                    kernel_args({**self.params, "lambda_scan": int(adjoint), **extra}))
+                    kernel_args({"lambda_scan": int(adjoint), **extra}, self.base_args))
 
     def chunk_entering_states(self, adjoint: bool, **extra) -> torch.Tensor:
         """State (or adjoint) entering every chunk: ``[B*H, 2, N, K, V]`` float32."""
@@ -137,5 +138,5 @@ def backward(
         total = call.groups * call.B * call.T * call.H * call.K
         grid = (math.ceil(total / plan.FIXUP_THREADS), 1, 1)
         launcher(SCAN_FILE, plan.fixup_name(spec.dtype), grid, plan.FIXUP_THREADS, 0,
-                 kernel_args({**call.params, **common, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}))
+                 kernel_args({**common, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_args))
     return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)
