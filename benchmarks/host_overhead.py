@@ -27,7 +27,7 @@ import torch
 from glakernels import gated_linear_attention
 from glakernels._custom_op import _inputs
 from glakernels._dispatch import get_backend
-from glakernels.bench import SHAPES, random_inputs
+from glakernels.bench import SHAPES, capture_cuda_graph, random_inputs
 
 
 def host_time(fn, calls: int = 300) -> float:
@@ -47,16 +47,12 @@ def host_time(fn, calls: int = 300) -> float:
 
 def graph_time(fn, calls: int = 50) -> float:
     """Seconds of GPU time per call, from CUDA-graph replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def many():
         for _ in range(calls):
             fn()
+
+    graph = capture_cuda_graph(many, warmup=1)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

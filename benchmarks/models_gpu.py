@@ -35,6 +35,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import vig  # noqa: E402  (after the path tweak, so a checkout runs without installing)
+from glakernels.bench import capture_cuda_graph  # noqa: E402
 
 #: (resolution, batch): DESIGN.md §8's measurement points
 FULL_POINTS = [(224, 128), (512, 32), (1024, 8)]
@@ -107,7 +108,8 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
     for _ in range(args.warmup):
         step()
     if runner_kind == "graph":
-        step = capture_graph(step, device)
+        with torch.cuda.device(device):
+            step = capture_cuda_graph(step).replay
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.min_time, args.min_iters)
@@ -118,20 +120,6 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
         torch.cuda.empty_cache()
     return dict(model=label, img_size=img_size, batch=batch, mode=mode, compiled=runner_kind,
                 images_per_s=batch / seconds, ms=1e3 * seconds, peak_mib=peak)
-
-
-def capture_graph(step, device: torch.device):
-    """``step`` captured once in a CUDA graph (after warm-up on a side stream); returns replay."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def device_name(device: torch.device) -> str:

@@ -118,6 +118,21 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured once in a CUDA graph, after ``warmup`` calls on a side stream (lazy
+    initialisation, kernel compilation and allocations must not happen during capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def median_time(fn: Callable[[], object], device: str | torch.device = "cpu", *, warmup: int = 2, repeats: int = 7) -> float:
     """Median wall time of ``fn()`` in seconds; GPU work is synchronised around each call."""
     for _ in range(warmup):

@@ -89,3 +89,14 @@ def drop_timm_kwargs(kwargs: dict) -> dict:
         if key == "features_only" and value:
             raise ValueError("features_only=True is not supported by ViG models")
     return kwargs
+
+
+def build_classifier(cls: type, name: str, pretrained: bool, config: dict, kwargs: dict,
+                     default_cfg: dict) -> nn.Module:
+    """What a ViG / ViG-H entry point does: refuse downloads, build ``cls`` from the named
+    ``config`` with the caller's ``kwargs`` on top, and attach what timm's builder would (its
+    data pipeline reads mean, std and input size from ``pretrained_cfg``)."""
+    check_no_download(name, pretrained)
+    model = cls(**{**config, **drop_timm_kwargs(kwargs)})
+    model.pretrained_cfg = model.default_cfg = dict(default_cfg, architecture=name)
+    return model

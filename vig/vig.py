@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import check_no_download, drop_timm_kwargs, register_model
+from ._registry import build_classifier, register_model
 from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc
@@ -219,13 +219,8 @@ default_cfgs = {
 
 
 def _create_vig(name: str, pretrained: bool, **kwargs) -> ViG:
-    check_no_download(name, pretrained)
     config = dict(patch_size=16, depth=12, expand_k=0.5, expand_v=1.0, **_CONFIGS[name])
-    config.update(drop_timm_kwargs(kwargs))
-    model = ViG(**config)
-    # what timm's builder would attach: its data pipeline reads mean/std/input size here
-    model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name], architecture=name)
-    return model
+    return build_classifier(ViG, name, pretrained, config, kwargs, default_cfgs[name])
 
 
 @register_model

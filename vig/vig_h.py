@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ._registry import check_no_download, drop_timm_kwargs, register_model
+from ._registry import build_classifier, register_model
 from .checkpoint import unwrap_state_dict
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
@@ -227,13 +227,8 @@ default_cfgs = {
 
 
 def _create_vig_h(name: str, pretrained: bool, **kwargs) -> HierViG:
-    check_no_download(name, pretrained)
     config = dict(expand_k=0.5, expand_v=1.0, act_in_conv=False, out_act=False, **_CONFIGS[name])
-    config.update(drop_timm_kwargs(kwargs))
-    model = HierViG(**config)
-    # what timm's builder would attach: its data pipeline reads mean/std/input size here
-    model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name], architecture=name)
-    return model
+    return build_classifier(HierViG, name, pretrained, config, kwargs, default_cfgs[name])
 
 
 @register_model

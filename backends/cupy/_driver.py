@@ -46,15 +46,15 @@ class _Call:
         self.chunk_len, self.n_chunks = plan.chunking(self.T, chunk_len)
         self.device = inputs.q.device
         scale = inputs.scale * (0.5 if spec.bidirectional else 1.0)  # the two directions are averaged
-        self.params = dict(
+        # the parameters every launch of this call shares, converted once
+        self.base_args = kernel_args(dict(
             q=_address(inputs.q), k=_address(inputs.k), v=_address(inputs.v), g=_address(inputs.g),
             g_rev=_address(inputs.g_reverse if spec.bidirectional else None),
             s0=_address(inputs.initial_state),
             B=self.B, T=self.T, H=self.H, K=self.K, V=self.V,
             chunk_len=self.chunk_len, n_chunks=self.n_chunks,
             bidirectional=int(spec.bidirectional), scale=scale,
-        )
-        self.base_args = kernel_args(self.params)  # converted once, shared by every launch
+        ))
 
     def scratch(self, *shape) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float32, device=self.device)

@@ -77,18 +77,7 @@ def _median_ms(fn, sets: int, warmup: int = 3, repeats: int = 15) -> float:
 
 
 def _graph_ms(fn, sets: int) -> float:
-    graphs = []
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(sets):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    for i in range(sets):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(i)
-        graphs.append(graph)
+    graphs = [bench.capture_cuda_graph(lambda i=i: fn(i), warmup=1) for i in range(sets)]
     return _median_ms(lambda i: graphs[i].replay(), sets)
 
 
