@@ -4,7 +4,7 @@
 # the models against timm's DeiT. Every step runs in its own process under a time limit (a
 # kernel fault poisons its CUDA context, not the session) and logs to $OUT (default /tmp/gla).
 #
-#   bash benchmarks/gpu_session.sh [check|ops|models|asv|all]...
+#   bash benchmarks/gpu_session.sh [check|ops|models|vig|compile|asv|all]...
 #
 # fla (flash-linear-attention) is used when importable; wheels in .whl/ are installed first.
 set -u
@@ -45,6 +45,22 @@ if wants ops; then
 fi
 if wants models; then
     step models 170 python3 benchmarks/models_gpu.py --models ViG-T,ViG-S,DeiT-T,DeiT-S,DeiT-B --min-time 0.5
+fi
+if wants vig; then
+    # ViG-T against DeiT-T at the DESIGN §8 points, with vig's Triton kernels and without them
+    step vig_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_vig_triton_kernels.py \
+        tests/test_vig_fused.py tests/test_vig_mixer.py tests/test_vig_compile_autocast.py
+    step vigT_models 200 python3 benchmarks/models_gpu.py --models ViG-T,DeiT-T --points 224:128,1024:8 \
+        --compile-modes eager,graph --modes infer,train --min-time 0.5
+    step vigT_no_kernels 120 env VIG_TRITON_KERNELS=0 python3 benchmarks/models_gpu.py --models ViG-T \
+        --points 224:128,1024:8 --compile-modes eager,graph --modes infer --min-time 0.5
+    TAIL=45 step vigT_profile 120 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer
+fi
+if wants compile; then
+    # torch.compile rows, with dynamo's recompilation and graph-break reasons in the log
+    step vigT_compile 300 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/models_gpu.py \
+        --models ViG-T,DeiT-T --points 224:128 --compile-modes compile --modes infer --min-time 0.5
+    TAIL=45 step vigT_compile_profile 200 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer:compile
 fi
 if wants asv; then
     # asv needs the git history to date the commit: use the checkout's, or a bundle of it

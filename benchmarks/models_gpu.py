@@ -14,6 +14,7 @@ the best backend available (``--backend`` forces one).
     python benchmarks/models_gpu.py --compile-modes eager,compile --json out.json   # + torch.compile rows
     python benchmarks/models_gpu.py --device cpu --tiny          # smoke test on a laptop / CI box
     python benchmarks/models_gpu.py --profile ViG-T:1024:8:infer  # where one step spends device time
+    python benchmarks/models_gpu.py --profile ViG-T:224:128:infer:compile  # ... compiled (eager|graph|compile)
 
 Needs timm for DeiT (without it only the ViG rows are measured).
 """
@@ -156,13 +157,13 @@ def profile(args, device: torch.device) -> int:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    label, px, batch, mode = args.profile.split(":")
-    px, batch = int(px), int(batch)
+    label, px, batch, mode, *kind = args.profile.split(":")
+    px, batch, kind = int(px), int(batch), (kind or ["eager"])[0]
     args.min_time, args.min_iters = 0.0, 1
-    measure(label, px, batch, mode, "eager", args, device)  # warm-up run (allocator, kernel caches)
+    measure(label, px, batch, mode, kind, args, device)  # warm-up run (allocator, kernel caches)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        row = measure(label, px, batch, mode, "eager", args, device)
+        row = measure(label, px, batch, mode, kind, args, device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=30))
     print(f"{label} {px}px b{batch} {mode}: {row['images_per_s']:.1f} img/s while profiled")

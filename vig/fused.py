@@ -19,14 +19,17 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
   backward: one more matmul for about 40 % less saved activation in a ViG block at 1024 px.
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
-in the input dtype. Under ``torch.compile`` they trace as ordinary autograd functions and
-inductor fuses their elementwise parts.
+in the dtype the same PyTorch ops would give. On CUDA the forwards run as one Triton kernel
+each (:mod:`vig.triton_kernels`), backward stays in PyTorch. Under ``torch.compile`` they trace
+as ordinary autograd functions and inductor fuses their elementwise parts.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import triton_kernels
 
 Tensor = torch.Tensor
 
@@ -42,6 +45,20 @@ def _acc(x: Tensor) -> Tensor:
     trip, and a training step makes hundreds of these calls.)"""
     dtype = _ACCUMULATE.get(x.dtype)
     return x if dtype is None else x.to(dtype)
+
+
+def _autocast_dtype(x: Tensor):
+    """The low-precision dtype autocast runs matmuls and convolutions in, or None when off."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _norm_result_dtype(x: Tensor) -> torch.dtype:
+    """What ``F.rms_norm`` returns: float32 under CUDA autocast (a float32-listed op there; CPU
+    autocast leaves it alone), else ``x``'s dtype."""
+    if x.device.type == "cuda" and x.dtype != torch.float64 and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return x.dtype
 
 
 def _rms_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -62,10 +79,14 @@ def _sum_to_last(x: Tensor) -> Tensor:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, to_autocast_dtype):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+        low = _autocast_dtype(x) if to_autocast_dtype else None
+        if triton_kernels.enabled_for(x, weight):
+            return triton_kernels.rms_norm(x, weight, eps, low or _norm_result_dtype(x))
+        y = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+        return y if low is None else y.to(low)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -73,13 +94,18 @@ class _RMSNorm(torch.autograd.Function):
         x_hat, rstd = _rms_forward(x, weight, ctx.eps)
         grad = _acc(grad_out)
         grad_x = _rms_backward(grad * _acc(weight), x_hat, rstd)
-        return grad_x.to(x.dtype), _sum_to_last(grad * x_hat).to(weight.dtype), None
+        return grad_x.to(x.dtype), _sum_to_last(grad * x_hat).to(weight.dtype), None, None
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dimension in the dtype of ``x``; keeps only ``x`` for backward
-    (the normalised output that eager autograd would also keep is recomputed)."""
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm(x: Tensor, weight: Tensor, eps: float, to_autocast_dtype: bool = False) -> Tensor:
+    """RMSNorm over the last dimension in the dtype ``F.rms_norm`` gives (``x``'s, or float32
+    under autocast); keeps only ``x`` for backward (the normalised output that eager autograd
+    would also keep is recomputed).
+
+    ``to_autocast_dtype``: under autocast, return the autocast dtype instead of float32 — for a
+    result that only feeds a matmul or convolution, which autocast would cast down anyway (one
+    float32 write and one cast kernel fewer)."""
+    return _RMSNorm.apply(x, weight, eps, to_autocast_dtype)
 
 
 def _depthwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
@@ -92,9 +118,14 @@ def _depthwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
 class _NormConvAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, eps, conv_weight, act):
+        ctx.save_for_backward(x, norm_weight, conv_weight)
+        depthwise_odd = conv_weight.shape[1] == 1 and conv_weight.shape[2] % 2 == 1 and conv_weight.shape[3] % 2 == 1
+        if depthwise_odd and triton_kernels.enabled_for(x, norm_weight, conv_weight):
+            # the dtype autocast's convolution would give
+            ctx.eps, ctx.act, ctx.conv_dtype = eps, act, _autocast_dtype(x) or x.dtype
+            return triton_kernels.norm_dwconv_act(x, norm_weight, eps, conv_weight, act, ctx.conv_dtype)
         normed = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
         y = _depthwise_nhwc(normed, conv_weight)  # autocast (when on) runs this in low precision
-        ctx.save_for_backward(x, norm_weight, conv_weight)
         ctx.eps, ctx.act, ctx.conv_dtype = eps, act, y.dtype
         return F.silu(y) if act else y
 
@@ -130,13 +161,19 @@ def norm_conv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tenso
 class _MixGlobalLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act, out_weight):
-        # forward as eager PyTorch would run it (fused rms_norm kernels, input dtype) ...
-        na = F.rms_norm(global_out, (global_out.shape[-1],), global_weight.to(global_out.dtype), eps)
-        nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
-        mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
         ctx.save_for_backward(global_out, local_out, gate_logits, global_weight, local_weight, out_weight)
         ctx.eps, ctx.out_act = eps, out_act
-        mixed = F.silu(mixed) if out_act else mixed
+        if triton_kernels.enabled_for(global_out, local_out, gate_logits, global_weight, local_weight):
+            # one kernel, written in the dtype its consumer takes: autocast's for the projection
+            low = _autocast_dtype(global_out) if out_weight is not None else None
+            mixed = triton_kernels.mix_global_local(global_out, local_out, gate_logits, global_weight, local_weight,
+                                                    eps, out_act, low or _norm_result_dtype(global_out))
+        else:
+            # forward as eager PyTorch would run it (fused rms_norm kernels, input dtype) ...
+            na = F.rms_norm(global_out, (global_out.shape[-1],), global_weight.to(global_out.dtype), eps)
+            nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
+            mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
+            mixed = F.silu(mixed) if out_act else mixed
         if out_weight is None:
             return mixed
         mixed = mixed.flatten(-2)  # heads back into channels
@@ -228,11 +265,17 @@ def _swiglu_backward(grad_out: Tensor, projected: Tensor, weight: Tensor) -> tup
     return torch.cat([grad_gate, grad_value], dim=-1), grad_weight.to(weight.dtype)
 
 
+def _swiglu_product(projected: Tensor) -> Tensor:
+    if triton_kernels.enabled_for(projected):
+        return triton_kernels.swiglu_product(projected)
+    gate, value = projected.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, weight):
-        gate, value = projected.chunk(2, dim=-1)
-        product = F.silu(gate) * value
+        product = _swiglu_product(projected)
         ctx.save_for_backward(projected, weight)
         return F.linear(product, weight.to(product.dtype))
 
@@ -246,8 +289,7 @@ class _SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, in_weight, out_weight):
         projected = F.linear(x, in_weight)  # under autocast: in the autocast dtype
-        gate, value = projected.chunk(2, dim=-1)
-        product = F.silu(gate) * value
+        product = _swiglu_product(projected)
         ctx.save_for_backward(x, in_weight, out_weight)
         ctx.compute_dtype = projected.dtype
         return F.linear(product, out_weight.to(product.dtype))

@@ -90,7 +90,9 @@ class ViGBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(x, pre_norm=self.attn_norm))  # the norm is fused with the conv
-        return x + self.drop_path(self.mlp(self.mlp_norm(x)))
+        # the norm's result only feeds the MLP's first matmul: under autocast, write it in
+        # autocast's dtype rather than float32 (autocast would cast it down anyway)
+        return x + self.drop_path(self.mlp(self.mlp_norm(x, to_autocast_dtype=True)))
 
 
 class ViG(nn.Module):

@@ -1,0 +1,205 @@
+"""The Triton forward kernels of ``vig.triton_kernels`` against float64 formulas, and the
+``vig.fused`` functions with and without them.
+
+On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest) with ``VIG_TRITON_KERNELS=1`` forced here; on a GPU
+they run on CUDA tensors as in the models.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vig import fused, triton_kernels
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: the rounding unit of each output dtype: the kernels compute in float32 and round once
+UNIT = {torch.float32: 2e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+if DEVICE == "cpu":
+    # Triton's interpreter converts float32 to bfloat16 by truncation, not to nearest: twice
+    # the error bound (on a GPU the kernels round to nearest and the bound above holds)
+    UNIT[torch.bfloat16] = 2.0**-7
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "MODE", "1")
+    if DEVICE == "cpu" and not triton_kernels._interpreting():
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+
+
+def _rand(gen, *shape, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(ours).any(), "NaN in the kernel's result"
+    return ((ours.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _rms64(x, w, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("width", [1, 17, 64, 192, 300])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_against_float64(width, out_dtype):
+    gen = torch.Generator().manual_seed(width)
+    # rows of very different scales, one all-zero row (its result must be 0, not NaN)
+    x = _rand(gen, 37, width) * torch.logspace(-3, 3, 37, device=DEVICE)[:, None]
+    x[5] = 0
+    w = _rand(gen, width)
+    y = triton_kernels.rms_norm(x, w, 1e-6, out_dtype)
+    assert y.dtype == out_dtype and y.shape == x.shape
+    assert torch.all(y[5] == 0)
+    assert _rel_err(y, _rms64(x, w, 1e-6)) <= UNIT[out_dtype]
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_strided_rows(in_dtype):
+    gen = torch.Generator().manual_seed(1)
+    base = _rand(gen, 6, 5, 40, dtype=in_dtype)
+    x = base[:, ::2, 3:27]  # rows with a gap between them: read in place
+    w = _rand(gen, 24)
+    y = triton_kernels.rms_norm(x, w, 1e-5, torch.float32)
+    assert _rel_err(y, _rms64(x, w, 1e-5)) <= UNIT[torch.float32]
+
+
+def _norm_conv_act64(x, nw, eps, cw, act):
+    n = _rms64(x, nw, eps)
+    kh, kw = cw.shape[-2:]
+    y = F.conv2d(n.permute(0, 3, 1, 2), cw.double(), padding=(kh // 2, kw // 2), groups=cw.shape[0])
+    y = y.permute(0, 2, 3, 1)
+    return F.silu(y) if act else y
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 24), (1, 9, 33, 17), (1, 4, 3, 192)])
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 5)])
+@pytest.mark.parametrize("act", [False, True])
+def test_norm_dwconv_act_against_float64(shape, kernel, act):
+    gen = torch.Generator().manual_seed(sum(shape) + kernel[1])
+    C = shape[-1]
+    x = _rand(gen, *shape, scale=10.0)
+    nw, cw = _rand(gen, C), _rand(gen, C, 1, *kernel)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        y = triton_kernels.norm_dwconv_act(x, nw, 1e-6, cw, act, out_dtype)
+        assert y.dtype == out_dtype and y.shape == x.shape
+        assert _rel_err(y, _norm_conv_act64(x, nw, 1e-6, cw, act)) <= UNIT[out_dtype]
+
+
+def test_norm_dwconv_act_strided_input_and_channels_last_weight():
+    gen = torch.Generator().manual_seed(7)
+    big = _rand(gen, 2, 6, 12, 20)
+    x = big[:, 1:, ::2, :16]  # every stride but the channels' is irregular
+    nw = _rand(gen, 16)
+    w = _rand(gen, 16, 1, 3, 3)
+    # the layout ViG keeps its convolution weight in (see GatedLinearAttention2D)
+    cl = torch.empty_strided(w.shape, (9, 1, 3, 1), dtype=w.dtype, device=w.device).copy_(w)
+    y = triton_kernels.norm_dwconv_act(x, nw, 1e-6, cl, True, torch.float32)
+    assert _rel_err(y, _norm_conv_act64(x, nw, 1e-6, w, True)) <= UNIT[torch.float32]
+
+
+def _mix64(a, b, z, wa, wb, eps, act):
+    g = torch.sigmoid(z.double())
+    m = g * _rms64(a, wa, eps) + (1 - g) * _rms64(b, wb, eps)
+    return F.silu(m) if act else m
+
+
+@pytest.mark.parametrize("head_dim", [1, 17, 64])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [False, True])
+def test_mix_against_float64(head_dim, in_dtype, act):
+    gen = torch.Generator().manual_seed(head_dim)
+    a, b = _rand(gen, 3, 11, 2, head_dim, scale=5.0, dtype=in_dtype), _rand(gen, 3, 11, 2, head_dim, dtype=in_dtype)
+    z = _rand(gen, 3, 11, 2, head_dim, scale=30.0, dtype=in_dtype)  # saturated sigmoids included
+    wa, wb = _rand(gen, head_dim), _rand(gen, head_dim)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        y = triton_kernels.mix_global_local(a, b, z, wa, wb, 1e-6, act, out_dtype)
+        assert y.dtype == out_dtype and y.shape == a.shape
+        assert _rel_err(y, _mix64(a, b, z, wa, wb, 1e-6, act)) <= UNIT[out_dtype]
+
+
+@pytest.mark.parametrize("hidden", [1, 5, 512, 700])
+def test_swiglu_product_against_float64(hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    for dtype in (torch.float32, torch.bfloat16):
+        p = _rand(gen, 2, 13, 2 * hidden, scale=4.0, dtype=dtype)
+        y = triton_kernels.swiglu_product(p)
+        gate, value = p.double().chunk(2, -1)
+        assert y.dtype == dtype and y.shape == (2, 13, hidden)
+        assert _rel_err(y, F.silu(gate) * value) <= UNIT[dtype]
+
+
+def _with_and_without_kernels(monkeypatch, fn, *inputs):
+    """(result, grads) of ``fn`` through the kernels, then through the PyTorch forms."""
+    out = []
+    for mode in ("1", "0"):
+        monkeypatch.setattr(triton_kernels, "MODE", mode)
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        y = fn(*leaves)
+        grads = torch.autograd.grad(y.float().square().sum(), [t for t in leaves if t.requires_grad])
+        out.append((y.detach(), grads))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_functions_same_result_and_gradients_with_kernels(monkeypatch, dtype):
+    """The kernels replace the forwards only: same dtype, same values within rounding, and
+    backward (recomputed in PyTorch from the saved inputs) gives the same gradients."""
+    gen = torch.Generator().manual_seed(11)
+    x = _rand(gen, 2, 4, 5, 12, dtype=dtype)
+    nw, cw = _rand(gen, 12), _rand(gen, 12, 1, 3, 3, dtype=dtype)
+    a, b, z = (_rand(gen, 2, 20, 3, 4, dtype=dtype) for _ in range(3))
+    wa, wb, wo = _rand(gen, 4), _rand(gen, 4), _rand(gen, 6, 12, dtype=dtype)
+    p, w_out = _rand(gen, 2, 20, 16, dtype=dtype), _rand(gen, 5, 8, dtype=dtype)
+    cases = {
+        "rms_norm": (lambda x, w: fused.rms_norm(x, w, 1e-6), (x, nw)),
+        "norm_conv_act": (lambda x, nw, cw: fused.norm_conv_act(x, nw, 1e-6, cw, True), (x, nw, cw)),
+        "mix": (lambda *t: fused.mix_global_local(*t, 1e-6, True), (a, b, z, wa, wb)),
+        "mix_proj": (lambda a, b, z, wa, wb, wo: fused.mix_global_local(a, b, z, wa, wb, 1e-6, False, wo),
+                     (a, b, z, wa, wb, wo)),
+        "swiglu_linear": (fused.swiglu_linear, (p, w_out)),
+    }
+    for name, (fn, inputs) in cases.items():
+        (y_k, g_k), (y_t, g_t) = _with_and_without_kernels(monkeypatch, fn, *inputs)
+        assert y_k.dtype == y_t.dtype, name
+        assert _rel_err(y_k, y_t.double()) <= 2 * UNIT[y_t.dtype], name
+        for gk, gt in zip(g_k, g_t):
+            # the loss is computed from the result, which differs by rounding: so do gradients
+            assert _rel_err(gk, gt.double()) <= 4 * UNIT[dtype], name
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast dtypes: checked on a GPU (CPU autocast keeps rms_norm's dtype)")
+def test_autocast_result_dtypes_match_pytorch(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    x = _rand(gen, 2, 4, 5, 12)
+    nw, cw = _rand(gen, 12), _rand(gen, 12, 1, 3, 3)
+    a, b, z = (_rand(gen, 2, 20, 3, 4, dtype=torch.bfloat16) for _ in range(3))
+    wa, wb, wo = _rand(gen, 4), _rand(gen, 4), _rand(gen, 6, 12)
+    calls = [
+        lambda: fused.rms_norm(x, nw, 1e-6),
+        lambda: fused.rms_norm(x, nw, 1e-6, to_autocast_dtype=True),
+        lambda: fused.norm_conv_act(x, nw, 1e-6, cw, True),
+        lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True),
+        lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True, wo),
+    ]
+    for call in calls:
+        dtypes = []
+        for mode in ("1", "0"):
+            monkeypatch.setattr(triton_kernels, "MODE", mode)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                dtypes.append(call().dtype)
+        assert dtypes[0] == dtypes[1]
+
+
+def test_mode_off_and_float64_stay_in_pytorch(monkeypatch):
+    x = torch.ones(2, 3, device=DEVICE)
+    assert triton_kernels.enabled_for(x)
+    assert not triton_kernels.enabled_for(x.double())
+    monkeypatch.setattr(triton_kernels, "MODE", "0")
+    assert not triton_kernels.enabled_for(x)

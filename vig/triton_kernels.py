@@ -1,0 +1,238 @@
+"""Triton forward kernels for the elementwise work around ViG's matmuls (CUDA).
+
+Profiling ViG-T on an H100 (224 px, batch 128, bf16 autocast) put more GPU time into the
+RMSNorms, the global/local mix and the float32 -> bfloat16 casts between them than into the
+GLA op itself: eager PyTorch runs each as several kernels, in float32 (autocast runs
+``rms_norm`` in float32), and every kernel re-reads its input from memory. Here each is one
+kernel that reads its inputs once, computes in float32 and writes its result once, in the dtype
+its consumer wants:
+
+- :func:`rms_norm`: rows of ``[..., C]``;
+- :func:`norm_dwconv_act`: ``silu?(depthwise_conv(RMSNorm(x)))`` on ``[B, H, W, C]`` (the
+  normalised tensor is never written: each tap re-normalises its pixel, which is cheap);
+- :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(a) + (1 − σ(z))·RMSNorm(b))`` per head;
+- :func:`swiglu_product`: ``silu(gate) · value`` from ``[gate, value]``.
+
+They are forwards only: :mod:`vig.fused` keeps its autograd functions (save the inputs,
+recompute in PyTorch in backward) and calls these for the forward when :func:`enabled_for`
+says so. Under ``torch.compile`` they are not used (inductor fuses the PyTorch forms itself).
+
+``VIG_TRITON_KERNELS``: ``auto`` (default; CUDA tensors), ``0`` (never), ``1`` (also CPU
+tensors when ``TRITON_INTERPRET=1``: how the CPU tests run these kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the models still run, through the PyTorch forms in vig.fused
+    triton = None
+
+Tensor = torch.Tensor
+
+__all__ = ["enabled_for", "rms_norm", "norm_dwconv_act", "mix_global_local", "swiglu_product"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MODES = ("auto", "0", "1")
+
+
+def _read_mode() -> str:
+    mode = os.environ.get("VIG_TRITON_KERNELS", "auto").strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"VIG_TRITON_KERNELS must be one of {_MODES}, got {mode!r}")
+    return mode
+
+
+MODE = _read_mode()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def enabled_for(*tensors: Tensor) -> bool:
+    """Whether the forward of a :mod:`vig.fused` function on these tensors runs here."""
+    if triton is None or MODE == "0" or torch.compiler.is_compiling():
+        return False
+    x = tensors[0]
+    if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        return False  # float64 (gradcheck) stays in PyTorch
+    if x.device.type == "cuda":
+        return True
+    return MODE == "1" and x.device.type == "cpu" and _interpreting()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _rows_block(width: int) -> tuple[int, int]:
+    """(rows per program, padded row width): about 4096 elements per program."""
+    block = _pow2(width)
+    return max(1, min(64, 4096 // block)), block
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """``x`` as a 2D ``[rows, width]`` tensor with unit column stride (a view when possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, width, eps, stride_x, stride_out,
+                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_ok = cols < width
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_dwconv_act_kernel(x_ptr, norm_w_ptr, conv_w_ptr, out_ptr, H, W, C, eps,
+                                sx_b, sx_h, sx_w, so_b, so_h, so_w, sw_c, sw_h, sw_w,
+                                KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
+                                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # one program: BLOCK_W pixels of one image row, all channels
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        norm_w = tl.load(norm_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(KH):
+            hh = h + i - KH // 2
+            h_ok = (hh >= 0) & (hh < H)
+            for j in tl.static_range(KW):
+                wj = ws + j - KW // 2
+                ok = ((wj >= 0) & (wj < W) & h_ok)[:, None] & c_ok[None, :]
+                ptrs = x_ptr + b * sx_b + hh * sx_h + wj.to(tl.int64)[:, None] * sx_w + cs[None, :]
+                x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+                # zero padding pads the *normalised* input: masked pixels are all-zero, so 0·rstd = 0
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+                tap = tl.load(conv_w_ptr + cs * sw_c + i * sw_h + j * sw_w, mask=c_ok, other=0.0).to(tl.float32)
+                acc += x * rstd[:, None] * (norm_w * tap)[None, :]
+        if ACT:
+            acc = acc * tl.sigmoid(acc)
+        out = out_ptr + b * so_b + h * so_h + ws.to(tl.int64)[:, None] * so_w + cs[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(ws < W)[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _mix_kernel(a_ptr, b_ptr, z_ptr, wa_ptr, wb_ptr, out_ptr, n_rows, width, eps,
+                    stride_a, stride_b, stride_z, stride_out,
+                    OUT_ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_ok = cols < width
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        a = tl.load(a_ptr + r * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + r * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + r * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        wa = tl.load(wa_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        wb = tl.load(wb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        na = a * (1.0 / tl.sqrt(tl.sum(a * a, axis=1) / width + eps))[:, None] * wa[None, :]
+        nb = b * (1.0 / tl.sqrt(tl.sum(b * b, axis=1) / width + eps))[:, None] * wb[None, :]
+        m = nb + tl.sigmoid(z) * (na - nb)
+        if OUT_ACT:
+            m = m * tl.sigmoid(m)
+        tl.store(out_ptr + r * stride_out + cols[None, :], m.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_kernel(p_ptr, out_ptr, n_rows, hidden, stride_p, stride_out,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        mask = (rows < n_rows)[:, None] & (cols < hidden)[None, :]
+        r = rows.to(tl.int64)[:, None]
+        gate = tl.load(p_ptr + r * stride_p + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(p_ptr + r * stride_p + hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r * stride_out + cols[None, :], (gate * tl.sigmoid(gate) * value).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def _device_ctx(x: Tensor):
+    # launch on the tensor's GPU when another one is current
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """``x · rsqrt(mean(x²) + eps) · weight`` over the last dimension, in float32, as ``out_dtype``."""
+    rows = _as_rows(x)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    block_rows, block_cols = _rows_block(rows.shape[1])
+    with _device_ctx(x):
+        _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
+            rows, weight, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return out.view(x.shape)
+
+
+def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor, act: bool,
+                    out_dtype: torch.dtype) -> Tensor:
+    """``silu?(depthwise_conv(RMSNorm(x)))`` ('same' zero padding, odd kernel, no bias) on a
+    ``[B, H, W, C]`` tensor with unit channel stride; ``conv_weight``: ``[C, 1, kh, kw]``."""
+    B, H, W, C = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    kh, kw = conv_weight.shape[-2:]
+    out = torch.empty((B, H, W, C), dtype=out_dtype, device=x.device)
+    block_c = _pow2(C)
+    block_w = max(1, min(_pow2(W), 4096 // block_c))
+    with _device_ctx(x):
+        _norm_dwconv_act_kernel[(B * H, triton.cdiv(W, block_w))](
+            x, norm_weight, conv_weight, out, H, W, C, eps,
+            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            conv_weight.stride(0), conv_weight.stride(2), conv_weight.stride(3),
+            KH=kh, KW=kw, ACT=act, BLOCK_W=block_w, BLOCK_C=block_c,
+        )
+    return out
+
+
+def mix_global_local(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: float, out_act: bool,
+                     out_dtype: torch.dtype) -> Tensor:
+    """``silu?(σ(z)·RMSNorm(a)·wa + (1 − σ(z))·RMSNorm(b)·wb)`` over the last dimension of
+    three same-shaped tensors, in float32, as ``out_dtype``."""
+    ra, rb, rz = _as_rows(a), _as_rows(b), _as_rows(z)
+    out = torch.empty(ra.shape, dtype=out_dtype, device=a.device)
+    block_rows, block_cols = _rows_block(ra.shape[1])
+    with _device_ctx(a):
+        _mix_kernel[(triton.cdiv(ra.shape[0], block_rows),)](
+            ra, rb, rz, wa, wb, out, ra.shape[0], ra.shape[1], eps,
+            ra.stride(0), rb.stride(0), rz.stride(0), out.stride(0),
+            OUT_ACT=out_act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return out.view(a.shape)
+
+
+def swiglu_product(projected: Tensor) -> Tensor:
+    """``silu(gate) · value`` with ``[gate, value] = projected.chunk(2, -1)``, in float32, as
+    ``projected.dtype``."""
+    rows = _as_rows(projected)
+    hidden = rows.shape[1] // 2
+    out = torch.empty((rows.shape[0], hidden), dtype=projected.dtype, device=projected.device)
+    block_cols = min(256, _pow2(hidden))
+    block_rows = max(1, 4096 // block_cols)
+    with _device_ctx(projected):
+        _swiglu_kernel[(triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))](
+            rows, out, rows.shape[0], hidden, rows.stride(0), out.stride(0),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return out.view(*projected.shape[:-1], hidden)
