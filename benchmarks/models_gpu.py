@@ -60,8 +60,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, min_time: float, min_iters: int) -> float:
+def timed(fn, device: torch.device, min_time: float, min_iters: int, after_step=None) -> float:
     """Median seconds per call over at least ``min_iters`` calls and ``min_time`` seconds."""
+    after_step = after_step or (lambda: None)
     times = []
     start = time.perf_counter()
     while len(times) < min_iters or time.perf_counter() - start < min_time:
@@ -70,12 +71,14 @@ def timed(fn, device: torch.device, min_time: float, min_iters: int) -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        after_step()
         if len(times) >= 200:
             break
     return statistics.median(times)
 
 
-def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, args, device) -> dict:
+def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, args, device,
+            after_step=None) -> dict:
     """One row. ``runner_kind``: ``eager``; ``compile`` (``torch.compile``, default mode); or
     ``graph``: inference captured once in a CUDA graph and replayed, which takes Python and
     kernel launches out of the timing (the GPU-bound speed of the same eager kernels)."""
@@ -108,12 +111,14 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
     step = infer if mode == "infer" else train_step
     for _ in range(args.warmup):
         step()
+        if after_step is not None:
+            after_step()
     if runner_kind == "graph":
         with torch.cuda.device(device):
             step = capture_cuda_graph(step).replay
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(step, device, args.min_time, args.min_iters)
+    seconds = timed(step, device, args.min_time, args.min_iters, after_step)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     del model, runner, optimizer
     gc.collect()
@@ -159,14 +164,16 @@ def profile(args, device: torch.device) -> int:
 
     label, px, batch, mode, *kind = args.profile.split(":")
     px, batch, kind = int(px), int(batch), (kind or ["eager"])[0]
-    args.min_time, args.min_iters = 0.0, 1
-    measure(label, px, batch, mode, kind, args, device)  # warm-up run (allocator, kernel caches)
+    active = 2  # profile the last two timed steps: warm-up (and compiling) stays out of the table
+    args.min_time, args.min_iters = 0.0, 2 + active
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        row = measure(label, px, batch, mode, kind, args, device)
+    schedule = torch.profiler.schedule(wait=args.warmup + 1, warmup=1, active=active, repeat=1)
+    with torch_profile(activities=activities, schedule=schedule) as prof:
+        row = measure(label, px, batch, mode, kind, args, device, after_step=prof.step)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=30))
-    print(f"{label} {px}px b{batch} {mode}: {row['images_per_s']:.1f} img/s while profiled")
+    print(f"{label} {px}px b{batch} {mode} {kind}: {row['images_per_s']:.1f} img/s while profiled "
+          f"(the table: {active} steps)")
     return 0
 
 

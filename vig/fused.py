@@ -19,7 +19,7 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
   backward: one more matmul for about 40 % less saved activation in a ViG block at 1024 px.
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
-in the dtype the same PyTorch ops would give. On CUDA the forwards run as one Triton kernel
+in the input dtype (in autocast's where only a matmul or convolution follows). On CUDA the forwards run as one Triton kernel
 each (:mod:`vig.triton_kernels`), backward stays in PyTorch. Under ``torch.compile`` they trace
 as ordinary autograd functions and inductor fuses their elementwise parts.
 """
@@ -53,14 +53,6 @@ def _autocast_dtype(x: Tensor):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _norm_result_dtype(x: Tensor) -> torch.dtype:
-    """What ``F.rms_norm`` returns: float32 under CUDA autocast (a float32-listed op there; CPU
-    autocast leaves it alone), else ``x``'s dtype."""
-    if x.device.type == "cuda" and x.dtype != torch.float64 and torch.is_autocast_enabled("cuda"):
-        return torch.float32
-    return x.dtype
-
-
 def _rms_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Normalised ``x · rstd`` (before the weight) and ``rstd``, in float32 (float64 kept)."""
     x = _acc(x)
@@ -82,11 +74,10 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps, to_autocast_dtype):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        low = _autocast_dtype(x) if to_autocast_dtype else None
+        dtype = (_autocast_dtype(x) if to_autocast_dtype else None) or x.dtype
         if triton_kernels.enabled_for(x, weight):
-            return triton_kernels.rms_norm(x, weight, eps, low or _norm_result_dtype(x))
-        y = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
-        return y if low is None else y.to(low)
+            return triton_kernels.rms_norm(x, weight, eps, dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -98,13 +89,13 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, to_autocast_dtype: bool = False) -> Tensor:
-    """RMSNorm over the last dimension in the dtype ``F.rms_norm`` gives (``x``'s, or float32
-    under autocast); keeps only ``x`` for backward (the normalised output that eager autograd
+    """RMSNorm over the last dimension, computed in float32 (float64 kept), returned in
+    ``x``'s dtype; keeps only ``x`` for backward (the normalised output that eager autograd
     would also keep is recomputed).
 
-    ``to_autocast_dtype``: under autocast, return the autocast dtype instead of float32 — for a
-    result that only feeds a matmul or convolution, which autocast would cast down anyway (one
-    float32 write and one cast kernel fewer)."""
+    ``to_autocast_dtype``: under autocast, return autocast's dtype instead — for a result that
+    only feeds a matmul or convolution, which autocast would cast down anyway (a float32
+    residual stream then costs one float32 write and one cast kernel fewer)."""
     return _RMSNorm.apply(x, weight, eps, to_autocast_dtype)
 
 
@@ -163,17 +154,18 @@ class _MixGlobalLocal(torch.autograd.Function):
     def forward(ctx, global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act, out_weight):
         ctx.save_for_backward(global_out, local_out, gate_logits, global_weight, local_weight, out_weight)
         ctx.eps, ctx.out_act = eps, out_act
+        # the inputs' dtype, or autocast's when the output projection (a matmul) follows
+        dtype = ((_autocast_dtype(global_out) if out_weight is not None else None)
+                 or torch.promote_types(global_out.dtype, local_out.dtype))
         if triton_kernels.enabled_for(global_out, local_out, gate_logits, global_weight, local_weight):
-            # one kernel, written in the dtype its consumer takes: autocast's for the projection
-            low = _autocast_dtype(global_out) if out_weight is not None else None
             mixed = triton_kernels.mix_global_local(global_out, local_out, gate_logits, global_weight, local_weight,
-                                                    eps, out_act, low or _norm_result_dtype(global_out))
+                                                    eps, out_act, dtype)
         else:
             # forward as eager PyTorch would run it (fused rms_norm kernels, input dtype) ...
             na = F.rms_norm(global_out, (global_out.shape[-1],), global_weight.to(global_out.dtype), eps)
             nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
             mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
-            mixed = F.silu(mixed) if out_act else mixed
+            mixed = (F.silu(mixed) if out_act else mixed).to(dtype)
         if out_weight is None:
             return mixed
         mixed = mixed.flatten(-2)  # heads back into channels

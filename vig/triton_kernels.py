@@ -9,7 +9,8 @@ its consumer wants:
 
 - :func:`rms_norm`: rows of ``[..., C]``;
 - :func:`norm_dwconv_act`: ``silu?(depthwise_conv(RMSNorm(x)))`` on ``[B, H, W, C]`` (the
-  normalised tensor is never written: each tap re-normalises its pixel, which is cheap);
+  normalised tensor is never written: a first kernel writes each pixel's ``rstd``, the
+  convolution normalises the pixels as it reads them);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(a) + (1 − σ(z))·RMSNorm(b))`` per head;
 - :func:`swiglu_product`: ``silu(gate) · value`` from ``[gate, value]``.
 
@@ -101,16 +102,26 @@ if triton is not None:
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_dwconv_act_kernel(x_ptr, norm_w_ptr, conv_w_ptr, out_ptr, H, W, C, eps,
+    def _rstd_kernel(x_ptr, rstd_ptr, n_rows, width, eps, stride_x,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps), mask=rows < n_rows)
+
+    @triton.jit
+    def _norm_dwconv_act_kernel(x_ptr, rstd_ptr, norm_w_ptr, conv_w_ptr, out_ptr, H, W, C,
                                 sx_b, sx_h, sx_w, so_b, so_h, so_w, sw_c, sw_h, sw_w,
                                 KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
                                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        # one program: BLOCK_W pixels of one image row, all channels
+        # one program: BLOCK_W pixels of one image row, BLOCK_C channels. The per-pixel rstd
+        # comes precomputed (a reduction per tap here made the kernel ~100x slower on an H100)
         pid_bh = tl.program_id(0)
-        b = (pid_bh // H).to(tl.int64)
+        b = pid_bh // H
         h = pid_bh % H
         ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = tl.arange(0, BLOCK_C)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = cs < C
         norm_w = tl.load(norm_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -119,16 +130,17 @@ if triton is not None:
             h_ok = (hh >= 0) & (hh < H)
             for j in tl.static_range(KW):
                 wj = ws + j - KW // 2
-                ok = ((wj >= 0) & (wj < W) & h_ok)[:, None] & c_ok[None, :]
-                ptrs = x_ptr + b * sx_b + hh * sx_h + wj.to(tl.int64)[:, None] * sx_w + cs[None, :]
-                x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-                # zero padding pads the *normalised* input: masked pixels are all-zero, so 0·rstd = 0
-                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+                w_ok = (wj >= 0) & (wj < W) & h_ok
+                # zero padding pads the *normalised* input: masked pixels load as 0
+                pixel = (b * H + hh) * W + wj  # row of the pixel in the [B·H·W] rstd vector
+                rstd = tl.load(rstd_ptr + pixel, mask=w_ok, other=0.0)
+                ptrs = x_ptr + b.to(tl.int64) * sx_b + hh * sx_h + wj.to(tl.int64)[:, None] * sx_w + cs[None, :]
+                x = tl.load(ptrs, mask=w_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
                 tap = tl.load(conv_w_ptr + cs * sw_c + i * sw_h + j * sw_w, mask=c_ok, other=0.0).to(tl.float32)
                 acc += x * rstd[:, None] * (norm_w * tap)[None, :]
         if ACT:
             acc = acc * tl.sigmoid(acc)
-        out = out_ptr + b * so_b + h * so_h + ws.to(tl.int64)[:, None] * so_w + cs[None, :]
+        out = out_ptr + b.to(tl.int64) * so_b + h * so_h + ws.to(tl.int64)[:, None] * so_w + cs[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(ws < W)[:, None] & c_ok[None, :])
 
     @triton.jit
@@ -188,17 +200,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> T
 def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor, act: bool,
                     out_dtype: torch.dtype) -> Tensor:
     """``silu?(depthwise_conv(RMSNorm(x)))`` ('same' zero padding, odd kernel, no bias) on a
-    ``[B, H, W, C]`` tensor with unit channel stride; ``conv_weight``: ``[C, 1, kh, kw]``."""
+    ``[B, H, W, C]`` tensor; ``conv_weight``: ``[C, 1, kh, kw]`` in any layout."""
     B, H, W, C = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = x.contiguous()  # (ViG's blocks pass contiguous tensors: no copy)
     kh, kw = conv_weight.shape[-2:]
     out = torch.empty((B, H, W, C), dtype=out_dtype, device=x.device)
-    block_c = _pow2(C)
-    block_w = max(1, min(_pow2(W), 4096 // block_c))
+    # 1) rstd of every pixel (4 bytes per pixel); 2) the convolution, normalising as it reads
+    rstd = torch.empty((B, H, W), dtype=torch.float32, device=x.device)
+    block_rows, block_cols = _rows_block(C)
+    block_c = min(_pow2(C), 128)
+    block_w = max(1, min(_pow2(W), 2048 // block_c))
     with _device_ctx(x):
-        _norm_dwconv_act_kernel[(B * H, triton.cdiv(W, block_w))](
-            x, norm_weight, conv_weight, out, H, W, C, eps,
+        _rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
+            x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        _norm_dwconv_act_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
+            x, rstd, norm_weight, conv_weight, out, H, W, C,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             conv_weight.stride(0), conv_weight.stride(2), conv_weight.stride(3),
             KH=kh, KW=kw, ACT=act, BLOCK_W=block_w, BLOCK_C=block_c,
