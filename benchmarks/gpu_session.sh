@@ -48,19 +48,20 @@ if wants models; then
 fi
 if wants vig; then
     # ViG-T against DeiT-T at the DESIGN §8 points, with vig's Triton kernels and without them
-    step vig_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_vig_triton_kernels.py \
-        tests/test_vig_fused.py tests/test_vig_mixer.py tests/test_vig_compile_autocast.py
+    step vig_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_vig_triton_kernels.py \
+        tests/test_vig_fused.py tests/test_vig_mixer.py tests/test_vig_compile_autocast.py tests/test_vig_models.py
     step vig_kernels 120 python3 benchmarks/vig_kernels_gpu.py
     step vigT_models 200 python3 benchmarks/models_gpu.py --models ViG-T,DeiT-T --points 224:128,1024:8 \
         --compile-modes eager,graph --modes infer,train --min-time 0.5
     step vigT_no_kernels 120 env VIG_TRITON_KERNELS=0 python3 benchmarks/models_gpu.py --models ViG-T \
         --points 224:128,1024:8 --compile-modes eager,graph --modes infer --min-time 0.5
-    TAIL=45 step vigT_profile 120 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer
+    TAIL=45 step vigT_profile 120 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer:graph
 fi
 if wants compile; then
-    # torch.compile rows, with dynamo's recompilation and graph-break reasons in the log
-    step vigT_compile 300 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/models_gpu.py \
-        --models ViG-T,DeiT-T --points 224:128 --compile-modes compile --modes infer --min-time 0.5
+    # torch.compile rows (default mode, and reduce-overhead: CUDA graphs), with dynamo's
+    # recompilation and graph-break reasons in the log
+    step vigT_compile 400 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/models_gpu.py \
+        --models ViG-T,DeiT-T --points 224:128 --compile-modes compile,compile-ro --modes infer --min-time 0.5
     TAIL=45 step vigT_compile_profile 200 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer:compile
 fi
 if wants asv; then

@@ -139,3 +139,34 @@ def test_swiglu_recompute_matches_kept_projection_under_autocast():
             assert kept.dtype == recomputed.dtype
             assert torch.isfinite(recomputed).all()
             assert torch.equal(kept, recomputed), (autocast, (kept - recomputed).abs().max())
+
+
+def test_add_rms_norm_gradcheck_and_value():
+    from vig.fused import add_rms_norm
+
+    gen = torch.Generator().manual_seed(21)
+    x, b = (torch.randn(3, 4, 9, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(9, generator=gen, dtype=torch.float64, requires_grad=True)
+    # both outputs used, and each alone (the other's gradient is None)
+    assert torch.autograd.gradcheck(lambda *t: add_rms_norm(*t, 1e-6), (x, b, w))
+    assert torch.autograd.gradcheck(lambda *t: add_rms_norm(*t, 1e-6)[1], (x, b, w))
+    assert torch.autograd.gradcheck(lambda *t: add_rms_norm(*t, 1e-6)[0], (x, b, w))
+    total, normed = add_rms_norm(x, b, w, 1e-6)
+    assert torch.equal(total, x + b)
+    ref = F.rms_norm(x + b, (9,), w, 1e-6)
+    assert ((normed - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+def test_log_gates_pair_gradcheck_and_value():
+    from vig.fused import log_gates_pair
+
+    gen = torch.Generator().manual_seed(22)
+    z = torch.randn(5, 2, 12, generator=gen, dtype=torch.float64) * 8
+    z.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: log_gates_pair(t, 16.0), (z,))
+    assert torch.autograd.gradcheck(lambda t: log_gates_pair(t, 16.0)[1], (z,))  # forward gates unused
+    fwd, rev = log_gates_pair(z, 16.0)
+    assert fwd.is_contiguous() and rev.is_contiguous()
+    assert torch.equal(torch.cat([fwd, rev], -1), F.logsigmoid(z) / 16)
+    with pytest.raises(ValueError, match="logits"):
+        log_gates_pair(z[..., :5], 16.0)

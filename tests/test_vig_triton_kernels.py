@@ -203,3 +203,48 @@ def test_mode_off_and_float64_stay_in_pytorch(monkeypatch):
     assert not triton_kernels.enabled_for(x.double())
     monkeypatch.setattr(triton_kernels, "MODE", "0")
     assert not triton_kernels.enabled_for(x)
+
+
+@pytest.mark.parametrize("width", [1, 17, 192])
+def test_add_rms_norm_against_float64(width):
+    gen = torch.Generator().manual_seed(width + 5)
+    x = _rand(gen, 2, 9, width, scale=30.0)  # a float32 residual stream ...
+    branch = _rand(gen, 2, 9, width, dtype=torch.bfloat16)  # ... plus a bfloat16 branch, as under autocast
+    w = _rand(gen, width)
+    total, normed = triton_kernels.add_rms_norm(x, branch, w, 1e-6, torch.bfloat16)
+    exact = x.double() + branch.double()
+    assert total.dtype == torch.float32 and normed.dtype == torch.bfloat16
+    assert _rel_err(total, exact) <= UNIT[torch.float32]
+    assert _rel_err(normed, _rms64(exact, w, 1e-6)) <= UNIT[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_gates_pair_against_float64(dtype):
+    # hostile logits: far below zero (gates near -1e4/16), far above (gates that round to 0 in
+    # a naive log(1 + exp(-z))), and ordinary ones
+    z = torch.cat([torch.linspace(-1e4, 90, 60, dtype=torch.float64),
+                   torch.randn(60, generator=torch.Generator().manual_seed(3), dtype=torch.float64)])
+    z = z.view(4, 30).to(dtype).to(DEVICE)
+    fwd, rev = triton_kernels.log_gates_pair(z, 16.0)
+    exact = F.logsigmoid(z.double()) / 16
+    assert fwd.is_contiguous() and rev.is_contiguous() and fwd.dtype == dtype
+    for ours, ref in ((fwd, exact[:, :15]), (rev, exact[:, 15:])):
+        assert not torch.isnan(ours).any()
+        # every element to its own relative accuracy (tiny gates included), not just in norm
+        assert ((ours.double() - ref).abs() <= UNIT[dtype] * ref.abs() + 1e-30).all()
+
+
+def test_fused_pair_functions_same_result_and_gradients_with_kernels(monkeypatch):
+    gen = torch.Generator().manual_seed(13)
+    x, branch, w = _rand(gen, 3, 7, 24), _rand(gen, 3, 7, 24, dtype=torch.bfloat16), _rand(gen, 24)
+    z = _rand(gen, 3, 7, 32, scale=4.0, dtype=torch.bfloat16)
+    cases = {
+        "add_rms_norm": (lambda x, b, w: torch.cat([t.float() for t in fused.add_rms_norm(x, b, w, 1e-6)], -1),
+                         (x, branch, w)),
+        "log_gates_pair": (lambda z: torch.cat(fused.log_gates_pair(z, 16.0), -1), (z,)),
+    }
+    for name, (fn, inputs) in cases.items():
+        (y_k, g_k), (y_t, g_t) = _with_and_without_kernels(monkeypatch, fn, *inputs)
+        assert _rel_err(y_k, y_t.double()) <= 2 * UNIT[torch.bfloat16], name
+        for gk, gt in zip(g_k, g_t):
+            assert _rel_err(gk, gt.double()) <= 4 * UNIT[torch.bfloat16], name

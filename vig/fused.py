@@ -5,13 +5,15 @@ Eager autograd keeps every intermediate of a chain of elementwise ops alive unti
 intermediates, not the weights, set a training step's peak memory. The functions here save
 only their *inputs* and recompute the cheap rest in backward, as a fused kernel would:
 
-- :func:`rms_norm` saves its input only;
+- :func:`rms_norm` saves its input only; :func:`add_rms_norm` (a residual add and the norm
+  after it) saves the sum only;
 - :func:`norm_conv_act`: ViG's pre-norm, depth-wise convolution and SiLU save the block's
   input only (instead of it, the normalised tensor and the convolution's output);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(o) + (1 − σ(z))·RMSNorm(local))`` per head
   saves ``o, local, z`` (3 tensors instead of ~7) and, with the output projection fused in,
   not the projection's input either;
 - :func:`log_gates`: ``logsigmoid(z) / 16`` saves its output (which the op keeps anyway), not ``z``;
+  :func:`log_gates_pair` does it for ``[forward | reverse]`` logits from one projection;
 - :func:`swiglu_linear`: ``(silu(gate) · value) @ Wᵀ`` saves the ``[gate, value]`` projection
   (2·I per token instead of 4·I);
 - :func:`swiglu_mlp`: the whole SwiGLU MLP, ``(silu(x Wgᵀ) · x Wvᵀ) @ Woᵀ``, saves its input
@@ -33,7 +35,8 @@ from . import triton_kernels
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "swiglu_linear", "swiglu_mlp"]
+__all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "log_gates_pair",
+           "swiglu_linear", "swiglu_mlp", "autocast_weight"]
 
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -97,6 +100,52 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, to_autocast_dtype: bool = Fa
     only feeds a matmul or convolution, which autocast would cast down anyway (a float32
     residual stream then costs one float32 write and one cast kernel fewer)."""
     return _RMSNorm.apply(x, weight, eps, to_autocast_dtype)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, weight, eps, to_autocast_dtype):
+        total_dtype = torch.promote_types(x.dtype, branch.dtype)
+        dtype = (_autocast_dtype(x) if to_autocast_dtype else None) or total_dtype
+        if triton_kernels.enabled_for(x, branch, weight):
+            total, normed = triton_kernels.add_rms_norm(x, branch, weight, eps, dtype)
+        else:
+            total = x + branch
+            normed = F.rms_norm(total, (total.shape[-1],), weight.to(total.dtype), eps).to(dtype)
+        ctx.save_for_backward(total, weight)
+        ctx.eps, ctx.dtypes = eps, (x.dtype, branch.dtype)
+        return total, normed
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_normed):
+        total, weight = ctx.saved_tensors
+        grad, grad_weight = grad_total, None
+        if grad_normed is not None:
+            x_hat, rstd = _rms_forward(total, weight, ctx.eps)
+            gn = _acc(grad_normed)
+            through_norm = _rms_backward(gn * _acc(weight), x_hat, rstd)
+            grad = through_norm if grad is None else _acc(grad) + through_norm
+            grad_weight = _sum_to_last(gn * x_hat).to(weight.dtype)
+        if grad is None:
+            return None, None, None, None, None
+        return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1]), grad_weight, None, None
+
+
+def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float,
+                 to_autocast_dtype: bool = False) -> tuple[Tensor, Tensor]:
+    """``(s, rms_norm(s, weight, eps, to_autocast_dtype))`` with ``s = x + branch``: a residual
+    add and the pre-norm after it, in one pass on CUDA; keeps only ``s`` for backward."""
+    return _AddRMSNorm.apply(x, branch, weight, eps, to_autocast_dtype)
+
+
+def autocast_weight(weight: Tensor, like: Tensor) -> Tensor:
+    """``weight`` in autocast's dtype when autocast is on for ``like``'s device, else as it is.
+
+    For a weight used in slices: autocast caches the casts of leaf parameters only, so each
+    ``F.linear(x, weight[rows])`` would cast its slice again; casting the whole weight once and
+    slicing the result costs one copy per forward instead."""
+    dtype = _autocast_dtype(like)
+    return weight if dtype is None else weight.to(dtype)
 
 
 def _depthwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
@@ -221,6 +270,15 @@ def mix_global_local(global_out: Tensor, local_out: Tensor, gate_logits: Tensor,
                                  out_weight)
 
 
+def _log_gates_grad(grad_gates: Tensor | None, gates: Tensor, normalizer: float) -> Tensor:
+    """Gradient w.r.t. the logits of ``gates = logsigmoid(logits) / normalizer``, from the gates:
+    d logsigmoid(z)/dz = sigmoid(-z) = 1 - exp(logsigmoid(z)) = -expm1(normalizer · gates)."""
+    if grad_gates is None:
+        return torch.zeros_like(gates)
+    slope = -torch.expm1(_acc(gates) * normalizer) / normalizer
+    return (_acc(grad_gates) * slope).to(grad_gates.dtype)
+
+
 class _LogGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, normalizer):
@@ -232,9 +290,33 @@ class _LogGates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gates):
         (gates,) = ctx.saved_tensors
-        # d logsigmoid(z)/dz = sigmoid(-z) = 1 - exp(logsigmoid(z)) = -expm1(normalizer · gates)
-        slope = -torch.expm1(_acc(gates) * ctx.normalizer) / ctx.normalizer
-        return (_acc(grad_gates) * slope).to(grad_gates.dtype), None
+        return _log_gates_grad(grad_gates, gates, ctx.normalizer), None
+
+
+class _LogGatesPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, normalizer):
+        if triton_kernels.enabled_for(logits):
+            fwd, rev = triton_kernels.log_gates_pair(logits, normalizer)
+        else:
+            fwd, rev = (g.contiguous() for g in (F.logsigmoid(logits) / normalizer).chunk(2, dim=-1))
+        ctx.save_for_backward(fwd, rev)  # the op keeps these tensors anyway: no extra memory
+        ctx.normalizer = normalizer
+        return fwd, rev
+
+    @staticmethod
+    def backward(ctx, grad_fwd, grad_rev):
+        fwd, rev = ctx.saved_tensors
+        grads = (_log_gates_grad(grad_fwd, fwd, ctx.normalizer), _log_gates_grad(grad_rev, rev, ctx.normalizer))
+        return torch.cat(grads, dim=-1), None
+
+
+def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
+    """:func:`log_gates` of ``[..., 2K]`` logits (one projection for both scan directions), as
+    two contiguous ``[..., K]`` tensors: the first K columns' gates, then the last K's."""
+    if logits.shape[-1] % 2:
+        raise ValueError(f"logits: expected an even last dimension [..., 2K], got shape {tuple(logits.shape)}")
+    return _LogGatesPair.apply(logits, normalizer)
 
 
 def log_gates(logits: Tensor, normalizer: float) -> Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import log_gates, mix_global_local, norm_conv_act
+from .fused import autocast_weight, log_gates_pair, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
@@ -122,16 +122,13 @@ class GatedLinearAttention2D(nn.Module):
         else:
             local = self.in_proj[1](depthwise_conv_nhwc(x, self.in_proj[0].weight))
 
-        w_qkv = self.qkv_proj.weight
+        w_qkv = autocast_weight(self.qkv_proj.weight, local)  # one cast for three slices
         q = F.linear(local, w_qkv[:kd]).view(B, H * W, heads, -1)
         k = F.linear(local, w_qkv[kd : 2 * kd]).view(B, H * W, heads, -1)
         v = F.linear(local, w_qkv[2 * kd :]).view(B, H * W, heads, -1)
 
-        low_rank = self.gk_proj[0](local)
-        w_gate, b_gate = self.gk_proj[1].weight, self.gk_proj[1].bias
-        norm = self.gate_logit_normalizer
-        g_fwd = log_gates(F.linear(low_rank, w_gate[:kd], b_gate[:kd]), norm)
-        g_rev = log_gates(F.linear(low_rank, w_gate[kd:], b_gate[kd:]), norm)
+        # both directions' gates from one projection, split into two contiguous tensors
+        g_fwd, g_rev = log_gates_pair(self.gk_proj[1](self.gk_proj[0](local)), self.gate_logit_normalizer)
 
         o = gated_linear_attention(
             q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,

@@ -12,7 +12,10 @@ its consumer wants:
   normalised tensor is never written: a first kernel writes each pixel's ``rstd``, the
   convolution normalises the pixels as it reads them);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(a) + (1 − σ(z))·RMSNorm(b))`` per head;
-- :func:`swiglu_product`: ``silu(gate) · value`` from ``[gate, value]``.
+- :func:`swiglu_product`: ``silu(gate) · value`` from ``[gate, value]``;
+- :func:`add_rms_norm`: the residual add and the next RMSNorm (``x + branch``, and its norm);
+- :func:`log_gates_pair`: ``logsigmoid(z) / normalizer`` of one ``[..., 2K]`` projection,
+  written as two contiguous ``[..., K]`` gates (forward, reverse).
 
 They are forwards only: :mod:`vig.fused` keeps its autograd functions (save the inputs,
 recompute in PyTorch in backward) and calls these for the forward when :func:`enabled_for`
@@ -37,7 +40,8 @@ except ImportError:  # the models still run, through the PyTorch forms in vig.fu
 
 Tensor = torch.Tensor
 
-__all__ = ["enabled_for", "rms_norm", "norm_dwconv_act", "mix_global_local", "swiglu_product"]
+__all__ = ["enabled_for", "rms_norm", "norm_dwconv_act", "mix_global_local", "swiglu_product", "add_rms_norm",
+           "log_gates_pair"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = ("auto", "0", "1")
@@ -177,6 +181,48 @@ if triton is not None:
                  mask=mask)
 
 
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, b_ptr, w_ptr, sum_ptr, out_ptr, n_rows, width, eps,
+                             stride_x, stride_b, stride_sum, stride_out,
+                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_ok = cols < width
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(b_ptr + r * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x.to(sum_ptr.dtype.element_ty)  # the sum as stored: the norm below reads what later layers see
+        tl.store(sum_ptr + r * stride_sum + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r * stride_out + cols[None, :], (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _log_gates_pair_kernel(z_ptr, fwd_ptr, rev_ptr, n_rows, width, inv_normalizer, stride_z,
+                               BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
+        r = rows.to(tl.int64)[:, None]
+        half = tl.program_id(1)  # 0: the forward gates (first K columns), 1: the reverse ones
+        z = tl.load(z_ptr + r * stride_z + half * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(u) = log(w)·u/(w - 1), w = 1 + u
+        # (accurate for tiny u, where log(1 + u) rounds to 0)
+        u = tl.exp(-tl.abs(z))
+        w = 1.0 + u
+        exact = w == 1.0
+        log1p = tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+        gates = (tl.minimum(z, 0.0) - log1p) * inv_normalizer
+        offsets = r * width + cols[None, :]
+        if half == 0:
+            tl.store(fwd_ptr + offsets, gates.to(fwd_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(rev_ptr + offsets, gates.to(rev_ptr.dtype.element_ty), mask=mask)
+
+
 def _device_ctx(x: Tensor):
     # launch on the tensor's GPU when another one is current
     if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
@@ -252,3 +298,36 @@ def swiglu_product(projected: Tensor) -> Tensor:
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )
     return out.view(*projected.shape[:-1], hidden)
+
+
+def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(s, RMSNorm(s) · weight)`` with ``s = x + branch`` in their promoted dtype (the residual add
+    and the pre-norm that follows it, one read of each input); the norm as ``out_dtype``."""
+    rx, rb = _as_rows(x), _as_rows(branch)
+    total = torch.empty(rx.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+    out = torch.empty(rx.shape, dtype=out_dtype, device=x.device)
+    block_rows, block_cols = _rows_block(rx.shape[1])
+    with _device_ctx(x):
+        _add_rms_norm_kernel[(triton.cdiv(rx.shape[0], block_rows),)](
+            rx, rb, weight, total, out, rx.shape[0], rx.shape[1], eps,
+            rx.stride(0), rb.stride(0), total.stride(0), out.stride(0),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return total.view(x.shape), out.view(x.shape)
+
+
+def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
+    """``logsigmoid(logits) / normalizer`` of ``[..., 2K]`` logits as two contiguous ``[..., K]``
+    tensors (the first K columns, then the last K), in ``logits``' dtype."""
+    rows = _as_rows(logits)
+    width = rows.shape[1] // 2
+    fwd = torch.empty((rows.shape[0], width), dtype=logits.dtype, device=logits.device)
+    rev = torch.empty_like(fwd)
+    block_rows, block_cols = _rows_block(width)
+    with _device_ctx(logits):
+        _log_gates_pair_kernel[(triton.cdiv(rows.shape[0], block_rows), 2)](
+            rows, fwd, rev, rows.shape[0], width, 1.0 / normalizer, rows.stride(0),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    shape = (*logits.shape[:-1], width)
+    return fwd.view(shape), rev.view(shape)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ._registry import build_classifier, register_model
 from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
+from .fused import add_rms_norm
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc
 
@@ -89,10 +90,12 @@ class ViGBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(x, pre_norm=self.attn_norm))  # the norm is fused with the conv
-        # the norm's result only feeds the MLP's first matmul: under autocast, write it in
-        # autocast's dtype rather than float32 (autocast would cast it down anyway)
-        return x + self.drop_path(self.mlp(self.mlp_norm(x, to_autocast_dtype=True)))
+        mixed = self.drop_path(self.attn(x, pre_norm=self.attn_norm))  # the norm is fused with the conv
+        # the residual add is fused with the MLP's pre-norm (``mlp_norm``'s weight and eps; the
+        # module itself is not called). Its result only feeds the MLP's first matmul: under
+        # autocast, it comes in autocast's dtype rather than float32 (autocast would cast it anyway)
+        x, normed = add_rms_norm(x, mixed, self.mlp_norm.weight, self.mlp_norm.eps, to_autocast_dtype=True)
+        return x + self.drop_path(self.mlp(normed))
 
 
 class ViG(nn.Module):
