@@ -55,7 +55,7 @@ if wants vig; then
         --compile-modes eager,graph --modes infer,train --min-time 0.5
     step vigT_no_kernels 120 env VIG_TRITON_KERNELS=0 python3 benchmarks/models_gpu.py --models ViG-T \
         --points 224:128,1024:8 --compile-modes eager,graph --modes infer --min-time 0.5
-    TAIL=45 step vigT_profile 120 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer:graph
+    TAIL=45 step vigT_profile 120 python3 benchmarks/models_gpu.py --profile ViG-T:224:128:infer
 fi
 if wants compile; then
     # torch.compile rows (default mode, and reduce-overhead: CUDA graphs), with dynamo's
