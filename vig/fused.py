@@ -56,6 +56,13 @@ def _autocast_dtype(x: Tensor):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, but never the no-op ``.to`` that returns ``x`` itself: returned from an
+    autograd function's forward under ``torch.compile``, that alias loses every gradient in
+    torch 2.11 (tests/test_vig_compile_autocast.py caught it)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _rms_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Normalised ``x · rstd`` (before the weight) and ``rstd``, in float32 (float64 kept)."""
     x = _acc(x)
@@ -80,7 +87,7 @@ class _RMSNorm(torch.autograd.Function):
         dtype = (_autocast_dtype(x) if to_autocast_dtype else None) or x.dtype
         if triton_kernels.enabled_for(x, weight):
             return triton_kernels.rms_norm(x, weight, eps, dtype)
-        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps).to(dtype)
+        return _cast(F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps), dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -111,7 +118,7 @@ class _AddRMSNorm(torch.autograd.Function):
             total, normed = triton_kernels.add_rms_norm(x, branch, weight, eps, dtype)
         else:
             total = x + branch
-            normed = F.rms_norm(total, (total.shape[-1],), weight.to(total.dtype), eps).to(dtype)
+            normed = _cast(F.rms_norm(total, (total.shape[-1],), weight.to(total.dtype), eps), dtype)
         ctx.save_for_backward(total, weight)
         ctx.eps, ctx.dtypes = eps, (x.dtype, branch.dtype)
         return total, normed
@@ -214,7 +221,7 @@ class _MixGlobalLocal(torch.autograd.Function):
             na = F.rms_norm(global_out, (global_out.shape[-1],), global_weight.to(global_out.dtype), eps)
             nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
             mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
-            mixed = (F.silu(mixed) if out_act else mixed).to(dtype)
+            mixed = _cast(F.silu(mixed) if out_act else mixed, dtype)
         if out_weight is None:
             return mixed
         mixed = mixed.flatten(-2)  # heads back into channels
