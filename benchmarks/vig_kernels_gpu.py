@@ -37,7 +37,17 @@ def cases(batch: int, side: int, device: torch.device):
     a, b, z = (rand(batch, side * side, HEADS, C // HEADS) for _ in range(3))
     wa, wb = rand(C // HEADS, dtype=torch.float32), rand(C // HEADS, dtype=torch.float32)
     projected = rand(batch, side * side, 2 * HIDDEN)
+    branch = rand(batch, side, side, C)
+    logits = rand(batch, side * side, C)  # [forward | reverse] gate logits, K = C/2 each
+    # the patch embedding's first channel norm: C/2 channels at twice the grid's side
+    embed = rand(batch, 2 * side, 2 * side, C // 2)
+    embed_w, embed_b = rand(C // 2, dtype=torch.float32), rand(C // 2, dtype=torch.float32)
     return {
+        "add+rms_norm": (lambda: fused.add_rms_norm(x, branch, norm_w, 1e-6, to_autocast_dtype=True),
+                         tokens * C * (4 + 2 + 4 + 2)),
+        "log gates pair": (lambda: fused.log_gates_pair(logits, 16.0), tokens * C * 2 * 2),
+        "layer_norm+silu": (lambda: fused.layer_norm_act(embed, embed_w, embed_b, 1e-6, True, torch.bfloat16),
+                            4 * tokens * C // 2 * 2 * 2),
         "rms_norm -> bf16": (lambda: fused.rms_norm(x, norm_w, 1e-6, to_autocast_dtype=True), tokens * C * (4 + 2)),
         "norm+dwconv+silu": (lambda: fused.norm_conv_act(x, norm_w, 1e-6, conv_w, True), tokens * C * (4 + 2)),
         "global/local mix": (lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True), tokens * C * 2 * 4),

@@ -170,3 +170,34 @@ def test_log_gates_pair_gradcheck_and_value():
     assert torch.equal(torch.cat([fwd, rev], -1), F.logsigmoid(z) / 16)
     with pytest.raises(ValueError, match="logits"):
         log_gates_pair(z[..., :5], 16.0)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_layer_norm_act_gradcheck_and_value(act):
+    from vig.fused import layer_norm_act
+
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(3, 4, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(10, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    f = lambda *t: layer_norm_act(*t, 1e-5, act, torch.float64)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    ref = F.layer_norm(x, (10,), w, b, 1e-5)
+    ref = F.silu(ref) if act else ref
+    assert ((f(x, w, b) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+def test_patch_embed_equals_its_layers_in_sequence():
+    """PatchEmbedV2 runs its ``proj`` layers with fused norms: same result as the Sequential."""
+    import vig
+    from vig.layers import nchw_to_nhwc
+
+    torch.manual_seed(0)
+    embed = vig.create_model("vig_tiny", img_size=64, depth=1).patch_embed.double()
+    with torch.no_grad():
+        for p in embed.parameters():  # non-trivial norm parameters
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ref = nchw_to_nhwc(embed.proj(x))
+    ours = embed(x)
+    assert ours.shape == ref.shape and ours.is_contiguous()
+    assert ((ours - ref).norm() / ref.norm()).item() <= 1e-12

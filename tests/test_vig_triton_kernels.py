@@ -248,3 +248,30 @@ def test_fused_pair_functions_same_result_and_gradients_with_kernels(monkeypatch
         assert _rel_err(y_k, y_t.double()) <= 2 * UNIT[torch.bfloat16], name
         for gk, gt in zip(g_k, g_t):
             assert _rel_err(gk, gt.double()) <= 4 * UNIT[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("width", [1, 17, 96, 192])
+@pytest.mark.parametrize("act", [False, True])
+def test_layer_norm_act_against_float64(width, act):
+    gen = torch.Generator().manual_seed(width + act)
+    # an offset far larger than the spread: the variance must come from centred values
+    x = _rand(gen, 3, 11, width, scale=2.0) + 100.0
+    w, b = _rand(gen, width), _rand(gen, width)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        y = triton_kernels.layer_norm_act(x, w, b, 1e-5, act, out_dtype)
+        ref = F.layer_norm(x.double(), (width,), w.double(), b.double(), 1e-5)
+        ref = F.silu(ref) if act else ref
+        assert y.dtype == out_dtype
+        # float32 inputs near 100 carry ~1e-5 absolute error into the centred values
+        assert _rel_err(y, ref) <= max(UNIT[out_dtype], 1e-4 if width > 1 else UNIT[out_dtype])
+
+
+def test_layer_norm_act_same_result_and_gradients_with_kernels(monkeypatch):
+    gen = torch.Generator().manual_seed(17)
+    x, w, b = _rand(gen, 2, 6, 5, 24, dtype=torch.bfloat16), _rand(gen, 24), _rand(gen, 24)
+    fn = lambda x, w, b: fused.layer_norm_act(x, w, b, 1e-6, True, torch.float32)  # noqa: E731
+    (y_k, g_k), (y_t, g_t) = _with_and_without_kernels(monkeypatch, fn, x, w, b)
+    assert y_k.dtype == y_t.dtype == torch.float32
+    assert _rel_err(y_k, y_t.double()) <= 1e-5
+    for gk, gt in zip(g_k, g_t):
+        assert _rel_err(gk, gt.double()) <= 4 * UNIT[torch.bfloat16]

@@ -7,6 +7,7 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
 
 - :func:`rms_norm` saves its input only; :func:`add_rms_norm` (a residual add and the norm
   after it) saves the sum only;
+- :func:`layer_norm_act`: LayerNorm and an optional SiLU save the input only;
 - :func:`norm_conv_act`: ViG's pre-norm, depth-wise convolution and SiLU save the block's
   input only (instead of it, the normalised tensor and the convolution's output);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(o) + (1 − σ(z))·RMSNorm(local))`` per head
@@ -36,7 +37,7 @@ from . import triton_kernels
 Tensor = torch.Tensor
 
 __all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "log_gates_pair",
-           "swiglu_linear", "swiglu_mlp", "autocast_weight"]
+           "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act"]
 
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -143,6 +144,41 @@ def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float,
     """``(s, rms_norm(s, weight, eps, to_autocast_dtype))`` with ``s = x + branch``: a residual
     add and the pre-norm after it, in one pass on CUDA; keeps only ``s`` for backward."""
     return _AddRMSNorm.apply(x, branch, weight, eps, to_autocast_dtype)
+
+
+class _LayerNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, out_dtype):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.eps, ctx.act = eps, act
+        if triton_kernels.enabled_for(x, weight, bias):
+            return triton_kernels.layer_norm_act(x, weight, bias, eps, act, out_dtype)
+        y = F.layer_norm(_acc(x), (x.shape[-1],), _acc(weight), _acc(bias), eps)
+        return _cast(F.silu(y) if act else y, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        xf = _acc(x)
+        centred = xf - xf.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        x_hat = centred * rstd
+        grad = _acc(grad_out)
+        if ctx.act:
+            y = x_hat * _acc(weight) + _acc(bias)
+            s = torch.sigmoid(y)
+            grad = grad * s * (1 + y * (1 - s))
+        grad_hat = grad * _acc(weight)
+        grad_x = rstd * (grad_hat - grad_hat.mean(-1, keepdim=True)
+                         - x_hat * (grad_hat * x_hat).mean(-1, keepdim=True))
+        return (grad_x.to(x.dtype), _sum_to_last(grad * x_hat).to(weight.dtype), _sum_to_last(grad).to(bias.dtype),
+                None, None, None)
+
+
+def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: bool, out_dtype: torch.dtype) -> Tensor:
+    """``silu?(LayerNorm(x) · weight + bias)`` over the last dimension, computed in float32 and
+    returned as ``out_dtype``; keeps only ``x`` (and the parameters) for backward."""
+    return _LayerNormAct.apply(x, weight, bias, eps, act, out_dtype)
 
 
 def autocast_weight(weight: Tensor, like: Tensor) -> Tensor:

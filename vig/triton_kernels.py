@@ -14,6 +14,8 @@ its consumer wants:
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(a) + (1 − σ(z))·RMSNorm(b))`` per head;
 - :func:`swiglu_product`: ``silu(gate) · value`` from ``[gate, value]``;
 - :func:`add_rms_norm`: the residual add and the next RMSNorm (``x + branch``, and its norm);
+- :func:`layer_norm_act`: LayerNorm over the last dimension, optionally followed by SiLU (the
+  patch embedding's channel norms, on channels-last tensors);
 - :func:`log_gates_pair`: ``logsigmoid(z) / normalizer`` of one ``[..., 2K]`` projection,
   written as two contiguous ``[..., K]`` gates (forward, reverse).
 
@@ -41,7 +43,7 @@ except ImportError:  # the models still run, through the PyTorch forms in vig.fu
 Tensor = torch.Tensor
 
 __all__ = ["enabled_for", "rms_norm", "norm_dwconv_act", "mix_global_local", "swiglu_product", "add_rms_norm",
-           "log_gates_pair"]
+           "log_gates_pair", "layer_norm_act"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = ("auto", "0", "1")
@@ -223,6 +225,26 @@ if triton is not None:
             tl.store(rev_ptr + offsets, gates.to(rev_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _layer_norm_act_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_rows, width, eps, stride_x, stride_out,
+                               ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_ok = cols < width
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / width
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        if ACT:
+            y = y * tl.sigmoid(y)
+        tl.store(out_ptr + r * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _device_ctx(x: Tensor):
     # launch on the tensor's GPU when another one is current
     if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
@@ -331,3 +353,16 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
         )
     shape = (*logits.shape[:-1], width)
     return fwd.view(shape), rev.view(shape)
+
+
+def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: bool, out_dtype: torch.dtype) -> Tensor:
+    """``silu?(LayerNorm(x) · weight + bias)`` over the last dimension, in float32, as ``out_dtype``."""
+    rows = _as_rows(x)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    block_rows, block_cols = _rows_block(rows.shape[1])
+    with _device_ctx(x):
+        _layer_norm_act_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
+            rows, weight, bias, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
+            ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return out.view(x.shape)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from ._registry import build_classifier, register_model
 from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
-from .fused import add_rms_norm
+from .fused import add_rms_norm, layer_norm_act
 from .gla_mixer import GatedLinearAttention2D
-from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc
+from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
 
 Tensor = torch.Tensor
 
@@ -59,9 +59,19 @@ class PatchEmbedV2(nn.Module):
         return tuple((s + 2 - 3) // 2 + 1 for s in first)
 
     def forward(self, x: Tensor) -> Tensor:
-        # channels-last convolutions: the LayerNorms and the [B, h, w, C] result are then free views
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
-        return nchw_to_nhwc(x).contiguous()
+        # ``proj`` holds the layers (and the checkpoint's names); they run here so that each
+        # channel norm is one kernel (vig.fused.layer_norm_act), the first with its SiLU
+        conv1, norm1, _, conv2, norm2 = self.proj
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # channels-last convolutions: [B, h, w, C] views of their results are contiguous
+        x = nchw_to_nhwc(conv1(x.contiguous(memory_format=torch.channels_last)))
+        # norm1 feeds a convolution: autocast's dtype; norm2 starts the float32 residual stream
+        # under autocast (as autocast's own layer_norm would), else the input's dtype
+        low = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        x = layer_norm_act(x, norm1.weight, norm1.bias, norm1.eps, True, low)
+        x = nchw_to_nhwc(conv2(nhwc_to_nchw(x)))
+        x = layer_norm_act(x, norm2.weight, norm2.bias, norm2.eps, False, torch.float32 if autocast else x.dtype)
+        return x.contiguous()
 
 
 class ViGBlock(nn.Module):
