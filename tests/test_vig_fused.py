@@ -201,3 +201,10 @@ def test_patch_embed_equals_its_layers_in_sequence():
     ours = embed(x)
     assert ours.shape == ref.shape and ours.is_contiguous()
     assert ((ours - ref).norm() / ref.norm()).item() <= 1e-12
+
+
+def test_add_rms_norm_rejects_broadcasting():
+    from vig.fused import add_rms_norm
+
+    with pytest.raises(ValueError, match="branch"):
+        add_rms_norm(torch.ones(2, 3, 4), torch.ones(1, 3, 4), torch.ones(4), 1e-6)

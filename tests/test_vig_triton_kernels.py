@@ -275,3 +275,17 @@ def test_layer_norm_act_same_result_and_gradients_with_kernels(monkeypatch):
     assert _rel_err(y_k, y_t.double()) <= 1e-5
     for gk, gt in zip(g_k, g_t):
         assert _rel_err(gk, gt.double()) <= 4 * UNIT[torch.bfloat16]
+
+
+def test_fake_tensors_and_transforms_stay_in_pytorch():
+    """Kernels need real memory: under a fake-tensor mode or vmap the PyTorch forms run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w = torch.randn(2, 5, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        assert not triton_kernels.enabled_for(fx, fw)
+        assert fused.rms_norm(fx, fw, 1e-6).shape == x.shape
+    seen = []
+    torch.func.vmap(lambda t: seen.append(triton_kernels.enabled_for(t)) or t)(x)
+    assert seen == [False]

@@ -22,9 +22,10 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
   backward: one more matmul for about 40 % less saved activation in a ViG block at 1024 px.
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
-in the input dtype (in autocast's where only a matmul or convolution follows). On CUDA the forwards run as one Triton kernel
-each (:mod:`vig.triton_kernels`), backward stays in PyTorch. Under ``torch.compile`` they trace
-as ordinary autograd functions and inductor fuses their elementwise parts.
+in the input dtype (in autocast's where only a matmul or convolution follows). On CUDA the
+forwards run as one Triton kernel each (:mod:`vig.triton_kernels`); backward stays in
+PyTorch. Under ``torch.compile`` they trace as ordinary autograd functions and inductor fuses
+their elementwise parts.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float,
                  to_autocast_dtype: bool = False) -> tuple[Tensor, Tensor]:
     """``(s, rms_norm(s, weight, eps, to_autocast_dtype))`` with ``s = x + branch``: a residual
     add and the pre-norm after it, in one pass on CUDA; keeps only ``s`` for backward."""
+    if x.shape != branch.shape:
+        raise ValueError(f"branch: expected the shape of x {tuple(x.shape)}, got {tuple(branch.shape)}")
     return _AddRMSNorm.apply(x, branch, weight, eps, to_autocast_dtype)
 
 

@@ -32,10 +32,10 @@ __all__ = [
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, to_autocast_dtype: bool = False) -> Tensor:
-    """RMSNorm over the last dimension, in the dtype of ``x`` (the weight follows it, so a
-    float32 weight under autocast does not promote bfloat16 activations; CUDA autocast runs
-    it in float32), or in autocast's dtype with ``to_autocast_dtype`` under autocast; backward
-    keeps only ``x`` (see :mod:`vig.fused`)."""
+    """RMSNorm over the last dimension, computed in float32 and returned in the dtype of ``x``
+    (a float32 weight under autocast does not promote bfloat16 activations), or in autocast's
+    dtype with ``to_autocast_dtype`` under autocast; backward keeps only ``x`` (see
+    :mod:`vig.fused`)."""
     return fused_rms_norm(x, weight, eps, to_autocast_dtype)
 
 
@@ -47,10 +47,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, to_autocast_dtype: bool = False) -> Tensor:
-        """``to_autocast_dtype``: for a result that only feeds a matmul or convolution (see
-        :func:`rms_norm`)."""
-        return rms_norm(x, self.weight, self.eps, to_autocast_dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

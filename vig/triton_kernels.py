@@ -25,6 +25,11 @@ says so. Under ``torch.compile`` they are not used (inductor fuses the PyTorch f
 
 ``VIG_TRITON_KERNELS``: ``auto`` (default; CUDA tensors), ``0`` (never), ``1`` (also CPU
 tensors when ``TRITON_INTERPRET=1``: how the CPU tests run these kernels).
+
+Trade-off: a Triton launch costs more host time than a PyTorch op (about 100–130 µs per call on
+the H100 hosts of benchmarks/RESULTS.md). GPU-bound work (CUDA graphs, large batches) gains
+1.5–1.6× for ViG-T; eager inference that is already host-bound can lose, and runs faster with
+``VIG_TRITON_KERNELS=0`` there.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = ["enabled_for", "rms_norm", "norm_dwconv_act", "mix_global_local", "sw
            "log_gates_pair", "layer_norm_act"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _MODES = ("auto", "0", "1")
 
 
@@ -67,8 +73,12 @@ def enabled_for(*tensors: Tensor) -> bool:
     """Whether the forward of a :mod:`vig.fused` function on these tensors runs here."""
     if triton is None or MODE == "0" or torch.compiler.is_compiling():
         return False
+    # a kernel needs real memory: not under fake-tensor or other dispatch modes, functorch
+    # transforms or tensor subclasses (the PyTorch forms handle those)
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
     x = tensors[0]
-    if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+    if any(type(t) not in _PLAIN_TENSOR_TYPES or t.dtype not in _KERNEL_DTYPES for t in tensors):
         return False  # float64 (gradcheck) stays in PyTorch
     if x.device.type == "cuda":
         return True
