@@ -186,7 +186,15 @@ def select_backend(spec: ProblemSpec, argument: Optional[str] = None) -> Backend
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ProblemSpec))
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without its import of ``torch._dynamo``,
+    which made ``import glakernels`` take 1.4 s longer: the decorator only sets this attribute
+    on ``fn`` (tests/test_dispatch.py checks that it still does, on the installed torch)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _select_backend_name(*spec_fields_and_argument) -> str:
     *fields, argument = spec_fields_and_argument
     return select_backend(ProblemSpec(*fields), argument).name

@@ -233,3 +233,28 @@ def test_import_is_cheap():
 
 def test_version():
     assert isinstance(glakernels.__version__, str)
+
+
+def test_constant_result_marking_matches_torch_compiler():
+    """``_dispatch`` marks backend selection as a compile-time constant the way
+    ``torch.compiler.assume_constant_result`` does (without importing Dynamo at import time)."""
+    from glakernels import _dispatch
+
+    def ours():
+        pass
+
+    def theirs():
+        pass
+
+    assert _dispatch._assume_constant_result(ours) is ours
+    assert torch.compiler.assume_constant_result(theirs) is theirs
+    assert vars(ours) == vars(theirs) and vars(theirs)
+
+
+def test_import_does_not_load_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, glakernels, vig; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

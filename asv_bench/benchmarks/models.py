@@ -105,3 +105,35 @@ class GpuModelMemory(_Model):
         return torch.cuda.max_memory_allocated() / 2**20
 
     track_peak_memory_mib.unit = "MiB"
+
+
+class GpuModelGraphInference(_Model):
+    """Images/s of inference replayed from a CUDA graph (CUDA machines only): the GPU-bound
+    speed, without the host time eager steps spend launching kernels (``ModelStep`` includes
+    it). ``benchmarks/models_gpu.py --compile-modes graph`` measures the same thing."""
+
+    params = (MODELS, GPU_POINTS, ["infer"])
+
+    def setup(self, name, point, mode):
+        if _device() != "cuda":
+            raise NotImplementedError("CUDA-graph replay is measured on CUDA machines only")
+        super().setup(name, point, mode)
+        from glakernels.bench import capture_cuda_graph
+
+        # capture needs autocast's weight-cast cache off (the cast copies are part of the graph)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        self.graph = capture_cuda_graph(self._infer)
+        self._sync()
+
+    def track_images_per_second(self, name, point, mode):
+        import time
+
+        batch = self.x.shape[0]
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            self.graph.replay()
+        self._sync()
+        return 10 * batch / (time.perf_counter() - start)
+
+    track_images_per_second.unit = "images/s"
