@@ -143,10 +143,11 @@ if triton is not None:
         acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(KH):
             hh = h + i - KH // 2
-            h_ok = (hh >= 0) & (hh < H)
+            # the row test as a vector: a scalar bool in a mask breaks Triton 3.9's interpreter
+            hh_vec = hh + tl.zeros((BLOCK_W,), dtype=tl.int32)
             for j in tl.static_range(KW):
                 wj = ws + j - KW // 2
-                w_ok = (wj >= 0) & (wj < W) & h_ok
+                w_ok = (wj >= 0) & (wj < W) & (hh_vec >= 0) & (hh_vec < H)
                 # zero padding pads the *normalised* input: masked pixels load as 0
                 pixel = (b * H + hh) * W + wj  # row of the pixel in the [B·H·W] rstd vector
                 rstd = tl.load(rstd_ptr + pixel, mask=w_ok, other=0.0)
