@@ -48,7 +48,7 @@ if wants models; then
 fi
 if wants vig; then
     # ViG-T against DeiT-T at the DESIGN §8 points, with vig's Triton kernels and without them
-    step vig_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_vig_triton_kernels.py \
+    step vig_tests 320 python3 -m pytest -q -p no:cacheprovider tests/test_vig_triton_kernels.py \
         tests/test_vig_fused.py tests/test_vig_compile_autocast.py
     step vig_kernels 120 python3 benchmarks/vig_kernels_gpu.py
     step vigT_models 200 python3 benchmarks/models_gpu.py --models ViG-T,DeiT-T --points 224:128,1024:8 \
