@@ -57,6 +57,17 @@ class _Model:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
+    def _images_per_second(self, step, calls):
+        """Images/s over ``calls`` calls of ``step`` (one batch each), synchronised around them."""
+        import time
+
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        self._sync()
+        return calls * self.x.shape[0] / (time.perf_counter() - start)
+
     def _infer(self):
         with torch.no_grad(), self.amp:
             self.model(self.x)
@@ -77,15 +88,7 @@ class ModelStep(_Model):
         self._sync()
 
     def track_images_per_second(self, name, point, mode):
-        import time
-
-        batch = self.x.shape[0]
-        self._sync()
-        start = time.perf_counter()
-        for _ in range(3):
-            self.step()
-        self._sync()
-        return 3 * batch / (time.perf_counter() - start)
+        return self._images_per_second(self.step, 3)
 
     track_images_per_second.unit = "images/s"
 
@@ -126,14 +129,6 @@ class GpuModelGraphInference(_Model):
         self._sync()
 
     def track_images_per_second(self, name, point, mode):
-        import time
-
-        batch = self.x.shape[0]
-        self._sync()
-        start = time.perf_counter()
-        for _ in range(10):
-            self.graph.replay()
-        self._sync()
-        return 10 * batch / (time.perf_counter() - start)
+        return self._images_per_second(self.graph.replay, 10)
 
     track_images_per_second.unit = "images/s"
