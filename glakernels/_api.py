@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -92,6 +93,11 @@ def gated_linear_attention(
             {"q": q, "k": k, "v": v, "g": g, "g_reverse": g_reverse, "initial_state": initial_state},
             gate_names=("g", "g_reverse"),
         )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, g_reverse, initial_state)
+    )
+    if needs_grad:
+        spec = dataclasses.replace(spec, needs_grad=True)
     name = select_backend_name(spec, backend)
     if bidirectional and g_reverse is None:
         g_reverse = g

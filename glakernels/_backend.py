@@ -115,6 +115,11 @@ class Backend:
         """Rank in automatic selection on ``device_type``; ``None``: never chosen automatically."""
         return self.auto_priority.get(device_type, self.auto_priority.get(ANY_DEVICE))
 
+    def priority_for_problem(self, spec: ProblemSpec) -> Optional[int]:
+        """Rank for this call in automatic selection: the device type's, unless a backend
+        knows it is faster (or slower) for some calls (e.g. forward-only ones)."""
+        return self.priority_for(spec.device_type)
+
     def tolerance(self, dtype: torch.dtype) -> float:
         return self.tolerances[dtype]
 

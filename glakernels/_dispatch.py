@@ -3,8 +3,9 @@
 Selection order (DESIGN.md §4): ``backend=`` argument > ``use_backend()`` context manager >
 ``GLAKERNELS_BACKEND`` > automatic. A backend chosen by name that cannot run the call raises
 :class:`BackendNotSupportedError` with its reasons; there is no silent fallback. Automatic
-selection orders backends by their declared ``auto_priority`` for the input's device type and
-takes the first whose ``not_supported_reasons`` is empty.
+selection orders backends by their declared ``auto_priority`` for the input's device type (a
+backend may rank some calls differently: ``Backend.priority_for_problem``) and takes the first
+whose ``not_supported_reasons`` is empty.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class BackendRegistry:
                 )
             return backend
         ranked = sorted(
-            (b for b in self.backends() if b.priority_for(spec.device_type) is not None),
-            key=lambda b: -b.priority_for(spec.device_type),
+            (b for b in self.backends() if b.priority_for_problem(spec) is not None),
+            key=lambda b: -b.priority_for_problem(spec),
         )
         for backend in ranked:
             if not backend.not_supported_reasons(spec):

@@ -26,6 +26,9 @@ class ProblemSpec:
     bidirectional: bool
     has_initial_state: bool = False
     output_final_state: bool = False
+    #: Gradients will be asked for (grad mode on and an input requires grad): automatic
+    #: selection may prefer another backend for forward-only calls than for training.
+    needs_grad: bool = False
 
     @property
     def uses_states(self) -> bool:

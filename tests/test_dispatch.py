@@ -50,6 +50,39 @@ def test_automatic_selection_follows_declared_priority(clean_env):
         assert [c[0] for c in preferred.calls] == ["forward"]
 
 
+def test_selection_sees_whether_gradients_will_be_needed(clean_env):
+    class Asked(RecordingBackend):
+        def priority_for_problem(self, spec):
+            self.asked.append(spec.needs_grad)
+            return 10_000
+
+    with temporary_backend(Asked("asked", auto_priority={"cpu": 1})) as backend:
+        backend.asked = []
+        x = inputs()
+        gated_linear_attention(**x)
+        x["v"].requires_grad_()
+        gated_linear_attention(**x).sum().backward()
+        with torch.no_grad():
+            gated_linear_attention(**x)
+    assert set(backend.asked) == {False, True}
+    # each call's rank is asked with its own needs_grad: False, True, False in call order
+    assert [a for i, a in enumerate(backend.asked) if i == 0 or a != backend.asked[i - 1]] == [False, True, False]
+
+
+def test_a_backend_may_rank_forward_only_calls_higher(clean_env):
+    class InferenceFirst(RecordingBackend):
+        def priority_for_problem(self, spec):
+            return 10_000 if not spec.needs_grad else None
+
+    with temporary_backend(InferenceFirst("inference-first", auto_priority={"cpu": 1})) as backend:
+        x = inputs()
+        gated_linear_attention(**x)
+        assert len(backend.calls) == 1
+        x["q"].requires_grad_()
+        gated_linear_attention(**x)
+        assert len(backend.calls) == 1  # training call: another backend
+
+
 def test_automatic_selection_skips_backends_that_cannot_run(clean_env):
     with temporary_backend(RecordingBackend("limited", auto_priority={"cpu": 10_000}, max_head_dim_k=2)) as limited:
         gated_linear_attention(**inputs(K=4))

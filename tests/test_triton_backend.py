@@ -1,5 +1,5 @@
-"""What the shared suites do not reach in the triton backend: the multi-segment path (states
-kernel) at small sizes, head dims up to 256, the float32/tf32 switch, its availability
+"""What the shared suites do not reach in the triton backend: the single-pass forward's chunk
+counts and V blocks, the multi-segment path (states kernel) at small sizes, head dims up to 256, the float32/tf32 switch, its availability
 rules, and on a GPU: CUDA graph capture, no host synchronisation, 64-bit offsets.
 
 On a machine without a GPU the kernels run through Triton's interpreter (``conftest.py``
@@ -73,6 +73,67 @@ def test_segment_boundaries_do_not_change_results():
     with _launch().override_config(chunk=16, segment=32):
         multi, _ = outputs_and_grads(gated_linear_attention, x, cot, backend="triton")
     assert_close(multi, single, 1e-5, "segments")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # 1, 2 (even: every chunk's parts meet across the middle) and 3 (odd: the middle
+        # chunk) chunks of 16, a partial last chunk, V in two blocks, odd K
+        Case(1, 1, 1, 33, 100, torch.float32, gates="extreme"),
+        Case(2, 31, 1, 5, 100, torch.float32, gates="extreme"),
+        Case(1, 48, 2, 16, 17, torch.bfloat16, gates="strong"),
+        Case(1, 47, 1, 64, 130, torch.float16, gates="extreme"),
+        Case(1, 40, 1, 33, 70, torch.float32, bidirectional=False, states=True, gates="strong"),
+    ],
+    ids=lambda c: c.id(),
+)
+def test_single_pass_forward(case):
+    """One-segment sequences run the single-pass forward kernel: outputs, final state and
+    gradients against float64, at chunk counts (of 16) and V blocks (of up to 64) where its
+    two directions' parts meet differently."""
+    launch = _launch()
+    cfg = launch.choose_config(case.T, case.K, case.V)
+    assert cfg.single_pass and cfg.segment >= case.T and case.K <= launch.SINGLE_PASS_MAX_K
+    check_against_reference("triton", case, DEVICE, seed=11)
+
+
+def test_single_pass_forward_equals_two_phase_forward():
+    """The single-pass and the two-phase forward compute the same function (float32)."""
+    case = Case(2, 70, 3, 24, 40, torch.float32, gates="strong")
+    x = make_inputs(case, DEVICE, seed=5)
+    with torch.no_grad():
+        single = gated_linear_attention(**x, backend="triton")
+        with _launch().override_config(single_pass=False):
+            two_phase = gated_linear_attention(**x, backend="triton")
+    assert_close({"o": single}, {"o": two_phase}, 1e-5, "single pass vs two phases")
+
+
+def test_single_pass_forward_is_bitwise_reproducible():
+    """Whichever direction's program finishes a chunk second adds the other's part: one float32
+    addition, commutative, so repeated calls agree bitwise."""
+    case = Case(3, 50, 2, 16, 64, torch.bfloat16, gates="strong")
+    x = make_inputs(case, DEVICE, seed=9)
+    with torch.no_grad():
+        first = gated_linear_attention(**x, backend="triton")
+        for _ in range(3):
+            assert torch.equal(gated_linear_attention(**x, backend="triton"), first)
+
+
+def test_forward_only_calls_prefer_the_single_pass_forward_on_cuda():
+    """Automatic selection on CUDA: triton for forward-only calls that the single-pass kernel
+    runs (measured faster than cupy there), its ordinary rank (below cupy) otherwise."""
+    launch = _launch()
+    short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
+                 device_type="cuda", bidirectional=True)
+    cupy_rank = registry.get("cupy").priority_for("cuda")
+    assert BACKEND.priority_for_problem(ProblemSpec(**short)) > cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**short, needs_grad=True)) < cupy_rank
+    long = dict(short, seq_len=launch.SINGLE_SEGMENT_MAX_T + 1)
+    assert BACKEND.priority_for_problem(ProblemSpec(**long)) < cupy_rank
+    wide = dict(short, head_dim_k=launch.SINGLE_PASS_MAX_K + 1)
+    assert BACKEND.priority_for_problem(ProblemSpec(**wide)) < cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**dict(short, device_type="cpu"))) is None
 
 
 # ---------------------------------------------------------------------------------------------

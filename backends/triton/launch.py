@@ -1,8 +1,10 @@
 """Launchers for the Triton kernels: tile and segment choice, allocation, grids.
 
-Launch counts: forward 1 kernel when the sequence is one segment (ViG at 224 px), else 2
-(segment states, then segments); backward the same. Nothing here reads tensor values or
-synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace around it.
+Launch counts: the forward of a sequence that fits one segment (ViG at 224 px) is the single-
+pass kernel (``kernels_single_pass.py``; bidirectional calls also zero its per-chunk counters
+first), else 2 kernels (segment states, then segments); the backward is 1 kernel for one
+segment, else 2. Nothing here reads tensor values or synchronises, so a CUDA graph can capture
+the op and ``torch.compile`` can trace around it.
 
 float32 inputs use IEEE float32 matmuls. The documented opt-in to tf32 is PyTorch's own
 switch for matmuls, read at every call: ``torch.backends.cuda.matmul.allow_tf32 = True`` (or
@@ -21,10 +23,12 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import kernels
+from . import kernels, kernels_single_pass
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
 SINGLE_SEGMENT_MAX_T = 512
+#: Largest K the single-pass forward takes (one K block per program).
+SINGLE_PASS_MAX_K = 64
 #: Segment length for longer sequences (a power of two: the states kernel steps one segment
 #: at a time as one tile).
 LONG_SEGMENT = 256
@@ -42,6 +46,16 @@ class Config:
     states_block_v: int
     states_num_warps: int
     states_num_stages: int
+    # The single-pass forward (kernels_single_pass.py), for one-segment sequences with K <= 64.
+    # Defaults from H100 timings at vigT_224 / vigB_224 (bf16; NOTES.md): chunks of 16 and 2
+    # warps per program, registers capped at 168 so that 6 programs fit an SM (all 768 of
+    # vigT_224's programs in one wave).
+    single_pass: bool = True
+    single_pass_chunk: int = 16
+    single_pass_block_v: int = 64
+    single_pass_num_warps: int = 2
+    single_pass_num_stages: int = 1
+    single_pass_maxnreg: Optional[int] = 168  # registers per thread (None: the compiler's choice)
 
 
 _overrides = threading.local()
@@ -99,6 +113,7 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         states_block_v=min(32, max(16, _pow2(V))),
         states_num_warps=8,
         states_num_stages=2,
+        single_pass_block_v=block_v,
     )
     return dataclasses.replace(config, **fields) if fields else config
 
@@ -149,6 +164,9 @@ def forward(
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    if cfg.single_pass and nseg == 1 and K <= SINGLE_PASS_MAX_K:
+        return _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state,
+                                    cfg, dot_bf16, precision)
     scratch = torch.empty(B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device, dtype=torch.float32)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else scratch
     h0 = initial_state if initial_state is not None else scratch
@@ -174,6 +192,33 @@ def forward(
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
             HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+        )
+    return o, (ht if output_final_state else None)
+
+
+def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
+                         dot_bf16, precision):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = cfg.single_pass_chunk
+    bv = cfg.single_pass_block_v
+    n_chunks, nvb = _cdiv(T, C), _cdiv(V, bv)
+    ndir = 2 if bidirectional else 1
+    # the directions' parked parts and per-chunk counters (bidirectional only)
+    part = torch.empty(2 * B * H * n_chunks * C * V if bidirectional else 1, device=q.device, dtype=torch.float32)
+    flags = torch.zeros(B * H * nvb * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else part
+    extra = {}
+    if cfg.single_pass_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
+        extra["maxnreg"] = cfg.single_pass_maxnreg
+    with _device_guard(q):
+        kernels_single_pass._gla_fwd_single_pass_kernel[(B * H * ndir, nvb)](
+            q, k, v, g, gr, o, part, flags, initial_state if initial_state is not None else part, ht,
+            T, H, K, V, scale_eff,
+            C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
+            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.single_pass_num_warps,
+            num_stages=cfg.single_pass_num_stages, **extra,
         )
     return o, (ht if output_final_state else None)
 

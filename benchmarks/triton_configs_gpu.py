@@ -1,0 +1,135 @@
+"""Time the triton backend's forward under config variants, on one GPU, in one run.
+
+    python benchmarks/triton_configs_gpu.py [--shapes vigT_224,vigB_224] [--dtype bfloat16]
+        [--variants "single_pass=False;single_pass_chunk=16,single_pass_num_warps=8;..."]
+        [--baselines cupy]
+
+Every variant is first checked against the float64 torch backend on the GPU (relative error of
+``o``; NaN or an error above the DESIGN §3 bound marks the row FAILED), then timed as GPU time:
+the forward is captured in a CUDA graph, 30 calls cycling over 3 input sets (so most reads
+miss L2, as they would in a model), and the graph replayed; the median replay / 30 is the time
+per call. Baselines (other backends) are timed the same way in the same run. The table is
+sorted by time and printed last, with the ratio to the memory floor at 3.0 TB/s and to the
+first variant (the backend's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import statistics
+import time
+
+import torch
+
+from glakernels import gated_linear_attention
+from glakernels.bench import SHAPES, memory_floor_bytes, random_inputs
+
+BOUNDS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DEFAULT_VARIANTS = ";".join([
+    "",  # the defaults
+    "single_pass=False",  # the two-phase forward of kernels.py
+    "single_pass_num_warps=8",
+    "single_pass_num_warps=2",
+    "single_pass_chunk=16",
+    "single_pass_chunk=64",
+    "single_pass_chunk=16,single_pass_num_warps=2",
+    "single_pass_block_v=32",
+    "single_pass_block_v=32,single_pass_num_warps=2",
+    "single_pass_num_stages=2",
+    "single_pass_maxnreg=168",
+    "single_pass_maxnreg=128",
+])
+
+
+def parse_variant(text: str) -> dict:
+    fields = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, value = item.split("=")
+        fields[name.strip()] = ast.literal_eval(value.strip())
+    return fields
+
+
+def graph_time(call, sets, reps: int = 10, replays: int = 7) -> float:
+    """ms per call: median CUDA-graph replay of ``reps`` calls per input set, cycling sets."""
+    for x in sets:  # compile and warm up outside the capture
+        call(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(reps):
+                for x in sets:
+                    call(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (reps * len(sets)))
+    return statistics.median(times)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="vigT_224,vigB_224")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="';'-separated config overrides of the triton backend ('' = defaults)")
+    parser.add_argument("--baselines", default="cupy", help="other backends timed in the same run")
+    args = parser.parse_args(argv)
+    from glakernels.backends.triton import launch
+
+    dtype = getattr(torch, args.dtype)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    rows = []
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        sets = [{n: t.detach() for n, t in random_inputs(shape, dtype, "cuda", seed=s).items()} for s in range(3)]
+        with torch.no_grad():
+            ref = gated_linear_attention(**{n: t.double() for n, t in sets[0].items()}, backend="torch")
+        floor_ms = memory_floor_bytes(shape, dtype) / 3.0e12 * 1e3
+        runs = [("triton", v) for v in args.variants.split(";")]
+        runs += [(b, None) for b in filter(None, args.baselines.split(","))]
+        base = None
+        for backend, variant in runs:
+            label = backend if variant is None else f"triton[{variant or 'defaults'}]"
+            try:
+                fields = parse_variant(variant or "")
+                with launch.override_config(**fields), torch.no_grad():
+                    t0 = time.perf_counter()
+                    out = gated_linear_attention(**sets[0], backend=backend)
+                    torch.cuda.synchronize()
+                    first_s = time.perf_counter() - t0
+                    err = rel_error(out, ref)
+                    ms = graph_time(lambda x: gated_linear_attention(**x, backend=backend), sets)
+            except Exception as exc:  # a variant that does not compile or run: report, go on
+                print(f"{shape_name} {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            base = ms if base is None else base
+            status = "ok" if err <= BOUNDS[dtype] else "FAILED"
+            rows.append((shape_name, ms, label, err, status, first_s, floor_ms, base))
+            print(f"{shape_name} {label}: {ms * 1e3:.1f} us, err {err:.1e} {status}, first call {first_s:.1f} s",
+                  flush=True)
+    print(f"\nforward, {args.dtype}, bidirectional; GPU time per call (CUDA-graph replay)")
+    print("| shape | variant | µs | × floor | ÷ defaults | rel. error | first call s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for shape_name, ms, label, err, status, first_s, floor_ms, base in sorted(rows, key=lambda r: (r[0], r[1])):
+        print(f"| {shape_name} | {label} | {ms * 1e3:.1f} | {ms / floor_ms:.1f} | {ms / base:.2f} | "
+              f"{err:.1e}{'' if status == 'ok' else ' FAILED'} | {first_s:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
