@@ -33,7 +33,7 @@ def cases(batch: int, side: int, device: torch.device):
     rand = lambda *s, dtype=torch.bfloat16: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
     tokens = batch * side * side
     x = rand(batch, side, side, C, dtype=torch.float32)  # the float32 residual stream under autocast
-    norm_w, conv_w = rand(C, dtype=torch.float32), rand(C, 1, 3, 3, dtype=torch.float32)
+    norm_w, dw_w = rand(C, dtype=torch.float32), rand(C, 1, 3, 3, dtype=torch.float32)
     a, b, z = (rand(batch, side * side, HEADS, C // HEADS) for _ in range(3))
     wa, wb = rand(C // HEADS, dtype=torch.float32), rand(C // HEADS, dtype=torch.float32)
     projected = rand(batch, side * side, 2 * HIDDEN)
@@ -42,14 +42,19 @@ def cases(batch: int, side: int, device: torch.device):
     # the patch embedding's first channel norm: C/2 channels at twice the grid's side
     embed = rand(batch, 2 * side, 2 * side, C // 2)
     embed_w, embed_b = rand(C // 2, dtype=torch.float32), rand(C // 2, dtype=torch.float32)
+    # the patch embedding's first convolution: the float32 image in, C/2 channels out (k9 s8)
+    image = rand(batch, 3, 16 * side, 16 * side, dtype=torch.float32)
+    conv_w, conv_b = rand(C // 2, 3, 9, 9, dtype=torch.float32), rand(C // 2, dtype=torch.float32)
     return {
+        "patch conv": (lambda: fused.patch_conv(image, conv_w, conv_b, 8, 1),
+                       image.numel() * 4 + 4 * tokens * C // 2 * 2),
         "add+rms_norm": (lambda: fused.add_rms_norm(x, branch, norm_w, 1e-6, to_autocast_dtype=True),
                          tokens * C * (4 + 2 + 4 + 2)),
         "log gates pair": (lambda: fused.log_gates_pair(logits, 16.0), tokens * C * 2 * 2),
         "layer_norm+silu": (lambda: fused.layer_norm_act(embed, embed_w, embed_b, 1e-6, True, torch.bfloat16),
                             4 * tokens * C // 2 * 2 * 2),
         "rms_norm -> bf16": (lambda: fused.rms_norm(x, norm_w, 1e-6, to_autocast_dtype=True), tokens * C * (4 + 2)),
-        "norm+dwconv+silu": (lambda: fused.norm_conv_act(x, norm_w, 1e-6, conv_w, True), tokens * C * (4 + 2)),
+        "norm+dwconv+silu": (lambda: fused.norm_conv_act(x, norm_w, 1e-6, dw_w, True), tokens * C * (4 + 2)),
         "global/local mix": (lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True), tokens * C * 2 * 4),
         "swiglu product": (lambda: fused._swiglu_product(projected), tokens * HIDDEN * 2 * 3),
     }

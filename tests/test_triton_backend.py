@@ -233,8 +233,8 @@ def test_64bit_offsets():
     """q has more than 2^31 elements: the last sequences must come out exactly as when run
     alone (index arithmetic past 2^31 is 64-bit)."""
     free, _ = torch.cuda.mem_get_info()
-    if free < 60 * 2**30:
-        pytest.skip("needs about 60 GiB of free GPU memory")
+    if free < 70 * 2**30:
+        pytest.skip("needs about 70 GiB of free GPU memory")
     B, T, H, K, V = 2**21 + 3, 64, 1, 16, 16  # B*T*H*K = 2^31 + 3072
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = {n: torch.randn(B, T, H, K if n != "v" else V, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -247,6 +247,7 @@ def test_64bit_offsets():
     alone = gated_linear_attention(**{n: t[tail] for n, t in x.items()}, backend="triton")
     assert torch.equal(full, alone)
     del full
+    torch.cuda.empty_cache()  # the backward's scratch needs one large block
     leaves = {n: t.requires_grad_() for n, t in x.items()}
     gated_linear_attention(**leaves, backend="triton")[tail].float().sum().backward()
     tail_grads = {n: t.grad[tail].clone() for n, t in leaves.items()}

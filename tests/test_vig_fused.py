@@ -186,6 +186,19 @@ def test_layer_norm_act_gradcheck_and_value(act):
     assert ((f(x, w, b) - ref).norm() / ref.norm()).item() <= 1e-12
 
 
+def test_patch_conv_gradcheck_and_value():
+    from vig.fused import patch_conv
+
+    gen = torch.Generator().manual_seed(37)
+    x = torch.randn(2, 3, 13, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda *t: patch_conv(*t, 4, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    ref = F.conv2d(x, w, b, stride=4, padding=1).permute(0, 2, 3, 1)
+    assert ((f(x, w, b) - ref).norm() / ref.norm()).item() <= 1e-12
+
+
 def test_patch_embed_equals_its_layers_in_sequence():
     """PatchEmbedV2 runs its ``proj`` layers with fused norms: same result as the Sequential."""
     import vig

@@ -277,6 +277,51 @@ def test_layer_norm_act_same_result_and_gradients_with_kernels(monkeypatch):
         assert _rel_err(gk, gt.double()) <= 4 * UNIT[torch.bfloat16]
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    # (B, C_in, H, W, C_out, kernel, stride, padding): ViG's first patch convolution on a small
+    # image, odd sizes whose last windows cross the padding, more output channels than one tile
+    [(2, 3, 40, 36, 96, 9, 8, 1), (1, 3, 17, 23, 20, 5, 4, 1), (1, 2, 9, 9, 130, 3, 2, 1)],
+    ids=lambda g: "x".join(map(str, g)),
+)
+def test_patch_conv_against_float64(geometry, monkeypatch):
+    # float32 operands stay float32 only with PyTorch's cuDNN tf32 switch off (it is on by default)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    B, C, H, W, C_out, ks, stride, pad = geometry
+    gen = torch.Generator().manual_seed(H * W)
+    x, w, b = _rand(gen, B, C, H, W), _rand(gen, C_out, C, ks, ks, scale=0.1), _rand(gen, C_out)
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=pad).permute(0, 2, 3, 1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = triton_kernels.patch_conv(x.contiguous(memory_format=layout), w, b, stride, pad, torch.float32)
+        assert y.shape == ref.shape and y.is_contiguous()
+        assert _rel_err(y, ref) <= 1e-5
+    y = triton_kernels.patch_conv(x, w, b, stride, pad, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and _rel_err(y, ref) <= 4 * UNIT[torch.bfloat16]
+
+
+def test_patch_conv_same_result_and_gradients_with_kernels(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 on both sides
+    gen = torch.Generator().manual_seed(29)
+    x, w, b = _rand(gen, 2, 3, 33, 35), _rand(gen, 12, 3, 9, 9, scale=0.1), _rand(gen, 12)
+    fn = lambda x, w, b: fused.patch_conv(x, w, b, 8, 1)  # noqa: E731
+    (y_k, g_k), (y_t, g_t) = _with_and_without_kernels(monkeypatch, fn, x, w, b)
+    assert y_k.shape == y_t.shape == (2, 4, 4, 12)
+    assert _rel_err(y_k, y_t.double()) <= 1e-5
+    for gk, gt in zip(g_k, g_t):  # backward is PyTorch's in both: the same up to rounding
+        assert _rel_err(gk, gt.double()) <= 1e-5
+
+
+def test_patch_conv_under_autocast_computes_in_autocast_dtype():
+    gen = torch.Generator().manual_seed(31)
+    x, w, b = _rand(gen, 1, 3, 24, 24), _rand(gen, 8, 3, 9, 9, scale=0.1), _rand(gen, 8)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ours = fused.patch_conv(x, w, b, 8, 1)
+        theirs = F.conv2d(x, w, b, stride=8, padding=1)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride=8, padding=1).permute(0, 2, 3, 1)
+    assert _rel_err(ours, ref) <= 4 * UNIT[torch.bfloat16]
+
+
 def test_fake_tensors_and_transforms_stay_in_pytorch():
     """Kernels need real memory: under a fake-tensor mode or vmap the PyTorch forms run."""
     from torch._subclasses.fake_tensor import FakeTensorMode

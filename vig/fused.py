@@ -8,6 +8,8 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
 - :func:`rms_norm` saves its input only; :func:`add_rms_norm` (a residual add and the norm
   after it) saves the sum only;
 - :func:`layer_norm_act`: LayerNorm and an optional SiLU save the input only;
+- :func:`patch_conv`: the patch embedding's first convolution, channels-last out (here for
+  its fast forward kernel, not for memory);
 - :func:`norm_conv_act`: ViG's pre-norm, depth-wise convolution and SiLU save the block's
   input only (instead of it, the normalised tensor and the convolution's output);
 - :func:`mix_global_local`: ``silu?(σ(z)·RMSNorm(o) + (1 − σ(z))·RMSNorm(local))`` per head
@@ -38,7 +40,7 @@ from . import triton_kernels
 Tensor = torch.Tensor
 
 __all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "log_gates_pair",
-           "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act"]
+           "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act", "patch_conv"]
 
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -182,6 +184,39 @@ def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: boo
     """``silu?(LayerNorm(x) · weight + bias)`` over the last dimension, computed in float32 and
     returned as ``out_dtype``; keeps only ``x`` (and the parameters) for backward."""
     return _LayerNormAct.apply(x, weight, bias, eps, act, out_dtype)
+
+
+class _PatchConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        dtype = _autocast_dtype(x) or x.dtype  # what autocast's conv2d would compute in
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
+        if triton_kernels.enabled_for(x, weight, bias):
+            return triton_kernels.patch_conv(x, weight, bias, stride, padding, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(_cast(x, dtype).contiguous(memory_format=torch.channels_last), _cast(weight, dtype),
+                         _cast(bias, dtype), stride=stride, padding=padding)
+        return y.permute(0, 2, 3, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            _cast(grad_out, dtype).permute(0, 3, 1, 2), _cast(x, dtype), _cast(weight, dtype), [bias.shape[0]],
+            [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1, list(ctx.needs_input_grad[:3]),
+        )
+        return (None if grad_x is None else grad_x.to(x.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
+    """``conv2d(x, weight, bias, stride, padding)`` of an NCHW image, returned channels-last
+    (``[B, OH, OW, C_out]``) in the dtype autocast's convolution would use (``x``'s when
+    autocast is off). On CUDA one Triton kernel reads the image in place (no cast, no layout
+    copy); backward is PyTorch's convolution backward."""
+    return _PatchConv.apply(x, weight, bias, stride, padding)
 
 
 def autocast_weight(weight: Tensor, like: Tensor) -> Tensor:

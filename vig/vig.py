@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ._registry import build_classifier, register_model
 from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
-from .fused import add_rms_norm, layer_norm_act
+from .fused import add_rms_norm, layer_norm_act, patch_conv
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
 
@@ -63,8 +63,8 @@ class PatchEmbedV2(nn.Module):
         # channel norm is one kernel (vig.fused.layer_norm_act), the first with its SiLU
         conv1, norm1, _, conv2, norm2 = self.proj
         autocast = torch.is_autocast_enabled(x.device.type)
-        # channels-last convolutions: [B, h, w, C] views of their results are contiguous
-        x = nchw_to_nhwc(conv1(x.contiguous(memory_format=torch.channels_last)))
+        # channels-last out ([B, h, w, C]); one kernel reads the NCHW image in place on CUDA
+        x = patch_conv(x, conv1.weight, conv1.bias, conv1.stride[0], conv1.padding[0])
         # norm1 feeds a convolution: autocast's dtype; norm2 starts the float32 residual stream
         # under autocast (as autocast's own layer_norm would), else the input's dtype
         low = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
