@@ -2,7 +2,7 @@
 
     python benchmarks/triton_configs_gpu.py [--shapes vigT_224,vigB_224] [--dtype bfloat16]
         [--variants "single_pass=False;single_pass_chunk=16,single_pass_num_warps=8;..."]
-        [--baselines cupy]
+        [--baselines cupy] [--backward]
 
 Every variant is first checked against the float64 torch backend on the GPU (relative error of
 ``o``; NaN or an error above the DESIGN §3 bound marks the row FAILED), then timed as GPU time:
@@ -10,7 +10,8 @@ the forward is captured in a CUDA graph, 30 calls cycling over 3 input sets (so 
 miss L2, as they would in a model), and the graph replayed; the median replay / 30 is the time
 per call. Baselines (other backends) are timed the same way in the same run. The table is
 sorted by time and printed last, with the ratio to the memory floor at 3.0 TB/s and to the
-first variant (the backend's defaults).
+first variant (the backend's defaults). ``--backward`` times forward+backward instead (one
+autograd call of the op per replay step) and checks every gradient too.
 """
 
 from __future__ import annotations
@@ -75,10 +76,27 @@ def graph_time(call, sets, reps: int = 10, replays: int = 7) -> float:
     return statistics.median(times)
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out.double() - ref).norm() / ref.norm()).item()
+def raw_forward_backward(x: dict, backend: str, grad: torch.Tensor):
+    """The backend's forward and backward called directly (autograd's engine cannot be
+    captured from here: it runs backward on the forward's stream)."""
+    from glakernels._custom_op import _inputs
+    from glakernels._dispatch import registry
+
+    x = {n: t.detach() for n, t in x.items()}
+    inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x["g_reverse"], None, x["q"].shape[-1] ** -0.5, True, False)
+    impl = registry.get(backend)
+    impl.forward(inputs)
+    return impl.backward(inputs, grad, None)
+
+
+def rel_error(outs, refs) -> float:
+    """The largest relative error over the output (and every gradient); NaN or inf: inf."""
+    errors = []
+    for out, ref in zip(outs, refs):
+        if not torch.isfinite(out).all():
+            return float("inf")
+        errors.append(((out.double() - ref).norm() / ref.norm()).item())
+    return max(errors)
 
 
 def main(argv=None) -> int:
@@ -88,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="';'-separated config overrides of the triton backend ('' = defaults)")
     parser.add_argument("--baselines", default="cupy", help="other backends timed in the same run")
+    parser.add_argument("--backward", action="store_true", help="time forward+backward, check gradients")
     args = parser.parse_args(argv)
     from glakernels.backends.triton import launch
 
@@ -97,9 +116,22 @@ def main(argv=None) -> int:
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         sets = [{n: t.detach() for n, t in random_inputs(shape, dtype, "cuda", seed=s).items()} for s in range(3)]
-        with torch.no_grad():
-            ref = gated_linear_attention(**{n: t.double() for n, t in sets[0].items()}, backend="torch")
-        floor_ms = memory_floor_bytes(shape, dtype) / 3.0e12 * 1e3
+        grad = torch.randn(shape.batch, shape.seq_len, shape.heads, shape.head_dim_v, device="cuda", dtype=dtype)
+        if args.backward:
+            for x in sets:
+                for t in x.values():
+                    t.requires_grad_()
+
+        def call(x, backend, grad=grad):
+            if not args.backward:
+                with torch.no_grad():
+                    return [gated_linear_attention(**x, backend=backend)]
+            out = gated_linear_attention(**x, backend=backend)
+            return [out, *torch.autograd.grad(out, list(x.values()), grad)]
+
+        ref = call({n: t.detach().double().requires_grad_(args.backward) for n, t in sets[0].items()}, "torch",
+                   grad.double())
+        floor_ms = memory_floor_bytes(shape, dtype, backward=args.backward) / 3.0e12 * 1e3
         runs = [("triton", v) for v in args.variants.split(";")]
         runs += [(b, None) for b in filter(None, args.baselines.split(","))]
         base = None
@@ -107,13 +139,14 @@ def main(argv=None) -> int:
             label = backend if variant is None else f"triton[{variant or 'defaults'}]"
             try:
                 fields = parse_variant(variant or "")
-                with launch.override_config(**fields), torch.no_grad():
+                with launch.override_config(**fields):
                     t0 = time.perf_counter()
-                    out = gated_linear_attention(**sets[0], backend=backend)
+                    out = call(sets[0], backend)
                     torch.cuda.synchronize()
                     first_s = time.perf_counter() - t0
                     err = rel_error(out, ref)
-                    ms = graph_time(lambda x: gated_linear_attention(**x, backend=backend), sets)
+                    timed = call if not args.backward else (lambda x, b: raw_forward_backward(x, b, grad))
+                    ms = graph_time(lambda x: timed(x, backend), sets)
             except Exception as exc:  # a variant that does not compile or run: report, go on
                 print(f"{shape_name} {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
@@ -122,7 +155,8 @@ def main(argv=None) -> int:
             rows.append((shape_name, ms, label, err, status, first_s, floor_ms, base))
             print(f"{shape_name} {label}: {ms * 1e3:.1f} us, err {err:.1e} {status}, first call {first_s:.1f} s",
                   flush=True)
-    print(f"\nforward, {args.dtype}, bidirectional; GPU time per call (CUDA-graph replay)")
+    what = "forward+backward" if args.backward else "forward"
+    print(f"\n{what}, {args.dtype}, bidirectional; GPU time per call (CUDA-graph replay)")
     print("| shape | variant | µs | × floor | ÷ defaults | rel. error | first call s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for shape_name, ms, label, err, status, first_s, floor_ms, base in sorted(rows, key=lambda r: (r[0], r[1])):

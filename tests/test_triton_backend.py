@@ -98,15 +98,32 @@ def test_single_pass_forward(case):
     check_against_reference("triton", case, DEVICE, seed=11)
 
 
-def test_single_pass_forward_equals_two_phase_forward():
-    """The single-pass and the two-phase forward compute the same function (float32)."""
-    case = Case(2, 70, 3, 24, 40, torch.float32, gates="strong")
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "causal-states"])
+def test_single_pass_kernels_equal_two_phase_kernels(bidirectional):
+    """The single-pass and the two-phase kernels compute the same function and gradients
+    (float32; the causal case with an initial state and the final state's gradient)."""
+    case = Case(2, 70, 3, 24, 40, torch.float32, gates="strong", bidirectional=bidirectional,
+                states=not bidirectional)
     x = make_inputs(case, DEVICE, seed=5)
-    with torch.no_grad():
-        single = gated_linear_attention(**x, backend="triton")
-        with _launch().override_config(single_pass=False):
-            two_phase = gated_linear_attention(**x, backend="triton")
-    assert_close({"o": single}, {"o": two_phase}, 1e-5, "single pass vs two phases")
+    kwargs = {"bidirectional": bidirectional, "backend": "triton"}
+    if not bidirectional:
+        kwargs["output_final_state"] = True
+    single, cot = outputs_and_grads(gated_linear_attention, x, None, **kwargs)
+    with _launch().override_config(single_pass=False, single_pass_backward=False):
+        two_phase, _ = outputs_and_grads(gated_linear_attention, x, cot, **kwargs)
+    assert set(single) == set(two_phase) and len(single) >= 6
+    assert_close(single, two_phase, 1e-5, "single pass vs two phases")
+
+
+def test_single_pass_gradients_are_bitwise_reproducible():
+    """The backward's dq, dk, dv parts meet like the forward's: repeated calls agree bitwise."""
+    case = Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong")
+    x = make_inputs(case, DEVICE, seed=13)
+    first, cot = outputs_and_grads(gated_linear_attention, x, None, backend="triton")
+    again, _ = outputs_and_grads(gated_linear_attention, x, cot, backend="triton")
+    assert set(first) == set(again)
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
 
 
 def test_single_pass_forward_is_bitwise_reproducible():
@@ -120,15 +137,19 @@ def test_single_pass_forward_is_bitwise_reproducible():
             assert torch.equal(gated_linear_attention(**x, backend="triton"), first)
 
 
-def test_forward_only_calls_prefer_the_single_pass_forward_on_cuda():
-    """Automatic selection on CUDA: triton for forward-only calls that the single-pass kernel
-    runs (measured faster than cupy there), its ordinary rank (below cupy) otherwise."""
+def test_single_pass_calls_prefer_triton_on_cuda():
+    """Automatic selection on CUDA: triton for the calls its single-pass kernels run (measured
+    faster than cupy there, forward and forward+backward), its ordinary rank (below cupy)
+    otherwise: long sequences, K > 64, and V > 64 when gradients will be needed."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
     cupy_rank = registry.get("cupy").priority_for("cuda")
     assert BACKEND.priority_for_problem(ProblemSpec(**short)) > cupy_rank
-    assert BACKEND.priority_for_problem(ProblemSpec(**short, needs_grad=True)) < cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**short, needs_grad=True)) > cupy_rank
+    wide_v = dict(short, head_dim_v=launch.SINGLE_PASS_MAX_K + 1)
+    assert BACKEND.priority_for_problem(ProblemSpec(**wide_v)) > cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**wide_v, needs_grad=True)) < cupy_rank
     long = dict(short, seq_len=launch.SINGLE_SEGMENT_MAX_T + 1)
     assert BACKEND.priority_for_problem(ProblemSpec(**long)) < cupy_rank
     wide = dict(short, head_dim_k=launch.SINGLE_PASS_MAX_K + 1)

@@ -32,13 +32,14 @@ class TritonBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = 256
     max_head_dim_v = 256
-    # second on CUDA, after cupy (cupy measured faster on an H100 at every DESIGN §7 shape,
-    # forward and backward) — except forward-only calls that the single-pass forward runs
+    # second on CUDA, after cupy (cupy measured faster on an H100 for long sequences,
+    # forward and backward) — except the calls that the single-pass kernels run
     auto_priority = {"cuda": 100}
-    #: Rank of forward-only calls of sequences that fit one segment with K <= 64 (ViG at
-    #: 224 px): above cupy's 200. H100, bf16: 75 against 109 µs at vigT_224, 145 against 207
-    #: at vigB_224 (benchmarks/triton_configs_gpu.py; NOTES.md).
-    single_pass_forward_priority = 300
+    #: Rank of calls that the single-pass kernels run (sequences that fit one segment with
+    #: K <= 64; V <= 64 too when gradients will be needed): above cupy's 200. H100, bf16,
+    #: vigT_224 / vigB_224 (benchmarks/triton_configs_gpu.py; NOTES.md): forward 75 / 147 µs
+    #: against cupy's 109 / 207; forward+backward 396 / 777 against 460 / 898.
+    single_pass_priority = 300
     # the interpreter runs every program in Python: keep the shared CPU suites' problems small
     test_max_tokens_cpu = 300
 
@@ -53,12 +54,14 @@ class TritonBackend(Backend):
 
     def priority_for_problem(self, spec) -> Optional[int]:
         base = self.priority_for(spec.device_type)
-        if base is None or spec.needs_grad or spec.device_type != "cuda":
+        if base is None or spec.device_type != "cuda":
             return base
         from .launch import SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T
 
-        if spec.seq_len <= SINGLE_SEGMENT_MAX_T and spec.head_dim_k <= SINGLE_PASS_MAX_K:
-            return self.single_pass_forward_priority
+        forward = spec.seq_len <= SINGLE_SEGMENT_MAX_T and spec.head_dim_k <= SINGLE_PASS_MAX_K
+        backward = forward and spec.head_dim_v <= SINGLE_PASS_MAX_K
+        if backward or (forward and not spec.needs_grad):
+            return self.single_pass_priority
         return base
 
     def runs_on(self) -> frozenset[str]:

@@ -1,9 +1,10 @@
 """Launchers for the Triton kernels: tile and segment choice, allocation, grids.
 
-Launch counts: the forward of a sequence that fits one segment (ViG at 224 px) is the single-
-pass kernel (``kernels_single_pass.py``; bidirectional calls also zero its per-chunk counters
-first), else 2 kernels (segment states, then segments); the backward is 1 kernel for one
-segment, else 2. Nothing here reads tensor values or synchronises, so a CUDA graph can capture
+Launch counts: a sequence that fits one segment (ViG at 224 px) with K <= 64 runs the single-
+pass forward (``kernels_single_pass.py``), and with V <= 64 too the single-pass backward
+(``kernels_single_pass_bwd.py``): one kernel each (bidirectional calls also zero their
+per-chunk counters first). Otherwise ``kernels.py``: 1 kernel for one segment, else 2
+(segment states, then segments), forward and backward alike. Nothing here reads tensor values or synchronises, so a CUDA graph can capture
 the op and ``torch.compile`` can trace around it.
 
 float32 inputs use IEEE float32 matmuls. The documented opt-in to tf32 is PyTorch's own
@@ -23,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import kernels, kernels_single_pass
+from . import kernels, kernels_single_pass, kernels_single_pass_bwd
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
 SINGLE_SEGMENT_MAX_T = 512
@@ -56,6 +57,11 @@ class Config:
     single_pass_num_warps: int = 2
     single_pass_num_stages: int = 1
     single_pass_maxnreg: Optional[int] = 168  # registers per thread (None: the compiler's choice)
+    # its backward (kernels_single_pass_bwd.py), when V <= 64 too
+    single_pass_backward: bool = True
+    single_pass_bwd_chunk: int = 16
+    single_pass_bwd_num_warps: int = 4
+    single_pass_bwd_maxnreg: Optional[int] = None
 
 
 _overrides = threading.local()
@@ -223,6 +229,38 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     return o, (ht if output_final_state else None)
 
 
+def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state, grad_final_state,
+                          scale_eff, bidirectional, cfg, dot_bf16, precision):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = cfg.single_pass_bwd_chunk
+    bk, bv = max(16, _pow2(K)), max(16, _pow2(V))
+    n_chunks = _cdiv(T, C)
+    ndir = 2 if bidirectional else 1
+    scratch = torch.empty(B * H * ndir * n_chunks * bk * bv, device=q.device, dtype=torch.float32)
+    # the directions' parked dq, dk, dv parts and per-chunk counters (bidirectional only)
+    parts = torch.empty(2 * B * H * n_chunks * C * (2 * K + V) if bidirectional else 1, device=q.device,
+                        dtype=torch.float32)
+    flags = torch.zeros(B * H * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
+    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
+    extra = {}
+    if cfg.single_pass_bwd_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
+        extra["maxnreg"] = cfg.single_pass_bwd_maxnreg
+    with _device_guard(q):
+        kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir,)](
+            q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr,
+            initial_state if initial_state is not None else scratch,
+            grad_final_state if grad_final_state is not None else scratch,
+            dh0 if dh0 is not None else scratch, scratch, parts, flags,
+            T, H, K, V, scale_eff,
+            C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
+            HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None,
+            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.single_pass_bwd_num_warps, num_stages=1,
+            **extra,
+        )
+    return dh0
+
+
 def backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,6 +286,10 @@ def backward(
     gr = g_reverse if bidirectional else g
     dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
     dgr = torch.empty_like(g_reverse) if bidirectional else dg
+    if cfg.single_pass_backward and nseg == 1 and K <= SINGLE_PASS_MAX_K and V <= SINGLE_PASS_MAX_K:
+        dh0 = _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state,
+                                    grad_final_state, scale_eff, bidirectional, cfg, dot_bf16, precision)
+        return dq, dk, dv, dg, (dgr if bidirectional else None), dh0
     scratch = torch.empty(B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device, dtype=torch.float32)
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
     h0 = initial_state if initial_state is not None else scratch

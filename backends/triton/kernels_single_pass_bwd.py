@@ -1,0 +1,217 @@
+"""Backward for sequences that fit one segment, in the single-pass forward's style.
+
+One program per (batch·head, direction) — V in one block (V <= 64), K in one block (K <= 64) —
+and the same intra-chunk decay factors as ``kernels_single_pass.py``. A direction's gradients
+need the states ``S`` entering each chunk (one way along the sequence) and the state gradients
+``dS`` leaving it (the other way), so each program makes two walks:
+
+* pass A, against the direction: ``dS`` chunk by chunk (``dS <- Γ ⊙ dS + scale'·(q ⊙ Qf)ᵀ dO``),
+  parking the value that leaves each chunk in float32 scratch;
+* pass B, along the direction: ``S`` in registers, and each chunk's dq, dk, dv and gate
+  gradient from its tiles, ``S`` and the parked ``dS`` (formulas: ``kernels.py``'s docstring,
+  "Backward"; the gate gradient's carry term ``Σ_v S_out ⊙ dS_out`` included).
+
+The two directions' parts of dq, dk and dv meet as the forward's output parts do: each program
+parks its float32 parts, counts the chunk, and the second to arrive adds and writes. Each
+direction writes its own gate gradient (``dg`` or ``dg_reverse``) directly. Pass B prefetches
+the next chunk's tiles, as the forward does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernels import _dot, _level_mask
+from .kernels_single_pass import _next_level, _rows_ptrs
+
+
+@triton.jit
+def _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k, cols_v, K, V,
+                 C: tl.constexpr):
+    """Chunk ``c``'s q, k, v, g and dO tiles as stored (zero rows past ``T``; none past the end)."""
+    t0 = c * C
+    rows = t0 + tl.arange(0, C)
+    ok = (rows < T) & (c >= 0)
+    rows = tl.where(ok, rows, 0)
+    m_k = ok[:, None] & (cols_k < K)[None, :]
+    m_v = ok[:, None] & (cols_v < V)[None, :]
+    offs_k = row_qk + rows[:, None].to(tl.int64) * stride_qk + cols_k[None, :]
+    offs_v = row_v + rows[:, None].to(tl.int64) * stride_v + cols_v[None, :]
+    qt = tl.load(q + offs_k, mask=m_k, other=0.0)
+    kt = tl.load(k + offs_k, mask=m_k, other=0.0)
+    gt = tl.load(g + offs_k, mask=m_k, other=0.0)
+    vt = tl.load(v + offs_v, mask=m_v, other=0.0)
+    dot_ = tl.load(do + offs_v, mask=m_v, other=0.0)
+    return qt, kt, vt, gt, dot_
+
+
+@triton.jit
+def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
+    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy)."""
+    Qf = tl.exp(gt.to(tl.float32))
+    Kf = tl.full([C, BK], 1.0, tl.float32)
+    for LVL in tl.static_range(LOG2C):
+        Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
+    return Qf, Kf
+
+
+@triton.jit
+def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG2C: tl.constexpr,
+                 BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One direction's dq, dk, dv and gate gradient for one chunk, and the state leaving it."""
+    rows = tl.arange(0, C)
+    eye = rows[:, None] == rows[None, :]
+    q = qt.to(tl.float32)
+    k = kt.to(tl.float32)
+    dA = _dot(dot_, tl.trans(vt), DOT_BF16, PRECISION)  # dO vᵀ, unscaled
+    Qf = tl.exp(gt.to(tl.float32))
+    Kf = tl.full([C, BK], 1.0, tl.float32)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    dq = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    for LVL in tl.static_range(LOG2C):
+        qh = q * Qf
+        kh = k * Kf
+        mask = _level_mask(C, LVL, REV)
+        A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+        dA_level = tl.where(mask, dA, 0.0)
+        dq += Qf * _dot(dA_level, kh, DOT_BF16, PRECISION)
+        dk += Kf * _dot(tl.trans(dA_level), qh, DOT_BF16, PRECISION)
+        Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
+    dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
+    dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
+    S_out = tl.min(Qf, axis=0)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
+    # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term
+    carry = tl.sum(S_out * dS_out, axis=1)
+    dg = tl.cumsum(q * dq - k * dk, axis=0, reverse=not REV) + carry[None, :]
+    # the own token (decay 1); its gate terms cancel, so it is added after the gate gradient
+    dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1)
+    dq += scale * dA_diag[:, None] * k
+    dk += scale * dA_diag[:, None] * q
+    A += tl.where(eye, tl.sum(q * k, axis=1)[:, None], 0.0)
+    dv = scale * _dot(tl.trans(A), dot_, DOT_BF16, PRECISION) + _dot(k * Kf, dS_out, DOT_BF16, PRECISION)
+    return dq, dk, dv, dg, S_out
+
+
+@triton.jit
+def _hand_over(x, out, row_out, stride_out, part, other_part, row_part, t0, n0, cols, width,
+               C: tl.constexpr, HANDOFF: tl.constexpr, ARRIVED):
+    """Write ``x`` (this direction's part) or, handing over, park it / add the other's."""
+    o_ptrs, o_mask = _rows_ptrs(out, row_out, t0, n0, stride_out, cols, width, C)
+    if HANDOFF:
+        if ARRIVED == 1:
+            p_ptrs, p_mask = _rows_ptrs(other_part, row_part, t0, n0, width, cols, width, C)
+            x += tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
+            tl.store(o_ptrs, x.to(out.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(o_ptrs, x.to(out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, parts_k, parts_v, other_q, other_k,
+                   other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
+                   C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
+                   HANDOFF: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                   DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    n_chunks = tl.cdiv(T, C)
+    kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
+    kv_offs = cols_k[:, None] * V + cols_v[None, :]
+    scr_offs = cols_k[:, None] * BV + cols_v[None, :]
+    # pass A, against the direction: the state gradient leaving every chunk, parked
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS = tl.load(dht + bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    for i in range(0, n_chunks):
+        c = i if REV else n_chunks - 1 - i
+        qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
+                                            cols_v, K, V, C)
+        tl.store(scr + c * BK * BV + scr_offs, dS)
+        Qf, Kf = _chunk_factors(gt, C, LOG2C, BK, REV)
+        dS = tl.min(Qf, axis=0)[:, None] * dS + scale * _dot(tl.trans(qt.to(tl.float32) * Qf), dot_, DOT_BF16,
+                                                             PRECISION)
+    if STORE_DH0:
+        tl.store(dh0 + bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
+    tl.debug_barrier()  # pass B reads what other threads parked
+
+    # pass B, along the direction: the states in registers, every chunk's gradients
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0 + bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
+    first = n_chunks - 1 if REV else 0
+    nq, nk, nv, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, first, T, stride_qk, stride_v, cols_k, cols_v,
+                                       K, V, C)
+    ndS = tl.load(scr + first * BK * BV + scr_offs)
+    row_part_k = bh.to(tl.int64) * n_chunks * C * K
+    row_part_v = bh.to(tl.int64) * n_chunks * C * V
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i if REV else i
+        t0 = c * C
+        n0 = tl.minimum(C, T - t0)
+        qt, kt, vt, gt, dot_, dS_out = nq, nk, nv, ng, ndo, ndS
+        c_next = tl.where(i + 1 < n_chunks, c - 1 if REV else c + 1, -1)
+        nq, nk, nv, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c_next, T, stride_qk, stride_v, cols_k,
+                                           cols_v, K, V, C)
+        ndS = tl.load(scr + tl.maximum(c_next, 0) * BK * BV + scr_offs)
+        dq_c, dk_c, dv_c, dg_c, S = _chunk_grads(qt, kt, vt, gt, dot_, S, dS_out, scale, C, LOG2C, BK, REV,
+                                                 DOT_BF16, PRECISION)
+        g_ptrs, g_mask = _rows_ptrs(dg, row_qk, t0, n0, stride_qk, cols_k, K, C)
+        tl.store(g_ptrs, dg_c.to(dg.dtype.element_ty), mask=g_mask)
+        arrived = 0
+        if HANDOFF:
+            pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
+            pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
+            pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
+            tl.store(pq, dq_c, mask=pq_mask)
+            tl.store(pk, dk_c, mask=pk_mask)
+            tl.store(pv, dv_c, mask=pv_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+        _hand_over(dq_c, dq, row_qk, stride_qk, parts_q, other_q, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
+        _hand_over(dk_c, dk, row_qk, stride_qk, parts_k, other_k, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
+        _hand_over(dv_c, dv, row_v, stride_v, parts_v, other_v, row_part_v, t0, n0, cols_v, V, C, HANDOFF, arrived)
+
+
+@triton.jit
+def _gla_bwd_single_pass_kernel(
+    q, k, v, g, gr, do, dq, dk, dv, dg, dgr, h0, dht, dh0, scratch, parts, flags,
+    T, H, K, V, scale,
+    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward, one program per (batch·head, direction); see the module docstring.
+
+    ``scratch``: ``[programs, N, BK, BV]`` float32. ``parts``: dq, dk, dv parts, each
+    ``[2, B·H, N·C, width]`` float32, one after the other (bidirectional only). ``flags``:
+    ``[B·H, N]`` int32, zero on entry."""
+    pid = tl.program_id(0)
+    NDIR: tl.constexpr = 2 if BIDIR else 1
+    bh = pid // NDIR
+    direction = pid % NDIR
+    b = bh // H
+    h = bh % H
+    row_qk = ((b.to(tl.int64) * T) * H + h) * K
+    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    cols_k = tl.arange(0, BK)
+    cols_v = tl.arange(0, BV)
+    n_chunks = tl.cdiv(T, C)
+    BH = tl.num_programs(0) // NDIR
+    scr = scratch + pid.to(tl.int64) * n_chunks * BK * BV
+    size_k = BH.to(tl.int64) * n_chunks * C * K  # one direction's dq (or dk) parts
+    size_v = BH.to(tl.int64) * n_chunks * C * V
+    parts_q = parts
+    parts_k = parts + 2 * size_k
+    parts_v = parts + 4 * size_k
+    row_flags = bh * n_chunks
+    if direction == 0:
+        _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, parts_k, parts_v,
+                       parts_q + size_k, parts_k + size_k, parts_v + size_v, flags, bh, row_qk, row_v, row_flags,
+                       T, K, V, scale, H * K, H * V, cols_k, cols_v, C, LOG2C, BK, BV, False, BIDIR,
+                       HAS_H0, HAS_DHT, STORE_DH0, DOT_BF16, PRECISION)
+    else:
+        _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, h0, dht, dh0, scr, parts_q + size_k, parts_k + size_k,
+                       parts_v + size_v, parts_q, parts_k, parts_v, flags, bh, row_qk, row_v, row_flags,
+                       T, K, V, scale, H * K, H * V, cols_k, cols_v, C, LOG2C, BK, BV, True, BIDIR,
+                       False, False, False, DOT_BF16, PRECISION)
