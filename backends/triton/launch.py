@@ -4,8 +4,9 @@ Launch counts: a sequence that fits one segment (ViG at 224 px) with K <= 64 run
 pass forward (``kernels_single_pass.py``), and with V <= 64 too the single-pass backward
 (``kernels_single_pass_bwd.py``): one kernel each (bidirectional calls also zero their
 per-chunk counters first). Otherwise ``kernels.py``: 1 kernel for one segment, else 2
-(segment states, then segments), forward and backward alike. Nothing here reads tensor values or synchronises, so a CUDA graph can capture
-the op and ``torch.compile`` can trace around it.
+(segment states, then segments), forward and backward alike. Nothing here reads tensor
+values or synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace
+around it.
 
 float32 inputs use IEEE float32 matmuls. The documented opt-in to tf32 is PyTorch's own
 switch for matmuls, read at every call: ``torch.backends.cuda.matmul.allow_tf32 = True`` (or
@@ -28,7 +29,8 @@ from . import kernels, kernels_single_pass, kernels_single_pass_bwd
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
 SINGLE_SEGMENT_MAX_T = 512
-#: Largest K the single-pass forward takes (one K block per program).
+#: Largest K the single-pass kernels take, and largest V the single-pass backward takes (one
+#: block per program; the forward splits larger V into blocks).
 SINGLE_PASS_MAX_K = 64
 #: Segment length for longer sequences (a power of two: the states kernel steps one segment
 #: at a time as one tile).
