@@ -115,6 +115,22 @@ def test_single_pass_kernels_equal_two_phase_kernels(bidirectional):
     assert_close(single, two_phase, 1e-5, "single pass vs two phases")
 
 
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "causal"])
+def test_single_pass_kernels_take_positive_gates(bidirectional):
+    """Gates above 0 are outside the documented range but the reference computes them; the
+    single-pass kernels' decay totals are picked out exactly (not as minima, which holds
+    only for factors <= 1), so they agree with it there too."""
+    case = Case(1, 50, 2, 16, 32, torch.float32, bidirectional=bidirectional)
+    x = make_inputs(case, DEVICE, seed=17)
+    for name in ("g", "g_reverse"):
+        if name in x:
+            x[name] = torch.rand(x[name].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) * 0.1 - 0.02
+    got, cot = outputs_and_grads(gated_linear_attention, x, None, bidirectional=bidirectional, backend="triton")
+    ref, _ = outputs_and_grads(gated_linear_attention, {n: t.double() for n, t in x.items()}, cot,
+                               bidirectional=bidirectional, backend="torch")
+    assert_close(got, ref, 1e-4, "positive gates")
+
+
 def test_single_pass_gradients_are_bitwise_reproducible():
     """The backward's dq, dk, dv parts meet like the forward's: repeated calls agree bitwise."""
     case = Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong")

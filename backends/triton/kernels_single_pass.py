@@ -28,11 +28,10 @@ segments and ``Kf_ℓ`` the exclusive suffix product; ``Qf_0 = f``, ``Kf_0 = 1``
     Qf_ℓ+1[t] = Qf_ℓ[t] · (total of the left half)    for t in the right half of its 2^(ℓ+1) block
     Kf_ℓ+1[s] = Kf_ℓ[s] · (total of the right half)   for s in the left half
 
-where a half's total is the product of its factors = its last ``Qf_ℓ`` (the segment's minimum:
-a prefix product of factors <= 1 never grows, and rounding keeps it so). The reverse direction
-is the mirror image (suffix and prefix swapped, totals are first elements, again the minimum).
-After the last level ``Qf`` and ``Kf`` are exactly the chunk-wide factors the states need, and
-the chunk's total decay is ``Qf``'s minimum. Every factor is still a product of at most C
+where a half's total is the product of its factors = its last ``Qf_ℓ``. The reverse direction
+is the mirror image (suffix and prefix swapped, totals are first elements). After the last
+level ``Qf`` and ``Kf`` are exactly the chunk-wide factors the states need, and the chunk's
+total decay is ``Qf``'s last (reverse: first) row. Every factor is still a product of at most C
 factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
 overflow, a -1e4 gate gives an exact 0.
 
@@ -56,9 +55,12 @@ def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, RE
     q4 = tl.reshape(Qf, (NB, 2, HALF, BK))
     k4 = tl.reshape(Kf, (NB, 2, HALF, BK))
     side = tl.arange(0, 2)[None, :, None]
-    totals = tl.min(q4, axis=2)  # [NB, 2, BK]: each half's total decay
-    left = tl.min(tl.where(side == 0, totals, 1.0), axis=1)[:, None, None, :]
-    right = tl.min(tl.where(side == 1, totals, 1.0), axis=1)[:, None, None, :]
+    # each half's total decay: its last (reverse: first) prefix (suffix) product, picked out
+    # by a masked sum (adding zeros is exact), [NB, 2, BK]
+    at_end = tl.arange(0, HALF)[None, None, :, None] == (0 if REV else HALF - 1)
+    totals = tl.sum(tl.where(at_end, q4, 0.0), axis=2)
+    left = tl.sum(tl.where(side == 0, totals, 0.0), axis=1)[:, None, None, :]
+    right = tl.sum(tl.where(side == 1, totals, 0.0), axis=1)[:, None, None, :]
     side4 = tl.arange(0, 2)[None, :, None, None]
     if REV:
         q4 = q4 * tl.where(side4 == 0, right, 1.0)
@@ -67,6 +69,13 @@ def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, RE
         q4 = q4 * tl.where(side4 == 1, left, 1.0)
         k4 = k4 * tl.where(side4 == 0, right, 1.0)
     return tl.reshape(q4, (C, BK)), tl.reshape(k4, (C, BK))
+
+
+@triton.jit
+def _chunk_total(Qf, C: tl.constexpr, REV: tl.constexpr):
+    """The chunk's total decay per column: ``Qf``'s last row (reverse: first row)."""
+    rows = tl.arange(0, C)[:, None]
+    return tl.sum(tl.where(rows == (0 if REV else C - 1), Qf, 0.0), axis=0)
 
 
 @triton.jit
@@ -99,8 +108,7 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
         A += tl.where(_level_mask(C, LVL, REV), s, 0.0)
         Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
     out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt * Qf, state, DOT_BF16, PRECISION)
-    total = tl.min(Qf, axis=0)
-    state = total[:, None] * state + _dot(tl.trans(kt * Kf), vt, DOT_BF16, PRECISION)
+    state = _chunk_total(Qf, C, REV)[:, None] * state + _dot(tl.trans(kt * Kf), vt, DOT_BF16, PRECISION)
     return out, state
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .kernels import _dot, _level_mask
-from .kernels_single_pass import _next_level, _rows_ptrs
+from .kernels_single_pass import _chunk_total, _next_level, _rows_ptrs
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
         Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
-    S_out = tl.min(Qf, axis=0)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
+    S_out = _chunk_total(Qf, C, REV)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
     # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term
     carry = tl.sum(S_out * dS_out, axis=1)
     dg = tl.cumsum(q * dq - k * dk, axis=0, reverse=not REV) + carry[None, :]
@@ -128,7 +128,7 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, p
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
         Qf, Kf = _chunk_factors(gt, C, LOG2C, BK, REV)
-        dS = tl.min(Qf, axis=0)[:, None] * dS + scale * _dot(tl.trans(qt.to(tl.float32) * Qf), dot_, DOT_BF16,
+        dS = _chunk_total(Qf, C, REV)[:, None] * dS + scale * _dot(tl.trans(qt.to(tl.float32) * Qf), dot_, DOT_BF16,
                                                              PRECISION)
     if STORE_DH0:
         tl.store(dh0 + bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
