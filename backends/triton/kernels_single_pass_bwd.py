@@ -32,7 +32,8 @@ def _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_
     """Chunk ``c``'s q, k, v, g and dO tiles as stored (zero rows past ``T``; none past the end)."""
     t0 = c * C
     rows = t0 + tl.arange(0, C)
-    ok = (rows < T) & (c >= 0)
+    ok = (rows >= 0) & (rows < T)  # c = -1 (past the end) gives negative rows; vector tests only:
+    # Triton 3.9's interpreter rejects a mask built with a scalar bool
     rows = tl.where(ok, rows, 0)
     m_k = ok[:, None] & (cols_k < K)[None, :]
     m_v = ok[:, None] & (cols_v < V)[None, :]
