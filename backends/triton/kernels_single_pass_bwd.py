@@ -129,8 +129,8 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, p
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
         Qf, Kf = _chunk_factors(gt, C, LOG2C, BK, REV)
-        dS = _chunk_total(Qf, C, REV)[:, None] * dS + scale * _dot(tl.trans(qt.to(tl.float32) * Qf), dot_, DOT_BF16,
-                                                             PRECISION)
+        qbar = qt.to(tl.float32) * Qf
+        dS = _chunk_total(Qf, C, REV)[:, None] * dS + scale * _dot(tl.trans(qbar), dot_, DOT_BF16, PRECISION)
     if STORE_DH0:
         tl.store(dh0 + bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
     tl.debug_barrier()  # pass B reads what other threads parked
