@@ -108,27 +108,34 @@ def _as_rows(x: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
+    def _row_tile(n_rows, width, col_block, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """This program's rows of a ``[n_rows, width]`` tensor: row indices, their int64 column
+        vector, the column indices of block ``col_block``, the column and the tile masks."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        col_ok = cols < width
+        return rows, rows.to(tl.int64)[:, None], cols, col_ok, (rows < n_rows)[:, None] & col_ok[None, :]
+
+    @triton.jit
+    def _rstd(x, width, eps):
+        """``rsqrt(mean(x²) + eps)`` per row of a float32 tile (masked columns hold 0)."""
+        return 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, width, eps, stride_x, stride_out,
                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_COLS)
-        col_ok = cols < width
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = x * rstd[:, None] * w[None, :]
-        tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        y = x * _rstd(x, width, eps)[:, None] * w[None, :]
+        tl.store(out_ptr + r * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rstd_kernel(x_ptr, rstd_ptr, n_rows, width, eps, stride_x,
                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_COLS)
-        mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps), mask=rows < n_rows)
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(rstd_ptr + rows, _rstd(x, width, eps), mask=rows < n_rows)
 
     @triton.jit
     def _norm_dwconv_act_kernel(x_ptr, rstd_ptr, norm_w_ptr, conv_w_ptr, out_ptr, H, W, C,
@@ -168,18 +175,14 @@ if triton is not None:
     def _mix_kernel(a_ptr, b_ptr, z_ptr, wa_ptr, wb_ptr, out_ptr, n_rows, width, eps,
                     stride_a, stride_b, stride_z, stride_out,
                     OUT_ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_COLS)
-        col_ok = cols < width
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        r = rows.to(tl.int64)[:, None]
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         a = tl.load(a_ptr + r * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + r * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + r * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         wa = tl.load(wa_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         wb = tl.load(wb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        na = a * (1.0 / tl.sqrt(tl.sum(a * a, axis=1) / width + eps))[:, None] * wa[None, :]
-        nb = b * (1.0 / tl.sqrt(tl.sum(b * b, axis=1) / width + eps))[:, None] * wb[None, :]
+        na = a * _rstd(a, width, eps)[:, None] * wa[None, :]
+        nb = b * _rstd(b, width, eps)[:, None] * wb[None, :]
         m = nb + tl.sigmoid(z) * (na - nb)
         if OUT_ACT:
             m = m * tl.sigmoid(m)
@@ -188,10 +191,7 @@ if triton is not None:
     @triton.jit
     def _swiglu_kernel(p_ptr, out_ptr, n_rows, hidden, stride_p, stride_out,
                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        mask = (rows < n_rows)[:, None] & (cols < hidden)[None, :]
-        r = rows.to(tl.int64)[:, None]
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, hidden, tl.program_id(1), BLOCK_ROWS, BLOCK_COLS)
         gate = tl.load(p_ptr + r * stride_p + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         value = tl.load(p_ptr + r * stride_p + hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + r * stride_out + cols[None, :], (gate * tl.sigmoid(gate) * value).to(out_ptr.dtype.element_ty),
@@ -202,28 +202,20 @@ if triton is not None:
     def _add_rms_norm_kernel(x_ptr, b_ptr, w_ptr, sum_ptr, out_ptr, n_rows, width, eps,
                              stride_x, stride_b, stride_sum, stride_out,
                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_COLS)
-        col_ok = cols < width
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        r = rows.to(tl.int64)[:, None]
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x += tl.load(b_ptr + r * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = x.to(sum_ptr.dtype.element_ty)  # the sum as stored: the norm below reads what later layers see
         tl.store(sum_ptr + r * stride_sum + cols[None, :], x, mask=mask)
         x = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r * stride_out + cols[None, :], (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + r * stride_out + cols[None, :], (x * _rstd(x, width, eps)[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
     def _log_gates_pair_kernel(z_ptr, fwd_ptr, rev_ptr, n_rows, width, inv_normalizer, stride_z,
                                BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_COLS)
-        mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
-        r = rows.to(tl.int64)[:, None]
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         half = tl.program_id(1)  # 0: the forward gates (first K columns), 1: the reverse ones
         z = tl.load(z_ptr + r * stride_z + half * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(u) = log(w)·u/(w - 1), w = 1 + u
@@ -243,15 +235,11 @@ if triton is not None:
     @triton.jit
     def _layer_norm_act_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_rows, width, eps, stride_x, stride_out,
                                ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_COLS)
-        col_ok = cols < width
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        r = rows.to(tl.int64)[:, None]
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / width
         centred = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / width + eps)
+        rstd = _rstd(centred, width, eps)
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = centred * rstd[:, None] * w[None, :] + b[None, :]
