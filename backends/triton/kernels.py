@@ -183,6 +183,14 @@ def _level_mask(C: tl.constexpr, lvl, REV: tl.constexpr):
 
 
 @triton.jit
+def _sequence_rows(bh, T, H, K, V):
+    """Element offsets (int64) of sequence ``bh`` (= batch · H + head) in the ``[B, T, H, K]``
+    and ``[B, T, H, V]`` tensors: where its first token's q (k, g) and v rows start."""
+    base = ((bh // H).to(tl.int64) * T) * H + bh % H
+    return base * K, base * V
+
+
+@triton.jit
 def _row(x, r, ROWS: tl.constexpr):
     """Row ``r`` of a 2-D tile, as a vector."""
     i = tl.arange(0, ROWS)[:, None]
@@ -279,6 +287,20 @@ def _scores_one_direction(q, k, f, f_shift, A, C: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
+def _level_scores_and_grads(q, k, q_fac, k_fac, mask, dA, A, dq, dk, DOT_BF16: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """One level's pairs (``mask``): their scores added to ``A``, their parts of dq and dk
+    (unscaled) given the score gradient ``dA``."""
+    qh = q * q_fac
+    kh = k * k_fac
+    A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+    dA_level = tl.where(mask, dA, 0.0)
+    dq += q_fac * _dot(dA_level, kh, DOT_BF16, PRECISION)
+    dk += k_fac * _dot(tl.trans(dA_level), qh, DOT_BF16, PRECISION)
+    return A, dq, dk
+
+
+@triton.jit
 def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK: tl.constexpr,
                                     LOG2C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr,
                                     PRECISION: tl.constexpr):
@@ -288,13 +310,8 @@ def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK
     dk = tl.zeros([C, BK], dtype=tl.float32)
     for lvl in range(0, LOG2C):
         q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
-        qh = q * q_fac
-        kh = k * k_fac
-        mask = _level_mask(C, lvl, REV)
-        A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
-        dA_level = tl.where(mask, dA, 0.0)
-        dq += q_fac * _dot(dA_level, kh, DOT_BF16, PRECISION)
-        dk += k_fac * _dot(tl.trans(dA_level), qh, DOT_BF16, PRECISION)
+        A, dq, dk = _level_scores_and_grads(q, k, q_fac, k_fac, _level_mask(C, lvl, REV), dA, A, dq, dk,
+                                            DOT_BF16, PRECISION)
     return A, dq, dk
 
 
@@ -322,11 +339,8 @@ def _gla_states_kernel(
     vb = pid % NVB
     kb = (pid // NVB) % NKB
     bh = pid // (NVB * NKB)
-    b = bh // H
-    h = bh % H
     BH = tl.num_programs(0) // (NVB * NKB)
-    row_qk = ((b.to(tl.int64) * T) * H + h) * K
-    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     stride_qk = H * K
     stride_v = H * V
     cols_k = kb * BK + tl.arange(0, BK)
@@ -387,11 +401,8 @@ def _gla_fwd_kernel(
     seg = tl.program_id(1)
     vb = tl.program_id(2)
     BH = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
     SLOTS: tl.constexpr = 2 if BIDIR else 1
-    row_qk = ((b.to(tl.int64) * T) * H + h) * K
-    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     stride_qk = H * K
     stride_v = H * V
     seg_start = seg * SEG
@@ -478,12 +489,9 @@ def _gla_bwd_kernel(
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     BH = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
     SLOTS: tl.constexpr = 4 if BIDIR else 2
     NDIR: tl.constexpr = 2 if BIDIR else 1
-    row_qk = ((b.to(tl.int64) * T) * H + h) * K
-    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     stride_qk = H * K
     stride_v = H * V
     seg_start = seg * SEG

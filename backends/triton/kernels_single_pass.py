@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask, _tile
+from .kernels import _dot, _level_mask, _sequence_rows, _tile
 
 
 @triton.jit
@@ -179,10 +179,7 @@ def _gla_fwd_single_pass_kernel(
     NDIR: tl.constexpr = 2 if BIDIR else 1
     bh = pid // NDIR
     direction = pid % NDIR
-    b = bh // H
-    h = bh % H
-    row_qk = ((b.to(tl.int64) * T) * H + h) * K
-    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     stride_qk = H * K
     stride_v = H * V
     cols_k = tl.arange(0, BK)

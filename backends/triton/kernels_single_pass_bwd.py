@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask
+from .kernels import _dot, _level_mask, _level_scores_and_grads, _sequence_rows
 from .kernels_single_pass import _chunk_total, _next_level, _rows_ptrs
 
 
@@ -72,13 +72,8 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     dq = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
     for LVL in tl.static_range(LOG2C):
-        qh = q * Qf
-        kh = k * Kf
-        mask = _level_mask(C, LVL, REV)
-        A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
-        dA_level = tl.where(mask, dA, 0.0)
-        dq += Qf * _dot(dA_level, kh, DOT_BF16, PRECISION)
-        dk += Kf * _dot(tl.trans(dA_level), qh, DOT_BF16, PRECISION)
+        A, dq, dk = _level_scores_and_grads(q, k, Qf, Kf, _level_mask(C, LVL, REV), dA, A, dq, dk, DOT_BF16,
+                                            PRECISION)
         Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
@@ -191,10 +186,7 @@ def _gla_bwd_single_pass_kernel(
     NDIR: tl.constexpr = 2 if BIDIR else 1
     bh = pid // NDIR
     direction = pid % NDIR
-    b = bh // H
-    h = bh % H
-    row_qk = ((b.to(tl.int64) * T) * H + h) * K
-    row_v = ((b.to(tl.int64) * T) * H + h) * V
+    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     cols_k = tl.arange(0, BK)
     cols_v = tl.arange(0, BV)
     n_chunks = tl.cdiv(T, C)
