@@ -36,19 +36,35 @@ def _launch():
 # paths the shared shapes do not take
 
 
+# segment layouts of long sequences: several chunks per segment (phase 1 walks them), and
+# one chunk per segment (phase 1 skipped); scans of 2 or 4 boundaries per step, so the scan
+# carries its state across steps, and a scan block smaller than the state
+LONG_LAYOUTS = {
+    "chunks-per-segment-2": dict(chunk=16, segment=32, states_block_k=16, states_block_v=16, scan_rows=2,
+                                 scan_block=16),
+    "one-chunk-segments": dict(chunk=16, segment=16, states_block_k=16, states_block_v=16, scan_rows=4,
+                               scan_block=32),
+}
+
+
+@pytest.mark.parametrize("layout", list(LONG_LAYOUTS))
 @pytest.mark.parametrize(
     "case",
     [
         Case(2, 100, 2, 8, 8, torch.float32, gates="extreme"),
         Case(1, 77, 1, 8, 6, torch.float32, bidirectional=False, states=True, gates="extreme"),
-        Case(1, 70, 2, 16, 16, torch.bfloat16, gates="strong"),
+        # gates under which state crosses many segments (the ones above reset it often)
+        Case(1, 70, 2, 16, 16, torch.bfloat16, gates="vig"),
+        Case(1, 33, 1, 20, 40, torch.float32, bidirectional=False, states=True, gates="vig"),
+        Case(2, 90, 1, 8, 8, torch.float32, gates="none"),
     ],
     ids=lambda c: c.id(),
 )
-def test_multi_segment_path(case):
-    """Sequences longer than one segment run the segment-states kernel first; force short
-    segments so that path runs (with partial last segments and chunks) at test sizes."""
-    with _launch().override_config(chunk=16, segment=32, states_block_k=16, states_block_v=16):
+def test_multi_segment_path(case, layout):
+    """Sequences longer than one segment get their segment boundary states first (segment
+    sums, then the scan); force short segments so that path runs (with partial last segments
+    and chunks, two K and V blocks) at test sizes."""
+    with _launch().override_config(**LONG_LAYOUTS[layout]):
         check_against_reference("triton", case, DEVICE, seed=7)
 
 
@@ -70,9 +86,10 @@ def test_segment_boundaries_do_not_change_results():
     case = Case(2, 90, 2, 12, 10, torch.float32, gates="strong")
     x = make_inputs(case, DEVICE, seed=12)
     single, cot = outputs_and_grads(gated_linear_attention, x, None, backend="triton")
-    with _launch().override_config(chunk=16, segment=32):
-        multi, _ = outputs_and_grads(gated_linear_attention, x, cot, backend="triton")
-    assert_close(multi, single, 1e-5, "segments")
+    for layout, fields in LONG_LAYOUTS.items():
+        with _launch().override_config(**fields):
+            multi, _ = outputs_and_grads(gated_linear_attention, x, cot, backend="triton")
+        assert_close(multi, single, 1e-5, f"segments ({layout})")
 
 
 @pytest.mark.parametrize(

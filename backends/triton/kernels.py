@@ -59,10 +59,12 @@ the chunk's output gains ``qbar F[n]``. The reverse state ``R`` runs right to le
   launch. (With K, V <= 64 those now run the single-pass kernels of
   ``kernels_single_pass.py`` and ``kernels_single_pass_bwd.py`` instead, which walk each
   direction in its own program: on an H100 at vigT_224 the forward is 2.7× faster, and
-  forward+backward 1.9× faster with the single-pass backward than with this one.) For long ones, ``_gla_states_kernel`` first walks the whole sequence one *segment*
-  per step (one big matmul per step) and stores the states at segment boundaries, which the
-  segment programs start from: two launches; the states kernel's sequential chain is the
-  number of segments, and each segment program's chain is the chunks of its segment.
+  forward+backward 1.9× faster with the single-pass backward than with this one.)
+* For long ones, the states at segment boundaries come first, from two chunk-parallel
+  launches (``kernels_boundary_states.py``: every segment's own contribution at once, then a
+  scan that composes them), and the segment programs start from them. When a segment is one
+  chunk (``ONE_CHUNK``), phase 1 has nothing to walk: phase 2 reads the boundary states
+  directly and the segment programs are fully parallel.
 
 **Backward**, same structure. With ``dA = dO vᵀ`` (shared by both directions),
 
@@ -74,7 +76,8 @@ the chunk's output gains ``qbar F[n]``. The reverse state ``R`` runs right to le
 ``dF[n] = Γ_n ⊙ dF[n+1] + scale'·qbar_nᵀ dO_n`` (right to left, from ``dF[N]`` = gradient of
 the final state) and ``dR[n+1] = Γr_n ⊙ dR[n] + scale'·qbarr_nᵀ dO_n`` (left to right). So the
 backward needs four walks — F and dR left to right, R and dF right to left — which phase 1 runs
-from the segment boundary states (``_gla_states_kernel`` computes all four for long inputs).
+from the segment boundary states (``kernels_boundary_states.py`` computes all four for long
+inputs).
 
 Gate gradients use the identity of Yang et al. (2023): with ``dG_t = q_t ⊙ dq_t − k_t ⊙ dk_t``
 (this direction's dq, dk, without the diagonal terms, which cancel), ``dg_r = Σ_{t >= r} dG_t``.
@@ -240,17 +243,16 @@ def _store_state(base, x, cols_k, cols_v, K, V):
 
 
 @triton.jit
-def _walk_step(state, a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a, stride_b,
-               cols_k, cols_v, K, V, coef,
-               STEP: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr, INCLUSIVE: tl.constexpr,
-               DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """One step of a state walk over rows ``[t0, t0 + n_valid)`` (``n_valid <= STEP``):
+def _walk_parts(a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a, stride_b, cols_k, cols_v, K, V, coef,
+                STEP: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr, INCLUSIVE: tl.constexpr,
+                DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """The two parts of one step of a state walk over rows ``[t0, t0 + n_valid)`` (``n_valid <=
+    STEP``), ``state <- Γ ⊙ state + coef · (a ⊙ w)ᵀ b``: returns ``(Γ, coef · (a ⊙ w)ᵀ b)``.
 
-        state <- Γ ⊙ state + coef · (a ⊙ w)ᵀ b
-
-    with ``w`` the product of decay factors from each row to the step's far end in the walk
+    ``w`` is the product of decay factors from each row to the step's far end in the walk
     direction (exclusive of the row itself for states, inclusive for state gradients) and
-    ``Γ`` the product over the whole step. Rows past ``n_valid`` are zero with factor 1."""
+    ``Γ`` (a ``[BK]`` vector) the product over the whole step. Rows past ``n_valid`` are zero
+    with factor 1."""
     i = tl.arange(0, STEP)
     ok = i < n_valid
     a = _tile(a_ptr, a_row0, t0 + i, ok, stride_a, cols_k, K)
@@ -272,7 +274,19 @@ def _walk_step(state, a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a
             w = _seg_cumprod(tl.where(i[:, None] == STEP - 1, 1.0, f_next), STEP, STEP, BK, True)
             total = _row(f * w, 0, STEP)
     aw = (a.to(tl.float32) * w) * coef
-    return total[:, None] * state + _dot(tl.trans(aw), b, DOT_BF16, PRECISION)
+    return total, _dot(tl.trans(aw), b, DOT_BF16, PRECISION)
+
+
+@triton.jit
+def _walk_step(state, a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a, stride_b,
+               cols_k, cols_v, K, V, coef,
+               STEP: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr, INCLUSIVE: tl.constexpr,
+               DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One step of a state walk (see ``_walk_parts``): the state after the step."""
+    total, contribution = _walk_parts(a_ptr, b_ptr, g_ptr, a_row0, b_row0, t0, n_valid, stride_a, stride_b,
+                                      cols_k, cols_v, K, V, coef, STEP, BK, REVERSE, INCLUSIVE, DOT_BF16,
+                                      PRECISION)
+    return total[:, None] * state + contribution
 
 
 @triton.jit
@@ -315,73 +329,22 @@ def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK
     return A, dq, dk
 
 
+@triton.jit
+def _chunk_state(scr, bst, bst_slot, seg, i, kv, SCR_SLOT: tl.constexpr, BST_SLOT: tl.constexpr,
+                 SLOTS: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """Where a segment program finds the state of scratch slot ``SCR_SLOT`` at its chunk
+    boundary ``i``: in its scratch (parked by phase 1), or, when the segment is one chunk, at
+    boundary ``seg + i`` of the boundary states' slot ``BST_SLOT`` (``bst`` points at this
+    sequence's slot 0, ``bst_slot`` is the distance between slots)."""
+    if ONE_CHUNK:
+        ptr = bst + BST_SLOT * bst_slot + (seg + i) * kv
+    else:
+        ptr = scr + (i * SLOTS + SCR_SLOT) * kv
+    return ptr
+
+
 # ------------------------------------------------------------------------------------------------
 # kernels
-
-
-@triton.jit
-def _gla_states_kernel(
-    q, k, v, g, gr, do, h0, dht, bstates,
-    T, H, K, V, coef_grad, NSEG,
-    SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
-    KIND_STRIDE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """States at segment boundaries for the whole sequence, one segment per step.
-
-    Program (batch·head × K block × V block, slot) walks state ``kind = slot · KIND_STRIDE``:
-    0 = F (left to right, k v g), 1 = R (right to left, k v gr), 2 = dF (right to left, q dO g),
-    3 = dR (left to right, q dO gr). ``bstates[slot, bh, p]`` = that state at boundary p (token
-    p·SEG), p = 0..NSEG. (Causal backward launches slots {0, 1} with stride 2: F and dF.)"""
-    pid = tl.program_id(0)
-    slot = tl.program_id(1)
-    kind = slot * KIND_STRIDE
-    vb = pid % NVB
-    kb = (pid // NVB) % NKB
-    bh = pid // (NVB * NKB)
-    BH = tl.num_programs(0) // (NVB * NKB)
-    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
-    stride_qk = H * K
-    stride_v = H * V
-    cols_k = kb * BK + tl.arange(0, BK)
-    cols_v = vb * BV + tl.arange(0, BV)
-    kv = tl.cast(K, tl.int64) * V
-    out = bstates + ((slot * BH + bh).to(tl.int64) * (NSEG + 1)) * kv
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if kind == 0:
-        if HAS_H0:
-            state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
-        for p in range(0, NSEG):
-            _store_state(out + p * kv, state, cols_k, cols_v, K, V)
-            t0 = p * SEG
-            state = _walk_step(state, k, v, g, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
-                               cols_k, cols_v, K, V, 1.0, SEG, BK, False, False, DOT_BF16, PRECISION)
-        _store_state(out + NSEG * kv, state, cols_k, cols_v, K, V)
-    elif kind == 1:
-        for i in range(0, NSEG):
-            p = NSEG - 1 - i
-            _store_state(out + (p + 1) * kv, state, cols_k, cols_v, K, V)
-            t0 = p * SEG
-            state = _walk_step(state, k, v, gr, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
-                               cols_k, cols_v, K, V, 1.0, SEG, BK, True, False, DOT_BF16, PRECISION)
-        _store_state(out, state, cols_k, cols_v, K, V)
-    elif kind == 2:
-        if HAS_DHT:
-            state = _load_state(dht + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
-        for i in range(0, NSEG):
-            p = NSEG - 1 - i
-            _store_state(out + (p + 1) * kv, state, cols_k, cols_v, K, V)
-            t0 = p * SEG
-            state = _walk_step(state, q, do, g, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
-                               cols_k, cols_v, K, V, coef_grad, SEG, BK, True, True, DOT_BF16, PRECISION)
-        _store_state(out, state, cols_k, cols_v, K, V)
-    else:
-        for p in range(0, NSEG):
-            _store_state(out + p * kv, state, cols_k, cols_v, K, V)
-            t0 = p * SEG
-            state = _walk_step(state, q, do, gr, row_qk, row_v, t0, tl.minimum(SEG, T - t0), stride_qk, stride_v,
-                               cols_k, cols_v, K, V, coef_grad, SEG, BK, False, True, DOT_BF16, PRECISION)
-        _store_state(out + NSEG * kv, state, cols_k, cols_v, K, V)
 
 
 @triton.jit
@@ -390,13 +353,15 @@ def _gla_fwd_kernel(
     T, H, K, V, scale, SEG, NSEG,
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
-    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward, one program per (batch·head, segment, V block); see the module docstring.
 
     ``scale`` is scale' (already halved for bidirectional). ``scratch`` holds, per program,
     the state entering every chunk of the segment: slot 0 = F[i], slot 1 = R[i] (boundaries
-    i = 0..SEG/C). ``bstates`` (when present) holds the segment boundary states."""
+    i = 0..SEG/C). ``bstates`` (when present) holds the segment boundary states; with
+    ``ONE_CHUNK`` (one chunk per segment, boundary states present) they are read directly
+    and phase 1 is skipped."""
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     vb = tl.program_id(2)
@@ -410,36 +375,38 @@ def _gla_fwd_kernel(
     ncs = tl.cdiv(seg_end - seg_start, C)
     kv = tl.cast(K, tl.int64) * V
     scr = scratch + ((bh.to(tl.int64) * NSEG + seg) * (SEG // C + 1)) * SLOTS * kv
+    bst = bstates + (bh.to(tl.int64) * (NSEG + 1)) * kv
+    bst_slot = BH.to(tl.int64) * (NSEG + 1) * kv
     cols_v = vb * BV + tl.arange(0, BV)
 
     # phase 1: the states entering every chunk of this segment, both directions at once
-    for kb in range(0, NKB):
-        cols_k = kb * BK + tl.arange(0, BK)
-        F = tl.zeros([BK, BV], dtype=tl.float32)
-        R = tl.zeros([BK, BV], dtype=tl.float32)
-        if HAS_BSTATES:
-            F = _load_state(bstates + ((0 * BH + bh).to(tl.int64) * (NSEG + 1) + seg) * kv, cols_k, cols_v, K, V)
-            if BIDIR:
-                R = _load_state(bstates + ((1 * BH + bh).to(tl.int64) * (NSEG + 1) + seg + 1) * kv,
-                                cols_k, cols_v, K, V)
-        elif HAS_H0:
-            F = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
-        for i in range(0, ncs):
-            t0 = seg_start + i * C
-            _store_state(scr + (i * SLOTS) * kv, F, cols_k, cols_v, K, V)
-            F = _walk_step(F, k, v, g, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk, stride_v,
-                           cols_k, cols_v, K, V, 1.0, C, BK, False, False, DOT_BF16, PRECISION)
-            if BIDIR:
-                j = ncs - 1 - i
-                t1 = seg_start + j * C
-                _store_state(scr + ((j + 1) * SLOTS + 1) * kv, R, cols_k, cols_v, K, V)
-                R = _walk_step(R, k, v, gr, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk, stride_v,
-                               cols_k, cols_v, K, V, 1.0, C, BK, True, False, DOT_BF16, PRECISION)
-        if STORE_HT:
-            if seg == NSEG - 1:
-                _store_state(ht + bh.to(tl.int64) * kv, F, cols_k, cols_v, K, V)
-    # phase 2 reads what other threads of this program wrote in phase 1
-    tl.debug_barrier()
+    if not ONE_CHUNK:
+        for kb in range(0, NKB):
+            cols_k = kb * BK + tl.arange(0, BK)
+            F = tl.zeros([BK, BV], dtype=tl.float32)
+            R = tl.zeros([BK, BV], dtype=tl.float32)
+            if HAS_BSTATES:
+                F = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
+                if BIDIR:
+                    R = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+            elif HAS_H0:
+                F = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+            for i in range(0, ncs):
+                t0 = seg_start + i * C
+                _store_state(scr + (i * SLOTS) * kv, F, cols_k, cols_v, K, V)
+                F = _walk_step(F, k, v, g, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk, stride_v,
+                               cols_k, cols_v, K, V, 1.0, C, BK, False, False, DOT_BF16, PRECISION)
+                if BIDIR:
+                    j = ncs - 1 - i
+                    t1 = seg_start + j * C
+                    _store_state(scr + ((j + 1) * SLOTS + 1) * kv, R, cols_k, cols_v, K, V)
+                    R = _walk_step(R, k, v, gr, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk, stride_v,
+                                   cols_k, cols_v, K, V, 1.0, C, BK, True, False, DOT_BF16, PRECISION)
+            if STORE_HT:
+                if seg == NSEG - 1:
+                    _store_state(ht + bh.to(tl.int64) * kv, F, cols_k, cols_v, K, V)
+        # phase 2 reads what other threads of this program wrote in phase 1
+        tl.debug_barrier()
 
     # phase 2: every chunk's output, both directions combined in registers, written once
     rows = tl.arange(0, C)
@@ -459,13 +426,15 @@ def _gla_fwd_kernel(
             f = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
             f_next = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 1)
             A = _scores_one_direction(qt, kt, f, f_next, A, C, BK, LOG2C, False, DOT_BF16, PRECISION)
-            F = _load_state(scr + (i * SLOTS) * kv, cols_k, cols_v, K, V)
+            F = _load_state(_chunk_state(scr, bst, bst_slot, seg, i, kv, 0, 0, SLOTS, ONE_CHUNK),
+                            cols_k, cols_v, K, V)
             acc += _dot(qt * _seg_cumprod(f, C, C, BK, False), F, DOT_BF16, PRECISION)
             if BIDIR:
                 fr = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
                 fr_prev = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, -1)
                 A = _scores_one_direction(qt, kt, fr, fr_prev, A, C, BK, LOG2C, True, DOT_BF16, PRECISION)
-                R = _load_state(scr + ((i + 1) * SLOTS + 1) * kv, cols_k, cols_v, K, V)
+                R = _load_state(_chunk_state(scr, bst, bst_slot, seg, i + 1, kv, 1, 1, SLOTS, ONE_CHUNK),
+                                cols_k, cols_v, K, V)
                 acc += _dot(qt * _seg_cumprod(fr, C, C, BK, True), R, DOT_BF16, PRECISION)
         A += tl.where(eye, diag[:, None] * SLOTS, 0.0)  # the own token counts in each direction
         vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
@@ -481,11 +450,13 @@ def _gla_bwd_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BSTATES: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward, one program per (batch·head, segment); every gradient written once.
 
-    Scratch / bstates slots: 0 = F, 1 = dF, and when bidirectional 2 = R, 3 = dR."""
+    Scratch slots: 0 = F, 1 = dF, and when bidirectional 2 = R, 3 = dR. The boundary states'
+    slots (``kernels_boundary_states.py``): F, (R,) dF, (dR). With ``ONE_CHUNK`` phase 2 reads
+    the boundary states directly and phase 1 is skipped."""
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     BH = tl.num_programs(0)
@@ -503,52 +474,53 @@ def _gla_bwd_kernel(
     bst_slot = BH.to(tl.int64) * (NSEG + 1) * kv
 
     # phase 1: F and dR walk left to right, R and dF right to left, from the segment edges
-    for kb in range(0, NKB):
-        cols_k = kb * BK + tl.arange(0, BK)
-        for vb in range(0, NVB):
-            cols_v = vb * BV + tl.arange(0, BV)
-            F = tl.zeros([BK, BV], dtype=tl.float32)
-            dF = tl.zeros([BK, BV], dtype=tl.float32)
-            R = tl.zeros([BK, BV], dtype=tl.float32)
-            dR = tl.zeros([BK, BV], dtype=tl.float32)
-            if HAS_BSTATES:
-                # the states kernel's slots: F, (R,) dF, (dR)
-                F = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
-                dF = _load_state(bst + (SLOTS // 2) * bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+    if not ONE_CHUNK:
+        for kb in range(0, NKB):
+            cols_k = kb * BK + tl.arange(0, BK)
+            for vb in range(0, NVB):
+                cols_v = vb * BV + tl.arange(0, BV)
+                F = tl.zeros([BK, BV], dtype=tl.float32)
+                dF = tl.zeros([BK, BV], dtype=tl.float32)
+                R = tl.zeros([BK, BV], dtype=tl.float32)
+                dR = tl.zeros([BK, BV], dtype=tl.float32)
+                if HAS_BSTATES:
+                    # the states kernel's slots: F, (R,) dF, (dR)
+                    F = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
+                    dF = _load_state(bst + (SLOTS // 2) * bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+                    if BIDIR:
+                        R = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+                        dR = _load_state(bst + 3 * bst_slot + seg * kv, cols_k, cols_v, K, V)
+                else:
+                    if HAS_H0:
+                        F = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+                    if HAS_DHT:
+                        dF = _load_state(dht + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+                for i in range(0, ncs):
+                    t0 = seg_start + i * C
+                    j = ncs - 1 - i
+                    t1 = seg_start + j * C
+                    _store_state(scr + (i * SLOTS) * kv, F, cols_k, cols_v, K, V)
+                    _store_state(scr + ((j + 1) * SLOTS + 1) * kv, dF, cols_k, cols_v, K, V)
+                    F = _walk_step(F, k, v, g, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk, stride_v,
+                                   cols_k, cols_v, K, V, 1.0, C, BK, False, False, DOT_BF16, PRECISION)
+                    dF = _walk_step(dF, q, do, g, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk,
+                                    stride_v, cols_k, cols_v, K, V, scale, C, BK, True, True, DOT_BF16, PRECISION)
+                    if BIDIR:
+                        _store_state(scr + ((j + 1) * SLOTS + 2) * kv, R, cols_k, cols_v, K, V)
+                        _store_state(scr + (i * SLOTS + 3) * kv, dR, cols_k, cols_v, K, V)
+                        R = _walk_step(R, k, v, gr, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk,
+                                       stride_v, cols_k, cols_v, K, V, 1.0, C, BK, True, False, DOT_BF16, PRECISION)
+                        dR = _walk_step(dR, q, do, gr, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk,
+                                        stride_v, cols_k, cols_v, K, V, scale, C, BK, False, True, DOT_BF16, PRECISION)
+                _store_state(scr + (ncs * SLOTS) * kv, F, cols_k, cols_v, K, V)
+                _store_state(scr + 1 * kv, dF, cols_k, cols_v, K, V)
                 if BIDIR:
-                    R = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
-                    dR = _load_state(bst + 3 * bst_slot + seg * kv, cols_k, cols_v, K, V)
-            else:
-                if HAS_H0:
-                    F = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
-                if HAS_DHT:
-                    dF = _load_state(dht + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
-            for i in range(0, ncs):
-                t0 = seg_start + i * C
-                j = ncs - 1 - i
-                t1 = seg_start + j * C
-                _store_state(scr + (i * SLOTS) * kv, F, cols_k, cols_v, K, V)
-                _store_state(scr + ((j + 1) * SLOTS + 1) * kv, dF, cols_k, cols_v, K, V)
-                F = _walk_step(F, k, v, g, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk, stride_v,
-                               cols_k, cols_v, K, V, 1.0, C, BK, False, False, DOT_BF16, PRECISION)
-                dF = _walk_step(dF, q, do, g, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk,
-                                stride_v, cols_k, cols_v, K, V, scale, C, BK, True, True, DOT_BF16, PRECISION)
-                if BIDIR:
-                    _store_state(scr + ((j + 1) * SLOTS + 2) * kv, R, cols_k, cols_v, K, V)
-                    _store_state(scr + (i * SLOTS + 3) * kv, dR, cols_k, cols_v, K, V)
-                    R = _walk_step(R, k, v, gr, row_qk, row_v, t1, tl.minimum(C, seg_end - t1), stride_qk,
-                                   stride_v, cols_k, cols_v, K, V, 1.0, C, BK, True, False, DOT_BF16, PRECISION)
-                    dR = _walk_step(dR, q, do, gr, row_qk, row_v, t0, tl.minimum(C, seg_end - t0), stride_qk,
-                                    stride_v, cols_k, cols_v, K, V, scale, C, BK, False, True, DOT_BF16, PRECISION)
-            _store_state(scr + (ncs * SLOTS) * kv, F, cols_k, cols_v, K, V)
-            _store_state(scr + 1 * kv, dF, cols_k, cols_v, K, V)
-            if BIDIR:
-                _store_state(scr + 2 * kv, R, cols_k, cols_v, K, V)
-                _store_state(scr + (ncs * SLOTS + 3) * kv, dR, cols_k, cols_v, K, V)
-            if STORE_DH0:
-                if seg == 0:
-                    _store_state(dh0 + bh.to(tl.int64) * kv, dF, cols_k, cols_v, K, V)
-    tl.debug_barrier()
+                    _store_state(scr + 2 * kv, R, cols_k, cols_v, K, V)
+                    _store_state(scr + (ncs * SLOTS + 3) * kv, dR, cols_k, cols_v, K, V)
+                if STORE_DH0:
+                    if seg == 0:
+                        _store_state(dh0 + bh.to(tl.int64) * kv, dF, cols_k, cols_v, K, V)
+        tl.debug_barrier()
 
     # phase 2: every chunk's gradients
     rows = tl.arange(0, C)
@@ -587,9 +559,12 @@ def _gla_bwd_kernel(
                 cols_v = vb * BV + tl.arange(0, BV)
                 dot_ = _tile(do, row_v, t0 + rows, ok, stride_v, cols_v, V)
                 vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
-                F_in = _load_state(scr + (i * SLOTS) * kv, cols_k, cols_v, K, V)
-                F_out = _load_state(scr + ((i + 1) * SLOTS) * kv, cols_k, cols_v, K, V)
-                dF_out = _load_state(scr + ((i + 1) * SLOTS + 1) * kv, cols_k, cols_v, K, V)
+                F_in = _load_state(_chunk_state(scr, bst, bst_slot, seg, i, kv, 0, 0, SLOTS, ONE_CHUNK),
+                                   cols_k, cols_v, K, V)
+                F_out = _load_state(_chunk_state(scr, bst, bst_slot, seg, i + 1, kv, 0, 0, SLOTS, ONE_CHUNK),
+                                    cols_k, cols_v, K, V)
+                dF_out = _load_state(_chunk_state(scr, bst, bst_slot, seg, i + 1, kv, 1, SLOTS // 2, SLOTS, ONE_CHUNK),
+                                     cols_k, cols_v, K, V)
                 dq_f += (scale * q_fac) * _dot(dot_, tl.trans(F_in), DOT_BF16, PRECISION)
                 dk_f += k_fac * _dot(vt, tl.trans(dF_out), DOT_BF16, PRECISION)
                 carry += tl.sum(F_out * dF_out, axis=1)
@@ -612,9 +587,12 @@ def _gla_bwd_kernel(
                     cols_v = vb * BV + tl.arange(0, BV)
                     dot_ = _tile(do, row_v, t0 + rows, ok, stride_v, cols_v, V)
                     vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
-                    R_in = _load_state(scr + ((i + 1) * SLOTS + 2) * kv, cols_k, cols_v, K, V)
-                    R_out = _load_state(scr + (i * SLOTS + 2) * kv, cols_k, cols_v, K, V)
-                    dR_out = _load_state(scr + (i * SLOTS + 3) * kv, cols_k, cols_v, K, V)
+                    R_in = _load_state(_chunk_state(scr, bst, bst_slot, seg, i + 1, kv, 2, 1, SLOTS, ONE_CHUNK),
+                                       cols_k, cols_v, K, V)
+                    R_out = _load_state(_chunk_state(scr, bst, bst_slot, seg, i, kv, 2, 1, SLOTS, ONE_CHUNK),
+                                        cols_k, cols_v, K, V)
+                    dR_out = _load_state(_chunk_state(scr, bst, bst_slot, seg, i, kv, 3, 3, SLOTS, ONE_CHUNK),
+                                         cols_k, cols_v, K, V)
                     dq_r += (scale * qr_fac) * _dot(dot_, tl.trans(R_in), DOT_BF16, PRECISION)
                     dk_r += kr_fac * _dot(vt, tl.trans(dR_out), DOT_BF16, PRECISION)
                     carry_r += tl.sum(R_out * dR_out, axis=1)
@@ -640,13 +618,15 @@ def _gla_bwd_kernel(
                 f = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
                 f_next = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 1)
                 q_fac, k_fac = _level_factors(f, f_next, C, C, BK, False)
-                dF_out = _load_state(scr + ((i + 1) * SLOTS + 1) * kv, cols_k, cols_v, K, V)
+                dF_out = _load_state(_chunk_state(scr, bst, bst_slot, seg, i + 1, kv, 1, SLOTS // 2, SLOTS, ONE_CHUNK),
+                                     cols_k, cols_v, K, V)
                 dv_t += _dot(kt * k_fac, dF_out, DOT_BF16, PRECISION)
                 if BIDIR:
                     fr = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
                     fr_prev = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, -1)
                     qr_fac, kr_fac = _level_factors(fr, fr_prev, C, C, BK, True)
-                    dR_out = _load_state(scr + (i * SLOTS + 3) * kv, cols_k, cols_v, K, V)
+                    dR_out = _load_state(_chunk_state(scr, bst, bst_slot, seg, i, kv, 3, 3, SLOTS, ONE_CHUNK),
+                                         cols_k, cols_v, K, V)
                     dv_t += _dot(kt * kr_fac, dR_out, DOT_BF16, PRECISION)
             offs = row_v + (t0 + rows)[:, None].to(tl.int64) * stride_v + cols_v[None, :]
             tl.store(dv + offs, dv_t.to(dv.dtype.element_ty), mask=ok[:, None] & (cols_v < V)[None, :])

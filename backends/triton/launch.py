@@ -3,8 +3,9 @@
 Launch counts: a sequence that fits one segment (ViG at 224 px) with K <= 64 runs the single-
 pass forward (``kernels_single_pass.py``), and with V <= 64 too the single-pass backward
 (``kernels_single_pass_bwd.py``): one kernel each (bidirectional calls also zero their
-per-chunk counters first). Otherwise ``kernels.py``: 1 kernel for one segment, else 2
-(segment states, then segments), forward and backward alike. Nothing here reads tensor
+per-chunk counters first). Otherwise ``kernels.py``: 1 kernel for one segment, else 3
+(every segment's own state contribution, the scan of boundary states, then the segments;
+``kernels_boundary_states.py``), forward and backward alike. Nothing here reads tensor
 values or synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace
 around it.
 
@@ -25,16 +26,16 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import kernels, kernels_single_pass, kernels_single_pass_bwd
+from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
 SINGLE_SEGMENT_MAX_T = 512
 #: Largest K the single-pass kernels take, and largest V the single-pass backward takes (one
 #: block per program; the forward splits larger V into blocks).
 SINGLE_PASS_MAX_K = 64
-#: Segment length for longer sequences (a power of two: the states kernel steps one segment
-#: at a time as one tile).
-LONG_SEGMENT = 256
+#: Segment length for longer sequences (a power of two: a segment's state contribution is one
+#: tile). One chunk per segment makes the segment programs fully parallel (no phase 1).
+LONG_SEGMENT = 32
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,13 @@ class Config:
     block_v: int  # V tile (power of two, >= 16); the forward grid splits V by it
     num_warps: int
     num_stages: int  # software pipelining depth of the segment kernels' loops
-    states_block_k: int
+    # the boundary states of long sequences (kernels_boundary_states.py)
+    states_block_k: int  # K and V tiles of the segment sums
     states_block_v: int
     states_num_warps: int
-    states_num_stages: int
+    scan_rows: int  # boundaries per step of the scan (power of two)
+    scan_block: int  # state elements per scan program (power of two)
+    scan_num_warps: int
     # The single-pass forward (kernels_single_pass.py), for one-segment sequences with K <= 64.
     # Defaults from H100 timings at vigT_224 / vigB_224 (bf16; NOTES.md): chunks of 16 and 2
     # warps per program, registers capped at 168 so that 6 programs fit an SM (all 768 of
@@ -120,7 +124,9 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         states_block_k=min(32, max(16, _pow2(K))),
         states_block_v=min(32, max(16, _pow2(V))),
         states_num_warps=8,
-        states_num_stages=2,
+        scan_rows=64,
+        scan_block=64,
+        scan_num_warps=4,
         single_pass_block_v=block_v,
     )
     return dataclasses.replace(config, **fields) if fields else config
@@ -175,36 +181,58 @@ def forward(
     if cfg.single_pass and nseg == 1 and K <= SINGLE_PASS_MAX_K:
         return _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state,
                                     cfg, dot_bf16, precision)
-    scratch = torch.empty(B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device, dtype=torch.float32)
+    one_chunk = nseg > 1 and SEG == C
+    # phase 1's per-program chunk states (none when every segment is one chunk)
+    scratch = torch.empty(1 if one_chunk else B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device,
+                          dtype=torch.float32)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else scratch
     h0 = initial_state if initial_state is not None else scratch
     bstates = scratch
     with _device_guard(q):
         if nseg > 1:
-            bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
-            sbk, sbv = cfg.states_block_k, cfg.states_block_v
-            nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
-            kernels._gla_states_kernel[(B * H * nkb * nvb, slots)](
-                q, k, v, g, gr, q, h0, scratch, bstates,
-                T, H, K, V, 1.0, nseg,
-                SEG=SEG, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=1,
-                HAS_H0=initial_state is not None, HAS_DHT=False,
-                DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
-                num_stages=cfg.states_num_stages,
-            )
+            bstates = _boundary_states(q, k, v, g, gr, q, h0, scratch, ht, scratch, 1.0, slots, 1, nseg, cfg,
+                                       dot_bf16, precision, has_h0=initial_state is not None, has_dht=False,
+                                       store_ht=output_final_state, store_dh0=False)
         nvb = _cdiv(V, cfg.block_v)
         kernels._gla_fwd_kernel[(B * H, nseg, nvb)](
             q, k, v, g, gr, o, h0, ht, bstates, scratch,
             T, H, K, V, scale_eff, SEG, nseg,
             C=C, LOG2C=C.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v, NKB=_cdiv(K, cfg.block_k),
-            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
-            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
+            HAS_BSTATES=nseg > 1, ONE_CHUNK=one_chunk, DOT_BF16=dot_bf16, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return o, (ht if output_final_state else None)
 
 
-def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
+def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kind_stride, nseg, cfg, dot_bf16,
+                     precision, *, has_h0, has_dht, store_ht, store_dh0):
+    """The states at every segment boundary (``kernels_boundary_states.py``): each segment's own
+    contribution, all at once, then one scan composing them. Returns ``bstates``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
+    gammas = torch.empty(slots, B * H, nseg, K, device=q.device, dtype=torch.float32)
+    sbk, sbv = cfg.states_block_k, cfg.states_block_v
+    nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
+    kernels_boundary_states._gla_segment_sums_kernel[(B * H * nkb * nvb, slots, nseg)](
+        q, k, v, g, gr, do, bstates, gammas,
+        T, H, K, V, coef_grad, nseg,
+        SEG=cfg.segment, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
+        DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
+    )
+    block = cfg.scan_block
+    kernels_boundary_states._gla_boundary_scan_kernel[(B * H, slots, _cdiv(K * V, block))](
+        bstates, gammas, h0, dht, ht, dh0,
+        K, V, nseg,
+        KIND_STRIDE=kind_stride, HAS_H0=has_h0, HAS_DHT=has_dht, STORE_HT=store_ht, STORE_DH0=store_dh0,
+        ROWS=cfg.scan_rows, BLOCK=block, num_warps=cfg.scan_num_warps,
+    )
+    return bstates
+
+
+def _forward_single_pass(
+q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
                          dot_bf16, precision):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -292,24 +320,20 @@ def backward(
         dh0 = _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state,
                                     grad_final_state, scale_eff, bidirectional, cfg, dot_bf16, precision)
         return dq, dk, dv, dg, (dgr if bidirectional else None), dh0
-    scratch = torch.empty(B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device, dtype=torch.float32)
+    one_chunk = nseg > 1 and SEG == C
+    scratch = torch.empty(1 if one_chunk else B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device,
+                          dtype=torch.float32)
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
     h0 = initial_state if initial_state is not None else scratch
     dht = grad_final_state if grad_final_state is not None else scratch
     bstates = scratch
     with _device_guard(q):
         if nseg > 1:
-            bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
-            sbk, sbv = cfg.states_block_k, cfg.states_block_v
-            nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
-            kernels._gla_states_kernel[(B * H * nkb * nvb, slots)](
-                q, k, v, g, gr, grad_output, h0, dht, bstates,
-                T, H, K, V, scale_eff, nseg,
-                SEG=SEG, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=1 if bidirectional else 2,
-                HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
-                DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
-                num_stages=cfg.states_num_stages,
-            )
+            bstates = _boundary_states(q, k, v, g, gr, grad_output, h0, dht, scratch,
+                                       dh0 if dh0 is not None else scratch, scale_eff, slots,
+                                       1 if bidirectional else 2, nseg, cfg, dot_bf16, precision,
+                                       has_h0=initial_state is not None, has_dht=grad_final_state is not None,
+                                       store_ht=False, store_dh0=initial_state is not None)
         kernels._gla_bwd_kernel[(B * H, nseg)](
             q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
             dh0 if dh0 is not None else scratch, bstates, scratch,
@@ -317,7 +341,7 @@ def backward(
             C=C, LOG2C=C.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v,
             NKB=_cdiv(K, cfg.block_k), NVB=_cdiv(V, cfg.block_v),
             BIDIR=bidirectional, HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
-            STORE_DH0=initial_state is not None, HAS_BSTATES=nseg > 1,
+            STORE_DH0=initial_state is not None and nseg == 1, HAS_BSTATES=nseg > 1, ONE_CHUNK=one_chunk,
             DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq, dk, dv, dg, (dgr if bidirectional else None), dh0

@@ -1,0 +1,148 @@
+"""Segment boundary states for long sequences, chunk-parallel: two launches, no long chain.
+
+A sequence longer than one segment (``launch.py``) needs, before its segment programs run,
+each state at every segment boundary: ``F`` and ``R`` for the forward, and also ``dF`` and
+``dR`` for the backward (notation of ``kernels.py``). Across one segment every one of them is
+an affine map of the state at the segment's near edge,
+
+    state_far = Γ_p ⊙ state_near + u_p,
+
+with ``Γ_p`` the segment's product of decay factors (one per K row) and ``u_p`` the segment's
+own contribution (the walk step of ``kernels._walk_parts`` started from zero). So:
+
+1. ``_gla_segment_sums_kernel`` computes ``(Γ_p, u_p)`` of every (sequence, kind, segment) at
+   once: one program per (sequence · K block · V block, kind, segment), each one step of the
+   old sequential walk. ``u_p`` is parked where the state it leads to will live.
+2. ``_gla_boundary_scan_kernel`` composes the maps along the walk direction: an inclusive
+   ``tl.associative_scan`` of affine maps ``(a, b)`` over ``ROWS`` boundaries at a time,
+   element-wise over the K·V state (each element's recurrence is independent), turning each
+   ``u`` into the state itself, in place. The chain per program is ``NSEG / ROWS`` steps
+   instead of ``NSEG`` matmul steps.
+
+Composition only multiplies factors in [0, 1] and adds, so it cannot overflow; the scan's
+order is fixed, so results are bitwise reproducible. The boundary that starts each walk gets
+the initial state (``h0`` for F, the final-state gradient for dF, zero otherwise), and the
+boundary that ends it is also written to ``ht`` (F) or ``dh0`` (dF) when asked.
+
+Layout (as the segment kernels read it): ``bstates[slot, bh, p]`` = the state of kind ``slot ·
+KIND_STRIDE`` at boundary ``p`` (token ``p · SEG``), p = 0..NSEG, float32 ``[K, V]``; kinds
+0 = F (left to right, k v g), 1 = R (right to left, k v gr), 2 = dF (right to left, q dO g),
+3 = dR (left to right, q dO gr). ``gammas[slot, bh, p]`` = ``Γ_p`` (``[K]``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernels import _row, _sequence_rows, _store_state, _walk_parts
+
+
+@triton.jit
+def _gla_segment_sums_kernel(
+    q, k, v, g, gr, do, bstates, gammas,
+    T, H, K, V, coef_grad, NSEG,
+    SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
+    KIND_STRIDE: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``u_p`` into ``bstates`` (at the segment's far boundary in the walk direction) and
+    ``Γ_p`` into ``gammas``; program (bh · K block · V block, slot, segment p)."""
+    pid = tl.program_id(0)
+    slot = tl.program_id(1)
+    p = tl.program_id(2)
+    kind = slot * KIND_STRIDE
+    vb = pid % NVB
+    kb = (pid // NVB) % NKB
+    bh = pid // (NVB * NKB)
+    BH = tl.num_programs(0) // (NVB * NKB)
+    row_qk, row_v = _sequence_rows(bh, T, H, K, V)
+    stride_qk = H * K
+    stride_v = H * V
+    cols_k = kb * BK + tl.arange(0, BK)
+    cols_v = vb * BV + tl.arange(0, BV)
+    kv = tl.cast(K, tl.int64) * V
+    t0 = p * SEG
+    n_valid = tl.minimum(SEG, T - t0)
+    if kind == 0:
+        total, part = _walk_parts(k, v, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
+                                  1.0, SEG, BK, False, False, DOT_BF16, PRECISION)
+        far = p + 1
+    elif kind == 1:
+        total, part = _walk_parts(k, v, gr, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
+                                  1.0, SEG, BK, True, False, DOT_BF16, PRECISION)
+        far = p
+    elif kind == 2:
+        total, part = _walk_parts(q, do, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
+                                  coef_grad, SEG, BK, True, True, DOT_BF16, PRECISION)
+        far = p
+    else:
+        total, part = _walk_parts(q, do, gr, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
+                                  coef_grad, SEG, BK, False, True, DOT_BF16, PRECISION)
+        far = p + 1
+    sb = (slot * BH + bh).to(tl.int64)
+    _store_state(bstates + (sb * (NSEG + 1) + far) * kv, part, cols_k, cols_v, K, V)
+    if vb == 0:  # one V block writes the K rows' totals
+        tl.store(gammas + (sb * NSEG + p) * K + cols_k, total, mask=cols_k < K)
+
+
+@triton.jit
+def _compose_affine(a_first, b_first, a_then, b_then):
+    """The map ``x -> a_then · (a_first · x + b_first) + b_then`` as ``(a, b)``."""
+    return a_first * a_then, a_then * b_first + b_then
+
+
+@triton.jit
+def _gla_boundary_scan_kernel(
+    bstates, gammas, h0, dht, ht, dh0,
+    K, V, NSEG,
+    KIND_STRIDE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_HT: tl.constexpr,
+    STORE_DH0: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Every boundary state from the segment sums, in place; program (bh, slot, block of
+    ``BLOCK`` state elements), stepping through the boundaries ``ROWS`` at a time."""
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    blk = tl.program_id(2)
+    BH = tl.num_programs(0)
+    kind = slot * KIND_STRIDE
+    # 1 for the kinds that walk left to right (F, dR), 0 for right to left (R, dF)
+    ltr = ((kind == 0) | (kind == 3)).to(tl.int32)
+    kv = tl.cast(K, tl.int64) * V
+    sb = (slot * BH + bh).to(tl.int64)
+    base = bstates + sb * (NSEG + 1) * kv
+    gbase = gammas + sb * NSEG * K
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < kv
+    e = tl.where(e_ok, e, 0)
+    krow = e // V
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_H0:
+        if kind == 0:
+            carry = tl.load(h0 + bh.to(tl.int64) * kv + e, mask=e_ok, other=0.0)
+    if HAS_DHT:
+        if kind == 2:
+            carry = tl.load(dht + bh.to(tl.int64) * kv + e, mask=e_ok, other=0.0)
+    start = (1 - ltr) * NSEG  # boundary 0 (left to right) or NSEG
+    tl.store(base + start * kv + e, carry, mask=e_ok)
+    rows = tl.arange(0, ROWS)
+    for r0 in range(0, NSEG, ROWS):
+        j = r0 + rows  # the j-th segment along the walk
+        ok = j < NSEG
+        j = tl.where(ok, j, 0)
+        seg = ltr * j + (1 - ltr) * (NSEG - 1 - j)
+        far = seg + ltr  # the boundary each segment's map leads to
+        mask = ok[:, None] & e_ok[None, :]
+        ptrs = base + far[:, None].to(tl.int64) * kv + e[None, :]
+        # past the end: identity maps, so the last row carries the state on
+        u = tl.load(ptrs, mask=mask, other=0.0)
+        gam = tl.load(gbase + seg[:, None].to(tl.int64) * K + krow[None, :], mask=mask, other=1.0)
+        a, b = tl.associative_scan((gam, u), 0, _compose_affine)
+        state = a * carry[None, :] + b
+        tl.store(ptrs, state, mask=mask)
+        carry = _row(state, ROWS - 1, ROWS)
+    if STORE_HT:
+        if kind == 0:
+            tl.store(ht + bh.to(tl.int64) * kv + e, carry, mask=e_ok)
+    if STORE_DH0:
+        if kind == 2:
+            tl.store(dh0 + bh.to(tl.int64) * kv + e, carry, mask=e_ok)
