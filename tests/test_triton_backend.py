@@ -38,12 +38,16 @@ def _launch():
 
 # segment layouts of long sequences: several chunks per segment (phase 1 walks them), and
 # one chunk per segment (phase 1 skipped); scans of 2 or 4 boundaries per step, so the scan
-# carries its state across steps, and a scan block smaller than the state
+# carries its state across steps, and scan blocks (32 elements) smaller than most states
 LONG_LAYOUTS = {
-    "chunks-per-segment-2": dict(chunk=16, segment=32, states_block_k=16, states_block_v=16, scan_rows=2,
-                                 scan_block=16),
-    "one-chunk-segments": dict(chunk=16, segment=16, states_block_k=16, states_block_v=16, scan_rows=4,
-                               scan_block=32),
+    # the two-phase forward's segment programs (kernels.py)
+    "chunks-per-segment-2": dict(single_pass=False, chunk=16, segment=32, states_block_k=16, states_block_v=16,
+                                 scan_rows=2, scan_num_warps=1),
+    "one-chunk-segments": dict(single_pass=False, chunk=16, segment=16, states_block_k=16, states_block_v=16,
+                               scan_rows=4, scan_num_warps=1),
+    # the single-pass forward's segment programs (kernels_single_pass.py); backward as above
+    "single-pass-segments": dict(single_pass_max_t=32, single_pass_segment=32, chunk=16, segment=32,
+                                 states_block_k=16, states_block_v=16, scan_rows=2, scan_num_warps=1),
 }
 
 
@@ -171,9 +175,9 @@ def test_single_pass_forward_is_bitwise_reproducible():
 
 
 def test_single_pass_calls_prefer_triton_on_cuda():
-    """Automatic selection on CUDA: triton for the calls its single-pass kernels run (measured
-    faster than cupy there, forward and forward+backward), its ordinary rank (below cupy)
-    otherwise: long sequences, K > 64, and V > 64 when gradients will be needed."""
+    """Automatic selection on CUDA: triton where its single-pass kernels measured faster than
+    cupy (forward-only calls with K <= 64 at any length; training calls with one-segment
+    sequences and K, V <= 64), its ordinary rank (below cupy) otherwise."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
@@ -184,7 +188,8 @@ def test_single_pass_calls_prefer_triton_on_cuda():
     assert BACKEND.priority_for_problem(ProblemSpec(**wide_v)) > cupy_rank
     assert BACKEND.priority_for_problem(ProblemSpec(**wide_v, needs_grad=True)) < cupy_rank
     long = dict(short, seq_len=launch.SINGLE_SEGMENT_MAX_T + 1)
-    assert BACKEND.priority_for_problem(ProblemSpec(**long)) < cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**long)) > cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**long, needs_grad=True)) < cupy_rank
     wide = dict(short, head_dim_k=launch.SINGLE_PASS_MAX_K + 1)
     assert BACKEND.priority_for_problem(ProblemSpec(**wide)) < cupy_rank
     assert BACKEND.priority_for_problem(ProblemSpec(**dict(short, device_type="cpu"))) is None

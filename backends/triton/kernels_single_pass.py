@@ -1,4 +1,5 @@
-"""Single-pass forward for sequences that fit one segment (ViG at 224 px: T = 196).
+"""Single-pass forward: each direction walks the sequence once (ViG at 224 px: T = 196), or,
+for long sequences, each segment once from its boundary states.
 
 ``kernels.py`` runs the forward in two phases: walk the states and park them in scratch, then
 revisit every chunk for its output — every chunk is loaded and its decays formed twice, and
@@ -35,8 +36,9 @@ total decay is ``Qf``'s last (reverse: first) row. Every factor is still a produ
 factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
 overflow, a -1e4 gate gives an exact 0.
 
-Requirements (checked by the launcher): one K block (K <= ``BK`` <= 64), the whole sequence in
-one program. Masked rows past ``T`` carry q = k = v = 0 and decay 1, so they change nothing.
+Requirements (checked by the launcher): one K block (K <= ``BK`` <= 64); a sequence longer
+than one segment needs its boundary states first. Masked rows past ``T`` carry q = k = v = 0
+and decay 1, so they change nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask, _sequence_rows, _tile
+from .kernels import _dot, _level_mask, _load_state, _sequence_rows, _store_state, _tile
 
 
 @triton.jit
@@ -122,16 +124,17 @@ def _rows_ptrs(base, row0, t0, n_valid, stride_t, cols, ncols, C: tl.constexpr):
 
 @triton.jit
 def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags, T, K, V, scale,
-                    stride_qk, stride_v, cols_k, cols_v, state,
+                    stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                     HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """Walk this direction's chunks in order, writing or handing over each chunk's part."""
-    n_chunks = tl.cdiv(T, C)
-    first = n_chunks - 1 if REV else 0
+    """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order, writing or handing over each
+    chunk's part."""
+    n_chunks = c_hi - c_lo
+    first = c_hi - 1 if REV else c_lo
     nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, first * C, tl.minimum(C, T - first * C), stride_qk,
                                  stride_v, cols_k, cols_v, K, V, C)
     for i in range(0, n_chunks):
-        c = n_chunks - 1 - i if REV else i
+        c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * C
         n0 = tl.minimum(C, T - t0)
         # the next chunk's loads go out before this chunk's math (none past the last chunk):
@@ -162,44 +165,59 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
 
 @triton.jit
 def _gla_fwd_single_pass_kernel(
-    q, k, v, g, gr, o, part, flags, h0, ht,
-    T, H, K, V, scale,
+    q, k, v, g, gr, o, part, flags, h0, ht, bstates,
+    T, H, K, V, scale, SEG_CHUNKS,
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Forward with one program per (batch·head, direction, V block): each walks one direction
-    only, so its dependency chain is half as long as when one program walks both. A chunk's
-    two parts meet through ``part`` (``[2, B·H, N·C, V]`` float32) and ``flags`` (``[B·H, N]``
-    int32, zero on entry): each direction parks its part and increments the chunk's flag; the
-    one that finds 1 there adds the other's part and writes ``o``. The sum is one addition of
-    two float32 values, the same whichever arrives second: bitwise reproducible."""
+    """Forward with one program per (batch·head, direction, V block, segment): each walks one
+    direction only, so its dependency chain is half as long as when one program walks both. A
+    chunk's two parts meet through ``part`` (``[2, B·H, N·C, V]`` float32) and ``flags``
+    (``[B·H, N]`` int32, zero on entry): each direction parks its part and increments the
+    chunk's flag; the one that finds 1 there adds the other's part and writes ``o``. The sum
+    is one addition of two float32 values, the same whichever arrives second: bitwise
+    reproducible.
+
+    Long sequences are cut into segments of ``SEG_CHUNKS`` chunks, one program each, starting
+    from the boundary states (``bstates``, see ``kernels_boundary_states.py``): F at the
+    segment's left edge, R at its right edge. Without ``HAS_BSTATES`` there is one segment."""
     pid = tl.program_id(0)
     vb = tl.program_id(1)
+    seg = tl.program_id(2)
+    NSEG = tl.num_programs(2)
     NDIR: tl.constexpr = 2 if BIDIR else 1
     bh = pid // NDIR
+    BH = tl.num_programs(0) // NDIR
     direction = pid % NDIR
     row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     stride_qk = H * K
     stride_v = H * V
     cols_k = tl.arange(0, BK)
     cols_v = vb * BV + tl.arange(0, BV)
+    kv = tl.cast(K, tl.int64) * V
     n_chunks = tl.cdiv(T, C)
+    c_lo = seg * SEG_CHUNKS
+    c_hi = tl.minimum(c_lo + SEG_CHUNKS, n_chunks)
     row_part = bh.to(tl.int64) * n_chunks * C * V
-    part_size = tl.num_programs(0).to(tl.int64) // NDIR * n_chunks * C * V
+    part_size = BH.to(tl.int64) * n_chunks * C * V
     row_flags = (bh * tl.num_programs(1) + vb) * n_chunks
+    # this sequence's boundary states: slot 0 (F) at boundary 0
+    bst = bstates + bh.to(tl.int64) * (NSEG + 1) * kv
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if direction == 0:
-        if HAS_H0:
-            state = tl.load(h0 + bh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :],
-                            mask=(cols_k < K)[:, None] & (cols_v < V)[None, :], other=0.0)
+        if HAS_BSTATES:
+            state = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
+        elif HAS_H0:
+            state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
         state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, part + part_size, row_flags,
-                                T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state,
+                                T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                                 C, LOG2C, BK, False, BIDIR, DOT_BF16, PRECISION)
         if STORE_HT:
-            tl.store(ht + bh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :], state,
-                     mask=(cols_k < K)[:, None] & (cols_v < V)[None, :])
+            _store_state(ht + bh.to(tl.int64) * kv, state, cols_k, cols_v, K, V)
     else:
+        if HAS_BSTATES:
+            state = _load_state(bst + BH.to(tl.int64) * (NSEG + 1) * kv + (seg + 1) * kv, cols_k, cols_v, K, V)
         _direction_walk(q, k, v, gr, o, part + part_size, flags, row_qk, row_v, row_part, part, row_flags,
-                        T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state,
+                        T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                         C, LOG2C, BK, True, BIDIR, DOT_BF16, PRECISION)

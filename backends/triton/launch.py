@@ -33,9 +33,10 @@ SINGLE_SEGMENT_MAX_T = 512
 #: Largest K the single-pass kernels take, and largest V the single-pass backward takes (one
 #: block per program; the forward splits larger V into blocks).
 SINGLE_PASS_MAX_K = 64
-#: Segment length for longer sequences (a power of two: a segment's state contribution is one
-#: tile). One chunk per segment makes the segment programs fully parallel (no phase 1).
-LONG_SEGMENT = 32
+#: Segment length of the two-phase kernels for longer sequences (a power of two: a segment's
+#: state contribution is one tile). H100, bf16, vigT_1024 / lm_4k (NOTES.md, session 5): 256
+#: beat 64 and one-chunk segments of 32 (which skip phase 1) in the forward and the backward.
+LONG_SEGMENT = 256
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,7 @@ class Config:
     states_block_v: int
     states_num_warps: int
     scan_rows: int  # boundaries per step of the scan (power of two)
-    scan_block: int  # state elements per scan program (power of two)
-    scan_num_warps: int
+    scan_num_warps: int  # each scan program takes one state element per thread
     # The single-pass forward (kernels_single_pass.py), for one-segment sequences with K <= 64.
     # Defaults from H100 timings at vigT_224 / vigB_224 (bf16; NOTES.md): chunks of 16 and 2
     # warps per program, registers capped at 168 so that 6 programs fit an SM (all 768 of
@@ -63,6 +63,11 @@ class Config:
     single_pass_num_warps: int = 2
     single_pass_num_stages: int = 1
     single_pass_maxnreg: Optional[int] = 168  # registers per thread (None: the compiler's choice)
+    # sequences longer than single_pass_max_t: tokens per segment program (a multiple of the
+    # chunk; the boundary states come first, kernels_boundary_states.py)
+    # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
+    single_pass_max_t: int = SINGLE_SEGMENT_MAX_T
+    single_pass_segment: int = 256
     # its backward (kernels_single_pass_bwd.py), when V <= 64 too
     single_pass_backward: bool = True
     single_pass_bwd_chunk: int = 16
@@ -121,12 +126,13 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         block_v=block_v,
         num_warps=8,
         num_stages=2,
+        # H100, vigT_1024 (NOTES.md session 5): segment sums 59 -> 35 µs with V tiles of 64 and
+        # 4 warps (from 32 and 8), the scan 35 -> 15 µs with 4 rows a step and 1 warp (from 8, 2)
         states_block_k=min(32, max(16, _pow2(K))),
-        states_block_v=min(32, max(16, _pow2(V))),
-        states_num_warps=8,
-        scan_rows=64,
-        scan_block=64,
-        scan_num_warps=4,
+        states_block_v=min(64, max(16, _pow2(V))),
+        states_num_warps=4,
+        scan_rows=4,
+        scan_num_warps=1,
         single_pass_block_v=block_v,
     )
     return dataclasses.replace(config, **fields) if fields else config
@@ -178,7 +184,7 @@ def forward(
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    if cfg.single_pass and nseg == 1 and K <= SINGLE_PASS_MAX_K:
+    if cfg.single_pass and K <= SINGLE_PASS_MAX_K:
         return _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state,
                                     cfg, dot_bf16, precision)
     one_chunk = nseg > 1 and SEG == C
@@ -190,7 +196,7 @@ def forward(
     bstates = scratch
     with _device_guard(q):
         if nseg > 1:
-            bstates = _boundary_states(q, k, v, g, gr, q, h0, scratch, ht, scratch, 1.0, slots, 1, nseg, cfg,
+            bstates = _boundary_states(q, k, v, g, gr, q, h0, scratch, ht, scratch, 1.0, slots, 1, SEG, cfg,
                                        dot_bf16, precision, has_h0=initial_state is not None, has_dht=False,
                                        store_ht=output_final_state, store_dh0=False)
         nvb = _cdiv(V, cfg.block_v)
@@ -205,12 +211,14 @@ def forward(
     return o, (ht if output_final_state else None)
 
 
-def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kind_stride, nseg, cfg, dot_bf16,
+def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kind_stride, segment, cfg, dot_bf16,
                      precision, *, has_h0, has_dht, store_ht, store_dh0):
-    """The states at every segment boundary (``kernels_boundary_states.py``): each segment's own
-    contribution, all at once, then one scan composing them. Returns ``bstates``."""
+    """The states at every boundary of segments of ``segment`` tokens
+    (``kernels_boundary_states.py``): each segment's own contribution, all at once, then one
+    scan composing them. Returns ``bstates``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    nseg = _cdiv(T, segment)
     bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
     gammas = torch.empty(slots, B * H, nseg, K, device=q.device, dtype=torch.float32)
     sbk, sbv = cfg.states_block_k, cfg.states_block_v
@@ -218,21 +226,20 @@ def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kin
     kernels_boundary_states._gla_segment_sums_kernel[(B * H * nkb * nvb, slots, nseg)](
         q, k, v, g, gr, do, bstates, gammas,
         T, H, K, V, coef_grad, nseg,
-        SEG=cfg.segment, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
+        SEG=segment, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
         DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
     )
-    block = cfg.scan_block
+    block = 32 * cfg.scan_num_warps
     kernels_boundary_states._gla_boundary_scan_kernel[(B * H, slots, _cdiv(K * V, block))](
         bstates, gammas, h0, dht, ht, dh0,
         K, V, nseg,
         KIND_STRIDE=kind_stride, HAS_H0=has_h0, HAS_DHT=has_dht, STORE_HT=store_ht, STORE_DH0=store_dh0,
-        ROWS=cfg.scan_rows, BLOCK=block, num_warps=cfg.scan_num_warps,
+        ROWS=min(cfg.scan_rows, _pow2(nseg)), BLOCK=block, num_warps=cfg.scan_num_warps,
     )
     return bstates
 
 
-def _forward_single_pass(
-q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
+def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
                          dot_bf16, precision):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -240,20 +247,31 @@ q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, 
     bv = cfg.single_pass_block_v
     n_chunks, nvb = _cdiv(T, C), _cdiv(V, bv)
     ndir = 2 if bidirectional else 1
+    # one segment up to single_pass_max_t tokens, else segments of single_pass_segment
+    seg = C * n_chunks if T <= cfg.single_pass_max_t else cfg.single_pass_segment
+    if seg % C:
+        raise ValueError(f"single_pass_segment={seg} must be a multiple of single_pass_chunk={C}")
+    nseg = _cdiv(T, seg)
     # the directions' parked parts and per-chunk counters (bidirectional only)
     part = torch.empty(2 * B * H * n_chunks * C * V if bidirectional else 1, device=q.device, dtype=torch.float32)
     flags = torch.zeros(B * H * nvb * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else part
+    h0 = initial_state if initial_state is not None else part
     extra = {}
     if cfg.single_pass_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
         extra["maxnreg"] = cfg.single_pass_maxnreg
     with _device_guard(q):
-        kernels_single_pass._gla_fwd_single_pass_kernel[(B * H * ndir, nvb)](
-            q, k, v, g, gr, o, part, flags, initial_state if initial_state is not None else part, ht,
-            T, H, K, V, scale_eff,
+        bstates = part
+        if nseg > 1:
+            bstates = _boundary_states(q, k, v, g, gr, q, h0, part, ht, part, 1.0, ndir, 1, seg, cfg, dot_bf16,
+                                       precision, has_h0=initial_state is not None, has_dht=False,
+                                       store_ht=output_final_state, store_dh0=False)
+        kernels_single_pass._gla_fwd_single_pass_kernel[(B * H * ndir, nvb, nseg)](
+            q, k, v, g, gr, o, part, flags, h0, ht, bstates,
+            T, H, K, V, scale_eff, seg // C,
             C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
-            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
-            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.single_pass_num_warps,
+            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
+            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.single_pass_num_warps,
             num_stages=cfg.single_pass_num_stages, **extra,
         )
     return o, (ht if output_final_state else None)
@@ -331,7 +349,7 @@ def backward(
         if nseg > 1:
             bstates = _boundary_states(q, k, v, g, gr, grad_output, h0, dht, scratch,
                                        dh0 if dh0 is not None else scratch, scale_eff, slots,
-                                       1 if bidirectional else 2, nseg, cfg, dot_bf16, precision,
+                                       1 if bidirectional else 2, SEG, cfg, dot_bf16, precision,
                                        has_h0=initial_state is not None, has_dht=grad_final_state is not None,
                                        store_ht=False, store_dh0=initial_state is not None)
         kernels._gla_bwd_kernel[(B * H, nseg)](
