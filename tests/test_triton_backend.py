@@ -40,12 +40,13 @@ def _launch():
 # one chunk per segment (phase 1 skipped); scans of 2 or 4 boundaries per step, so the scan
 # carries its state across steps, and scan blocks (32 elements) smaller than most states
 LONG_LAYOUTS = {
-    # the two-phase forward's segment programs (kernels.py)
-    "chunks-per-segment-2": dict(single_pass=False, chunk=16, segment=32, states_block_k=16, states_block_v=16,
-                                 scan_rows=2, scan_num_warps=1),
-    "one-chunk-segments": dict(single_pass=False, chunk=16, segment=16, states_block_k=16, states_block_v=16,
-                               scan_rows=4, scan_num_warps=1),
-    # the single-pass forward's segment programs (kernels_single_pass.py); backward as above
+    # the two-phase kernels' segment programs (kernels.py)
+    "chunks-per-segment-2": dict(single_pass=False, single_pass_backward=False, chunk=16, segment=32,
+                                 states_block_k=16, states_block_v=16, scan_rows=2, scan_num_warps=1),
+    "one-chunk-segments": dict(single_pass=False, single_pass_backward=False, chunk=16, segment=16,
+                               states_block_k=16, states_block_v=16, scan_rows=4, scan_num_warps=1),
+    # the single-pass kernels' segment programs (kernels_single_pass*.py; the backward's
+    # only for V <= 64, else the two-phase one as above)
     "single-pass-segments": dict(single_pass_max_t=32, single_pass_segment=32, chunk=16, segment=32,
                                  states_block_k=16, states_block_v=16, scan_rows=2, scan_num_warps=1),
 }

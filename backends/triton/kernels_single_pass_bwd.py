@@ -1,7 +1,9 @@
-"""Backward for sequences that fit one segment, in the single-pass forward's style.
+"""Backward in the single-pass forward's style.
 
-One program per (batch·head, direction) — V in one block (V <= 64), K in one block (K <= 64) —
-and the same intra-chunk decay factors as ``kernels_single_pass.py``. A direction's gradients
+One program per (batch·head, direction, segment) — V in one block (V <= 64), K in one block
+(K <= 64) — and the same intra-chunk decay factors as ``kernels_single_pass.py``. A sequence
+that fits one segment is one program per direction; a longer one gets its boundary states
+(F, R, dF, dR) first (``kernels_boundary_states.py``) and each segment starts from them. A direction's gradients
 need the states ``S`` entering each chunk (one way along the sequence) and the state gradients
 ``dS`` leaving it (the other way), so each program makes two walks:
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask, _level_scores_and_grads, _sequence_rows
+from .kernels import _dot, _level_mask, _level_scores_and_grads, _load_state, _sequence_rows
 from .kernels_single_pass import _chunk_total, _next_level, _rows_ptrs
 
 
@@ -105,21 +107,21 @@ def _hand_over(x, out, row_out, stride_out, part, other_part, row_part, t0, n0, 
 
 
 @triton.jit
-def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, parts_k, parts_v, other_q, other_k,
+def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v, other_q, other_k,
                    other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
+                   S, dS, c_lo, c_hi,
                    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
-                   HANDOFF: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                   DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+                   HANDOFF: tl.constexpr, STORE_DH0: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
+    direction (``S``) and the state gradient leaving them (``dS``)."""
     n_chunks = tl.cdiv(T, C)
+    n_walk = c_hi - c_lo
     kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
     kv_offs = cols_k[:, None] * V + cols_v[None, :]
     scr_offs = cols_k[:, None] * BV + cols_v[None, :]
     # pass A, against the direction: the state gradient leaving every chunk, parked
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS = tl.load(dht + bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
-    for i in range(0, n_chunks):
-        c = i if REV else n_chunks - 1 - i
+    for i in range(0, n_walk):
+        c = c_lo + i if REV else c_hi - 1 - i
         qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
@@ -131,21 +133,18 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, p
     tl.debug_barrier()  # pass B reads what other threads parked
 
     # pass B, along the direction: the states in registers, every chunk's gradients
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S = tl.load(h0 + bh.to(tl.int64) * K * V + kv_offs, mask=kv_mask, other=0.0)
-    first = n_chunks - 1 if REV else 0
+    first = c_hi - 1 if REV else c_lo
     nq, nk, nv, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, first, T, stride_qk, stride_v, cols_k, cols_v,
                                        K, V, C)
     ndS = tl.load(scr + first * BK * BV + scr_offs)
     row_part_k = bh.to(tl.int64) * n_chunks * C * K
     row_part_v = bh.to(tl.int64) * n_chunks * C * V
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i if REV else i
+    for i in range(0, n_walk):
+        c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * C
         n0 = tl.minimum(C, T - t0)
         qt, kt, vt, gt, dot_, dS_out = nq, nk, nv, ng, ndo, ndS
-        c_next = tl.where(i + 1 < n_chunks, c - 1 if REV else c + 1, -1)
+        c_next = tl.where(i + 1 < n_walk, c - 1 if REV else c + 1, -1)
         nq, nk, nv, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c_next, T, stride_qk, stride_v, cols_k,
                                            cols_v, K, V, C)
         ndS = tl.load(scr + tl.maximum(c_next, 0) * BK * BV + scr_offs)
@@ -171,25 +170,33 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, p
 
 @triton.jit
 def _gla_bwd_single_pass_kernel(
-    q, k, v, g, gr, do, dq, dk, dv, dg, dgr, h0, dht, dh0, scratch, parts, flags,
-    T, H, K, V, scale,
+    q, k, v, g, gr, do, dq, dk, dv, dg, dgr, h0, dht, dh0, scratch, parts, flags, bstates,
+    T, H, K, V, scale, SEG_CHUNKS,
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Backward, one program per (batch·head, direction); see the module docstring.
+    """Backward, one program per (batch·head, direction, segment); see the module docstring.
 
-    ``scratch``: ``[programs, N, BK, BV]`` float32. ``parts``: dq, dk, dv parts, each
-    ``[2, B·H, N·C, width]`` float32, one after the other (bidirectional only). ``flags``:
-    ``[B·H, N]`` int32, zero on entry."""
+    ``scratch``: ``[B·H·directions, N, BK, BV]`` float32 (the segments of a sequence use
+    disjoint chunks of it). ``parts``: dq, dk, dv parts, each ``[2, B·H, N·C, width]``
+    float32, one after the other (bidirectional only). ``flags``: ``[B·H, N]`` int32, zero on
+    entry. Long sequences are cut into segments of ``SEG_CHUNKS`` chunks that start from the
+    boundary states ``bstates`` (slots F, R, dF, dR; causal: F, dF; see
+    ``kernels_boundary_states.py``); without ``HAS_BSTATES`` there is one segment."""
     pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    NSEG = tl.num_programs(1)
     NDIR: tl.constexpr = 2 if BIDIR else 1
+    SLOTS: tl.constexpr = 4 if BIDIR else 2
     bh = pid // NDIR
     direction = pid % NDIR
     row_qk, row_v = _sequence_rows(bh, T, H, K, V)
     cols_k = tl.arange(0, BK)
     cols_v = tl.arange(0, BV)
     n_chunks = tl.cdiv(T, C)
+    c_lo = seg * SEG_CHUNKS
+    c_hi = tl.minimum(c_lo + SEG_CHUNKS, n_chunks)
     BH = tl.num_programs(0) // NDIR
     scr = scratch + pid.to(tl.int64) * n_chunks * BK * BV
     size_k = BH.to(tl.int64) * n_chunks * C * K  # one direction's dq (or dk) parts
@@ -198,13 +205,29 @@ def _gla_bwd_single_pass_kernel(
     parts_k = parts + 2 * size_k
     parts_v = parts + 4 * size_k
     row_flags = bh * n_chunks
+    kv = tl.cast(K, tl.int64) * V
+    bst = bstates + bh.to(tl.int64) * (NSEG + 1) * kv  # slot 0, boundary 0 of this sequence
+    bst_slot = BH.to(tl.int64) * (NSEG + 1) * kv
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
     if direction == 0:
-        _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, h0, dht, dh0, scr, parts_q, parts_k, parts_v,
+        if HAS_BSTATES:  # F at the segment's left edge, dF at its right edge
+            S = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
+            dS = _load_state(bst + (SLOTS // 2) * bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+        else:
+            if HAS_H0:
+                S = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+            if HAS_DHT:
+                dS = _load_state(dht + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
+        _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v,
                        parts_q + size_k, parts_k + size_k, parts_v + size_v, flags, bh, row_qk, row_v, row_flags,
-                       T, K, V, scale, H * K, H * V, cols_k, cols_v, C, LOG2C, BK, BV, False, BIDIR,
-                       HAS_H0, HAS_DHT, STORE_DH0, DOT_BF16, PRECISION)
+                       T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, False,
+                       BIDIR, STORE_DH0, DOT_BF16, PRECISION)
     else:
-        _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, h0, dht, dh0, scr, parts_q + size_k, parts_k + size_k,
+        if HAS_BSTATES:  # R at the segment's right edge, dR at its left edge
+            S = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
+            dS = _load_state(bst + 3 * bst_slot + seg * kv, cols_k, cols_v, K, V)
+        _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, dh0, scr, parts_q + size_k, parts_k + size_k,
                        parts_v + size_v, parts_q, parts_k, parts_v, flags, bh, row_qk, row_v, row_flags,
-                       T, K, V, scale, H * K, H * V, cols_k, cols_v, C, LOG2C, BK, BV, True, BIDIR,
-                       False, False, False, DOT_BF16, PRECISION)
+                       T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, True,
+                       BIDIR, False, DOT_BF16, PRECISION)

@@ -285,26 +285,38 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
     bk, bv = max(16, _pow2(K)), max(16, _pow2(V))
     n_chunks = _cdiv(T, C)
     ndir = 2 if bidirectional else 1
+    # one segment up to single_pass_max_t tokens, else segments of single_pass_segment
+    seg = C * n_chunks if T <= cfg.single_pass_max_t else cfg.single_pass_segment
+    if seg % C:
+        raise ValueError(f"single_pass_segment={seg} must be a multiple of single_pass_bwd_chunk={C}")
+    nseg = _cdiv(T, seg)
     scratch = torch.empty(B * H * ndir * n_chunks * bk * bv, device=q.device, dtype=torch.float32)
     # the directions' parked dq, dk, dv parts and per-chunk counters (bidirectional only)
     parts = torch.empty(2 * B * H * n_chunks * C * (2 * K + V) if bidirectional else 1, device=q.device,
                         dtype=torch.float32)
     flags = torch.zeros(B * H * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
+    h0 = initial_state if initial_state is not None else scratch
+    dht = grad_final_state if grad_final_state is not None else scratch
     extra = {}
     if cfg.single_pass_bwd_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
         extra["maxnreg"] = cfg.single_pass_bwd_maxnreg
     with _device_guard(q):
-        kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir,)](
-            q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr,
-            initial_state if initial_state is not None else scratch,
-            grad_final_state if grad_final_state is not None else scratch,
-            dh0 if dh0 is not None else scratch, scratch, parts, flags,
-            T, H, K, V, scale_eff,
+        bstates = scratch
+        if nseg > 1:
+            bstates = _boundary_states(q, k, v, g, gr, grad_output, h0, dht, scratch,
+                                       dh0 if dh0 is not None else scratch, scale_eff, 2 * ndir,
+                                       1 if bidirectional else 2, seg, cfg, dot_bf16, precision,
+                                       has_h0=initial_state is not None, has_dht=grad_final_state is not None,
+                                       store_ht=False, store_dh0=initial_state is not None)
+        kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir, nseg)](
+            q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
+            dh0 if dh0 is not None else scratch, scratch, parts, flags, bstates,
+            T, H, K, V, scale_eff, seg // C,
             C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
-            HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None,
-            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.single_pass_bwd_num_warps, num_stages=1,
-            **extra,
+            HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
+            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision,
+            num_warps=cfg.single_pass_bwd_num_warps, num_stages=1, **extra,
         )
     return dh0
 
@@ -334,7 +346,7 @@ def backward(
     gr = g_reverse if bidirectional else g
     dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
     dgr = torch.empty_like(g_reverse) if bidirectional else dg
-    if cfg.single_pass_backward and nseg == 1 and K <= SINGLE_PASS_MAX_K and V <= SINGLE_PASS_MAX_K:
+    if cfg.single_pass_backward and K <= SINGLE_PASS_MAX_K and V <= SINGLE_PASS_MAX_K:
         dh0 = _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state,
                                     grad_final_state, scale_eff, bidirectional, cfg, dot_bf16, precision)
         return dq, dk, dv, dg, (dgr if bidirectional else None), dh0
