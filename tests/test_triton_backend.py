@@ -176,9 +176,9 @@ def test_single_pass_forward_is_bitwise_reproducible():
 
 
 def test_single_pass_calls_prefer_triton_on_cuda():
-    """Automatic selection on CUDA: triton where its single-pass kernels measured faster than
-    cupy (forward-only calls with K <= 64 at any length; training calls with one-segment
-    sequences and K, V <= 64), its ordinary rank (below cupy) otherwise."""
+    """Automatic selection on CUDA: triton for the calls its single-pass kernels run (measured
+    faster than cupy there, forward and forward+backward, short and long sequences), its
+    ordinary rank (below cupy) otherwise: K > 64, and V > 64 when gradients will be needed."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
@@ -190,7 +190,7 @@ def test_single_pass_calls_prefer_triton_on_cuda():
     assert BACKEND.priority_for_problem(ProblemSpec(**wide_v, needs_grad=True)) < cupy_rank
     long = dict(short, seq_len=launch.SINGLE_SEGMENT_MAX_T + 1)
     assert BACKEND.priority_for_problem(ProblemSpec(**long)) > cupy_rank
-    assert BACKEND.priority_for_problem(ProblemSpec(**long, needs_grad=True)) < cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**long, needs_grad=True)) > cupy_rank
     wide = dict(short, head_dim_k=launch.SINGLE_PASS_MAX_K + 1)
     assert BACKEND.priority_for_problem(ProblemSpec(**wide)) < cupy_rank
     assert BACKEND.priority_for_problem(ProblemSpec(**dict(short, device_type="cpu"))) is None
@@ -287,32 +287,60 @@ def test_cuda_graph_capture_and_no_host_sync(mode):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_64bit_offsets():
-    """q has more than 2^31 elements: the last sequences must come out exactly as when run
-    alone (index arithmetic past 2^31 is 64-bit)."""
-    free, _ = torch.cuda.mem_get_info()
-    if free < 70 * 2**30:
-        pytest.skip("needs about 70 GiB of free GPU memory")
-    B, T, H, K, V = 2**21 + 3, 64, 1, 16, 16  # B*T*H*K = 2^31 + 3072
+def _inputs_past_2_31():
+    """Inputs whose q has more than 2^31 elements (2^31 + 3072), 20 GiB in all, and the slice
+    of their last three sequences."""
+    B, T, H, K, V = 2**21 + 3, 64, 1, 16, 16
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = {n: torch.randn(B, T, H, K if n != "v" else V, device="cuda", dtype=torch.bfloat16, generator=gen)
          for n in ("q", "k", "v")}
     for n in ("g", "g_reverse"):
         x[n] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)).to(torch.bfloat16)
     assert x["q"].numel() > 2**31
-    tail = slice(B - 3, B)
-    full = gated_linear_attention(**x, backend="triton")[tail]
-    alone = gated_linear_attention(**{n: t[tail] for n, t in x.items()}, backend="triton")
+    return x, slice(B - 3, B)
+
+
+def _needs_free_gpu_memory(gib):
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    if free < gib * 2**30:
+        pytest.skip(f"needs about {gib} GiB of free GPU memory")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_64bit_offsets_forward():
+    """The last sequences of inputs past 2^31 elements come out exactly as when run alone
+    (index arithmetic past 2^31 is 64-bit)."""
+    _needs_free_gpu_memory(45)
+    x, tail = _inputs_past_2_31()
+    with torch.no_grad():
+        full = gated_linear_attention(**x, backend="triton")[tail]
+        alone = gated_linear_attention(**{n: t[tail] for n, t in x.items()}, backend="triton")
     assert torch.equal(full, alone)
-    del full
-    torch.cuda.empty_cache()  # the backward's scratch needs one large block
-    leaves = {n: t.requires_grad_() for n, t in x.items()}
-    gated_linear_attention(**leaves, backend="triton")[tail].float().sum().backward()
-    tail_grads = {n: t.grad[tail].clone() for n, t in leaves.items()}
-    del leaves
+
+
+# GPU memory each backward needs at this size: inputs, gradients and the output gradient
+# (44 GiB) plus the two-phase kernel's scratch (24 GiB), or the single-pass kernel's scratch
+# and parked dq/dk/dv parts (64 GiB: an H200, not an 80 GB H100)
+BACKWARD_64BIT = {"two-phase": (dict(single_pass_backward=False), 72), "single-pass": ({}, 112)}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", list(BACKWARD_64BIT))
+def test_64bit_offsets_backward(kernel):
+    """The gradients of the last sequences of inputs past 2^31 elements are exactly those of
+    the same sequences run alone."""
+    fields, gib = BACKWARD_64BIT[kernel]
+    _needs_free_gpu_memory(gib)
+    x, tail = _inputs_past_2_31()
     small = {n: t[tail].detach().clone().requires_grad_() for n, t in x.items()}
-    gated_linear_attention(**small, backend="triton").float().sum().backward()
+    with _launch().override_config(**fields):
+        leaves = {n: t.requires_grad_() for n, t in x.items()}
+        gated_linear_attention(**leaves, backend="triton")[tail].float().sum().backward()
+        tail_grads = {n: t.grad[tail].clone() for n, t in leaves.items()}
+        del leaves, x
+        gated_linear_attention(**small, backend="triton").float().sum().backward()
     for name, tensor in small.items():
         assert torch.equal(tensor.grad, tail_grads[name]), name

@@ -35,12 +35,11 @@ class TritonBackend(Backend):
     # second on CUDA, after cupy (cupy measured faster on an H100 for long sequences,
     # forward and backward) — except the calls that the single-pass kernels run
     auto_priority = {"cuda": 100}
-    #: Rank of calls that the single-pass kernels run faster than cupy: above cupy's 200.
-    #: Forward-only calls with K <= 64, any length; training calls (forward and backward)
-    #: with one-segment sequences and K, V <= 64. H100, bf16 (benchmarks/triton_configs_gpu.py;
-    #: NOTES.md): forward 75 / 147 / 171 µs at vigT_224 / vigB_224 / vigT_1024 against cupy's
-    #: 108 / 210 / 296; forward+backward 396 / 777 at the 224 px shapes against 460 / 898.
-    #: (Long training calls: 1.10 ms against cupy's 1.13 at vigT_1024, too close to switch.)
+    #: Rank of the calls the single-pass kernels run (K <= 64; V <= 64 too when gradients will
+    #: be needed), where they measured faster than cupy: above cupy's 200. H100, bf16
+    #: (benchmarks/triton_configs_gpu.py; NOTES.md, session 5), triton / cupy µs: forward
+    #: vigT_224 75 / 108, vigB_224 144 / 206, vigT_1024 144 / 296; forward+backward vigT_224
+    #: 394 / 450, vigT_1024 641 / 1125.
     single_pass_priority = 300
     # the interpreter runs every program in Python: keep the shared CPU suites' problems small
     test_max_tokens_cpu = 300
@@ -58,10 +57,10 @@ class TritonBackend(Backend):
         base = self.priority_for(spec.device_type)
         if base is None or spec.device_type != "cuda":
             return base
-        from .launch import SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T
+        from .launch import SINGLE_PASS_MAX_K
 
         forward = spec.head_dim_k <= SINGLE_PASS_MAX_K
-        backward = forward and spec.seq_len <= SINGLE_SEGMENT_MAX_T and spec.head_dim_v <= SINGLE_PASS_MAX_K
+        backward = forward and spec.head_dim_v <= SINGLE_PASS_MAX_K
         if backward or (forward and not spec.needs_grad):
             return self.single_pass_priority
         return base

@@ -1,11 +1,13 @@
 """Launchers for the Triton kernels: tile and segment choice, allocation, grids.
 
-Launch counts: a sequence that fits one segment (ViG at 224 px) with K <= 64 runs the single-
-pass forward (``kernels_single_pass.py``), and with V <= 64 too the single-pass backward
-(``kernels_single_pass_bwd.py``): one kernel each (bidirectional calls also zero their
-per-chunk counters first). Otherwise ``kernels.py``: 1 kernel for one segment, else 3
-(every segment's own state contribution, the scan of boundary states, then the segments;
-``kernels_boundary_states.py``), forward and backward alike. Nothing here reads tensor
+Launch counts. With K <= 64 the forward runs the single-pass kernel
+(``kernels_single_pass.py``), and with V <= 64 too the backward runs the single-pass backward
+(``kernels_single_pass_bwd.py``): one launch for sequences up to ``single_pass_max_t`` tokens
+(512), else three — every segment's own state contribution, the scan of the segment boundary
+states (``kernels_boundary_states.py``), then one program per direction and segment of
+``single_pass_segment`` tokens (256). Bidirectional calls also zero their per-chunk counters
+first. Otherwise the two-phase kernels of ``kernels.py`` run: one launch for a sequence that
+fits one segment, else the same two boundary-state launches first. Nothing here reads tensor
 values or synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace
 around it.
 
