@@ -344,3 +344,19 @@ def test_64bit_offsets_backward(kernel):
         gated_linear_attention(**small, backend="triton").float().sum().backward()
     for name, tensor in small.items():
         assert torch.equal(tensor.grad, tail_grads[name]), name
+
+
+def test_config_overrides_reach_other_threads():
+    """On CUDA autograd runs the backward on its own thread: an override opened around a
+    forward and backward must hold there too, else tests and benchmarks would time or check
+    the defaults in the backward while believing they ran a variant."""
+    import threading
+
+    launch = _launch()
+    seen = {}
+    with launch.override_config(single_pass_segment=64):
+        worker = threading.Thread(target=lambda: seen.update(cfg=launch.choose_config(1000, 32, 64)))
+        worker.start()
+        worker.join()
+    assert seen["cfg"].single_pass_segment == 64
+    assert launch.choose_config(1000, 32, 64).single_pass_segment != 64

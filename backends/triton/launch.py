@@ -77,18 +77,26 @@ class Config:
     single_pass_bwd_maxnreg: Optional[int] = None
 
 
-_overrides = threading.local()
+# Process-wide, not per thread: on CUDA, autograd runs the backward on its own device thread,
+# which must see the overrides of the thread that called the forward.
+_overrides: dict = {}
+_overrides_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def override_config(**fields) -> Iterator[None]:
-    """Force config fields (tests use it to run the multi-segment path at small sizes)."""
-    previous = getattr(_overrides, "fields", {})
-    _overrides.fields = {**previous, **fields}
+    """Force config fields for every call in this process while the context is open (tests
+    use it to run the multi-segment paths at small sizes, benchmarks to time variants). Not
+    for concurrent use from several threads."""
+    global _overrides
+    with _overrides_lock:
+        previous = _overrides
+        _overrides = {**previous, **fields}
     try:
         yield
     finally:
-        _overrides.fields = previous
+        with _overrides_lock:
+            _overrides = previous
 
 
 def _pow2(n: int) -> int:
@@ -96,7 +104,7 @@ def _pow2(n: int) -> int:
 
 
 def choose_config(T: int, K: int, V: int) -> Config:
-    overrides = getattr(_overrides, "fields", None)
+    overrides = _overrides
     if not overrides:  # the common case, once per call: cached (Config is frozen)
         return _default_config(T, K, V)
     return _config(T, K, V, dict(overrides))
