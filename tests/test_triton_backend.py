@@ -37,18 +37,21 @@ def _launch():
 
 
 # segment layouts of long sequences: several chunks per segment (phase 1 walks them), and
-# one chunk per segment (phase 1 skipped); scans of 2 or 4 boundaries per step, so the scan
-# carries its state across steps, and scan blocks (32 elements) smaller than most states
+# one chunk per segment (phase 1 skipped); segment sums in one step or two; scans of 2 or 4
+# boundaries per step, so the scan carries its state across steps, and scan blocks (32
+# elements) smaller than most states
 LONG_LAYOUTS = {
     # the two-phase kernels' segment programs (kernels.py)
     "chunks-per-segment-2": dict(single_pass=False, single_pass_backward=False, chunk=16, segment=32,
-                                 states_block_k=16, states_block_v=16, scan_rows=2, scan_num_warps=1),
+                                 states_block_k=16, states_block_v=16, states_step=16, scan_rows=2,
+                                 scan_num_warps=1),
     "one-chunk-segments": dict(single_pass=False, single_pass_backward=False, chunk=16, segment=16,
                                states_block_k=16, states_block_v=16, scan_rows=4, scan_num_warps=1),
     # the single-pass kernels' segment programs (kernels_single_pass*.py; the backward's
     # only for V <= 64, else the two-phase one as above)
     "single-pass-segments": dict(single_pass_max_t=32, single_pass_segment=32, chunk=16, segment=32,
-                                 states_block_k=16, states_block_v=16, scan_rows=2, scan_num_warps=1),
+                                 states_block_k=16, states_block_v=16, states_step=16, scan_rows=2,
+                                 scan_num_warps=1),
 }
 
 
@@ -107,6 +110,9 @@ def test_segment_boundaries_do_not_change_results():
         Case(1, 48, 2, 16, 17, torch.bfloat16, gates="strong"),
         Case(1, 47, 1, 64, 130, torch.float16, gates="extreme"),
         Case(1, 40, 1, 33, 70, torch.float32, bidirectional=False, states=True, gates="strong"),
+        # K past 64 (its own warps; the backward is the two-phase one)
+        Case(1, 33, 1, 100, 24, torch.float32, gates="extreme"),
+        Case(1, 20, 1, 128, 8, torch.bfloat16, bidirectional=False, states=True, gates="vig"),
     ],
     ids=lambda c: c.id(),
 )
@@ -116,7 +122,7 @@ def test_single_pass_forward(case):
     two directions' parts meet differently."""
     launch = _launch()
     cfg = launch.choose_config(case.T, case.K, case.V)
-    assert cfg.single_pass and cfg.segment >= case.T and case.K <= launch.SINGLE_PASS_MAX_K
+    assert cfg.single_pass and cfg.segment >= case.T and case.K <= cfg.single_pass_max_k
     check_against_reference("triton", case, DEVICE, seed=11)
 
 

@@ -11,8 +11,9 @@ with ``Γ_p`` the segment's product of decay factors (one per K row) and ``u_p``
 own contribution (the walk step of ``kernels._walk_parts`` started from zero). So:
 
 1. ``_gla_segment_sums_kernel`` computes ``(Γ_p, u_p)`` of every (sequence, kind, segment) at
-   once: one program per (sequence · K block · V block, kind, segment), each one step of the
-   old sequential walk. ``u_p`` is parked where the state it leads to will live.
+   once: one program per (sequence · K block · V block, kind, segment), each walking its
+   segment from a zero state in steps of ``STEP`` tokens. ``u_p`` is parked where the state
+   it leads to will live.
 2. ``_gla_boundary_scan_kernel`` composes the maps along the walk direction, element-wise
    over the K·V state (each element's recurrence is independent), turning each ``u`` into
    the state itself, in place. Its chain is ``NSEG`` multiply-adds per element, with the
@@ -39,14 +40,33 @@ from .kernels import _row, _sequence_rows, _store_state, _walk_parts
 
 
 @triton.jit
+def _segment_sum(a, b, gate, row_a, row_b, seg0, T, stride_a, stride_b, cols_k, cols_v, K, V, coef,
+                 SEG: tl.constexpr, STEP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+                 INCLUSIVE: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """``(Γ, u)`` of the segment starting at token ``seg0``: walk steps of ``STEP`` tokens in
+    the walk direction, from a zero state (steps past ``T`` are identities)."""
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    total = tl.full([BK], 1.0, tl.float32)
+    NSTEP: tl.constexpr = SEG // STEP
+    for j in tl.static_range(NSTEP):
+        t0 = seg0 + ((NSTEP - 1 - j) if REVERSE else j) * STEP
+        step_total, part = _walk_parts(a, b, gate, row_a, row_b, t0, T - t0, stride_a, stride_b, cols_k, cols_v,
+                                       K, V, coef, STEP, BK, REVERSE, INCLUSIVE, DOT_BF16, PRECISION)
+        state = step_total[:, None] * state + part
+        total = step_total * total
+    return total, state
+
+
+@triton.jit
 def _gla_segment_sums_kernel(
     q, k, v, g, gr, do, bstates, gammas,
     T, H, K, V, coef_grad, NSEG,
-    SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
-    KIND_STRIDE: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    SEG: tl.constexpr, STEP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NKB: tl.constexpr,
+    NVB: tl.constexpr, KIND_STRIDE: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``u_p`` into ``bstates`` (at the segment's far boundary in the walk direction) and
-    ``Γ_p`` into ``gammas``; program (bh · K block · V block, slot, segment p)."""
+    ``Γ_p`` into ``gammas``; program (bh · K block · V block, slot, segment p), walking its
+    segment in steps of ``STEP`` tokens."""
     pid = tl.program_id(0)
     slot = tl.program_id(1)
     p = tl.program_id(2)
@@ -62,22 +82,21 @@ def _gla_segment_sums_kernel(
     cols_v = vb * BV + tl.arange(0, BV)
     kv = tl.cast(K, tl.int64) * V
     t0 = p * SEG
-    n_valid = tl.minimum(SEG, T - t0)
     if kind == 0:
-        total, part = _walk_parts(k, v, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
-                                  1.0, SEG, BK, False, False, DOT_BF16, PRECISION)
+        total, part = _segment_sum(k, v, g, row_qk, row_v, t0, T, stride_qk, stride_v, cols_k, cols_v, K, V, 1.0,
+                                   SEG, STEP, BK, BV, False, False, DOT_BF16, PRECISION)
         far = p + 1
     elif kind == 1:
-        total, part = _walk_parts(k, v, gr, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
-                                  1.0, SEG, BK, True, False, DOT_BF16, PRECISION)
+        total, part = _segment_sum(k, v, gr, row_qk, row_v, t0, T, stride_qk, stride_v, cols_k, cols_v, K, V, 1.0,
+                                   SEG, STEP, BK, BV, True, False, DOT_BF16, PRECISION)
         far = p
     elif kind == 2:
-        total, part = _walk_parts(q, do, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
-                                  coef_grad, SEG, BK, True, True, DOT_BF16, PRECISION)
+        total, part = _segment_sum(q, do, g, row_qk, row_v, t0, T, stride_qk, stride_v, cols_k, cols_v, K, V,
+                                   coef_grad, SEG, STEP, BK, BV, True, True, DOT_BF16, PRECISION)
         far = p
     else:
-        total, part = _walk_parts(q, do, gr, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
-                                  coef_grad, SEG, BK, False, True, DOT_BF16, PRECISION)
+        total, part = _segment_sum(q, do, gr, row_qk, row_v, t0, T, stride_qk, stride_v, cols_k, cols_v, K, V,
+                                   coef_grad, SEG, STEP, BK, BV, False, True, DOT_BF16, PRECISION)
         far = p + 1
     sb = (slot * BH + bh).to(tl.int64)
     _store_state(bstates + (sb * (NSEG + 1) + far) * kv, part, cols_k, cols_v, K, V)

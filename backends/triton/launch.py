@@ -32,9 +32,13 @@ from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_sin
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
 SINGLE_SEGMENT_MAX_T = 512
-#: Largest K the single-pass kernels take, and largest V the single-pass backward takes (one
-#: block per program; the forward splits larger V into blocks).
+#: Largest K the single-pass backward takes (and largest V: one block each per program), and
+#: largest K for which the single-pass forward runs with its ViG-tuned settings.
 SINGLE_PASS_MAX_K = 64
+#: Largest K the single-pass forward takes (one K block; larger V is split into blocks). For
+#: 64 < K <= 128 it runs 4 warps without a register cap: H100, bf16, lm_4k (K = V = 128):
+#: 2.02 ms against 2.99 for the two-phase forward (cupy: 1.96; NOTES.md session 5).
+SINGLE_PASS_FORWARD_MAX_K = 128
 #: Segment length of the two-phase kernels for longer sequences (a power of two: a segment's
 #: state contribution is one tile). H100, bf16, vigT_1024 / lm_4k (NOTES.md, session 5): 256
 #: beat 64 and one-chunk segments of 32 (which skip phase 1) in the forward and the backward.
@@ -53,6 +57,7 @@ class Config:
     states_block_k: int  # K and V tiles of the segment sums
     states_block_v: int
     states_num_warps: int
+    states_step: int  # tokens per step of a segment sum's walk (power of two)
     scan_rows: int  # boundaries per step of the scan (power of two)
     scan_num_warps: int  # each scan program takes one state element per thread
     # The single-pass forward (kernels_single_pass.py), for one-segment sequences with K <= 64.
@@ -60,6 +65,7 @@ class Config:
     # warps per program, registers capped at 168 so that 6 programs fit an SM (all 768 of
     # vigT_224's programs in one wave).
     single_pass: bool = True
+    single_pass_max_k: int = SINGLE_PASS_FORWARD_MAX_K
     single_pass_chunk: int = 16
     single_pass_block_v: int = 64
     single_pass_num_warps: int = 2
@@ -141,10 +147,13 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         states_block_k=min(32, max(16, _pow2(K))),
         states_block_v=min(64, max(16, _pow2(V))),
         states_num_warps=4,
+        states_step=256,
         scan_rows=4,
         scan_num_warps=1,
         single_pass_block_v=block_v,
     )
+    if K > SINGLE_PASS_MAX_K:  # wide K: the state tile needs more threads (see above)
+        config = dataclasses.replace(config, single_pass_num_warps=4, single_pass_maxnreg=None)
     return dataclasses.replace(config, **fields) if fields else config
 
 
@@ -194,7 +203,7 @@ def forward(
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    if cfg.single_pass and K <= SINGLE_PASS_MAX_K:
+    if cfg.single_pass and K <= cfg.single_pass_max_k:
         return _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state,
                                     cfg, dot_bf16, precision)
     one_chunk = nseg > 1 and SEG == C
@@ -236,7 +245,7 @@ def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kin
     kernels_boundary_states._gla_segment_sums_kernel[(B * H * nkb * nvb, slots, nseg)](
         q, k, v, g, gr, do, bstates, gammas,
         T, H, K, V, coef_grad, nseg,
-        SEG=segment, BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
+        SEG=segment, STEP=min(cfg.states_step, segment), BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
         DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
     )
     block = 32 * cfg.scan_num_warps
