@@ -366,3 +366,17 @@ def test_config_overrides_reach_other_threads():
         worker.join()
     assert seen["cfg"].single_pass_segment == 64
     assert launch.choose_config(1000, 32, 64).single_pass_segment != 64
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(single_pass_segment=96), "single_pass_segment=96"),  # not a power of two
+    (dict(single_pass_segment=8), "single_pass_segment=8"),  # shorter than a chunk
+    (dict(states_step=48), "states_step=48"),
+    (dict(segment=48), "segment=48"),
+])
+def test_invalid_segment_configs_are_refused(fields, named):
+    """Segment lengths the kernels cannot tile are refused with the field's name, before any
+    kernel is compiled."""
+    launch = _launch()
+    with launch.override_config(**fields), pytest.raises(ValueError, match=named):
+        launch.choose_config(1000, 32, 64)

@@ -32,8 +32,8 @@ class TritonBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = 256
     max_head_dim_v = 256
-    # second on CUDA, after cupy (cupy measured faster on an H100 for long sequences,
-    # forward and backward) — except the calls that the single-pass kernels run
+    # second on CUDA, after cupy, for the calls the single-pass kernels' ranking below leaves
+    # out (K > 64, or V > 64 when training: cupy measured as fast or faster there, lm_4k)
     auto_priority = {"cuda": 100}
     #: Rank of the calls the single-pass kernels run (K <= 64; V <= 64 too when gradients will
     #: be needed), where they measured faster than cupy: above cupy's 200. H100, bf16

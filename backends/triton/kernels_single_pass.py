@@ -7,9 +7,10 @@ one program carries both directions' chains. Here:
 
 * one program per (batch·head, direction, V block) walks its direction's chunks once, in
   order, with the state in registers: each chunk's part of the output is complete as soon as
-  it is computed. Splitting the directions halves each program's dependency chain, which is
-  what bounds this regime (hundreds of short sequences: one wave of programs, each a chain of
-  small dependent steps);
+  it is computed. Splitting the directions halves each program's dependency chain and
+  doubles the programs (H100, vigT_224: 94.7 against 113.6 µs with both directions in one
+  program, NOTES.md session 4; since then, shorter chains did not help: the SM's rate of
+  chunk steps bounds it, session 5);
 * a chunk's output is the sum of two parts, one per direction, made by two programs. They meet
   through ``part`` (float32) and a per-chunk counter ``flags``: each program parks its part,
   then increments the counter; the one that finds 1 there (the second) adds the other's part
@@ -36,7 +37,7 @@ total decay is ``Qf``'s last (reverse: first) row. Every factor is still a produ
 factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
 overflow, a -1e4 gate gives an exact 0.
 
-Requirements (checked by the launcher): one K block (K <= ``BK`` <= 64); a sequence longer
+Requirements (checked by the launcher): one K block (K <= ``BK`` <= 128); a sequence longer
 than one segment needs its boundary states first. Masked rows past ``T`` carry q = k = v = 0
 and decay 1, so they change nothing.
 """

@@ -60,10 +60,10 @@ class Config:
     states_step: int  # tokens per step of a segment sum's walk (power of two)
     scan_rows: int  # boundaries per step of the scan (power of two)
     scan_num_warps: int  # each scan program takes one state element per thread
-    # The single-pass forward (kernels_single_pass.py), for one-segment sequences with K <= 64.
-    # Defaults from H100 timings at vigT_224 / vigB_224 (bf16; NOTES.md): chunks of 16 and 2
-    # warps per program, registers capped at 168 so that 6 programs fit an SM (all 768 of
-    # vigT_224's programs in one wave).
+    # The single-pass forward (kernels_single_pass.py), for K <= single_pass_max_k. Defaults
+    # from H100 timings at vigT_224 / vigB_224 (bf16; NOTES.md): chunks of 16 and 2 warps per
+    # program, registers capped at 168 so that 6 programs fit an SM (all 768 of vigT_224's
+    # programs in one wave); 4 warps and no cap for K > 64.
     single_pass: bool = True
     single_pass_max_k: int = SINGLE_PASS_FORWARD_MAX_K
     single_pass_chunk: int = 16
@@ -154,7 +154,13 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
     )
     if K > SINGLE_PASS_MAX_K:  # wide K: the state tile needs more threads (see above)
         config = dataclasses.replace(config, single_pass_num_warps=4, single_pass_maxnreg=None)
-    return dataclasses.replace(config, **fields) if fields else config
+    config = dataclasses.replace(config, **fields) if fields else config
+    seg, step = config.single_pass_segment, config.states_step
+    chunks = (config.single_pass_chunk, config.single_pass_bwd_chunk)
+    if seg & (seg - 1) or any(seg % c for c in chunks) or step & (step - 1):
+        raise ValueError(f"single_pass_segment={seg} must be a power of two and a multiple of the single-pass "
+                         f"chunks {chunks}, and states_step={step} a power of two")
+    return config
 
 
 def _dot_mode(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
@@ -268,8 +274,6 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     ndir = 2 if bidirectional else 1
     # one segment up to single_pass_max_t tokens, else segments of single_pass_segment
     seg = C * n_chunks if T <= cfg.single_pass_max_t else cfg.single_pass_segment
-    if seg % C:
-        raise ValueError(f"single_pass_segment={seg} must be a multiple of single_pass_chunk={C}")
     nseg = _cdiv(T, seg)
     # the directions' parked parts and per-chunk counters (bidirectional only)
     part = torch.empty(2 * B * H * n_chunks * C * V if bidirectional else 1, device=q.device, dtype=torch.float32)
@@ -306,8 +310,6 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
     ndir = 2 if bidirectional else 1
     # one segment up to single_pass_max_t tokens, else segments of single_pass_segment
     seg = C * n_chunks if T <= cfg.single_pass_max_t else cfg.single_pass_segment
-    if seg % C:
-        raise ValueError(f"single_pass_segment={seg} must be a multiple of single_pass_bwd_chunk={C}")
     nseg = _cdiv(T, seg)
     scratch = torch.empty(B * H * ndir * n_chunks * bk * bv, device=q.device, dtype=torch.float32)
     # the directions' parked dq, dk, dv parts and per-chunk counters (bidirectional only)
