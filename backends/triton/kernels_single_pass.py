@@ -57,20 +57,21 @@ def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, RE
     NB: tl.constexpr = C // (2 * HALF)
     q4 = tl.reshape(Qf, (NB, 2, HALF, BK))
     k4 = tl.reshape(Kf, (NB, 2, HALF, BK))
-    side = tl.arange(0, 2)[None, :, None]
     # each half's total decay: its last (reverse: first) prefix (suffix) product, picked out
     # by a masked sum (adding zeros is exact), [NB, 2, BK]
     at_end = tl.arange(0, HALF)[None, None, :, None] == (0 if REV else HALF - 1)
     totals = tl.sum(tl.where(at_end, q4, 0.0), axis=2)
-    left = tl.sum(tl.where(side == 0, totals, 0.0), axis=1)[:, None, None, :]
-    right = tl.sum(tl.where(side == 1, totals, 0.0), axis=1)[:, None, None, :]
+    # each half gets the other half's total: a bitwise swap of the two (one reduction where
+    # picking left and right out by masked sums took two: H100, 5-7 % off the forward,
+    # NOTES.md session 5, run 9)
+    other = tl.flip(totals, 1)[:, :, None, :]
     side4 = tl.arange(0, 2)[None, :, None, None]
     if REV:
-        q4 = q4 * tl.where(side4 == 0, right, 1.0)
-        k4 = k4 * tl.where(side4 == 1, left, 1.0)
+        q4 = q4 * tl.where(side4 == 0, other, 1.0)
+        k4 = k4 * tl.where(side4 == 1, other, 1.0)
     else:
-        q4 = q4 * tl.where(side4 == 1, left, 1.0)
-        k4 = k4 * tl.where(side4 == 0, right, 1.0)
+        q4 = q4 * tl.where(side4 == 1, other, 1.0)
+        k4 = k4 * tl.where(side4 == 0, other, 1.0)
     return tl.reshape(q4, (C, BK)), tl.reshape(k4, (C, BK))
 
 
