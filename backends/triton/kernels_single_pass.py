@@ -33,7 +33,8 @@ segments and ``Kf_ℓ`` the exclusive suffix product; ``Qf_0 = f``, ``Kf_0 = 1``
 where a half's total is the product of its factors = its last ``Qf_ℓ``. The reverse direction
 is the mirror image (suffix and prefix swapped, totals are first elements). After the last
 level ``Qf`` and ``Kf`` are exactly the chunk-wide factors the states need, and the chunk's
-total decay is ``Qf``'s last (reverse: first) row. Every factor is still a product of at most C
+total decay is the product of the last level's two half totals (the same value as ``Qf``'s
+last, reverse: first, row, taken without a reduction over the chunk's rows). Every factor is still a product of at most C
 factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
 overflow, a -1e4 gate gives an exact 0.
 
@@ -52,7 +53,9 @@ from .kernels import _dot, _level_mask, _load_state, _sequence_rows, _store_stat
 
 @triton.jit
 def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
-    """Level ``LVL + 1``'s factors from level ``LVL``'s (see the module docstring)."""
+    """Level ``LVL + 1``'s factors from level ``LVL``'s (see the module docstring), and each
+    half's ``own total · other half's total`` (``[NB, 2, BK]``; after the last level, the
+    chunk's total decay, see ``_total_of_pair``)."""
     HALF: tl.constexpr = 1 << LVL
     NB: tl.constexpr = C // (2 * HALF)
     q4 = tl.reshape(Qf, (NB, 2, HALF, BK))
@@ -64,7 +67,8 @@ def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, RE
     # each half gets the other half's total: a bitwise swap of the two (one reduction where
     # picking left and right out by masked sums took two: H100, 5-7 % off the forward,
     # NOTES.md session 5, run 9)
-    other = tl.flip(totals, 1)[:, :, None, :]
+    other3 = tl.flip(totals, 1)
+    other = other3[:, :, None, :]
     side4 = tl.arange(0, 2)[None, :, None, None]
     if REV:
         q4 = q4 * tl.where(side4 == 0, other, 1.0)
@@ -72,14 +76,14 @@ def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, RE
     else:
         q4 = q4 * tl.where(side4 == 1, other, 1.0)
         k4 = k4 * tl.where(side4 == 0, other, 1.0)
-    return tl.reshape(q4, (C, BK)), tl.reshape(k4, (C, BK))
+    return tl.reshape(q4, (C, BK)), tl.reshape(k4, (C, BK)), totals * other3
 
 
 @triton.jit
-def _chunk_total(Qf, C: tl.constexpr, REV: tl.constexpr):
-    """The chunk's total decay per column: ``Qf``'s last row (reverse: first row)."""
-    rows = tl.arange(0, C)[:, None]
-    return tl.sum(tl.where(rows == (0 if REV else C - 1), Qf, 0.0), axis=0)
+def _total_of_pair(pair, BK: tl.constexpr):
+    """The chunk's total decay per column from the last level's ``pair`` (both halves hold
+    left·right, bitwise equal: float multiplication commutes); their sum halved is exact."""
+    return tl.sum(tl.reshape(pair, (2, BK)), axis=0) * 0.5
 
 
 @triton.jit
@@ -110,9 +114,9 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     for LVL in tl.static_range(LOG2C):
         s = _dot(qt * Qf, tl.trans(kt * Kf), DOT_BF16, PRECISION)
         A += tl.where(_level_mask(C, LVL, REV), s, 0.0)
-        Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
+        Qf, Kf, pair = _next_level(Qf, Kf, LVL, C, BK, REV)
     out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt * Qf, state, DOT_BF16, PRECISION)
-    state = _chunk_total(Qf, C, REV)[:, None] * state + _dot(tl.trans(kt * Kf), vt, DOT_BF16, PRECISION)
+    state = _total_of_pair(pair, BK)[:, None] * state + _dot(tl.trans(kt * Kf), vt, DOT_BF16, PRECISION)
     return out, state
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .kernels import _dot, _level_mask, _level_scores_and_grads, _load_state, _sequence_rows
-from .kernels_single_pass import _chunk_total, _next_level, _rows_ptrs
+from .kernels_single_pass import _next_level, _rows_ptrs, _total_of_pair
 
 
 @triton.jit
@@ -51,12 +51,13 @@ def _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_
 
 @triton.jit
 def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
-    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy)."""
+    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy) and
+    the chunk's total decay."""
     Qf = tl.exp(gt.to(tl.float32))
     Kf = tl.full([C, BK], 1.0, tl.float32)
     for LVL in tl.static_range(LOG2C):
-        Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
-    return Qf, Kf
+        Qf, Kf, pair = _next_level(Qf, Kf, LVL, C, BK, REV)
+    return Qf, Kf, _total_of_pair(pair, BK)
 
 
 @triton.jit
@@ -76,10 +77,10 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     for LVL in tl.static_range(LOG2C):
         A, dq, dk = _level_scores_and_grads(q, k, Qf, Kf, _level_mask(C, LVL, REV), dA, A, dq, dk, DOT_BF16,
                                             PRECISION)
-        Qf, Kf = _next_level(Qf, Kf, LVL, C, BK, REV)
+        Qf, Kf, pair = _next_level(Qf, Kf, LVL, C, BK, REV)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
-    S_out = _chunk_total(Qf, C, REV)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
+    S_out = _total_of_pair(pair, BK)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
     # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term
     carry = tl.sum(S_out * dS_out, axis=1)
     dg = tl.cumsum(q * dq - k * dk, axis=0, reverse=not REV) + carry[None, :]
@@ -125,9 +126,9 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
         qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
-        Qf, Kf = _chunk_factors(gt, C, LOG2C, BK, REV)
+        Qf, Kf, total = _chunk_factors(gt, C, LOG2C, BK, REV)
         qbar = qt.to(tl.float32) * Qf
-        dS = _chunk_total(Qf, C, REV)[:, None] * dS + scale * _dot(tl.trans(qbar), dot_, DOT_BF16, PRECISION)
+        dS = total[:, None] * dS + scale * _dot(tl.trans(qbar), dot_, DOT_BF16, PRECISION)
     if STORE_DH0:
         tl.store(dh0 + bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
     tl.debug_barrier()  # pass B reads what other threads parked
