@@ -52,18 +52,23 @@ from .kernels import _dot, _level_mask, _load_state, _sequence_rows, _store_stat
 
 
 @triton.jit
-def _next_level(Qf, Kf, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
+def _next_level(Qf, Kf, pair, LVL: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
     """Level ``LVL + 1``'s factors from level ``LVL``'s (see the module docstring), and each
-    half's ``own total · other half's total`` (``[NB, 2, BK]``; after the last level, the
-    chunk's total decay, see ``_total_of_pair``)."""
+    half's ``own total · other half's total`` (``pair``, ``[NB, 2, BK]``): the totals of the
+    next level's halves, and after the last level the chunk's total (``_total_of_pair``).
+    ``pair`` comes in from the level before (unused at level 0)."""
     HALF: tl.constexpr = 1 << LVL
     NB: tl.constexpr = C // (2 * HALF)
     q4 = tl.reshape(Qf, (NB, 2, HALF, BK))
     k4 = tl.reshape(Kf, (NB, 2, HALF, BK))
-    # each half's total decay: its last (reverse: first) prefix (suffix) product, picked out
-    # by a masked sum (adding zeros is exact), [NB, 2, BK]
-    at_end = tl.arange(0, HALF)[None, None, :, None] == (0 if REV else HALF - 1)
-    totals = tl.sum(tl.where(at_end, q4, 0.0), axis=2)
+    # each half's total decay, [NB, 2, BK]: at level 0 the factor itself; above, the pair
+    # the level before formed for that half (held twice, bitwise equal: their sum halved is
+    # exact). The same value as the half's last (reverse: first) Qf, without a reduction
+    # over its rows.
+    if LVL == 0:
+        totals = tl.reshape(Qf, (NB, 2, BK))
+    else:
+        totals = tl.sum(tl.reshape(pair, (NB, 2, 2, BK)), axis=2) * 0.5
     # each half gets the other half's total: a bitwise swap of the two (one reduction where
     # picking left and right out by masked sums took two: H100, 5-7 % off the forward,
     # NOTES.md session 5, run 9)
@@ -111,10 +116,11 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     Kf = tl.full([C, BK], 1.0, tl.float32)
     # the own token, decay 1
     A = tl.where(rows[:, None] == rows[None, :], tl.sum(qt * kt, axis=1)[:, None], 0.0)
+    pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
         s = _dot(qt * Qf, tl.trans(kt * Kf), DOT_BF16, PRECISION)
         A += tl.where(_level_mask(C, LVL, REV), s, 0.0)
-        Qf, Kf, pair = _next_level(Qf, Kf, LVL, C, BK, REV)
+        Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
     out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt * Qf, state, DOT_BF16, PRECISION)
     state = _total_of_pair(pair, BK)[:, None] * state + _dot(tl.trans(kt * Kf), vt, DOT_BF16, PRECISION)
     return out, state

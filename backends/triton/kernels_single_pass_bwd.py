@@ -55,8 +55,9 @@ def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, R
     the chunk's total decay."""
     Qf = tl.exp(gt.to(tl.float32))
     Kf = tl.full([C, BK], 1.0, tl.float32)
+    pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
-        Qf, Kf, pair = _next_level(Qf, Kf, LVL, C, BK, REV)
+        Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
     return Qf, Kf, _total_of_pair(pair, BK)
 
 
@@ -74,10 +75,11 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     A = tl.zeros([C, C], dtype=tl.float32)
     dq = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
+    pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
         A, dq, dk = _level_scores_and_grads(q, k, Qf, Kf, _level_mask(C, LVL, REV), dA, A, dq, dk, DOT_BF16,
                                             PRECISION)
-        Qf, Kf, pair = _next_level(Qf, Kf, LVL, C, BK, REV)
+        Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
     S_out = _total_of_pair(pair, BK)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
