@@ -184,7 +184,8 @@ def test_single_pass_forward_is_bitwise_reproducible():
 def test_single_pass_calls_prefer_triton_on_cuda():
     """Automatic selection on CUDA: triton for the calls its single-pass kernels run (measured
     faster than cupy there, forward and forward+backward, short and long sequences), its
-    ordinary rank (below cupy) otherwise: K > 64, and V > 64 when gradients will be needed."""
+    ordinary rank (below cupy) otherwise: K > 128, and K or V > 64 when gradients will be
+    needed."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
@@ -198,7 +199,10 @@ def test_single_pass_calls_prefer_triton_on_cuda():
     assert BACKEND.priority_for_problem(ProblemSpec(**long)) > cupy_rank
     assert BACKEND.priority_for_problem(ProblemSpec(**long, needs_grad=True)) > cupy_rank
     wide = dict(short, head_dim_k=launch.SINGLE_PASS_MAX_K + 1)
-    assert BACKEND.priority_for_problem(ProblemSpec(**wide)) < cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**wide)) > cupy_rank
+    assert BACKEND.priority_for_problem(ProblemSpec(**wide, needs_grad=True)) < cupy_rank
+    wider = dict(short, head_dim_k=launch.SINGLE_PASS_FORWARD_MAX_K + 1)
+    assert BACKEND.priority_for_problem(ProblemSpec(**wider)) < cupy_rank
     assert BACKEND.priority_for_problem(ProblemSpec(**dict(short, device_type="cpu"))) is None
 
 

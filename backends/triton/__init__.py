@@ -32,14 +32,15 @@ class TritonBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = 256
     max_head_dim_v = 256
-    # second on CUDA, after cupy, for the calls the single-pass kernels' ranking below leaves
-    # out (K > 64, or V > 64 when training: cupy measured as fast or faster there, lm_4k)
+    # second on CUDA, after cupy, for the calls the single-pass ranking below leaves out
+    # (K > 128; training calls with K or V > 64), where only the two-phase kernels run
     auto_priority = {"cuda": 100}
-    #: Rank of the calls the single-pass kernels run (K <= 64; V <= 64 too when gradients will
-    #: be needed), where they measured faster than cupy: above cupy's 200. H100, bf16
-    #: (benchmarks/triton_configs_gpu.py; NOTES.md, session 5), triton / cupy µs: forward
-    #: vigT_224 75 / 108, vigB_224 144 / 206, vigT_1024 144 / 296; forward+backward vigT_224
-    #: 394 / 450, vigT_1024 641 / 1125.
+    #: Rank of the calls the single-pass kernels run, where they measured faster than cupy:
+    #: above cupy's 200. Forward-only calls with K <= 128, training calls with K, V <= 64.
+    #: H100, bf16, CUDA-graph GPU time (`python -m glakernels.backends.cupy.tune --backends
+    #: triton,cupy --sdpa`, NOTES.md session 5), triton / cupy ms: forward vigT_224 0.072 /
+    #: 0.118, vigT_1024 0.143 / 0.300, lm_4k (K = 128) 1.431 / 1.955; forward+backward
+    #: vigT_224 0.372 / 0.480, vigT_1024 0.622 / 1.130.
     single_pass_priority = 300
     # the interpreter runs every program in Python: keep the shared CPU suites' problems small
     test_max_tokens_cpu = 300
@@ -57,10 +58,10 @@ class TritonBackend(Backend):
         base = self.priority_for(spec.device_type)
         if base is None or spec.device_type != "cuda":
             return base
-        from .launch import SINGLE_PASS_MAX_K
+        from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K
 
-        forward = spec.head_dim_k <= SINGLE_PASS_MAX_K
-        backward = forward and spec.head_dim_v <= SINGLE_PASS_MAX_K
+        forward = spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K
+        backward = spec.head_dim_k <= SINGLE_PASS_MAX_K and spec.head_dim_v <= SINGLE_PASS_MAX_K
         if backward or (forward and not spec.needs_grad):
             return self.single_pass_priority
         return base
