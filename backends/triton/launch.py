@@ -264,6 +264,13 @@ def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kin
     return bstates
 
 
+def _single_pass_segments(T: int, chunk: int, cfg: Config) -> tuple[int, int]:
+    """Segment length and count of the single-pass kernels: one segment (the whole sequence,
+    in chunks) up to ``single_pass_max_t`` tokens, else segments of ``single_pass_segment``."""
+    seg = chunk * _cdiv(T, chunk) if T <= cfg.single_pass_max_t else cfg.single_pass_segment
+    return seg, _cdiv(T, seg)
+
+
 def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
                          dot_bf16, precision):
     B, T, H, K = q.shape
@@ -272,9 +279,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     bv = cfg.single_pass_block_v
     n_chunks, nvb = _cdiv(T, C), _cdiv(V, bv)
     ndir = 2 if bidirectional else 1
-    # one segment up to single_pass_max_t tokens, else segments of single_pass_segment
-    seg = C * n_chunks if T <= cfg.single_pass_max_t else cfg.single_pass_segment
-    nseg = _cdiv(T, seg)
+    seg, nseg = _single_pass_segments(T, C, cfg)
     # the directions' parked parts and per-chunk counters (bidirectional only)
     part = torch.empty(2 * B * H * n_chunks * C * V if bidirectional else 1, device=q.device, dtype=torch.float32)
     flags = torch.zeros(B * H * nvb * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
@@ -308,9 +313,7 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
     bk, bv = max(16, _pow2(K)), max(16, _pow2(V))
     n_chunks = _cdiv(T, C)
     ndir = 2 if bidirectional else 1
-    # one segment up to single_pass_max_t tokens, else segments of single_pass_segment
-    seg = C * n_chunks if T <= cfg.single_pass_max_t else cfg.single_pass_segment
-    nseg = _cdiv(T, seg)
+    seg, nseg = _single_pass_segments(T, C, cfg)
     scratch = torch.empty(B * H * ndir * n_chunks * bk * bv, device=q.device, dtype=torch.float32)
     # the directions' parked dq, dk, dv parts and per-chunk counters (bidirectional only)
     parts = torch.empty(2 * B * H * n_chunks * C * (2 * K + V) if bidirectional else 1, device=q.device,
