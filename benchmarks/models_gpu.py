@@ -197,6 +197,9 @@ def main(argv=None) -> int:
                    help="models that get compiled rows (compiling takes ~a minute per model, point and mode)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--backend", default=None, help="force a glakernels backend for ViG")
+    p.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision: 'high' allows tf32; 'medium' also lets the triton "
+                        "backend round its float32 intermediates to bfloat16 (faster, less accurate)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
     p.add_argument("--min-iters", type=int, default=5)
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
     if args.backend:
         os.environ["GLAKERNELS_BACKEND"] = args.backend
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision(args.matmul_precision)
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     points = FULL_POINTS if not args.tiny else TINY_POINTS

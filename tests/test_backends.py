@@ -5,12 +5,15 @@ Backends are found through the registry (``gla_testing.backend_params``); a new 
 tested here as soon as it registers, with no edits to this file. Hypothesis draws only within
 what each backend declares (dtypes, head-dim limits, modes)."""
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gla_testing import (
+    DTYPE_NAMES,
     GATE_REGIMES,
     Case,
     assert_close,
@@ -22,6 +25,7 @@ from gla_testing import (
 )
 from glakernels import gated_linear_attention
 from glakernels._dispatch import registry
+from glakernels.reference import gated_linear_attention_reference
 
 BACKENDS = backend_params()
 
@@ -65,7 +69,7 @@ def test_matches_reference(backend_device, case):
     name, device = backend_device
     if not _supported(name, case, device):
         pytest.skip(f"{name} does not declare support for {case.id()}")
-    check_against_reference(name, case, device, seed=hash(case.id()) % 1000)
+    check_against_reference(name, case, device, seed=zlib.crc32(case.id().encode()) % 1000)
 
 
 HOSTILE = [
@@ -101,6 +105,38 @@ def test_hard_reset(backend_device):
     tail = gated_linear_attention(**{n: t[:, r:] for n, t in x.items()}, bidirectional=False, backend=name)
     assert torch.isfinite(full).all()
     assert_close({"o": full[:, r:]}, {"o": tail}, registry.get(name).tolerance(case.dtype), "reset")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dims", [(1, 1), (8, 5)], ids=["K1-V1", "K8-V5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_initial_state_cancelling_the_first_token(backend_device, dtype, dims):
+    """An initial state that nearly cancels the first token's own term: ``h0 = (ε·R − k vᵀ)/f``
+    makes ``o = scale·q·(f ⊙ h0 + k vᵀ) = scale·ε·q·R``, 1 % of either term (ε = 0.01). The
+    bound of DESIGN §3 holds there for float32 arithmetic (its errors grow ~100×, to ~1e-5),
+    but not when the terms' operands are rounded to the input's 16-bit format first (2^-9 for
+    bfloat16 grows to ~0.2): the triton backend's bfloat16 path did that, and missed the bound
+    on 5 % of random seeds of the one-token case (NOTES.md, triton session 5, run 13). This
+    makes every input that hostile."""
+    name, device = backend_device
+    K, V = dims
+    case = Case(2, 1, 3, K, V, dtype, bidirectional=False, states=True)
+    if not _supported(name, case, device):
+        pytest.skip(f"{name} does not declare support for {case.id()}")
+    for seed in range(3):
+        x = make_inputs(case, device, seed)
+        k, v, g = (x[n].double().cpu() for n in "kvg")
+        gen = torch.Generator().manual_seed(100 + seed)
+        residual = 0.01 * torch.randn(2, 3, K, V, generator=gen, dtype=torch.float64) * k[:, 0, :, :, None].abs()
+        kv = k[:, 0, :, :, None] * v[:, 0, :, None, :]
+        x["initial_state"] = ((residual - kv) / g[:, 0, :, :, None].exp()).to(device, torch.float32)
+        got, cot = outputs_and_grads(gated_linear_attention, x, None, bidirectional=False, output_final_state=True,
+                                     backend=name)
+        cot = [c.to(t.dtype).double() for c, t in zip(cot, (got["o"], got["final_state"]))]
+        expected, _ = outputs_and_grads(gated_linear_attention_reference,
+                                        {n: t.detach().cpu().double() for n, t in x.items()}, cot,
+                                        bidirectional=False, output_final_state=True)
+        assert_close(got, expected, registry.get(name).tolerance(dtype), f"{case.id(name)} seed {seed}")
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -9,6 +9,8 @@ beyond barriers, occupancy); the GPU runs of the shared suites cover those."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ VARIANT_CASES = [(variant, case) for variant in VARIANTS for case in CASES
 
 @pytest.mark.parametrize("variant, case", VARIANT_CASES, ids=lambda x: x if isinstance(x, str) else x.id())
 def test_matches_reference(emulated, variant, case):
-    check_against_reference(emulated[variant], case, "cpu", seed=hash(case.id()) % 1000)
+    check_against_reference(emulated[variant], case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
 
 
 BIG_HEADS = [  # the largest tiles (inner dims up to 256), chunked and not

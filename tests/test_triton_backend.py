@@ -182,27 +182,36 @@ def test_single_pass_forward_is_bitwise_reproducible():
 
 
 def test_single_pass_calls_prefer_triton_on_cuda():
-    """Automatic selection on CUDA: triton for the calls its single-pass kernels run (measured
-    faster than cupy there, forward and forward+backward, short and long sequences), its
-    ordinary rank (below cupy) otherwise: K > 128, and K or V > 64 when gradients will be
-    needed."""
+    """Automatic selection on CUDA: triton above cupy where its single-pass kernels measured
+    faster (forward-only K <= 64; training K, V <= 64 on long sequences; with the "medium"
+    matmul precision also forward-only K <= 128 and training on short sequences), below it
+    otherwise."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
-    cupy_rank = registry.get("cupy").priority_for("cuda")
-    assert BACKEND.priority_for_problem(ProblemSpec(**short)) > cupy_rank
-    assert BACKEND.priority_for_problem(ProblemSpec(**short, needs_grad=True)) > cupy_rank
-    wide_v = dict(short, head_dim_v=launch.SINGLE_PASS_MAX_K + 1)
-    assert BACKEND.priority_for_problem(ProblemSpec(**wide_v)) > cupy_rank
-    assert BACKEND.priority_for_problem(ProblemSpec(**wide_v, needs_grad=True)) < cupy_rank
     long = dict(short, seq_len=launch.SINGLE_SEGMENT_MAX_T + 1)
-    assert BACKEND.priority_for_problem(ProblemSpec(**long)) > cupy_rank
-    assert BACKEND.priority_for_problem(ProblemSpec(**long, needs_grad=True)) > cupy_rank
+    wide_v = dict(long, head_dim_v=launch.SINGLE_PASS_MAX_K + 1)
     wide = dict(short, head_dim_k=launch.SINGLE_PASS_MAX_K + 1)
-    assert BACKEND.priority_for_problem(ProblemSpec(**wide)) > cupy_rank
-    assert BACKEND.priority_for_problem(ProblemSpec(**wide, needs_grad=True)) < cupy_rank
     wider = dict(short, head_dim_k=launch.SINGLE_PASS_FORWARD_MAX_K + 1)
-    assert BACKEND.priority_for_problem(ProblemSpec(**wider)) < cupy_rank
+    cupy_rank = registry.get("cupy").priority_for("cuda")
+    # (spec, needs_grad): triton first by default?, under "medium"?
+    expected = [
+        (short, False, True, True), (short, True, False, True),
+        (long, False, True, True), (long, True, True, True),
+        (wide_v, False, True, True), (wide_v, True, False, False),
+        (wide, False, False, True), (wide, True, False, False),
+        (wider, False, False, False), (wider, True, False, False),
+        (dict(short, dtype=torch.float32), True, False, False),
+    ]
+    before = launch._float32_matmul_precision()
+    try:
+        for column, precision in ((2, "highest"), (3, "medium")):
+            torch.set_float32_matmul_precision(precision)
+            got = [BACKEND.priority_for_problem(ProblemSpec(**spec, needs_grad=grad)) > cupy_rank
+                   for spec, grad, *_ in expected]
+            assert got == [row[column] for row in expected], precision
+    finally:
+        torch.set_float32_matmul_precision(before)
     assert BACKEND.priority_for_problem(ProblemSpec(**dict(short, device_type="cpu"))) is None
 
 
@@ -233,6 +242,31 @@ def test_unavailable_without_gpu_or_interpreter(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # GPU only
+
+
+@pytest.mark.parametrize("precision, expected", [
+    # PyTorch's default and "high": 16-bit inputs split their float32 intermediates
+    ("highest", {torch.bfloat16: (True, "bf16x3"), torch.float16: (True, "bf16x3"), torch.float32: (False, "ieee")}),
+    ("high", {torch.bfloat16: (True, "bf16x3"), torch.float16: (True, "bf16x3"), torch.float32: (False, "tf32")}),
+    # the opt-in to bfloat16 internal computation: one rounded dot
+    ("medium", {torch.bfloat16: (True, "bf16"), torch.float16: (False, "tf32"), torch.float32: (False, "tf32")}),
+])
+def test_matmul_precision_follows_pytorchs_switch(precision, expected):
+    """Which operands the CUDA kernels' matmuls get (``launch._dot_mode``), by input dtype, under
+    ``torch.set_float32_matmul_precision``; ``Config.half_dots`` overrides it for 16-bit inputs."""
+    launch = _launch()
+    cfg = launch.choose_config(196, 32, 64)
+    before = launch._float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        assert {d: launch._dot_mode(d, "cuda", cfg) for d in expected} == expected
+        with launch.override_config(half_dots="tf32x3"):
+            assert launch._dot_mode(torch.bfloat16, "cuda", launch.choose_config(196, 32, 64)) == (False, "tf32x3")
+            assert launch._dot_mode(torch.float32, "cuda", launch.choose_config(196, 32, 64)) == expected[torch.float32]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    # the interpreter (CPU tensors) always multiplies float32 operands
+    assert launch._dot_mode(torch.bfloat16, "cpu", cfg) == (False, "ieee")
 
 
 @pytest.mark.gpu
@@ -377,10 +411,11 @@ def test_config_overrides_reach_other_threads():
     (dict(single_pass_segment=8), "single_pass_segment=8"),  # shorter than a chunk
     (dict(states_step=48), "states_step=48"),
     (dict(segment=48), "segment=48"),
+    (dict(half_dots="fp8"), "half_dots='fp8'"),
 ])
 def test_invalid_segment_configs_are_refused(fields, named):
-    """Segment lengths the kernels cannot tile are refused with the field's name, before any
-    kernel is compiled."""
+    """Segment lengths the kernels cannot tile, and unknown matmul modes, are refused with the
+    field's name, before any kernel is compiled."""
     launch = _launch()
     with launch.override_config(**fields), pytest.raises(ValueError, match=named):
         launch.choose_config(1000, 32, 64)

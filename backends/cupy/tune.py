@@ -163,7 +163,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sdpa", action="store_true", help="also time SDPA and print the memory floors")
     parser.add_argument("--baseline", default="triton", help="backend the ratios are taken against")
     parser.add_argument("--profile-host", action="store_true")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision first ('medium': the triton backend's single "
+                             "bfloat16 dots, faster and less accurate)")
     args = parser.parse_args(argv)
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     dtype = torch.bfloat16
     names = [n for n in args.backends.split(",") if n in registry.names() and registry.get(n).available]
     variants = []

@@ -35,12 +35,16 @@ class TritonBackend(Backend):
     # second on CUDA, after cupy, for the calls the single-pass ranking below leaves out
     # (K > 128; training calls with K or V > 64), where only the two-phase kernels run
     auto_priority = {"cuda": 100}
-    #: Rank of the calls the single-pass kernels run, where they measured faster than cupy:
-    #: above cupy's 200. Forward-only calls with K <= 128, training calls with K, V <= 64.
-    #: H100, bf16, CUDA-graph GPU time (`python -m glakernels.backends.cupy.tune --backends
-    #: triton,cupy --sdpa`, NOTES.md session 5), triton / cupy ms: forward vigT_224 0.072 /
-    #: 0.118, vigT_1024 0.143 / 0.300, lm_4k (K = 128) 1.431 / 1.955; forward+backward
-    #: vigT_224 0.372 / 0.480, vigT_1024 0.622 / 1.130.
+    #: Rank of the calls the single-pass kernels run where they measured faster than cupy:
+    #: above cupy's 200. With the default matmul precision (16-bit inputs split their float32
+    #: operands, ``launch._dot_mode``): forward-only calls with K <= 64, and training calls
+    #: with K, V <= 64 on sequences longer than ``single_pass_max_t``. H100, bf16, CUDA-graph
+    #: GPU time (`python benchmarks/triton_configs_gpu.py`, NOTES.md session 6), triton / cupy
+    #: µs: forward vigT_224 97 / 109, vigT_1024 181 / 296, lm_4k (K = 128) 2160 / 1964;
+    #: forward+backward vigT_224 479 / 471, vigB_224 927 / 905, vigT_1024 759 / 1121.
+    #: Under ``torch.set_float32_matmul_precision("medium")`` (one bfloat16 dot) with 16-bit
+    #: inputs, also forward-only calls with K <= 128 and training on short sequences: vigT_224
+    #: forward 63, forward+backward 360; lm_4k forward 1425.
     single_pass_priority = 300
     # the interpreter runs every program in Python: keep the shared CPU suites' problems small
     test_max_tokens_cpu = 300
@@ -58,13 +62,15 @@ class TritonBackend(Backend):
         base = self.priority_for(spec.device_type)
         if base is None or spec.device_type != "cuda":
             return base
-        from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K
+        from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T, _float32_matmul_precision
 
-        forward = spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K
-        backward = spec.head_dim_k <= SINGLE_PASS_MAX_K and spec.head_dim_v <= SINGLE_PASS_MAX_K
-        if backward or (forward and not spec.needs_grad):
-            return self.single_pass_priority
-        return base
+        fast = spec.dtype in (torch.float16, torch.bfloat16) and _float32_matmul_precision() == "medium"
+        narrow = spec.head_dim_k <= SINGLE_PASS_MAX_K
+        if spec.needs_grad:
+            wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (fast or spec.seq_len > SINGLE_SEGMENT_MAX_T)
+        else:
+            wins = narrow or (fast and spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K)
+        return self.single_pass_priority if wins else base
 
     def runs_on(self) -> frozenset[str]:
         return self.device_types | {"cpu"} if interpreter_enabled() else self.device_types

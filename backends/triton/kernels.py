@@ -90,11 +90,14 @@ token after the chunk scales the state ``F[n+1]`` by e^δ, so
 (for the reverse direction, the prefix sum within the chunk plus ``Σ_v R[n] ⊙ dR[n]``). No
 total-minus-prefix differences anywhere, no cross-chunk scan.
 
-Numerics: accumulation is float32. Matmul operands are bfloat16 for bfloat16 inputs, and
-float32 otherwise — IEEE for float32 inputs (tf32 only when the caller allows it, see
-``launch.py``), tf32 for float16 inputs (same 10-bit mantissa as float16; float16 itself
-could overflow in the states). States and scratch are float32. All index arithmetic that can
-pass 2³¹ is int64, and masked-out lanes carry in-range addresses (see ``_tile``).
+Numerics: accumulation is float32. Matmuls (``_dot``) take float32 operands for float32
+inputs — IEEE, tf32 only when the caller allows it (see ``launch.py``) — and bfloat16
+tensor-core operands for float16 and bfloat16 inputs, where every float32 intermediate is
+split into a high and a low bfloat16 part (``_dot_bf16x3``, about float32 accuracy; a single
+rounded bfloat16 dot only under PyTorch's "medium" matmul precision). Never float16
+operands: the states could overflow it. States and scratch are float32. All index
+arithmetic that can pass 2³¹ is int64, and masked-out lanes carry in-range addresses (see
+``_tile``).
 """
 
 from __future__ import annotations
@@ -108,11 +111,49 @@ import triton.language as tl
 
 @triton.jit
 def _dot(a, b, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """Matmul with float32 accumulation in the operand format chosen for the input dtype."""
+    """Matmul with float32 accumulation in the operand format chosen for the input dtype
+    (``launch._dot_mode``): bfloat16 tensor-core operands (``PRECISION`` "bf16": rounded,
+    "bf16x3": split, see ``_dot_bf16x3``), or float32 operands at ``PRECISION`` ("ieee",
+    "tf32", "tf32x3")."""
     if DOT_BF16:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        if PRECISION == "bf16x3":
+            out = _dot_bf16x3(a, b)
+        else:
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _low_bf16(x, hi):
+    """What bfloat16 ``hi`` (``x`` rounded) misses of ``x``, itself as bfloat16: ``hi + lo``
+    is ``x`` to ~2^-17 relative (exactly, for a float16 ``x``)."""
+    return (x.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot_bf16x3(a, b):
+    """``a @ b`` on bfloat16 tensor cores to about float32 accuracy: ``hi·hi + hi·lo + lo·hi``
+    (``lo·lo`` is below 2^-16 of the product and dropped). An operand that is already
+    bfloat16 (an input tile) is exact and has no low part, so it costs two dots or one.
+    Why: the other operands are float32 intermediates (states, decayed q and k, scores), and
+    rounding them to bfloat16 costs up to 2^-9 each; where the output is a small difference
+    of larger terms (a state's contribution cancelling the chunk's own), that grew past the
+    bfloat16 bound of DESIGN §3 (H100: 0.20 relative on the worst of 1,000 seeds of a
+    one-token case, NOTES.md session 5, run 13). The small products go first, into the same
+    float32 accumulator."""
+    a_hi = a.to(tl.bfloat16)
+    b_hi = b.to(tl.bfloat16)
+    if a.dtype == tl.bfloat16:
+        if b.dtype == tl.bfloat16:
+            out = tl.dot(a_hi, b_hi)
+        else:
+            out = tl.dot(a_hi, b_hi, tl.dot(a_hi, _low_bf16(b, b_hi)))
+    elif b.dtype == tl.bfloat16:
+        out = tl.dot(a_hi, b_hi, tl.dot(_low_bf16(a, a_hi), b_hi))
+    else:
+        out = tl.dot(a_hi, b_hi, tl.dot(_low_bf16(a, a_hi), b_hi, tl.dot(a_hi, _low_bf16(b, b_hi))))
     return out
 
 
@@ -302,11 +343,13 @@ def _scores_one_direction(q, k, f, f_shift, A, C: tl.constexpr, BK: tl.constexpr
 
 @triton.jit
 def _level_scores_and_grads(q, k, q_fac, k_fac, mask, dA, A, dq, dk, DOT_BF16: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                            PRECISION: tl.constexpr, UNIT_K_FAC: tl.constexpr):
     """One level's pairs (``mask``): their scores added to ``A``, their parts of dq and dk
-    (unscaled) given the score gradient ``dA``."""
+    (unscaled) given the score gradient ``dA``. ``UNIT_K_FAC``: the key-side factors are all
+    1 (level 0 of the single-pass kernels), so ``k`` is taken as given — as loaded, an exact
+    bfloat16 operand that ``_dot_bf16x3`` need not split."""
     qh = q * q_fac
-    kh = k * k_fac
+    kh = k if UNIT_K_FAC else k * k_fac
     A += tl.where(mask, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
     dA_level = tl.where(mask, dA, 0.0)
     dq += q_fac * _dot(dA_level, kh, DOT_BF16, PRECISION)
@@ -325,7 +368,7 @@ def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK
     for lvl in range(0, LOG2C):
         q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
         A, dq, dk = _level_scores_and_grads(q, k, q_fac, k_fac, _level_mask(C, lvl, REV), dA, A, dq, dk,
-                                            DOT_BF16, PRECISION)
+                                            DOT_BF16, PRECISION, False)
     return A, dq, dk
 
 

@@ -110,6 +110,7 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     """One direction over one chunk: its (unscaled) part of the chunk's output, given the state
     entering the chunk in this direction, and the state leaving it."""
     rows = tl.arange(0, C)
+    k_loaded = kt
     qt = qt.to(tl.float32)
     kt = kt.to(tl.float32)
     Qf = tl.exp(gt.to(tl.float32))
@@ -118,7 +119,8 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     A = tl.where(rows[:, None] == rows[None, :], tl.sum(qt * kt, axis=1)[:, None], 0.0)
     pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
-        s = _dot(qt * Qf, tl.trans(kt * Kf), DOT_BF16, PRECISION)
+        # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
+        s = _dot(qt * Qf, tl.trans(k_loaded if LVL == 0 else kt * Kf), DOT_BF16, PRECISION)
         A += tl.where(_level_mask(C, LVL, REV), s, 0.0)
         Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
     out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt * Qf, state, DOT_BF16, PRECISION)

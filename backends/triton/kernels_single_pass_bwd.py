@@ -77,8 +77,9 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     dk = tl.zeros([C, BK], dtype=tl.float32)
     pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
-        A, dq, dk = _level_scores_and_grads(q, k, Qf, Kf, _level_mask(C, LVL, REV), dA, A, dq, dk, DOT_BF16,
-                                            PRECISION)
+        # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
+        A, dq, dk = _level_scores_and_grads(q, kt if LVL == 0 else k, Qf, Kf, _level_mask(C, LVL, REV), dA, A, dq,
+                                            dk, DOT_BF16, PRECISION, LVL == 0)
         Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)

@@ -11,10 +11,13 @@ fits one segment, else the same two boundary-state launches first. Nothing here 
 values or synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace
 around it.
 
-float32 inputs use IEEE float32 matmuls. The documented opt-in to tf32 is PyTorch's own
-switch for matmuls, read at every call: ``torch.backends.cuda.matmul.allow_tf32 = True`` (or
-``torch.set_float32_matmul_precision("high")``). float16 inputs always use tf32 (the same
-10-bit mantissa as float16), bfloat16 inputs bfloat16 operands; accumulation is float32.
+Matmul precision follows PyTorch's own switch for float32 matmuls, read at every call
+(``_dot_mode``): by default float32 inputs use IEEE float32 matmuls, and float16 / bfloat16
+inputs bfloat16 tensor cores with float32 intermediates split into two bfloat16 parts (about
+float32 accuracy). The documented opt-ins: ``torch.backends.cuda.matmul.allow_tf32 = True`` (or
+``torch.set_float32_matmul_precision("high")``) for tf32 with float32 inputs, and
+``torch.set_float32_matmul_precision("medium")`` for single bfloat16 (tf32 for float16) dots
+with 16-bit inputs. Accumulation is float32 throughout.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class Config:
     single_pass_bwd_chunk: int = 16
     single_pass_bwd_num_warps: int = 4
     single_pass_bwd_maxnreg: Optional[int] = None
+    # matmul operands of float16 / bfloat16 inputs (``_dot_mode``): one of HALF_DOT_MODES, or
+    # None for the dtype's default
+    half_dots: Optional[str] = None
 
 
 # Process-wide, not per thread: on CUDA, autograd runs the backward on its own device thread,
@@ -157,21 +163,55 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
     config = dataclasses.replace(config, **fields) if fields else config
     seg, step = config.single_pass_segment, config.states_step
     chunks = (config.single_pass_chunk, config.single_pass_bwd_chunk)
+    if config.half_dots is not None and config.half_dots not in HALF_DOT_MODES:
+        raise ValueError(f"half_dots={config.half_dots!r} must be None or one of {sorted(HALF_DOT_MODES)}")
     if seg & (seg - 1) or any(seg % c for c in chunks) or step & (step - 1):
         raise ValueError(f"single_pass_segment={seg} must be a power of two and a multiple of the single-pass "
                          f"chunks {chunks}, and states_step={step} a power of two")
     return config
 
 
-def _dot_mode(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
-    """(bfloat16 operands?, input precision of float32 operands)."""
+#: How the matmuls of float16 / bfloat16 inputs treat their operands (``kernels._dot``):
+#: (bfloat16 tensor-core operands?, precision). "bf16" rounds float32 intermediates to
+#: bfloat16 (2^-9 relative), "bf16x3" splits them into high and low bfloat16 parts (~2^-17,
+#: up to three dots), "tf32" / "tf32x3" take float32 operands at tf32 (2^-11) or split tf32.
+HALF_DOT_MODES = {"bf16": (True, "bf16"), "bf16x3": (True, "bf16x3"), "tf32": (False, "tf32"),
+                  "tf32x3": (False, "tf32x3")}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _float32_matmul_precision() -> str:
+    """``torch.get_float32_matmul_precision()``, or "highest" where PyTorch declines to answer
+    (newer versions raise once the legacy and the per-backend precision APIs were mixed)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "highest"
+
+
+def _dot_mode(dtype: torch.dtype, device_type: str, cfg: Config) -> tuple[bool, str]:
+    """(bfloat16 operands?, precision) of the kernels' matmuls (``kernels._dot``).
+
+    The kernels' matmul operands are mostly float32 intermediates (states, decayed q and k,
+    scores), whatever the input dtype, so PyTorch's switch for float32 matmuls decides:
+    - "highest" (PyTorch's default) and "high": bfloat16 and float16 inputs split those
+      operands ("bf16x3", about float32 accuracy): rounding them to bfloat16 missed DESIGN
+      §3's bounds where an output is a small difference of larger terms (NOTES.md, session 6).
+      float32 inputs: IEEE float32 ("highest"), or tf32 when ``allow_tf32`` is on ("high").
+    - "medium" (``torch.set_float32_matmul_precision("medium")``: "bfloat16 for internal
+      computations"): one bfloat16 dot for bfloat16 inputs, tf32 for float16 and float32 —
+      faster (H100, vigT_224: about 0.65× the forward's time) and outside the bounds on such
+      inputs.
+    ``Config.half_dots`` overrides the choice for 16-bit inputs (benchmarks, tests)."""
     if device_type == "cpu":
         # Triton's interpreter multiplies bfloat16 operands as raw bits: float32 there
         return False, "ieee"
-    if dtype == torch.bfloat16:
-        return True, "ieee"
-    if dtype == torch.float16:
-        return False, "tf32"
+    if dtype in _HALF_DTYPES:
+        mode = cfg.half_dots
+        if mode is None:
+            fast = _float32_matmul_precision() == "medium"
+            mode = ("bf16" if dtype == torch.bfloat16 else "tf32") if fast else "bf16x3"
+        return HALF_DOT_MODES[mode]
     return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -205,7 +245,7 @@ def forward(
     C, SEG = cfg.chunk, cfg.segment
     nseg = _cdiv(T, SEG)
     slots = 2 if bidirectional else 1
-    dot_bf16, precision = _dot_mode(q.dtype, q.device.type)
+    dot_bf16, precision = _dot_mode(q.dtype, q.device.type, cfg)
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
@@ -365,7 +405,7 @@ def backward(
     C, SEG = cfg.chunk, cfg.segment
     nseg = _cdiv(T, SEG)
     slots = 4 if bidirectional else 2
-    dot_bf16, precision = _dot_mode(q.dtype, q.device.type)
+    dot_bf16, precision = _dot_mode(q.dtype, q.device.type, cfg)
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
     dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
