@@ -1,5 +1,5 @@
 """What the shared suites do not reach in the triton backend: the single-pass forward's chunk
-counts and V blocks, the multi-segment path (states kernel) at small sizes, head dims up to 256, the float32/tf32 switch, its availability
+counts and V blocks, the multi-segment path (states kernel) at small sizes, head dims up to 256, the matmul precision switches (tf32, split or rounded bfloat16), its availability
 rules, and on a GPU: CUDA graph capture, no host synchronisation, 64-bit offsets.
 
 On a machine without a GPU the kernels run through Triton's interpreter (``conftest.py``
@@ -215,6 +215,31 @@ def test_single_pass_calls_prefer_triton_on_cuda():
     assert BACKEND.priority_for_problem(ProblemSpec(**dict(short, device_type="cpu"))) is None
 
 
+@pytest.mark.parametrize("precision, expected", [
+    # PyTorch's default and "high": 16-bit inputs split their float32 intermediates
+    ("highest", {torch.bfloat16: (True, "bf16x3"), torch.float16: (True, "bf16x3"), torch.float32: (False, "ieee")}),
+    ("high", {torch.bfloat16: (True, "bf16x3"), torch.float16: (True, "bf16x3"), torch.float32: (False, "tf32")}),
+    # the opt-in to bfloat16 internal computation: one rounded dot
+    ("medium", {torch.bfloat16: (True, "bf16"), torch.float16: (False, "tf32"), torch.float32: (False, "tf32")}),
+])
+def test_matmul_precision_follows_pytorchs_switch(precision, expected):
+    """Which operands the CUDA kernels' matmuls get (``launch._dot_mode``), by input dtype, under
+    ``torch.set_float32_matmul_precision``; ``Config.half_dots`` overrides it for 16-bit inputs."""
+    launch = _launch()
+    cfg = launch.choose_config(196, 32, 64)
+    before = launch._float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        assert {d: launch._dot_mode(d, "cuda", cfg) for d in expected} == expected
+        with launch.override_config(half_dots="tf32x3"):
+            assert launch._dot_mode(torch.bfloat16, "cuda", launch.choose_config(196, 32, 64)) == (False, "tf32x3")
+            assert launch._dot_mode(torch.float32, "cuda", launch.choose_config(196, 32, 64)) == expected[torch.float32]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    # the interpreter (CPU tensors) always multiplies float32 operands
+    assert launch._dot_mode(torch.bfloat16, "cpu", cfg) == (False, "ieee")
+
+
 # ---------------------------------------------------------------------------------------------
 # declarations and availability
 
@@ -242,31 +267,6 @@ def test_unavailable_without_gpu_or_interpreter(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # GPU only
-
-
-@pytest.mark.parametrize("precision, expected", [
-    # PyTorch's default and "high": 16-bit inputs split their float32 intermediates
-    ("highest", {torch.bfloat16: (True, "bf16x3"), torch.float16: (True, "bf16x3"), torch.float32: (False, "ieee")}),
-    ("high", {torch.bfloat16: (True, "bf16x3"), torch.float16: (True, "bf16x3"), torch.float32: (False, "tf32")}),
-    # the opt-in to bfloat16 internal computation: one rounded dot
-    ("medium", {torch.bfloat16: (True, "bf16"), torch.float16: (False, "tf32"), torch.float32: (False, "tf32")}),
-])
-def test_matmul_precision_follows_pytorchs_switch(precision, expected):
-    """Which operands the CUDA kernels' matmuls get (``launch._dot_mode``), by input dtype, under
-    ``torch.set_float32_matmul_precision``; ``Config.half_dots`` overrides it for 16-bit inputs."""
-    launch = _launch()
-    cfg = launch.choose_config(196, 32, 64)
-    before = launch._float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision(precision)
-        assert {d: launch._dot_mode(d, "cuda", cfg) for d in expected} == expected
-        with launch.override_config(half_dots="tf32x3"):
-            assert launch._dot_mode(torch.bfloat16, "cuda", launch.choose_config(196, 32, 64)) == (False, "tf32x3")
-            assert launch._dot_mode(torch.float32, "cuda", launch.choose_config(196, 32, 64)) == expected[torch.float32]
-    finally:
-        torch.set_float32_matmul_precision(before)
-    # the interpreter (CPU tensors) always multiplies float32 operands
-    assert launch._dot_mode(torch.bfloat16, "cpu", cfg) == (False, "ieee")
 
 
 @pytest.mark.gpu
