@@ -1,6 +1,7 @@
 """What the shared suites do not reach in the triton backend: the single-pass forward's chunk
-counts and V blocks, the multi-segment path (states kernel) at small sizes, head dims up to 256, the matmul precision switches (tf32, split or rounded bfloat16), its availability
-rules, and on a GPU: CUDA graph capture, no host synchronisation, 64-bit offsets.
+counts and V blocks, the multi-segment path (states kernel) at small sizes, head dims up to
+256, the matmul precision switches (tf32, split or rounded bfloat16), its availability rules,
+and on a GPU: CUDA graph capture, no host synchronisation, 64-bit offsets.
 
 On a machine without a GPU the kernels run through Triton's interpreter (``conftest.py``
 turns it on for the session), so everything here except the ``gpu`` tests runs in CI."""
