@@ -157,6 +157,27 @@ def test_add_rms_norm_gradcheck_and_value():
     assert ((normed - ref).norm() / ref.norm()).item() <= 1e-12
 
 
+@pytest.mark.parametrize("act", [False, True])
+def test_add_norm_conv_act_gradcheck_and_value(act):
+    from vig.fused import add_norm_conv_act
+
+    gen = torch.Generator().manual_seed(23)
+    x, b = (torch.randn(2, 5, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    wn = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    wc = torch.randn(6, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda *t: add_norm_conv_act(t[0], t[1], t[2], 1e-6, t[3], act)  # noqa: E731
+    # both outputs used, and each alone (the other's gradient is None)
+    assert torch.autograd.gradcheck(f, (x, b, wn, wc))
+    assert torch.autograd.gradcheck(lambda *t: f(*t)[1], (x, b, wn, wc))
+    assert torch.autograd.gradcheck(lambda *t: f(*t)[0], (x, b, wn, wc))
+    total, out = f(x, b, wn, wc)
+    assert torch.equal(total, x + b)
+    ref = norm_conv_act(x + b, wn, 1e-6, wc, act)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-12
+    with pytest.raises(ValueError, match="branch"):
+        add_norm_conv_act(x, b[:1], wn, 1e-6, wc, act)
+
+
 def test_log_gates_pair_gradcheck_and_value():
     from vig.fused import log_gates_pair
 

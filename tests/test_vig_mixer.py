@@ -113,3 +113,29 @@ def test_block_fused_pre_norm_equals_norm_then_mixer():
     for a, b in zip(torch.autograd.grad(fused, tensors, grad, allow_unused=True),
                     torch.autograd.grad(plain, tensors, grad, allow_unused=True)):
         assert (a is None and b is None) or _rel_err(a, b) <= 1e-10
+
+
+def test_model_defers_each_blocks_last_residual_add():
+    """ViG's blocks leave their last residual add to the next block (fused with its pre-norm)
+    or to the final norm: the features and every gradient equal running the blocks one by one."""
+    from vig.vig import ViG
+
+    torch.manual_seed(4)
+    model = ViG(img_size=32, patch_size=16, embed_dim=24, depth=3, num_heads=3, num_classes=5).double()
+    _randomize(model, seed=12)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def one_by_one(images):
+        x = model.patch_embed(images)
+        x = x + model.position_embedding(tuple(x.shape[1:3]))
+        for block in model.blocks:
+            x = block(x)
+        return model.norm(x)
+
+    deferred, plain = model.forward_features(images), one_by_one(images)
+    assert _rel_err(deferred, plain) <= 1e-12
+    grad = torch.randn_like(deferred)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(deferred, params, grad, allow_unused=True),
+                    torch.autograd.grad(plain, params, grad, allow_unused=True)):
+        assert (a is None and b is None) or _rel_err(a, b) <= 1e-10

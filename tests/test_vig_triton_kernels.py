@@ -104,6 +104,20 @@ def test_norm_dwconv_act_strided_input_and_channels_last_weight():
     assert _rel_err(y, _norm_conv_act64(x, nw, 1e-6, w, True)) <= UNIT[torch.float32]
 
 
+@pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
+def test_add_norm_dwconv_act_against_float64(branch_dtype):
+    """The residual add fused with the norm's statistics: ``s = x + branch`` exactly as
+    PyTorch adds them (promoted dtype), and the convolution of ``RMSNorm(s)``."""
+    gen = torch.Generator().manual_seed(9)
+    x = _rand(gen, 2, 5, 7, 24, scale=10.0)
+    branch = _rand(gen, 2, 5, 7, 24, dtype=branch_dtype)
+    nw, cw = _rand(gen, 24), _rand(gen, 24, 1, 3, 3)
+    s, y = triton_kernels.norm_dwconv_act(x, nw, 1e-6, cw, True, torch.bfloat16, branch=branch)
+    assert s.dtype == torch.float32 and torch.equal(s, x + branch)
+    assert y.dtype == torch.bfloat16
+    assert _rel_err(y, _norm_conv_act64(s, nw, 1e-6, cw, True)) <= UNIT[torch.bfloat16]
+
+
 def _mix64(a, b, z, wa, wb, eps, act):
     g = torch.sigmoid(z.double())
     m = g * _rms64(a, wa, eps) + (1 - g) * _rms64(b, wb, eps)
@@ -160,6 +174,9 @@ def test_fused_functions_same_result_and_gradients_with_kernels(monkeypatch, dty
     cases = {
         "rms_norm": (lambda x, w: fused.rms_norm(x, w, 1e-6), (x, nw)),
         "norm_conv_act": (lambda x, nw, cw: fused.norm_conv_act(x, nw, 1e-6, cw, True), (x, nw, cw)),
+        # both outputs (the sum and the convolution), so both gradient paths are checked
+        "add_norm_conv_act": (lambda x, b, nw, cw: torch.cat(fused.add_norm_conv_act(x, b, nw, 1e-6, cw, True), -1),
+                              (x, x.flip(1), nw, cw)),
         "mix": (lambda *t: fused.mix_global_local(*t, 1e-6, True), (a, b, z, wa, wb)),
         "mix_proj": (lambda a, b, z, wa, wb, wo: fused.mix_global_local(a, b, z, wa, wb, 1e-6, False, wo),
                      (a, b, z, wa, wb, wo)),

@@ -39,7 +39,7 @@ from . import triton_kernels
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "mix_global_local", "log_gates", "log_gates_pair",
+__all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "add_norm_conv_act", "mix_global_local", "log_gates", "log_gates_pair",
            "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act", "patch_conv"]
 
 
@@ -236,47 +236,93 @@ def _depthwise_nhwc(x: Tensor, weight: Tensor) -> Tensor:
     return y.permute(0, 2, 3, 1)
 
 
+def _depthwise_odd(conv_weight: Tensor) -> bool:
+    return conv_weight.shape[1] == 1 and conv_weight.shape[2] % 2 == 1 and conv_weight.shape[3] % 2 == 1
+
+
+def _norm_conv_act_forward(ctx, x, norm_weight, eps, conv_weight, act, branch=None):
+    """``silu?(depthwise_conv(RMSNorm(s)))`` with ``s = x (+ branch)``; returns ``(s, out)``.
+    Sets ``ctx.eps``, ``ctx.act`` and ``ctx.conv_dtype`` for ``_norm_conv_act_backward``."""
+    ctx.eps, ctx.act = eps, act
+    if _depthwise_odd(conv_weight) and triton_kernels.enabled_for(x, norm_weight, conv_weight):
+        # the dtype autocast's convolution would give
+        ctx.conv_dtype = _autocast_dtype(x) or x.dtype
+        if branch is None:
+            return x, triton_kernels.norm_dwconv_act(x, norm_weight, eps, conv_weight, act, ctx.conv_dtype)
+        return triton_kernels.norm_dwconv_act(x, norm_weight, eps, conv_weight, act, ctx.conv_dtype, branch=branch)
+    s = x if branch is None else x + branch
+    normed = F.rms_norm(s, (s.shape[-1],), norm_weight.to(s.dtype), eps)
+    y = _depthwise_nhwc(normed, conv_weight)  # autocast (when on) runs this in low precision
+    ctx.conv_dtype = y.dtype
+    return s, (F.silu(y) if act else y)
+
+
+def _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out):
+    """Gradients of ``s``, the norm weight and the convolution weight (``s`` recomputed from)."""
+    x_hat, rstd = _rms_forward(s, norm_weight, ctx.eps)
+    wn = _acc(norm_weight)
+    normed = (x_hat * wn).to(ctx.conv_dtype)
+    weight = conv_weight.to(ctx.conv_dtype)
+    grad_y = grad_out.to(ctx.conv_dtype)
+    if ctx.act:
+        y = _acc(_depthwise_nhwc(normed, weight))
+        sig = torch.sigmoid(y)
+        grad_y = (_acc(grad_y) * sig * (1 + y * (1 - sig))).to(ctx.conv_dtype)
+    kh, kw = conv_weight.shape[-2:]
+    nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
+    conv_args = dict(padding=(kh // 2, kw // 2), groups=conv_weight.shape[0])
+    grad_normed = torch.nn.grad.conv2d_input(nchw(normed).shape, weight, nchw(grad_y), **conv_args)
+    grad_conv = torch.nn.grad.conv2d_weight(nchw(normed), conv_weight.shape, nchw(grad_y), **conv_args)
+    grad_normed = _acc(grad_normed.permute(0, 2, 3, 1))
+    grad_s = _rms_backward(grad_normed * wn, x_hat, rstd)
+    return grad_s, _sum_to_last(grad_normed * x_hat).to(norm_weight.dtype), grad_conv.to(conv_weight.dtype)
+
+
 class _NormConvAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, eps, conv_weight, act):
         ctx.save_for_backward(x, norm_weight, conv_weight)
-        depthwise_odd = conv_weight.shape[1] == 1 and conv_weight.shape[2] % 2 == 1 and conv_weight.shape[3] % 2 == 1
-        if depthwise_odd and triton_kernels.enabled_for(x, norm_weight, conv_weight):
-            # the dtype autocast's convolution would give
-            ctx.eps, ctx.act, ctx.conv_dtype = eps, act, _autocast_dtype(x) or x.dtype
-            return triton_kernels.norm_dwconv_act(x, norm_weight, eps, conv_weight, act, ctx.conv_dtype)
-        normed = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
-        y = _depthwise_nhwc(normed, conv_weight)  # autocast (when on) runs this in low precision
-        ctx.eps, ctx.act, ctx.conv_dtype = eps, act, y.dtype
-        return F.silu(y) if act else y
+        return _norm_conv_act_forward(ctx, x, norm_weight, eps, conv_weight, act)[1]
 
     @staticmethod
     def backward(ctx, grad_out):
         x, norm_weight, conv_weight = ctx.saved_tensors
-        x_hat, rstd = _rms_forward(x, norm_weight, ctx.eps)
-        wn = _acc(norm_weight)
-        normed = (x_hat * wn).to(ctx.conv_dtype)
-        weight = conv_weight.to(ctx.conv_dtype)
-        grad_y = grad_out.to(ctx.conv_dtype)
-        if ctx.act:
-            y = _acc(_depthwise_nhwc(normed, weight))
-            s = torch.sigmoid(y)
-            grad_y = (_acc(grad_y) * s * (1 + y * (1 - s))).to(ctx.conv_dtype)
-        kh, kw = conv_weight.shape[-2:]
-        nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
-        conv_args = dict(padding=(kh // 2, kw // 2), groups=conv_weight.shape[0])
-        grad_normed = torch.nn.grad.conv2d_input(nchw(normed).shape, weight, nchw(grad_y), **conv_args)
-        grad_conv = torch.nn.grad.conv2d_weight(nchw(normed), conv_weight.shape, nchw(grad_y), **conv_args)
-        grad_normed = _acc(grad_normed.permute(0, 2, 3, 1))
-        grad_x = _rms_backward(grad_normed * wn, x_hat, rstd)
-        return (grad_x.to(x.dtype), _sum_to_last(grad_normed * x_hat).to(norm_weight.dtype), None,
-                grad_conv.to(conv_weight.dtype), None)
+        grad_x, grad_norm, grad_conv = _norm_conv_act_backward(ctx, x, norm_weight, conv_weight, grad_out)
+        return grad_x.to(x.dtype), grad_norm, None, grad_conv, None
 
 
 def norm_conv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor, act: bool) -> Tensor:
     """``silu?(depthwise_conv(RMSNorm(x)))`` on ``[B, H, W, C]``, keeping only ``x`` for
     backward (the normalised input and the convolution's output are recomputed)."""
     return _NormConvAct.apply(x, norm_weight, eps, conv_weight, act)
+
+
+class _AddNormConvAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, norm_weight, eps, conv_weight, act):
+        s, out = _norm_conv_act_forward(ctx, x, norm_weight, eps, conv_weight, act, branch=branch)
+        ctx.save_for_backward(s, norm_weight, conv_weight)
+        ctx.dtypes = x.dtype, branch.dtype
+        return s, out
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_out):
+        s, norm_weight, conv_weight = ctx.saved_tensors
+        grad, grad_norm, grad_conv = _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out)
+        if grad_s is not None:
+            grad = grad + _acc(grad_s)
+        return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1]), grad_norm, None, grad_conv, None
+
+
+def add_norm_conv_act(x: Tensor, branch: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor,
+                      act: bool) -> tuple[Tensor, Tensor]:
+    """``(s, norm_conv_act(s, ...))`` with ``s = x + branch`` (a residual add, in the promoted
+    dtype): on CUDA the add is fused with the norm's statistics pass, so ``s`` is written once
+    and never re-read for them (ViG: the previous block's MLP output, added here rather than
+    at the end of that block). Keeps only ``s`` for backward."""
+    if x.shape != branch.shape:
+        raise ValueError(f"branch: expected the shape of x {tuple(x.shape)}, got {tuple(branch.shape)}")
+    return _AddNormConvAct.apply(x, branch, norm_weight, eps, conv_weight, act)
 
 
 class _MixGlobalLocal(torch.autograd.Function):

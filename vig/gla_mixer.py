@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import autocast_weight, log_gates_pair, mix_global_local, norm_conv_act
+from .fused import add_norm_conv_act, autocast_weight, log_gates_pair, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
@@ -114,14 +114,28 @@ class GatedLinearAttention2D(nn.Module):
     def forward(self, x: Tensor, pre_norm: RMSNorm | None = None) -> Tensor:
         """``x``: ``[B, H, W, C]``, already normalised, or raw with ``pre_norm`` given (the
         block's RMSNorm, then fused with the convolution: see :func:`vig.fused.norm_conv_act`)."""
-        B, H, W, C = x.shape
-        heads, kd = self.num_heads, self.key_dim
         if pre_norm is not None:
-            local = norm_conv_act(x, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight,
-                                  isinstance(self.in_proj[1], nn.SiLU))
+            local = norm_conv_act(x, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight, self._act_in_conv)
         else:
             local = self.in_proj[1](depthwise_conv_nhwc(x, self.in_proj[0].weight))
+        return self.forward_local(local)
 
+    def forward_with_residual(self, x: Tensor, branch: Tensor, pre_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """``(s, forward(s, pre_norm))`` with ``s = x + branch``: a residual add left over from
+        the block before, fused with the pre-norm's statistics pass
+        (:func:`vig.fused.add_norm_conv_act`)."""
+        s, local = add_norm_conv_act(x, branch, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight,
+                                     self._act_in_conv)
+        return s, self.forward_local(local)
+
+    @property
+    def _act_in_conv(self) -> bool:
+        return isinstance(self.in_proj[1], nn.SiLU)
+
+    def forward_local(self, local: Tensor) -> Tensor:
+        """The rest of the mixer, from the local branch (the convolution's output)."""
+        B, H, W, C = local.shape
+        heads, kd = self.num_heads, self.key_dim
         w_qkv = autocast_weight(self.qkv_proj.weight, local)  # one cast for three slices
         q = F.linear(local, w_qkv[:kd]).view(B, H * W, heads, -1)
         k = F.linear(local, w_qkv[kd : 2 * kd]).view(B, H * W, heads, -1)

@@ -138,6 +138,17 @@ if triton is not None:
         tl.store(rstd_ptr + rows, _rstd(x, width, eps), mask=rows < n_rows)
 
     @triton.jit
+    def _add_rstd_kernel(x_ptr, b_ptr, s_ptr, rstd_ptr, n_rows, width, eps, stride_x, stride_b, stride_s,
+                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        # s = x + b (a residual add, stored) and the per-pixel rstd of s, one read of each input
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + r * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        total = (x + b).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + r * stride_s + cols[None, :], total, mask=mask)
+        tl.store(rstd_ptr + rows, _rstd(total.to(tl.float32), width, eps), mask=rows < n_rows)
+
+    @triton.jit
     def _norm_dwconv_act_kernel(x_ptr, rstd_ptr, norm_w_ptr, conv_w_ptr, out_ptr, H, W, C,
                                 sx_b, sx_h, sx_w, so_b, so_h, so_w, sw_c, sw_h, sw_w,
                                 KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
@@ -309,9 +320,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> T
 
 
 def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Tensor, act: bool,
-                    out_dtype: torch.dtype) -> Tensor:
+                    out_dtype: torch.dtype, branch: Tensor | None = None):
     """``silu?(depthwise_conv(RMSNorm(x)))`` ('same' zero padding, odd kernel, no bias) on a
-    ``[B, H, W, C]`` tensor; ``conv_weight``: ``[C, 1, kh, kw]`` in any layout."""
+    ``[B, H, W, C]`` tensor; ``conv_weight``: ``[C, 1, kh, kw]`` in any layout. With
+    ``branch``: of ``s = x + branch`` instead (a residual add, in the promoted dtype), and
+    returns ``(s, out)``."""
     B, H, W, C = x.shape
     x = x.contiguous()  # (ViG's blocks pass contiguous tensors: no copy)
     kh, kw = conv_weight.shape[-2:]
@@ -322,15 +335,24 @@ def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Ten
     block_c = min(_pow2(C), 128)
     block_w = max(1, min(_pow2(W), 2048 // block_c))
     with _device_ctx(x):
-        _rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
-            x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        if branch is None:
+            _rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
+                x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        else:
+            if branch.shape != x.shape:
+                raise ValueError(f"branch: expected the shape of x {tuple(x.shape)}, got {tuple(branch.shape)}")
+            branch = branch.contiguous()
+            total = torch.empty((B, H, W, C), dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+            _add_rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
+                x, branch, total, rstd, B * H * W, C, eps, C, C, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+            x = total
         _norm_dwconv_act_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
             x, rstd, norm_weight, conv_weight, out, H, W, C,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             conv_weight.stride(0), conv_weight.stride(2), conv_weight.stride(3),
             KH=kh, KW=kw, ACT=act, BLOCK_W=block_w, BLOCK_C=block_c,
         )
-    return out
+    return out if branch is None else (x, out)
 
 
 def mix_global_local(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: float, out_act: bool,
