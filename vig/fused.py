@@ -39,8 +39,8 @@ from . import triton_kernels
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "add_norm_conv_act", "mix_global_local", "log_gates", "log_gates_pair",
-           "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act", "patch_conv"]
+__all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "add_norm_conv_act", "mix_global_local", "log_gates",
+           "log_gates_pair", "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act", "patch_conv"]
 
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}

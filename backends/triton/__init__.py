@@ -62,7 +62,8 @@ class TritonBackend(Backend):
         base = self.priority_for(spec.device_type)
         if base is None or spec.device_type != "cuda":
             return base
-        from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T, _float32_matmul_precision
+        from .launch import (SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T,
+                             _float32_matmul_precision)
 
         fast = spec.dtype in (torch.float16, torch.bfloat16) and _float32_matmul_precision() == "medium"
         narrow = spec.head_dim_k <= SINGLE_PASS_MAX_K
