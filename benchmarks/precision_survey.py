@@ -25,10 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from gla_testing import Case, make_inputs, outputs_and_grads  # noqa: E402
-
-from glakernels import gated_linear_attention  # noqa: E402
-from glakernels.reference import gated_linear_attention_reference  # noqa: E402
+from gla_testing import Case, backend_and_reference, make_inputs  # noqa: E402
 
 BOUNDS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SHAPES = [(1, 1, 1, 1, 1), (2, 67, 2, 17, 33), (1, 100, 1, 72, 1), (1, 31, 3, 33, 72), (1, 9, 1, 100, 17)]
@@ -36,15 +33,10 @@ MODES = [("bi", True, False), ("causal", False, False), ("causal-state", False, 
 
 
 def worst_error(backend: str, case: Case, device: str, seed: int) -> float:
-    x = make_inputs(case, device, seed)
     kwargs = {"bidirectional": case.bidirectional}
     if case.states:
         kwargs["output_final_state"] = True
-    got, cot = outputs_and_grads(gated_linear_attention, x, None, backend=backend, **kwargs)
-    ref_inputs = {n: t.detach().cpu().double() for n, t in x.items()}
-    outs = [got["o"], got["final_state"]] if case.states else [got["o"]]
-    cot = [c.to(o.dtype).double().cpu() for c, o in zip(cot, outs)]
-    expected, _ = outputs_and_grads(gated_linear_attention_reference, ref_inputs, cot, **kwargs)
+    got, expected = backend_and_reference(backend, make_inputs(case, device, seed), **kwargs)
     errors = []
     for name, ref in expected.items():
         if got.get(name) is None or ref.norm() == 0:

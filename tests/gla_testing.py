@@ -176,19 +176,26 @@ def outputs_and_grads(fn, inputs: dict[str, torch.Tensor], cotangents, **kwargs)
     return named, cotangents
 
 
-def check_against_reference(backend: str, case: Case, device: str, seed: int = 0, reference=None) -> None:
-    """Run ``backend`` on fresh inputs; compare output, final state and every gradient with the
-    float64 reference run on the same (dtype-rounded) inputs."""
-    inputs = make_inputs(case, device, seed)
-    kwargs = {"bidirectional": case.bidirectional}
-    if case.states:
-        kwargs["output_final_state"] = True
+def backend_and_reference(backend: str, inputs: dict[str, torch.Tensor], reference=None, **kwargs):
+    """``(got, expected)``: ``backend`` run on ``inputs`` (output, final state if asked for, every
+    gradient under random cotangents) and the float64 reference run on the same
+    (dtype-rounded) inputs and cotangents, both by name."""
     got, cot = outputs_and_grads(gated_linear_attention, inputs, None, backend=backend, **kwargs)
     ref_inputs = {n: x.detach().cpu().double() for n, x in inputs.items()}
     # the reference sees each cotangent rounded as the backend saw it (in the output's dtype)
-    outs = [got["o"], got["final_state"]] if case.states else [got["o"]]
+    outs = [got["o"], got["final_state"]] if "final_state" in got else [got["o"]]
     cot = [c.to(o.dtype).double() for c, o in zip(cot, outs)]
     expected, _ = outputs_and_grads(reference or gated_linear_attention_reference, ref_inputs, cot, **kwargs)
+    return got, expected
+
+
+def check_against_reference(backend: str, case: Case, device: str, seed: int = 0, reference=None) -> None:
+    """Run ``backend`` on fresh inputs; compare output, final state and every gradient with the
+    float64 reference run on the same (dtype-rounded) inputs."""
+    kwargs = {"bidirectional": case.bidirectional}
+    if case.states:
+        kwargs["output_final_state"] = True
+    got, expected = backend_and_reference(backend, make_inputs(case, device, seed), reference, **kwargs)
     assert_close(got, expected, registry.get(backend).tolerance(case.dtype), case.id(backend))
 
 
