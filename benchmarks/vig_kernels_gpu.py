@@ -45,6 +45,11 @@ def cases(batch: int, side: int, device: torch.device):
     # the patch embedding's first convolution: the float32 image in, C/2 channels out (k9 s8)
     image = rand(batch, 3, 16 * side, 16 * side, dtype=torch.float32)
     conv_w, conv_b = rand(C // 2, 3, 9, 9, dtype=torch.float32), rand(C // 2, dtype=torch.float32)
+    # the fused matmuls (vig.triton_matmuls): the MLP's input projection with its product, and
+    # the gates' two low-rank projections with their log gates; float32 weights, as autocast sees them
+    local = rand(batch, side, side, C)
+    w_in, w_out = rand(2 * HIDDEN, C, dtype=torch.float32) * C**-0.5, rand(C, HIDDEN, dtype=torch.float32)
+    w0, w1, b1 = rand(16, C, dtype=torch.float32), rand(C, 16, dtype=torch.float32), rand(C, dtype=torch.float32)
     return {
         "patch conv": (lambda: fused.patch_conv(image, conv_w, conv_b, 8, 1),
                        image.numel() * 4 + 4 * tokens * C // 2 * 2),
@@ -57,6 +62,10 @@ def cases(batch: int, side: int, device: torch.device):
         "norm+dwconv+silu": (lambda: fused.norm_conv_act(x, norm_w, 1e-6, dw_w, True), tokens * C * (4 + 2)),
         "global/local mix": (lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True), tokens * C * 2 * 4),
         "swiglu product": (lambda: fused._swiglu_product(projected), tokens * HIDDEN * 2 * 3),
+        # (with the output projection: the unfused form is that of the models before session 7)
+        "swiglu mlp": (lambda: fused.swiglu_mlp(local, w_in, w_out), tokens * (C + 2 * HIDDEN + C) * 2),
+        "low-rank gates": (lambda: fused.low_rank_log_gates_pair(local, w0, w1, b1, 16.0),
+                           tokens * (C + 16 + C) * 2),
     }
 
 

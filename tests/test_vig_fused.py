@@ -193,6 +193,27 @@ def test_log_gates_pair_gradcheck_and_value():
         log_gates_pair(z[..., :5], 16.0)
 
 
+def test_low_rank_log_gates_pair_gradcheck_and_value():
+    """The fused gate projection is ``log_gates_pair(Linear(Linear(x)))``: the same value and
+    gradients for every input, also when only one direction's gates are used."""
+    from vig.fused import log_gates_pair, low_rank_log_gates_pair
+
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 3, 4, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(3, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    w1 = (torch.randn(14, 3, generator=gen, dtype=torch.float64) * 4).requires_grad_()
+    b1 = torch.randn(14, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda *t: low_rank_log_gates_pair(*t, 16.0)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w0, w1, b1))
+    assert torch.autograd.gradcheck(lambda *t: f(*t)[0], (x, w0, w1, b1))  # reverse gates unused
+    fwd, rev = f(x, w0, w1, b1)
+    ref_fwd, ref_rev = log_gates_pair(F.linear(F.linear(x, w0), w1, b1), 16.0)
+    assert fwd.shape == (2, 3, 4, 7) and fwd.is_contiguous() and rev.is_contiguous()
+    assert torch.allclose(fwd, ref_fwd, rtol=1e-12, atol=0) and torch.allclose(rev, ref_rev, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="w1"):
+        f(x, w0, w1[:13], b1[:13])
+
+
 @pytest.mark.parametrize("act", [False, True])
 def test_layer_norm_act_gradcheck_and_value(act):
     from vig.fused import layer_norm_act

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vig import fused, triton_kernels
+from vig import fused, triton_kernels, triton_matmuls
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -149,6 +149,47 @@ def test_swiglu_product_against_float64(hidden):
         assert _rel_err(y, F.silu(gate) * value) <= UNIT[dtype]
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 13, 17, 5), (3, 40, 192, 512), (70, 96, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swiglu_matmul_against_float64(shape, dtype):
+    """The MLP's projection and product in one kernel: rows past a tile, odd widths, K = 1."""
+    *lead, k, hidden = shape
+    gen = torch.Generator().manual_seed(k * hidden)
+    x = _rand(gen, *lead, k, dtype=dtype)
+    w = _rand(gen, 2 * hidden, k, scale=k**-0.5, dtype=dtype)
+    y = triton_matmuls.swiglu_matmul(x, w)
+    gate, value = (x.double() @ w.double().T).chunk(2, -1)
+    assert y.dtype == dtype and y.shape == (*lead, hidden)
+    assert _rel_err(y, F.silu(gate) * value) <= UNIT[dtype]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 9, 24, 16, 12), (130, 192, 16, 96), (5, 33, 3, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_log_gates_pair_against_float64(shape, dtype):
+    """The gate projection's two matmuls and log gates in one kernel, with logits from far below
+    zero (gates near -1e4/16) to far above (gates that round to 0 in a naive formula)."""
+    *lead, c, r, ng = shape
+    gen = torch.Generator().manual_seed(c * r + ng)
+    x = _rand(gen, *lead, c, dtype=dtype)
+    w0 = _rand(gen, r, c, scale=c**-0.5, dtype=dtype)
+    w1 = _rand(gen, 2 * ng, r, scale=30.0, dtype=dtype)
+    b1 = _rand(gen, 2 * ng, scale=30.0)
+    low, fwd, rev = triton_matmuls.low_rank_log_gates_pair(x, w0, w1, b1, 16.0)
+    assert _rel_err(low, x.double() @ w0.double().T) <= UNIT[dtype]
+    # the logits from the projection as stored (the second matmul's operand, rounded once)
+    logits = low.double() @ w1.double().T + b1.double()
+    gates = F.logsigmoid(logits) / 16
+    # each gate to its own accuracy: one rounding of the result, plus the float32 logit's error
+    # (a sum of R + 1 terms, <= 2^-20 of their magnitudes) times the gate's slope, down to the
+    # dtype's normal range (a gate of -1e-78 stores as 0)
+    logit_err = 2.0**-20 * (low.double().abs() @ w1.double().abs().T + b1.double().abs())
+    bound = UNIT[dtype] * gates.abs() + torch.sigmoid(-logits) / 16 * logit_err + torch.finfo(dtype).tiny
+    for ours, ref, ok in ((fwd, gates[..., :ng], bound[..., :ng]), (rev, gates[..., ng:], bound[..., ng:])):
+        assert ours.dtype == dtype and ours.shape == (*lead, ng) and ours.is_contiguous()
+        assert not torch.isnan(ours).any()
+        assert ((ours.double() - ref).abs() <= ok).all()
+
+
 def _with_and_without_kernels(monkeypatch, fn, *inputs):
     """(result, grads) of ``fn`` through the kernels, then through the PyTorch forms."""
     out = []
@@ -181,6 +222,10 @@ def test_fused_functions_same_result_and_gradients_with_kernels(monkeypatch, dty
         "mix_proj": (lambda a, b, z, wa, wb, wo: fused.mix_global_local(a, b, z, wa, wb, 1e-6, False, wo),
                      (a, b, z, wa, wb, wo)),
         "swiglu_linear": (fused.swiglu_linear, (p, w_out)),
+        "swiglu_mlp": (fused.swiglu_mlp, (x, _rand(gen, 16, 12, dtype=dtype), w_out)),
+        "low_rank_log_gates_pair": (
+            lambda x, w0, w1, b1: torch.cat(fused.low_rank_log_gates_pair(x, w0, w1, b1, 16.0), -1),
+            (x, _rand(gen, 3, 12, dtype=dtype), _rand(gen, 8, 3, scale=4.0, dtype=dtype), _rand(gen, 8, dtype=dtype))),
     }
     for name, (fn, inputs) in cases.items():
         (y_k, g_k), (y_t, g_t) = _with_and_without_kernels(monkeypatch, fn, *inputs)
@@ -204,6 +249,8 @@ def test_autocast_result_dtypes_match_pytorch(monkeypatch):
         lambda: fused.norm_conv_act(x, nw, 1e-6, cw, True),
         lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True),
         lambda: fused.mix_global_local(a, b, z, wa, wb, 1e-6, True, wo),
+        lambda: fused.swiglu_mlp(x, _rand(gen, 10, 12), wo[:, :5]),
+        lambda: fused.low_rank_log_gates_pair(x, _rand(gen, 3, 12), _rand(gen, 8, 3), _rand(gen, 8), 16.0)[1],
     ]
     for call in calls:
         dtypes = []
@@ -351,3 +398,28 @@ def test_fake_tensors_and_transforms_stay_in_pytorch():
     seen = []
     torch.func.vmap(lambda t: seen.append(triton_kernels.enabled_for(t)) or t)(x)
     assert seen == [False]
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_model_same_result_and_gradients_with_kernels(monkeypatch, name):
+    """Every kernel wired into a whole (two-block) model: the output and every parameter's
+    gradient as with the PyTorch forms, in float32."""
+    import vig
+
+    torch.manual_seed(0)
+    depth = dict(depth=2) if name == "vig_tiny" else dict(depths=(1, 1, 1, 1))
+    # (no stochastic depth: the two runs must draw nothing at random)
+    model = vig.create_model(name, img_size=64, num_classes=5, drop_path_rate=0.0, **depth).to(DEVICE)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    runs = []
+    for mode in ("1", "0"):
+        monkeypatch.setattr(triton_kernels, "MODE", mode)
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (y_k, g_k), (y_t, g_t) = runs
+    assert _rel_err(y_k, y_t.double()) <= 50 * UNIT[torch.float32]
+    assert g_k.keys() == g_t.keys()
+    for n in g_t:
+        assert _rel_err(g_k[n], g_t[n].double()) <= 50 * UNIT[torch.float32], n

@@ -16,7 +16,9 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
   saves ``o, local, z`` (3 tensors instead of ~7) and, with the output projection fused in,
   not the projection's input either;
 - :func:`log_gates`: ``logsigmoid(z) / 16`` saves its output (which the op keeps anyway), not ``z``;
-  :func:`log_gates_pair` does it for ``[forward | reverse]`` logits from one projection;
+  :func:`log_gates_pair` does it for ``[forward | reverse]`` logits from one projection, and
+  :func:`low_rank_log_gates_pair` with that projection's two low-rank matmuls too (saves its
+  input, the rank-16 projection and the gates);
 - :func:`swiglu_linear`: ``(silu(gate) · value) @ Wᵀ`` saves the ``[gate, value]`` projection
   (2·I per token instead of 4·I);
 - :func:`swiglu_mlp`: the whole SwiGLU MLP, ``(silu(x Wgᵀ) · x Wvᵀ) @ Woᵀ``, saves its input
@@ -25,8 +27,9 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
 in the input dtype (in autocast's where only a matmul or convolution follows). On CUDA the
-forwards run as one Triton kernel each (:mod:`vig.triton_kernels`); backward stays in
-PyTorch. Under ``torch.compile`` they trace as ordinary autograd functions and inductor fuses
+forwards run as one Triton kernel each (:mod:`vig.triton_kernels`; the SwiGLU MLP's input
+projection with its product, and the low-rank gates with their matmuls, are Triton matmuls
+with the elementwise work fused in, :mod:`vig.triton_matmuls`); backward stays in PyTorch. Under ``torch.compile`` they trace as ordinary autograd functions and inductor fuses
 their elementwise parts.
 """
 
@@ -35,12 +38,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_kernels
+from . import triton_kernels, triton_matmuls
 
 Tensor = torch.Tensor
 
 __all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "add_norm_conv_act", "mix_global_local", "log_gates",
-           "log_gates_pair", "swiglu_linear", "swiglu_mlp", "autocast_weight", "layer_norm_act", "patch_conv"]
+           "log_gates_pair", "low_rank_log_gates_pair", "swiglu_linear", "swiglu_mlp", "autocast_weight",
+           "layer_norm_act", "patch_conv"]
 
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -420,13 +424,16 @@ class _LogGates(torch.autograd.Function):
         return _log_gates_grad(grad_gates, gates, ctx.normalizer), None
 
 
+def _log_gates_pair_forward(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
+    if triton_kernels.enabled_for(logits):
+        return triton_kernels.log_gates_pair(logits, normalizer)
+    return tuple(g.contiguous() for g in (F.logsigmoid(logits) / normalizer).chunk(2, dim=-1))
+
+
 class _LogGatesPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, normalizer):
-        if triton_kernels.enabled_for(logits):
-            fwd, rev = triton_kernels.log_gates_pair(logits, normalizer)
-        else:
-            fwd, rev = (g.contiguous() for g in (F.logsigmoid(logits) / normalizer).chunk(2, dim=-1))
+        fwd, rev = _log_gates_pair_forward(logits, normalizer)
         ctx.save_for_backward(fwd, rev)  # the op keeps these tensors anyway: no extra memory
         ctx.normalizer = normalizer
         return fwd, rev
@@ -444,6 +451,50 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
     if logits.shape[-1] % 2:
         raise ValueError(f"logits: expected an even last dimension [..., 2K], got shape {tuple(logits.shape)}")
     return _LogGatesPair.apply(logits, normalizer)
+
+
+class _LowRankLogGatesPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w0, w1, b1, normalizer):
+        dtype = _matmul_dtype(x, w0, w1, b1)
+        if dtype is not None and triton_kernels.enabled_for(x, w0, w1, b1):
+            low, fwd, rev = triton_matmuls.low_rank_log_gates_pair(
+                _cast(x, dtype), _cast(w0, dtype), _cast(w1, dtype), b1, normalizer)
+        else:
+            low = F.linear(x, w0)
+            fwd, rev = _log_gates_pair_forward(F.linear(low, w1, b1), normalizer)
+        # the rank-R projection is small (R = 16 per token); the gates are kept by the op anyway
+        ctx.save_for_backward(x, low, w0, w1, fwd, rev)
+        ctx.normalizer, ctx.b1_dtype = normalizer, b1.dtype
+        return fwd, rev
+
+    @staticmethod
+    def backward(ctx, grad_fwd, grad_rev):
+        x, low, w0, w1, fwd, rev = ctx.saved_tensors
+        dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
+        n = ctx.normalizer
+        grad_logits = torch.cat([_log_gates_grad(grad_fwd, fwd, n), _log_gates_grad(grad_rev, rev, n)], dim=-1)
+        grad_logits = grad_logits.to(dtype).reshape(-1, grad_logits.shape[-1])
+        rows_low, rows_x = low.reshape(-1, low.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
+        grad_low = grad_logits @ w1.to(dtype)
+        return (
+            (grad_low @ w0.to(dtype)).view(x.shape).to(x.dtype),
+            (grad_low.t() @ rows_x).to(w0.dtype),
+            (grad_logits.t() @ rows_low).to(w1.dtype),
+            _acc(grad_logits).sum(0).to(ctx.b1_dtype),
+            None,
+        )
+
+
+def low_rank_log_gates_pair(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, normalizer: float
+                            ) -> tuple[Tensor, Tensor]:
+    """:func:`log_gates_pair` of ``(x @ w0ᵀ) @ w1ᵀ + b1``: ViG's low-rank gate projection and its
+    log gates, as two contiguous ``[..., K]`` tensors (``w1``: ``[2K, R]``). On CUDA one kernel
+    reads ``x`` once and writes the rank-R projection and the gates only (vig.triton_matmuls);
+    saves ``x``, the rank-R projection and the gates."""
+    if w1.shape[0] % 2:
+        raise ValueError(f"w1: expected an even number of rows [2K, R], got shape {tuple(w1.shape)}")
+    return _LowRankLogGatesPair.apply(x, w0, w1, b1, normalizer)
 
 
 def log_gates(logits: Tensor, normalizer: float) -> Tensor:
@@ -486,13 +537,28 @@ class _SwiGLULinear(torch.autograd.Function):
         return _swiglu_backward(grad_out, projected, weight)
 
 
+def _matmul_dtype(x: Tensor, *weights: Tensor):
+    """The dtype ``F.linear(x, weight)`` computes in (autocast's, or the shared dtype), or None
+    where it would raise (mixed dtypes without autocast): the PyTorch form then raises."""
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        return dtype
+    return x.dtype if all(w.dtype == x.dtype for w in weights) else None
+
+
 class _SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, in_weight, out_weight):
-        projected = F.linear(x, in_weight)  # under autocast: in the autocast dtype
-        product = _swiglu_product(projected)
+        dtype = _matmul_dtype(x, in_weight)
+        if dtype is not None and triton_kernels.enabled_for(x, in_weight):
+            # the projection and the product in one kernel: [gate, value] is never written
+            product = triton_matmuls.swiglu_matmul(_cast(x, dtype), _cast(in_weight, dtype))
+        else:
+            projected = F.linear(x, in_weight)  # under autocast: in the autocast dtype
+            dtype = projected.dtype
+            product = _swiglu_product(projected)
         ctx.save_for_backward(x, in_weight, out_weight)
-        ctx.compute_dtype = projected.dtype
+        ctx.compute_dtype = dtype
         return F.linear(product, out_weight.to(product.dtype))
 
     @staticmethod

@@ -13,6 +13,9 @@ Speed notes (the reasons behind the shape of ``forward``):
 - One fused projection weight ``qkv_proj`` (the checkpoint format) is applied as three matmuls
   on row slices of the weight: each output is contiguous, so the op copies nothing (a split of
   one matmul's output would give strided views that must be copied).
+- The gates' low-rank projection (two matmuls), ``logsigmoid(·)/16`` and the split into the
+  two directions' contiguous gates are one function (:func:`vig.fused.low_rank_log_gates_pair`),
+  one Triton kernel on CUDA: the 2K logits per token are never written.
 - Both scan directions run in **one** ``gated_linear_attention(..., bidirectional=True,
   g_reverse=...)`` call: no flipped copies, no batch concatenation, the same path in training
   and evaluation.
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import add_norm_conv_act, autocast_weight, log_gates_pair, mix_global_local, norm_conv_act
+from .fused import add_norm_conv_act, autocast_weight, low_rank_log_gates_pair, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
 
 Tensor = torch.Tensor
@@ -141,8 +144,10 @@ class GatedLinearAttention2D(nn.Module):
         k = F.linear(local, w_qkv[kd : 2 * kd]).view(B, H * W, heads, -1)
         v = F.linear(local, w_qkv[2 * kd :]).view(B, H * W, heads, -1)
 
-        # both directions' gates from one projection, split into two contiguous tensors
-        g_fwd, g_rev = log_gates_pair(self.gk_proj[1](self.gk_proj[0](local)), self.gate_logit_normalizer)
+        # both directions' gates from one low-rank projection, split into two contiguous tensors
+        # (on CUDA one kernel: vig.triton_matmuls)
+        down, up = self.gk_proj
+        g_fwd, g_rev = low_rank_log_gates_pair(local, down.weight, up.weight, up.bias, self.gate_logit_normalizer)
 
         o = gated_linear_attention(
             q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,

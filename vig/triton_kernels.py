@@ -224,18 +224,21 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
+    def _logsigmoid(z):
+        """``logsigmoid(z) = min(z, 0) - log1p(exp(-|z|))`` of a float32 tile, with ``log1p(u) =
+        log(w)·u/(w - 1)``, ``w = 1 + u`` (accurate for tiny u, where log(1 + u) rounds to 0)."""
+        u = tl.exp(-tl.abs(z))
+        w = 1.0 + u
+        exact = w == 1.0
+        return tl.minimum(z, 0.0) - tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+    @triton.jit
     def _log_gates_pair_kernel(z_ptr, fwd_ptr, rev_ptr, n_rows, width, inv_normalizer, stride_z,
                                BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         half = tl.program_id(1)  # 0: the forward gates (first K columns), 1: the reverse ones
         z = tl.load(z_ptr + r * stride_z + half * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(u) = log(w)·u/(w - 1), w = 1 + u
-        # (accurate for tiny u, where log(1 + u) rounds to 0)
-        u = tl.exp(-tl.abs(z))
-        w = 1.0 + u
-        exact = w == 1.0
-        log1p = tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
-        gates = (tl.minimum(z, 0.0) - log1p) * inv_normalizer
+        gates = _logsigmoid(z) * inv_normalizer
         offsets = r * width + cols[None, :]
         if half == 0:
             tl.store(fwd_ptr + offsets, gates.to(fwd_ptr.dtype.element_ty), mask=mask)
