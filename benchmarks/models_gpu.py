@@ -84,8 +84,9 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
             after_step=None) -> dict:
     """One row. ``runner_kind``: ``eager``; ``compile`` (``torch.compile``, default mode);
     ``compile-ro`` (``mode="reduce-overhead"``: compiled and replayed from CUDA graphs); or
-    ``graph``: inference captured once in a CUDA graph and replayed, which takes Python and
-    kernel launches out of the timing (the GPU-bound speed of the same eager kernels)."""
+    ``graph``: the eager step (inference, or forward, backward and the optimizer's step)
+    captured once in a CUDA graph and replayed, which takes Python and kernel launches out of
+    the timing (the GPU-bound speed of the same eager kernels)."""
     torch.manual_seed(0)
     model = build(label, img_size, args.tiny).to(device)
     model.train(mode == "train")
@@ -101,7 +102,9 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
     # CUDA graph capture needs autocast's weight-cast cache off
     amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=runner_kind != "graph")
            if args.dtype == "bf16" else contextlib.nullcontext())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if mode == "train" else None
+    # (a captured step needs the optimizer's step counters on the GPU: capturable)
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda",
+                                   capturable=runner_kind == "graph") if mode == "train" else None)
 
     def infer():
         with torch.no_grad(), amp:
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--compile-modes", default="eager",
                    help="comma list of eager, compile (torch.compile), compile-ro (torch.compile with "
-                        "mode='reduce-overhead') and graph (CUDA-graph replay of eager, inference only)")
+                        "mode='reduce-overhead') and graph (CUDA-graph replay of the eager step, inference "
+                        "or training)")
     p.add_argument("--compile-models", default="ViG-T,DeiT-T",
                    help="models that get compiled rows (compiling takes ~a minute per model, point and mode)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
                 for label in models:
                     if compiled in COMPILE_MODES and label not in args.compile_models.split(","):
                         continue
-                    if compiled == "graph" and (mode != "infer" or device.type != "cuda"):
+                    if compiled == "graph" and device.type != "cuda":
                         continue
                     try:
                         row = measure(label, img_size, batch, mode, compiled, args, device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vig import fused, triton_kernels, triton_matmuls
+from vig import fused, triton_backward, triton_kernels, triton_matmuls
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -188,6 +188,78 @@ def test_low_rank_log_gates_pair_against_float64(shape, dtype):
         assert ours.dtype == dtype and ours.shape == (*lead, ng) and ours.is_contiguous()
         assert not torch.isnan(ours).any()
         assert ((ours.double() - ref).abs() <= ok).all()
+
+
+@pytest.mark.parametrize("hidden", [1, 5, 512, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_against_float64(hidden, dtype):
+    gen = torch.Generator().manual_seed(hidden + 1)
+    p = _rand(gen, 3, 11, 2 * hidden, scale=4.0, dtype=dtype)
+    g = _rand(gen, 3, 11, hidden, dtype=dtype)
+    grad, product = triton_backward.swiglu_backward(p, g)
+    p64 = p.double().requires_grad_()
+    gate, value = p64.chunk(2, -1)
+    ref_product = F.silu(gate) * value
+    (ref_grad,) = torch.autograd.grad(ref_product, p64, g.double())
+    assert grad.dtype == product.dtype == dtype and grad.shape == p.shape and product.shape == g.shape
+    assert _rel_err(grad, ref_grad) <= UNIT[dtype]
+    assert _rel_err(product, ref_product.detach()) <= UNIT[dtype]
+
+
+@pytest.mark.parametrize("head_dim", [2, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [False, True])
+def test_mix_backward_against_float64(head_dim, dtype, act):
+    """Every gradient of the mix from one kernel: rows of very different scales (the norms), the
+    norm weights' gradients summed over rows from per-program partial sums. (Not D = 1: a
+    one-wide RMSNorm's gradient is eps-sized, and its float32 formula, PyTorch's included,
+    cancels to ~1e-3 relative.)"""
+    gen = torch.Generator().manual_seed(head_dim + 7)
+    rows = torch.logspace(-2, 2, 37, dtype=torch.float64)[:, None, None].to(DEVICE)
+    a = (_rand(gen, 37, 3, head_dim, dtype=torch.float64) * rows).to(dtype)
+    b, z, g = (_rand(gen, 37, 3, head_dim, scale=2.0, dtype=dtype) for _ in range(3))
+    wa, wb = _rand(gen, head_dim), _rand(gen, head_dim)
+    ours = triton_backward.mix_backward(a, b, z, wa, wb, 1e-6, act, g)
+    leaves = [t.double().requires_grad_() for t in (a, b, z, wa, wb)]
+    na, nb = _rms64(leaves[0], leaves[3], 1e-6), _rms64(leaves[1], leaves[4], 1e-6)
+    m = nb + torch.sigmoid(leaves[2]) * (na - nb)
+    refs = torch.autograd.grad(F.silu(m) if act else m, leaves, g.double())
+    for name, o, r, t in zip("a b z wa wb".split(), ours, refs, (a, b, z, wa, wb)):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        # one rounding of each result; the weights' sums in float32 over 111 rows
+        assert _rel_err(o, r) <= 2 * UNIT[o.dtype], name
+
+
+@pytest.mark.parametrize("width", [2, 17, 192, 300])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_backward_against_float64(width, residual):
+    """RMSNorm's input and weight gradients in one pass, rows of very different scales, with and
+    without a residual gradient added; the incoming gradient in bfloat16 as in the models."""
+    gen = torch.Generator().manual_seed(width + residual)
+    x = _rand(gen, 37, width) * torch.logspace(-3, 3, 37, device=DEVICE)[:, None]
+    w = _rand(gen, width)
+    g = _rand(gen, 37, width, dtype=torch.bfloat16)
+    res = _rand(gen, 37, width) if residual else None
+    grad_x, grad_w = triton_backward.rms_norm_backward(x, w, 1e-6, g, res)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref_x, ref_w = torch.autograd.grad(_rms64(x64, w64, 1e-6), (x64, w64), g.double())
+    if residual:
+        ref_x = ref_x + res.double()
+    assert grad_x.dtype == x.dtype and grad_w.dtype == w.dtype
+    assert _rel_err(grad_x, ref_x) <= 2 * UNIT[torch.float32]
+    assert _rel_err(grad_w, ref_w) <= 2 * UNIT[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_backward_against_float64(dtype):
+    gen = torch.Generator().manual_seed(9)
+    y = _rand(gen, 5, 333, scale=6.0)
+    g = _rand(gen, 5, 333, dtype=dtype)
+    y64 = y.double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.silu(y64), y64, g.double())
+    out = triton_backward.silu_backward(y, g, dtype)
+    assert out.dtype == dtype and out.shape == y.shape
+    assert _rel_err(out, ref) <= UNIT[dtype]
 
 
 def _with_and_without_kernels(monkeypatch, fn, *inputs):

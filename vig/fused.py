@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_kernels, triton_matmuls
+from . import triton_backward, triton_kernels, triton_matmuls
 
 Tensor = torch.Tensor
 
@@ -100,6 +100,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
+        if triton_kernels.enabled_for(x, weight, grad_out):
+            return (*triton_backward.rms_norm_backward(x, weight, ctx.eps, grad_out), None, None)
         x_hat, rstd = _rms_forward(x, weight, ctx.eps)
         grad = _acc(grad_out)
         grad_x = _rms_backward(grad * _acc(weight), x_hat, rstd)
@@ -135,7 +137,10 @@ class _AddRMSNorm(torch.autograd.Function):
     def backward(ctx, grad_total, grad_normed):
         total, weight = ctx.saved_tensors
         grad, grad_weight = grad_total, None
-        if grad_normed is not None:
+        if grad_normed is not None and triton_kernels.enabled_for(total, weight, grad_normed):
+            grad, grad_weight = triton_backward.rms_norm_backward(total, weight, ctx.eps, grad_normed, grad_total,
+                                                                 torch.float32)
+        elif grad_normed is not None:
             x_hat, rstd = _rms_forward(total, weight, ctx.eps)
             gn = _acc(grad_normed)
             through_norm = _rms_backward(gn * _acc(weight), x_hat, rstd)
@@ -261,24 +266,41 @@ def _norm_conv_act_forward(ctx, x, norm_weight, eps, conv_weight, act, branch=No
     return s, (F.silu(y) if act else y)
 
 
-def _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out):
-    """Gradients of ``s``, the norm weight and the convolution weight (``s`` recomputed from)."""
-    x_hat, rstd = _rms_forward(s, norm_weight, ctx.eps)
-    wn = _acc(norm_weight)
-    normed = (x_hat * wn).to(ctx.conv_dtype)
+def _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out, grad_residual=None):
+    """Gradients of ``s`` (plus ``grad_residual``, a gradient reaching ``s`` by another path),
+    the norm weight and the convolution weight (``s`` recomputed from). On CUDA the norm, its
+    backward and SiLU's are Triton kernels (vig.triton_backward); the convolution's two
+    gradients are cuDNN's either way."""
+    kernels = _depthwise_odd(conv_weight) and triton_kernels.enabled_for(s, norm_weight, conv_weight, grad_out)
     weight = conv_weight.to(ctx.conv_dtype)
     grad_y = grad_out.to(ctx.conv_dtype)
-    if ctx.act:
-        y = _acc(_depthwise_nhwc(normed, weight))
-        sig = torch.sigmoid(y)
-        grad_y = (_acc(grad_y) * sig * (1 + y * (1 - sig))).to(ctx.conv_dtype)
+    if kernels:
+        normed = triton_kernels.rms_norm(s, norm_weight, ctx.eps, ctx.conv_dtype)
+        if ctx.act:  # the convolution's output again (float32), from s in one pass
+            y = triton_kernels.norm_dwconv_act(s, norm_weight, ctx.eps, conv_weight, False, torch.float32)
+            grad_y = triton_backward.silu_backward(y, grad_y, ctx.conv_dtype)
+    else:
+        x_hat, rstd = _rms_forward(s, norm_weight, ctx.eps)
+        wn = _acc(norm_weight)
+        normed = (x_hat * wn).to(ctx.conv_dtype)
+        if ctx.act:
+            y = _acc(_depthwise_nhwc(normed, weight))
+            sig = torch.sigmoid(y)
+            grad_y = (_acc(grad_y) * sig * (1 + y * (1 - sig))).to(ctx.conv_dtype)
     kh, kw = conv_weight.shape[-2:]
     nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
     conv_args = dict(padding=(kh // 2, kw // 2), groups=conv_weight.shape[0])
     grad_normed = torch.nn.grad.conv2d_input(nchw(normed).shape, weight, nchw(grad_y), **conv_args)
     grad_conv = torch.nn.grad.conv2d_weight(nchw(normed), conv_weight.shape, nchw(grad_y), **conv_args)
-    grad_normed = _acc(grad_normed.permute(0, 2, 3, 1))
+    grad_normed = grad_normed.permute(0, 2, 3, 1)
+    if kernels:
+        grad_s, grad_norm = triton_backward.rms_norm_backward(s, norm_weight, ctx.eps, grad_normed, grad_residual,
+                                                              torch.promote_types(s.dtype, torch.float32))
+        return grad_s, grad_norm, grad_conv.to(conv_weight.dtype)
+    grad_normed = _acc(grad_normed)
     grad_s = _rms_backward(grad_normed * wn, x_hat, rstd)
+    if grad_residual is not None:
+        grad_s = grad_s + _acc(grad_residual)
     return grad_s, _sum_to_last(grad_normed * x_hat).to(norm_weight.dtype), grad_conv.to(conv_weight.dtype)
 
 
@@ -312,9 +334,7 @@ class _AddNormConvAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s, grad_out):
         s, norm_weight, conv_weight = ctx.saved_tensors
-        grad, grad_norm, grad_conv = _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out)
-        if grad_s is not None:
-            grad = grad + _acc(grad_s)
+        grad, grad_norm, grad_conv = _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out, grad_s)
         return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1]), grad_norm, None, grad_conv, None
 
 
@@ -355,6 +375,9 @@ class _MixGlobalLocal(torch.autograd.Function):
     def backward(ctx, grad_out):
         # ... and backward recomputes the normalised branches from the saved inputs, in float32
         global_out, local_out, gate_logits, global_weight, local_weight, out_weight = ctx.saved_tensors
+        kernel_args = (global_out, local_out, gate_logits, global_weight, local_weight)
+        if triton_kernels.enabled_for(*kernel_args, grad_out):
+            return _mix_backward_kernels(ctx, grad_out, *kernel_args, out_weight)
         a_hat, a_rstd = _rms_forward(global_out, global_weight, ctx.eps)
         b_hat, b_rstd = _rms_forward(local_out, local_weight, ctx.eps)
         wa, wb = _acc(global_weight), _acc(local_weight)
@@ -387,6 +410,23 @@ class _MixGlobalLocal(torch.autograd.Function):
             None,
             grad_out_weight,
         )
+
+
+def _mix_backward_kernels(ctx, grad_out, global_out, local_out, gate_logits, global_weight, local_weight,
+                          out_weight):
+    """:class:`_MixGlobalLocal`'s backward as two Triton kernels around the projection's matmuls:
+    the forward kernel again (the projection's input, for its weight gradient), and one pass
+    for the rest (vig.triton_backward)."""
+    grad_out_weight = None
+    if out_weight is not None:
+        mixed = triton_kernels.mix_global_local(global_out, local_out, gate_logits, global_weight, local_weight,
+                                                ctx.eps, ctx.out_act, grad_out.dtype).flatten(-2)
+        grad_out_weight = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ mixed.reshape(-1, mixed.shape[-1]))
+        grad_out_weight = grad_out_weight.to(out_weight.dtype)
+        grad_out = (grad_out @ out_weight.to(grad_out.dtype)).view(global_out.shape)
+    grads = triton_backward.mix_backward(global_out, local_out, gate_logits, global_weight, local_weight, ctx.eps,
+                                         ctx.out_act, grad_out)
+    return (*grads, None, None, grad_out_weight)
 
 
 def mix_global_local(global_out: Tensor, local_out: Tensor, gate_logits: Tensor, global_weight: Tensor,
@@ -506,15 +546,19 @@ def log_gates(logits: Tensor, normalizer: float) -> Tensor:
 def _swiglu_backward(grad_out: Tensor, projected: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of ``(silu(gate) · value) @ weightᵀ`` w.r.t. ``projected = [gate, value]`` and
     ``weight``, in the dtype of ``grad_out`` (the product is recomputed, not kept)."""
-    gate, value = projected.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    product = gate * sig * value
-    w = weight.to(grad_out.dtype)
+    grad_product = grad_out @ weight.to(grad_out.dtype)
+    if triton_kernels.enabled_for(projected, grad_product):
+        # one pass: the gradient of [gate, value] and the product (vig.triton_backward)
+        grad_projected, product = triton_backward.swiglu_backward(projected, grad_product)
+    else:
+        gate, value = projected.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        product = gate * sig * value
+        grad_gate = grad_product * value * sig * (1 + gate * (1 - sig))
+        grad_value = grad_product * gate * sig
+        grad_projected = torch.cat([grad_gate, grad_value], dim=-1)
     grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
-    grad_product = grad_out @ w
-    grad_gate = grad_product * value * sig * (1 + gate * (1 - sig))
-    grad_value = grad_product * gate * sig
-    return torch.cat([grad_gate, grad_value], dim=-1), grad_weight.to(weight.dtype)
+    return grad_projected, grad_weight.to(weight.dtype)
 
 
 def _swiglu_product(projected: Tensor) -> Tensor:

@@ -1,0 +1,190 @@
+"""Triton kernels for the elementwise part of :mod:`vig.fused`'s backward passes (CUDA).
+
+A profile of ViG-T's training step (H100, 224 px, batch 128, bf16 autocast; benchmarks/
+RESULTS.md, seventh session) found 40 ms of GPU time per step, of which the backward of the
+global/local mix took 9.8 ms and that of the SwiGLU MLP 6.2 ms: written as PyTorch ops in
+float32, each is dozens of full passes over ``[tokens, C]`` tensors. Here each is one pass:
+
+- :func:`swiglu_backward`: from ``[gate, value]`` and the gradient of ``silu(gate) · value``,
+  the gradient of ``[gate, value]`` and the product itself (the output projection's weight
+  gradient needs it);
+- :func:`rms_norm_backward`: RMSNorm's input and weight gradients, plus a residual gradient
+  (the pre-norms after a residual add, and before the depth-wise convolution);
+- :func:`silu_backward`: SiLU's (after the depth-wise convolution);
+- :func:`mix_backward`: the gradients of ``silu?(σ(z)·RMSNorm(a)·wa + (1 − σ(z))·RMSNorm(b)·wb)``
+  w.r.t. ``a``, ``b``, ``z`` (per head rows) and the two norm weights (per-program partial
+  column sums, added up in PyTorch).
+
+Both compute in float32 and round each result once. Same switches as
+:mod:`vig.triton_kernels` (``VIG_TRITON_KERNELS``, :func:`~vig.triton_kernels.enabled_for`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_kernels import _as_rows, _device_ctx, _pow2, _rows_block, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .triton_kernels import _row_tile, _rstd
+
+Tensor = torch.Tensor
+
+__all__ = ["swiglu_backward", "mix_backward", "rms_norm_backward", "silu_backward"]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_backward_kernel(p_ptr, gp_ptr, grad_ptr, prod_ptr, n_rows, hidden, stride_p, stride_gp,
+                                stride_grad, stride_prod, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, hidden, tl.program_id(1), BLOCK_ROWS, BLOCK_COLS)
+        gate = tl.load(p_ptr + r * stride_p + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(p_ptr + r * stride_p + hidden + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gp_ptr + r * stride_gp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        out_ty = grad_ptr.dtype.element_ty
+        tl.store(grad_ptr + r * stride_grad + cols[None, :], (g * value * sig * (1 + gate * (1 - sig))).to(out_ty),
+                 mask=mask)
+        tl.store(grad_ptr + r * stride_grad + hidden + cols[None, :], (g * silu).to(out_ty), mask=mask)
+        tl.store(prod_ptr + r * stride_prod + cols[None, :], (silu * value).to(prod_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mix_backward_kernel(a_ptr, b_ptr, z_ptr, wa_ptr, wb_ptr, g_ptr, ga_ptr, gb_ptr, gz_ptr, part_ptr,
+                             n_rows, width, eps, stride_a, stride_b, stride_z, stride_g,
+                             OUT_ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        # the forward (_mix_kernel) recomputed in registers, then its gradients; the norm
+        # weights' gradients as this program's column sums (part: [programs, 2, BLOCK_COLS])
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        a = tl.load(a_ptr + r * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + r * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + r * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(g_ptr + r * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        wa = tl.load(wa_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        wb = tl.load(wb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        rstd_a = _rstd(a, width, eps)[:, None]
+        rstd_b = _rstd(b, width, eps)[:, None]
+        a_hat, b_hat = a * rstd_a, b * rstd_b
+        na, nb = a_hat * wa, b_hat * wb
+        g = tl.sigmoid(z)
+        if OUT_ACT:
+            m = nb + g * (na - nb)
+            s = tl.sigmoid(m)
+            grad = grad * s * (1 + m * (1 - s))
+        grad_na, grad_nb = grad * g, grad * (1 - g)
+        grad_z = grad * (na - nb) * g * (1 - g)
+        # RMSNorm's backward: rstd · (h - x_hat · mean(h · x_hat)), h the gradient of x_hat
+        ha, hb = grad_na * wa, grad_nb * wb
+        grad_a = rstd_a * (ha - a_hat * (tl.sum(ha * a_hat, axis=1) / width)[:, None])
+        grad_b = rstd_b * (hb - b_hat * (tl.sum(hb * b_hat, axis=1) / width)[:, None])
+        tl.store(ga_ptr + r * width + cols[None, :], grad_a.to(ga_ptr.dtype.element_ty), mask=mask)
+        tl.store(gb_ptr + r * width + cols[None, :], grad_b.to(gb_ptr.dtype.element_ty), mask=mask)
+        tl.store(gz_ptr + r * width + cols[None, :], grad_z.to(gz_ptr.dtype.element_ty), mask=mask)
+        part = part_ptr + tl.program_id(0) * 2 * BLOCK_COLS + cols
+        tl.store(part, tl.sum(grad_na * a_hat, axis=0))
+        tl.store(part + BLOCK_COLS, tl.sum(grad_nb * b_hat, axis=0))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_backward_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, part_ptr, n_rows, width, eps,
+                                  stride_x, stride_g, stride_res, HAS_RES: tl.constexpr,
+                                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        # grad_x = rstd · (h - x_hat · mean(h · x_hat)), h = grad · w (+ a residual gradient);
+        # the weight's gradient as this program's column sums of grad · x_hat
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        rstd = _rstd(x, width, eps)[:, None]
+        x_hat = x * rstd
+        h = g * w
+        grad = rstd * (h - x_hat * (tl.sum(h * x_hat, axis=1) / width)[:, None])
+        if HAS_RES:
+            grad += tl.load(res_ptr + r * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r * width + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + tl.program_id(0) * BLOCK_COLS + cols, tl.sum(g * x_hat, axis=0))
+
+    @triton.jit
+    def _silu_backward_kernel(y_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.sigmoid(y)
+        tl.store(out_ptr + offs, (g * s * (1 + y * (1 - s))).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, residual: Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_weight)`` of ``RMSNorm(x) · weight`` over the last dimension given the
+    gradient of its output, plus ``residual`` (a gradient reaching ``x`` by another path) when
+    given; ``grad_x`` as ``out_dtype`` (default ``x.dtype``), ``grad_weight`` as ``weight``'s."""
+    rx, rg = _as_rows(x), _as_rows(grad)
+    rr = _as_rows(residual) if residual is not None else rx
+    n_rows, width = rx.shape
+    block_rows, block_cols = _rows_block(width)
+    programs = triton.cdiv(n_rows, block_rows)
+    out = torch.empty(rx.shape, dtype=out_dtype or x.dtype, device=x.device)
+    part = torch.empty((programs, block_cols), dtype=torch.float32, device=x.device)
+    with _device_ctx(x):
+        _rms_norm_backward_kernel[(programs,)](
+            rx, weight, rg, rr, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0), rr.stride(0),
+            HAS_RES=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return out.view(x.shape), part.sum(0)[:width].to(weight.dtype)
+
+
+def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """The gradient of ``silu(y)`` w.r.t. ``y`` given that of its output, as ``out_dtype``."""
+    y, grad = y.contiguous(), grad.contiguous()
+    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+    block = 1024
+    with _device_ctx(y):
+        _silu_backward_kernel[(triton.cdiv(y.numel(), block),)](y, grad, out, y.numel(), BLOCK=block)
+    return out
+
+
+def swiglu_backward(projected: Tensor, grad_product: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_projected, product)``: the gradient of ``[gate, value] = projected`` given that of
+    ``silu(gate) · value``, and the product itself, both in ``grad_product``'s dtype."""
+    rows, grows = _as_rows(projected), _as_rows(grad_product)
+    hidden = rows.shape[1] // 2
+    grad = torch.empty(rows.shape, dtype=grad_product.dtype, device=projected.device)
+    product = torch.empty(grows.shape, dtype=grad_product.dtype, device=projected.device)
+    block_cols = min(256, _pow2(hidden))
+    block_rows = max(1, 4096 // block_cols)
+    with _device_ctx(projected):
+        _swiglu_backward_kernel[(triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))](
+            rows, grows, grad, product, rows.shape[0], hidden, rows.stride(0), grows.stride(0), grad.stride(0),
+            product.stride(0), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return grad.view(projected.shape), product.view(grad_product.shape)
+
+
+def mix_backward(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: float, out_act: bool,
+                 grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`vig.fused.mix_global_local` (without the output projection) w.r.t.
+    ``a, b, z`` (in their dtypes) and ``wa, wb`` (in theirs), given ``grad``, the gradient of
+    its output; all four tensors ``[..., D]``, norms over ``D``."""
+    ra, rb, rz, rg = (_as_rows(t) for t in (a, b, z, grad))
+    n_rows, width = ra.shape
+    block_rows, block_cols = _rows_block(width)
+    programs = triton.cdiv(n_rows, block_rows)
+    grad_a = torch.empty(ra.shape, dtype=a.dtype, device=a.device)
+    grad_b = torch.empty(ra.shape, dtype=b.dtype, device=a.device)
+    grad_z = torch.empty(ra.shape, dtype=z.dtype, device=a.device)
+    part = torch.empty((programs, 2, block_cols), dtype=torch.float32, device=a.device)
+    with _device_ctx(a):
+        _mix_backward_kernel[(programs,)](
+            ra, rb, rz, wa, wb, rg, grad_a, grad_b, grad_z, part, n_rows, width, eps,
+            ra.stride(0), rb.stride(0), rz.stride(0), rg.stride(0),
+            OUT_ACT=out_act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    sums = part.sum(0)[:, :width]
+    return (grad_a.view(a.shape), grad_b.view(b.shape), grad_z.view(z.shape), sums[0].to(wa.dtype),
+            sums[1].to(wb.dtype))
