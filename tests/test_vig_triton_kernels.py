@@ -262,6 +262,29 @@ def test_silu_backward_against_float64(dtype):
     assert _rel_err(out, ref) <= UNIT[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unused", [None, "fwd", "rev"])
+def test_log_gates_pair_backward_against_float64(dtype, unused):
+    """The logits' gradient from the gates alone, for logits from -1e4 to +90 (slopes from 1 to
+    e^-90: a plain exp(x) - 1 loses the small ones), with one direction unused (gradient 0)."""
+    z = torch.cat([torch.linspace(-1e4, 90, 44, dtype=torch.float64), torch.linspace(2, 40, 44, dtype=torch.float64),
+                   torch.randn(44, generator=torch.Generator().manual_seed(4), dtype=torch.float64)])
+    z = z.view(4, 33).to(dtype).to(DEVICE)
+    gates = F.logsigmoid(z.double()) / 16
+    fwd, rev = gates[:, :16].to(dtype).contiguous(), gates[:, 16:32].to(dtype).contiguous()
+    gen = torch.Generator().manual_seed(5)
+    grad_f, grad_r = _rand(gen, 4, 16, dtype=dtype), _rand(gen, 4, 16, dtype=dtype)
+    grad_f, grad_r = (None if unused == "fwd" else grad_f), (None if unused == "rev" else grad_r)
+    out = triton_backward.log_gates_pair_backward(grad_f, fwd, grad_r, rev, 16.0)
+    # the exact slope at the stored gates: sigmoid(-z) = -expm1(16 · gate), over 16
+    ref = [torch.zeros(4, 16, dtype=torch.float64, device=DEVICE) if g is None else
+           g.double() * -torch.expm1(16 * gate.double()) / 16 for g, gate in ((grad_f, fwd), (grad_r, rev))]
+    ref = torch.cat(ref, -1)
+    assert out.dtype == dtype and out.shape == (4, 32) and not torch.isnan(out).any()
+    tiny = torch.finfo(dtype).tiny
+    assert ((out.double() - ref).abs() <= UNIT[dtype] * ref.abs() + tiny).all()
+
+
 def _with_and_without_kernels(monkeypatch, fn, *inputs):
     """(result, grads) of ``fn`` through the kernels, then through the PyTorch forms."""
     out = []

@@ -450,6 +450,14 @@ def _log_gates_grad(grad_gates: Tensor | None, gates: Tensor, normalizer: float)
     return (_acc(grad_gates) * slope).to(grad_gates.dtype)
 
 
+def _log_gates_pair_grad(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,
+                         normalizer: float) -> Tensor:
+    """The ``[..., 2K]`` logits' gradient from both directions' gates (one kernel on CUDA)."""
+    if triton_kernels.enabled_for(fwd, rev, *(g for g in (grad_fwd, grad_rev) if g is not None)):
+        return triton_backward.log_gates_pair_backward(grad_fwd, fwd, grad_rev, rev, normalizer)
+    return torch.cat([_log_gates_grad(grad_fwd, fwd, normalizer), _log_gates_grad(grad_rev, rev, normalizer)], dim=-1)
+
+
 class _LogGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, normalizer):
@@ -481,8 +489,7 @@ class _LogGatesPair(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_fwd, grad_rev):
         fwd, rev = ctx.saved_tensors
-        grads = (_log_gates_grad(grad_fwd, fwd, ctx.normalizer), _log_gates_grad(grad_rev, rev, ctx.normalizer))
-        return torch.cat(grads, dim=-1), None
+        return _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, ctx.normalizer), None
 
 
 def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
@@ -513,7 +520,7 @@ class _LowRankLogGatesPair(torch.autograd.Function):
         x, low, w0, w1, fwd, rev = ctx.saved_tensors
         dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
         n = ctx.normalizer
-        grad_logits = torch.cat([_log_gates_grad(grad_fwd, fwd, n), _log_gates_grad(grad_rev, rev, n)], dim=-1)
+        grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, n)
         grad_logits = grad_logits.to(dtype).reshape(-1, grad_logits.shape[-1])
         rows_low, rows_x = low.reshape(-1, low.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
         grad_low = grad_logits @ w1.to(dtype)

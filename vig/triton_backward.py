@@ -11,6 +11,7 @@ float32, each is dozens of full passes over ``[tokens, C]`` tensors. Here each i
 - :func:`rms_norm_backward`: RMSNorm's input and weight gradients, plus a residual gradient
   (the pre-norms after a residual add, and before the depth-wise convolution);
 - :func:`silu_backward`: SiLU's (after the depth-wise convolution);
+- :func:`log_gates_pair_backward`: the gate logits' gradient from both directions' gates;
 - :func:`mix_backward`: the gradients of ``silu?(σ(z)·RMSNorm(a)·wa + (1 − σ(z))·RMSNorm(b)·wb)``
   w.r.t. ``a``, ``b``, ``z`` (per head rows) and the two norm weights (per-program partial
   column sums, added up in PyTorch).
@@ -32,7 +33,7 @@ if triton is not None:
 
 Tensor = torch.Tensor
 
-__all__ = ["swiglu_backward", "mix_backward", "rms_norm_backward", "silu_backward"]
+__all__ = ["swiglu_backward", "mix_backward", "rms_norm_backward", "silu_backward", "log_gates_pair_backward"]
 
 
 if triton is not None:
@@ -146,6 +147,58 @@ def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
     block = 1024
     with _device_ctx(y):
         _silu_backward_kernel[(triton.cdiv(y.numel(), block),)](y, grad, out, y.numel(), BLOCK=block)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expm1_nonpositive(x):
+        """``exp(x) - 1`` for ``x <= 0`` to float32 relative accuracy (Kahan: ``(u - 1)·x / log u``
+        with ``u = exp(x)``; exact ``x`` where u rounds to 1, -1 where it underflows)."""
+        u = tl.exp(x)
+        inner = (u == 1.0) | (u == 0.0)
+        kahan = (u - 1.0) * x / tl.log(tl.where(inner, 0.5, u))
+        return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, kahan))
+
+    @triton.jit
+    def _log_gates_backward_kernel(gf_ptr, f_ptr, gr_ptr, r_ptr, out_ptr, n_rows, width, normalizer,
+                                   HAS_F: tl.constexpr, HAS_R: tl.constexpr,
+                                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        # d logsigmoid(z)/dz = sigmoid(-z) = -expm1(logsigmoid(z)) = -expm1(n · gate), divided by
+        # n: the logits' gradient from the gates alone; half 0 writes columns [0, K), half 1 [K, 2K)
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        half = tl.program_id(1)
+        offs = r * width + cols[None, :]
+        if half == 0:
+            has, gates_ptr, grads_ptr = HAS_F, f_ptr, gf_ptr
+        else:
+            has, gates_ptr, grads_ptr = HAS_R, r_ptr, gr_ptr
+        result = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+        if has:
+            gates = tl.load(gates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            grads = tl.load(grads_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            result = grads * (-_expm1_nonpositive(gates * normalizer) / normalizer)
+        tl.store(out_ptr + r * (2 * width) + half * width + cols[None, :], result.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def log_gates_pair_backward(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,
+                            normalizer: float) -> Tensor:
+    """The gradient of ``[..., 2K]`` logits whose gates ``logsigmoid(·) / normalizer`` are
+    ``fwd`` (first K columns) and ``rev`` (last K), given the gates' gradients (None: zero), in
+    the gates' dtype. Needs contiguous ``fwd`` and ``rev``."""
+    width = fwd.shape[-1]
+    n_rows = fwd.numel() // width
+    gf = fwd if grad_fwd is None else grad_fwd.contiguous()
+    gr = rev if grad_rev is None else grad_rev.contiguous()
+    out = torch.empty((*fwd.shape[:-1], 2 * width), dtype=fwd.dtype, device=fwd.device)
+    block_rows, block_cols = _rows_block(width)
+    with _device_ctx(fwd):
+        _log_gates_backward_kernel[(triton.cdiv(n_rows, block_rows), 2)](
+            gf, fwd.contiguous(), gr, rev.contiguous(), out, n_rows, width, float(normalizer),
+            HAS_F=grad_fwd is not None, HAS_R=grad_rev is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
     return out
 
 
