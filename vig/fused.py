@@ -26,11 +26,18 @@ only their *inputs* and recompute the cheap rest in backward, as a fused kernel 
   backward: one more matmul for about 40 % less saved activation in a ViG block at 1024 px.
 
 Arithmetic is float32 inside (the inputs may be bfloat16 under autocast); results come back
-in the input dtype (in autocast's where only a matmul or convolution follows). On CUDA the
-forwards run as one Triton kernel each (:mod:`vig.triton_kernels`; the SwiGLU MLP's input
-projection with its product, and the low-rank gates with their matmuls, are Triton matmuls
-with the elementwise work fused in, :mod:`vig.triton_matmuls`); backward stays in PyTorch. Under ``torch.compile`` they trace as ordinary autograd functions and inductor fuses
-their elementwise parts.
+in the input dtype (in autocast's where only a matmul or convolution follows). On CUDA:
+
+- the forwards run as one Triton kernel each (:mod:`vig.triton_kernels`); the SwiGLU MLP's
+  input projection with its product, and the low-rank gates with their two matmuls, are
+  Triton matmuls with the elementwise work fused in (:mod:`vig.triton_matmuls`);
+- the backwards' elementwise parts (the mix, the SwiGLU product, RMSNorm, SiLU, the log
+  gates) are one Triton kernel each (:mod:`vig.triton_backward`); matmuls and the depth-wise
+  convolution's gradients stay PyTorch's (cuBLAS, cuDNN).
+
+Elsewhere (CPU, float64, ``VIG_TRITON_KERNELS=0``) the PyTorch forms below run, forward and
+backward. Under ``torch.compile`` they trace as ordinary autograd functions and inductor
+fuses their elementwise parts.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ float32, each is dozens of full passes over ``[tokens, C]`` tensors. Here each i
   w.r.t. ``a``, ``b``, ``z`` (per head rows) and the two norm weights (per-program partial
   column sums, added up in PyTorch).
 
-Both compute in float32 and round each result once. Same switches as
+Each computes in float32 and rounds each result once. Same switches as
 :mod:`vig.triton_kernels` (``VIG_TRITON_KERNELS``, :func:`~vig.triton_kernels.enabled_for`).
 """
 
@@ -34,6 +34,7 @@ if triton is not None:
 Tensor = torch.Tensor
 
 __all__ = ["swiglu_backward", "mix_backward", "rms_norm_backward", "silu_backward", "log_gates_pair_backward"]
+
 
 
 if triton is not None:
@@ -88,9 +89,6 @@ if triton is not None:
         tl.store(part, tl.sum(grad_na * a_hat, axis=0))
         tl.store(part + BLOCK_COLS, tl.sum(grad_nb * b_hat, axis=0))
 
-
-if triton is not None:
-
     @triton.jit
     def _rms_norm_backward_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, part_ptr, n_rows, width, eps,
                                   stride_x, stride_g, stride_res, HAS_RES: tl.constexpr,
@@ -118,39 +116,6 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         s = tl.sigmoid(y)
         tl.store(out_ptr + offs, (g * s * (1 + y * (1 - s))).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, residual: Tensor | None = None,
-                      out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """``(grad_x, grad_weight)`` of ``RMSNorm(x) · weight`` over the last dimension given the
-    gradient of its output, plus ``residual`` (a gradient reaching ``x`` by another path) when
-    given; ``grad_x`` as ``out_dtype`` (default ``x.dtype``), ``grad_weight`` as ``weight``'s."""
-    rx, rg = _as_rows(x), _as_rows(grad)
-    rr = _as_rows(residual) if residual is not None else rx
-    n_rows, width = rx.shape
-    block_rows, block_cols = _rows_block(width)
-    programs = triton.cdiv(n_rows, block_rows)
-    out = torch.empty(rx.shape, dtype=out_dtype or x.dtype, device=x.device)
-    part = torch.empty((programs, block_cols), dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
-        _rms_norm_backward_kernel[(programs,)](
-            rx, weight, rg, rr, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0), rr.stride(0),
-            HAS_RES=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-        )
-    return out.view(x.shape), part.sum(0)[:width].to(weight.dtype)
-
-
-def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """The gradient of ``silu(y)`` w.r.t. ``y`` given that of its output, as ``out_dtype``."""
-    y, grad = y.contiguous(), grad.contiguous()
-    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
-    block = 1024
-    with _device_ctx(y):
-        _silu_backward_kernel[(triton.cdiv(y.numel(), block),)](y, grad, out, y.numel(), BLOCK=block)
-    return out
-
-
-if triton is not None:
 
     @triton.jit
     def _expm1_nonpositive(x):
@@ -181,6 +146,36 @@ if triton is not None:
             result = grads * (-_expm1_nonpositive(gates * normalizer) / normalizer)
         tl.store(out_ptr + r * (2 * width) + half * width + cols[None, :], result.to(out_ptr.dtype.element_ty),
                  mask=mask)
+
+
+def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, residual: Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_weight)`` of ``RMSNorm(x) · weight`` over the last dimension given the
+    gradient of its output, plus ``residual`` (a gradient reaching ``x`` by another path) when
+    given; ``grad_x`` as ``out_dtype`` (default ``x.dtype``), ``grad_weight`` as ``weight``'s."""
+    rx, rg = _as_rows(x), _as_rows(grad)
+    rr = _as_rows(residual) if residual is not None else rx
+    n_rows, width = rx.shape
+    block_rows, block_cols = _rows_block(width)
+    programs = triton.cdiv(n_rows, block_rows)
+    out = torch.empty(rx.shape, dtype=out_dtype or x.dtype, device=x.device)
+    part = torch.empty((programs, block_cols), dtype=torch.float32, device=x.device)
+    with _device_ctx(x):
+        _rms_norm_backward_kernel[(programs,)](
+            rx, weight, rg, rr, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0), rr.stride(0),
+            HAS_RES=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    return out.view(x.shape), part.sum(0)[:width].to(weight.dtype)
+
+
+def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """The gradient of ``silu(y)`` w.r.t. ``y`` given that of its output, as ``out_dtype``."""
+    y, grad = y.contiguous(), grad.contiguous()
+    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+    block = 1024
+    with _device_ctx(y):
+        _silu_backward_kernel[(triton.cdiv(y.numel(), block),)](y, grad, out, y.numel(), BLOCK=block)
+    return out
 
 
 def log_gates_pair_backward(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,

@@ -23,9 +23,10 @@ its consumer wants:
   channels-last: at 224 px, batch 128, on an H100, 99 µs against 449 µs for the cast, the
   channels-last copy and cuDNN's convolution it replaces.
 
-They are forwards only: :mod:`vig.fused` keeps its autograd functions (save the inputs,
-recompute in PyTorch in backward) and calls these for the forward when :func:`enabled_for`
-says so. Under ``torch.compile`` they are not used (inductor fuses the PyTorch forms itself).
+They are forwards: :mod:`vig.fused` keeps its autograd functions (save the inputs, recompute
+in backward) and calls these for the forward when :func:`enabled_for` says so; the backward
+kernels are in :mod:`vig.triton_backward`, the fused matmuls in :mod:`vig.triton_matmuls`.
+Under ``torch.compile`` none of them is used (inductor fuses the PyTorch forms itself).
 
 ``VIG_TRITON_KERNELS``: ``auto`` (default; CUDA tensors), ``0`` (never), ``1`` (also CPU
 tensors when ``TRITON_INTERPRET=1``: how the CPU tests run these kernels).

@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 __all__ = ["swiglu_matmul", "low_rank_log_gates_pair", "SWIGLU_LAUNCH", "LOW_RANK_GATES_LAUNCH"]
 
 #: :func:`swiglu_matmul`'s tiles (rows, hidden columns per half, reduction step) and launch
-#: settings, from a sweep on an H100 at ViG-T's shapes (NOTES in benchmarks/RESULTS.md).
+#: settings, from a sweep on an H100 at ViG-T's shapes (benchmarks/RESULTS.md, seventh session).
 SWIGLU_LAUNCH = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 #: :func:`low_rank_log_gates_pair`'s rows per program, reduction step and gate columns per step.
 LOW_RANK_GATES_LAUNCH = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
