@@ -241,6 +241,28 @@ def test_matmul_precision_follows_pytorchs_switch(precision, expected):
     assert launch._dot_mode(torch.bfloat16, "cpu", cfg) == (False, "ieee")
 
 
+def test_tf32_switch_read_after_mixing_pytorchs_two_apis():
+    """Once a process has set PyTorch's legacy ``allow_tf32`` and then the per-backend
+    ``fp32_precision``, reading the legacy flag raises: the float32 mode follows the newer
+    setting instead of failing the call (a subprocess: the mixed state cannot be undone)."""
+    _launch()  # skips without triton
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this PyTorch has no per-backend precision API")
+    code = (
+        "import torch\n"
+        "from glakernels.backends.triton import launch\n"
+        "cfg = launch.choose_config(196, 32, 64)\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "print(launch._dot_mode(torch.float32, 'cuda', cfg))\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "print(launch._dot_mode(torch.float32, 'cuda', cfg))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["(False, 'ieee')", "(False, 'tf32')"]
+
+
 # ---------------------------------------------------------------------------------------------
 # declarations and availability
 

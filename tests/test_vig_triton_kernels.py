@@ -7,6 +7,8 @@ they run on CUDA tensors as in the models.
 """
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -354,6 +356,29 @@ def test_autocast_result_dtypes_match_pytorch(monkeypatch):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 dtypes.append(call().dtype)
         assert dtypes[0] == dtypes[1]
+
+
+def test_tf32_switches_read_after_mixing_pytorchs_two_apis():
+    """The float32 matmul and convolution kernels follow PyTorch's tf32 switches, also in a
+    process that set the legacy ``allow_tf32`` flags and then the per-backend ``fp32_precision``
+    (reading the legacy flags then raises; a subprocess: the mixed state cannot be undone)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this PyTorch has no per-backend precision API")
+    code = (
+        "import torch\n"
+        "from vig.triton_kernels import _tf32_allowed\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "torch.backends.cudnn.allow_tf32 = True\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
+        "print(_tf32_allowed('matmul'), _tf32_allowed('conv'))\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'tf32'\n"
+        "print(_tf32_allowed('matmul'), _tf32_allowed('conv'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["False False", "True True"]
 
 
 def test_mode_off_and_float64_stay_in_pytorch(monkeypatch):

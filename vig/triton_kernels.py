@@ -90,6 +90,21 @@ def enabled_for(*tensors: Tensor) -> bool:
     return MODE == "1" and x.device.type == "cpu" and _interpreting()
 
 
+def _tf32_allowed(kind: str) -> bool:
+    """Whether PyTorch lets float32 ``"matmul"`` (cuBLAS) or ``"conv"`` (cuDNN) work use tf32.
+    Read from the per-backend ``fp32_precision`` where this PyTorch has it (it also reflects
+    the legacy ``allow_tf32`` flags, which themselves raise once a process has mixed the two
+    APIs); "none" defers to the global ``torch.backends.fp32_precision``."""
+    backend = torch.backends.cuda.matmul if kind == "matmul" else torch.backends.cudnn
+    settings = backend if kind == "matmul" else getattr(backend, "conv", None)
+    precision = getattr(settings, "fp32_precision", None)
+    if precision is None:  # a PyTorch without the per-backend API
+        return bool(backend.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -454,7 +469,7 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
         dot_bf16, precision = False, "ieee"
     else:
         dot_bf16 = dtype == torch.bfloat16
-        tf32 = dtype == torch.float16 or torch.backends.cudnn.allow_tf32
+        tf32 = dtype == torch.float16 or _tf32_allowed("conv")
         precision = "tf32" if tf32 else "ieee"
     with _device_ctx(x):
         launch = PATCH_CONV_LAUNCH

@@ -1,6 +1,6 @@
 """Triton matmuls with their elementwise consumers fused in (CUDA forwards of :mod:`vig.fused`).
 
-Profiling ViG-T on an H100 (224 px, batch 128, bf16 autocast, CUDA graphs; benchmarks/
+Profiling ViG-T on an H100 (224 px, batch 128, bf16 autocast, GPU time; benchmarks/
 RESULTS.md, seventh session) showed two places where a small matmul writes an intermediate
 that one elementwise kernel reads straight back:
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import _device_ctx, _pow2, triton
+from .triton_kernels import _device_ctx, _pow2, _tf32_allowed, triton
 
 if triton is not None:
     import triton.language as tl
@@ -47,7 +47,7 @@ def _dot_format(x: Tensor) -> tuple[bool, str]:
     Triton's interpreter multiplies bfloat16 operands as raw bits: CPU runs take float32."""
     if x.device.type == "cpu":
         return True, "ieee"
-    return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, "tf32" if _tf32_allowed("matmul") else "ieee"
 
 
 if triton is not None:

@@ -197,7 +197,8 @@ def _dot_mode(dtype: torch.dtype, device_type: str, cfg: Config) -> tuple[bool, 
     - "highest" (PyTorch's default) and "high": bfloat16 and float16 inputs split those
       operands ("bf16x3", about float32 accuracy): rounding them to bfloat16 missed DESIGN
       §3's bounds where an output is a small difference of larger terms (NOTES.md, session 6).
-      float32 inputs: IEEE float32 ("highest"), or tf32 when ``allow_tf32`` is on ("high").
+      float32 inputs: IEEE float32 ("highest"), or tf32 when PyTorch allows it for float32
+      matmuls ("high", ``allow_tf32``, or ``fp32_precision = "tf32"``).
     - "medium" (``torch.set_float32_matmul_precision("medium")``: "bfloat16 for internal
       computations"): one bfloat16 dot for bfloat16 inputs, tf32 for float16 and float32 —
       faster (H100, vigT_224: about 0.65× the forward's time) and outside the bounds on such
@@ -212,7 +213,21 @@ def _dot_mode(dtype: torch.dtype, device_type: str, cfg: Config) -> tuple[bool, 
             fast = _float32_matmul_precision() == "medium"
             mode = ("bf16" if dtype == torch.bfloat16 else "tf32") if fast else "bf16x3"
         return HALF_DOT_MODES[mode]
-    return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, "tf32" if _tf32_matmuls_allowed() else "ieee"
+
+
+def _tf32_matmuls_allowed() -> bool:
+    """Whether PyTorch lets float32 matmuls use tf32. Read from the per-backend
+    ``torch.backends.cuda.matmul.fp32_precision`` where this PyTorch has it (it also reflects
+    the legacy ``allow_tf32`` flag, which itself raises once a process has mixed the two
+    APIs); "none" defers to the global ``torch.backends.fp32_precision``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # a PyTorch without the per-backend API
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _cdiv(a: int, b: int) -> int:
