@@ -366,7 +366,7 @@ def test_tf32_switches_read_after_mixing_pytorchs_two_apis():
         pytest.skip("this PyTorch has no per-backend precision API")
     code = (
         "import torch\n"
-        "from vig.triton_kernels import _tf32_allowed\n"
+        "from glakernels._precision import tf32_allowed as _tf32_allowed\n"
         "torch.backends.cuda.matmul.allow_tf32 = True\n"
         "torch.backends.cudnn.allow_tf32 = True\n"
         "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"

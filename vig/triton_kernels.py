@@ -44,6 +44,8 @@ import os
 
 import torch
 
+from glakernels._precision import tf32_allowed
+
 try:
     import triton
     import triton.language as tl
@@ -88,21 +90,6 @@ def enabled_for(*tensors: Tensor) -> bool:
     if x.device.type == "cuda":
         return True
     return MODE == "1" and x.device.type == "cpu" and _interpreting()
-
-
-def _tf32_allowed(kind: str) -> bool:
-    """Whether PyTorch lets float32 ``"matmul"`` (cuBLAS) or ``"conv"`` (cuDNN) work use tf32.
-    Read from the per-backend ``fp32_precision`` where this PyTorch has it (it also reflects
-    the legacy ``allow_tf32`` flags, which themselves raise once a process has mixed the two
-    APIs); "none" defers to the global ``torch.backends.fp32_precision``."""
-    backend = torch.backends.cuda.matmul if kind == "matmul" else torch.backends.cudnn
-    settings = backend if kind == "matmul" else getattr(backend, "conv", None)
-    precision = getattr(settings, "fp32_precision", None)
-    if precision is None:  # a PyTorch without the per-backend API
-        return bool(backend.allow_tf32)
-    if precision == "none":
-        precision = getattr(torch.backends, "fp32_precision", "none")
-    return precision == "tf32"
 
 
 def _pow2(n: int) -> int:
@@ -469,7 +456,7 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
         dot_bf16, precision = False, "ieee"
     else:
         dot_bf16 = dtype == torch.bfloat16
-        tf32 = dtype == torch.float16 or _tf32_allowed("conv")
+        tf32 = dtype == torch.float16 or tf32_allowed("conv")
         precision = "tf32" if tf32 else "ieee"
     with _device_ctx(x):
         launch = PATCH_CONV_LAUNCH

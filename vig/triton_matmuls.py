@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import _device_ctx, _pow2, _tf32_allowed, triton
+from glakernels._precision import tf32_allowed
+
+from .triton_kernels import _as_rows, _device_ctx, _pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -47,7 +49,7 @@ def _dot_format(x: Tensor) -> tuple[bool, str]:
     Triton's interpreter multiplies bfloat16 operands as raw bits: CPU runs take float32."""
     if x.device.type == "cpu":
         return True, "ieee"
-    return False, "tf32" if _tf32_allowed("matmul") else "ieee"
+    return False, "tf32" if tf32_allowed("matmul") else "ieee"
 
 
 if triton is not None:
@@ -125,16 +127,11 @@ if triton is not None:
             tl.store(rev_ptr + offs, gates, mask=m_ok[:, None] & (n_ok & (cn >= NG))[None, :])
 
 
-def _rows(x: Tensor) -> Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 def swiglu_matmul(x: Tensor, weight: Tensor) -> Tensor:
     """``silu(gate) · value`` with ``[gate, value] = (x @ weightᵀ).chunk(2, -1)``, accumulated
     and multiplied in float32, as ``x.dtype``. ``x``: ``[..., K]``; ``weight``: ``[2·hidden,
     K]`` in ``x``'s dtype."""
-    rows = _rows(x)
+    rows = _as_rows(x)
     w = weight.contiguous()
     hidden = w.shape[0] // 2
     out = torch.empty((rows.shape[0], hidden), dtype=x.dtype, device=x.device)
@@ -155,7 +152,7 @@ def low_rank_log_gates_pair(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, norma
     normalizer`` split into its first and last ``NG`` columns (two contiguous ``[..., NG]``
     tensors), all as ``x.dtype``. ``w0``: ``[R, C]``, ``w1``: ``[2·NG, R]`` in ``x``'s dtype;
     ``b1``: ``[2·NG]`` in any float dtype (added in float32)."""
-    rows = _rows(x)
+    rows = _as_rows(x)
     M, C = rows.shape
     R, NG = w0.shape[0], w1.shape[0] // 2
     w0, w1, b1 = w0.contiguous(), w1.contiguous(), b1.contiguous()

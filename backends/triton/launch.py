@@ -31,6 +31,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from glakernels._precision import tf32_allowed
+
 from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
@@ -213,21 +215,7 @@ def _dot_mode(dtype: torch.dtype, device_type: str, cfg: Config) -> tuple[bool, 
             fast = _float32_matmul_precision() == "medium"
             mode = ("bf16" if dtype == torch.bfloat16 else "tf32") if fast else "bf16x3"
         return HALF_DOT_MODES[mode]
-    return False, "tf32" if _tf32_matmuls_allowed() else "ieee"
-
-
-def _tf32_matmuls_allowed() -> bool:
-    """Whether PyTorch lets float32 matmuls use tf32. Read from the per-backend
-    ``torch.backends.cuda.matmul.fp32_precision`` where this PyTorch has it (it also reflects
-    the legacy ``allow_tf32`` flag, which itself raises once a process has mixed the two
-    APIs); "none" defers to the global ``torch.backends.fp32_precision``."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:  # a PyTorch without the per-backend API
-        return bool(matmul.allow_tf32)
-    if precision == "none":
-        precision = getattr(torch.backends, "fp32_precision", "none")
-    return precision == "tf32"
+    return False, "tf32" if tf32_allowed("matmul") else "ieee"
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -1,0 +1,27 @@
+"""PyTorch's float32 precision switches, read the way every kernel here needs them.
+
+PyTorch has two APIs for tf32: the legacy ``allow_tf32`` flags and the per-backend
+``fp32_precision`` settings. Once a process has set both, reading a legacy flag raises
+(PyTorch 2.11 and 2.13), so the kernels read the newer setting, which also reflects the
+legacy flags.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tf32_allowed(kind: str) -> bool:
+    """Whether PyTorch lets float32 ``"matmul"`` (cuBLAS) or ``"conv"`` (cuDNN) work use tf32:
+    the per-backend ``fp32_precision`` where this PyTorch has it ("none" defers to the global
+    ``torch.backends.fp32_precision``), else the legacy ``allow_tf32`` flag."""
+    if kind not in ("matmul", "conv"):
+        raise ValueError(f"kind must be 'matmul' or 'conv', got {kind!r}")
+    backend = torch.backends.cuda.matmul if kind == "matmul" else torch.backends.cudnn
+    settings = backend if kind == "matmul" else getattr(backend, "conv", None)
+    precision = getattr(settings, "fp32_precision", None)
+    if precision is None:  # a PyTorch without the per-backend API
+        return bool(backend.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
