@@ -421,19 +421,17 @@ class _MixGlobalLocal(torch.autograd.Function):
 
 def _mix_backward_kernels(ctx, grad_out, global_out, local_out, gate_logits, global_weight, local_weight,
                           out_weight):
-    """:class:`_MixGlobalLocal`'s backward as two Triton kernels around the projection's matmuls:
-    the forward kernel again (the projection's input, for its weight gradient), and one pass
-    for the rest (vig.triton_backward)."""
-    grad_out_weight = None
-    if out_weight is not None:
-        mixed = triton_kernels.mix_global_local(global_out, local_out, gate_logits, global_weight, local_weight,
-                                                ctx.eps, ctx.out_act, grad_out.dtype).flatten(-2)
-        grad_out_weight = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ mixed.reshape(-1, mixed.shape[-1]))
-        grad_out_weight = grad_out_weight.to(out_weight.dtype)
-        grad_out = (grad_out @ out_weight.to(grad_out.dtype)).view(global_out.shape)
-    grads = triton_backward.mix_backward(global_out, local_out, gate_logits, global_weight, local_weight, ctx.eps,
-                                         ctx.out_act, grad_out)
-    return (*grads, None, None, grad_out_weight)
+    """:class:`_MixGlobalLocal`'s backward as one Triton pass (vig.triton_backward) after the
+    projection's input gradient, which also recomputes the projection's input (the mix) for
+    its weight gradient."""
+    args = (global_out, local_out, gate_logits, global_weight, local_weight, ctx.eps, ctx.out_act)
+    if out_weight is None:
+        return (*triton_backward.mix_backward(*args, grad_out), None, None, None)
+    grad_mixed = (grad_out @ out_weight.to(grad_out.dtype)).view(global_out.shape)
+    *grads, mixed = triton_backward.mix_backward(*args, grad_mixed, output_dtype=grad_out.dtype)
+    mixed = mixed.flatten(-2)
+    grad_out_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ mixed.reshape(-1, mixed.shape[-1])
+    return (*grads, None, None, grad_out_weight.to(out_weight.dtype))
 
 
 def mix_global_local(global_out: Tensor, local_out: Tensor, gate_logits: Tensor, global_weight: Tensor,

@@ -55,10 +55,12 @@ if triton is not None:
         tl.store(prod_ptr + r * stride_prod + cols[None, :], (silu * value).to(prod_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _mix_backward_kernel(a_ptr, b_ptr, z_ptr, wa_ptr, wb_ptr, g_ptr, ga_ptr, gb_ptr, gz_ptr, part_ptr,
+    def _mix_backward_kernel(a_ptr, b_ptr, z_ptr, wa_ptr, wb_ptr, g_ptr, ga_ptr, gb_ptr, gz_ptr, part_ptr, y_ptr,
                              n_rows, width, eps, stride_a, stride_b, stride_z, stride_g,
-                             OUT_ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        # the forward (_mix_kernel) recomputed in registers, then its gradients; the norm
+                             OUT_ACT: tl.constexpr, STORE_Y: tl.constexpr,
+                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        # the forward (_mix_kernel) recomputed in registers (and stored to y with STORE_Y: an
+        # output projection's weight gradient needs it), then its gradients; the norm
         # weights' gradients as this program's column sums (part: [programs, 2, BLOCK_COLS])
         rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         a = tl.load(a_ptr + r * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -72,10 +74,14 @@ if triton is not None:
         a_hat, b_hat = a * rstd_a, b * rstd_b
         na, nb = a_hat * wa, b_hat * wb
         g = tl.sigmoid(z)
+        m = nb + g * (na - nb)
+        y = m
         if OUT_ACT:
-            m = nb + g * (na - nb)
             s = tl.sigmoid(m)
+            y = m * s
             grad = grad * s * (1 + m * (1 - s))
+        if STORE_Y:
+            tl.store(y_ptr + r * width + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         grad_na, grad_nb = grad * g, grad * (1 - g)
         grad_z = grad * (na - nb) * g * (1 - g)
         # RMSNorm's backward: rstd · (h - x_hat · mean(h · x_hat)), h the gradient of x_hat
@@ -215,10 +221,11 @@ def swiglu_backward(projected: Tensor, grad_product: Tensor) -> tuple[Tensor, Te
 
 
 def mix_backward(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: float, out_act: bool,
-                 grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 grad: Tensor, output_dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
     """Gradients of :func:`vig.fused.mix_global_local` (without the output projection) w.r.t.
     ``a, b, z`` (in their dtypes) and ``wa, wb`` (in theirs), given ``grad``, the gradient of
-    its output; all four tensors ``[..., D]``, norms over ``D``."""
+    its output; all four tensors ``[..., D]``, norms over ``D``. With ``output_dtype``, also
+    the mix's output itself in that dtype (sixth result), from the same pass."""
     ra, rb, rz, rg = (_as_rows(t) for t in (a, b, z, grad))
     n_rows, width = ra.shape
     block_rows, block_cols = _rows_block(width)
@@ -227,12 +234,14 @@ def mix_backward(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: f
     grad_b = torch.empty(ra.shape, dtype=b.dtype, device=a.device)
     grad_z = torch.empty(ra.shape, dtype=z.dtype, device=a.device)
     part = torch.empty((programs, 2, block_cols), dtype=torch.float32, device=a.device)
+    y = None if output_dtype is None else torch.empty(ra.shape, dtype=output_dtype, device=a.device)
     with _device_ctx(a):
         _mix_backward_kernel[(programs,)](
-            ra, rb, rz, wa, wb, rg, grad_a, grad_b, grad_z, part, n_rows, width, eps,
+            ra, rb, rz, wa, wb, rg, grad_a, grad_b, grad_z, part, grad_a if y is None else y, n_rows, width, eps,
             ra.stride(0), rb.stride(0), rz.stride(0), rg.stride(0),
-            OUT_ACT=out_act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            OUT_ACT=out_act, STORE_Y=y is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )
     sums = part.sum(0)[:, :width]
-    return (grad_a.view(a.shape), grad_b.view(b.shape), grad_z.view(z.shape), sums[0].to(wa.dtype),
-            sums[1].to(wb.dtype))
+    grads = (grad_a.view(a.shape), grad_b.view(b.shape), grad_z.view(z.shape), sums[0].to(wa.dtype),
+             sums[1].to(wb.dtype))
+    return grads if y is None else (*grads, y.view(a.shape))
