@@ -2,8 +2,8 @@
 
 PyTorch has two APIs for tf32: the legacy ``allow_tf32`` flags and the per-backend
 ``fp32_precision`` settings. Once a process has set both, reading a legacy flag raises
-(PyTorch 2.11 and 2.13), so the kernels read the newer setting, which also reflects the
-legacy flags.
+(PyTorch 2.11 and 2.13), and so does ``torch.get_float32_matmul_precision()``. The readers
+here never raise.
 """
 
 from __future__ import annotations
@@ -25,3 +25,12 @@ def tf32_allowed(kind: str) -> bool:
     if precision == "none":
         precision = getattr(torch.backends, "fp32_precision", "none")
     return precision == "tf32"
+
+
+def float32_matmul_precision() -> str:
+    """``torch.get_float32_matmul_precision()``, or "highest" where PyTorch declines to answer
+    (once the legacy and the per-backend APIs were mixed)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "highest"

@@ -16,6 +16,7 @@ import torch
 from gla_testing import Case, assert_close, check_against_reference, make_inputs, outputs_and_grads
 from glakernels import gated_linear_attention
 from glakernels._dispatch import registry, select_backend
+from glakernels._precision import float32_matmul_precision
 from glakernels._problem import ProblemSpec
 
 BACKEND = registry.get("triton")
@@ -204,7 +205,7 @@ def test_single_pass_calls_prefer_triton_on_cuda():
         (wider, False, False, False), (wider, True, False, False),
         (dict(short, dtype=torch.float32), True, False, False),
     ]
-    before = launch._float32_matmul_precision()
+    before = float32_matmul_precision()
     try:
         for column, precision in ((2, "highest"), (3, "medium")):
             torch.set_float32_matmul_precision(precision)
@@ -228,7 +229,7 @@ def test_matmul_precision_follows_pytorchs_switch(precision, expected):
     ``torch.set_float32_matmul_precision``; ``Config.half_dots`` overrides it for 16-bit inputs."""
     launch = _launch()
     cfg = launch.choose_config(196, 32, 64)
-    before = launch._float32_matmul_precision()
+    before = float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(precision)
         assert {d: launch._dot_mode(d, "cuda", cfg) for d in expected} == expected

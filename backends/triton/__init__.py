@@ -15,6 +15,7 @@ import torch
 
 from glakernels._backend import Backend
 from glakernels._dispatch import register_backend
+from glakernels._precision import float32_matmul_precision
 from glakernels._problem import GLAGradients, GLAInputs
 
 _TRUE = ("1", "true", "on", "yes", "y")
@@ -62,10 +63,9 @@ class TritonBackend(Backend):
         base = self.priority_for(spec.device_type)
         if base is None or spec.device_type != "cuda":
             return base
-        from .launch import (SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T,
-                             _float32_matmul_precision)
+        from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T
 
-        fast = spec.dtype in (torch.float16, torch.bfloat16) and _float32_matmul_precision() == "medium"
+        fast = spec.dtype in (torch.float16, torch.bfloat16) and float32_matmul_precision() == "medium"
         narrow = spec.head_dim_k <= SINGLE_PASS_MAX_K
         if spec.needs_grad:
             wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (fast or spec.seq_len > SINGLE_SEGMENT_MAX_T)

@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from glakernels._precision import tf32_allowed
+from glakernels._precision import float32_matmul_precision, tf32_allowed
 
 from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
 
@@ -182,15 +182,6 @@ HALF_DOT_MODES = {"bf16": (True, "bf16"), "bf16x3": (True, "bf16x3"), "tf32": (F
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _float32_matmul_precision() -> str:
-    """``torch.get_float32_matmul_precision()``, or "highest" where PyTorch declines to answer
-    (newer versions raise once the legacy and the per-backend precision APIs were mixed)."""
-    try:
-        return torch.get_float32_matmul_precision()
-    except RuntimeError:
-        return "highest"
-
-
 def _dot_mode(dtype: torch.dtype, device_type: str, cfg: Config) -> tuple[bool, str]:
     """(bfloat16 operands?, precision) of the kernels' matmuls (``kernels._dot``).
 
@@ -212,7 +203,7 @@ def _dot_mode(dtype: torch.dtype, device_type: str, cfg: Config) -> tuple[bool, 
     if dtype in _HALF_DTYPES:
         mode = cfg.half_dots
         if mode is None:
-            fast = _float32_matmul_precision() == "medium"
+            fast = float32_matmul_precision() == "medium"
             mode = ("bf16" if dtype == torch.bfloat16 else "tf32") if fast else "bf16x3"
         return HALF_DOT_MODES[mode]
     return False, "tf32" if tf32_allowed("matmul") else "ieee"
