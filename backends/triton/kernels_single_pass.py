@@ -12,11 +12,15 @@ one program carries both directions' chains. Here:
   program, NOTES.md session 4; since then, shorter chains did not help: the SM's rate of
   chunk steps bounds it, session 5);
 * a chunk's output is the sum of two parts, one per direction, made by two programs. They meet
-  through ``part`` (float32) and a per-chunk counter ``flags``: each program parks its part,
+  through ``part`` (float32) and a per-chunk counter ``flags``: a program parks its part,
   then increments the counter; the one that finds 1 there (the second) adds the other's part
-  and writes ``o``. Nobody waits, so there is no deadlock whatever order programs run in, and
-  the sum is one float32 addition, which is commutative: bitwise the same result whichever
-  direction arrives second;
+  and writes ``o``. A program that reaches the chunk in the second half of its walk — where
+  the other direction, walking the other way, was in its first half — reads the counter
+  first, and if the other's part is there, adds it and writes ``o`` without parking its own
+  or counting (H100: forward 96.5 -> 94.2 µs at vigT_224, 180.8 -> 175.3 at vigT_1024; the
+  backward does the same, NOTES.md session 8). Nobody waits, so there is no deadlock
+  whatever order programs run in, and the sum is one float32 addition, which is commutative:
+  bitwise the same result whichever direction arrives second;
 * the next chunk's tiles are loaded before the current chunk's math (by hand: the loads feed
   elementwise work, which Triton's pipeliner does not prefetch).
 
@@ -161,17 +165,31 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
         out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
         o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, stride_v, cols_v, V, C)
         if HANDOFF:
-            # park this direction's part, then count the chunk's parts: the second to arrive
-            # adds the first's (parked before its count, see the barrier) and writes o
-            p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
-            tl.store(p_ptrs, out, mask=p_mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
-            tl.debug_barrier()
-            if arrived == 1:
-                q_ptrs, q_mask = _rows_ptrs(other_part, row_part, t0, n0, V, cols_v, V, C)
-                out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
-                tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
+            q_ptrs, q_mask = _rows_ptrs(other_part, row_part, t0, n0, V, cols_v, V, C)
+            done = 0
+            if i > n_chunks - 1 - i:
+                # the other direction reached this chunk earlier in its walk (step
+                # n_chunks - 1 - i), so its part is most likely parked already: look first, and
+                # if it is, finish the chunk without parking this part or counting
+                ready = tl.atomic_add(flags + row_flags + c, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()
+                if ready == 1:
+                    out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
+                    tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
+                    done = 1
+            if done == 0:
+                # park this direction's part, then count the chunk's parts: the second to
+                # arrive adds the first's (parked before its count, see the barrier) and writes
+                # o. The first never writes o, and counts last: once its count is seen, it is
+                # done with the chunk.
+                p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
+                tl.store(p_ptrs, out, mask=p_mask)
+                tl.debug_barrier()
+                arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                if arrived == 1:
+                    out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
+                    tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
         else:
             tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
     return state
@@ -188,8 +206,9 @@ def _gla_fwd_single_pass_kernel(
     """Forward with one program per (batch·head, direction, V block, segment): each walks one
     direction only, so its dependency chain is half as long as when one program walks both. A
     chunk's two parts meet through ``part`` (``[2, B·H, N·C, V]`` float32) and ``flags``
-    (``[B·H, N]`` int32, zero on entry): each direction parks its part and increments the
-    chunk's flag; the one that finds 1 there adds the other's part and writes ``o``. The sum
+    (``[B·H, N]`` int32, zero on entry): a direction parks its part and increments the
+    chunk's flag; the one that finds 1 there adds the other's part and writes ``o`` (one that
+    expects to be second looks at the flag first; see the module docstring). The sum
     is one addition of two float32 values, the same whichever arrives second: bitwise
     reproducible.
 

@@ -13,8 +13,10 @@ need the states ``S`` entering each chunk (one way along the sequence) and the s
   gradient from its tiles, ``S`` and the parked ``dS`` (formulas: ``kernels.py``'s docstring,
   "Backward"; the gate gradient's carry term ``Σ_v S_out ⊙ dS_out`` included).
 
-The two directions' parts of dq, dk and dv meet as the forward's output parts do: each program
-parks its float32 parts, counts the chunk, and the second to arrive adds and writes. Each
+The two directions' parts of dq, dk and dv meet as the forward's output parts do: a program
+parks its float32 parts, counts the chunk, and the second to arrive adds and writes (one that
+expects to be second looks at the count first and, if the other's parts are there, adds them
+without parking its own). Each
 direction writes its own gate gradient (``dg`` or ``dg_reverse``) directly. Pass B prefetches
 the next chunk's tiles, as the forward does.
 """
@@ -158,15 +160,22 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
         tl.store(g_ptrs, dg_c.to(dg.dtype.element_ty), mask=g_mask)
         arrived = 0
         if HANDOFF:
-            pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
-            pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
-            pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
-            tl.store(pq, dq_c, mask=pq_mask)
-            tl.store(pk, dk_c, mask=pk_mask)
-            tl.store(pv, dv_c, mask=pv_mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
-            tl.debug_barrier()
+            if i > n_walk - 1 - i:
+                # the other direction most likely parked its parts already (as in the forward,
+                # kernels_single_pass._direction_walk): look first, and if so, add them without
+                # parking or counting
+                arrived = tl.atomic_add(flags + row_flags + c, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()
+            if arrived == 0:
+                pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
+                pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
+                pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
+                tl.store(pq, dq_c, mask=pq_mask)
+                tl.store(pk, dk_c, mask=pk_mask)
+                tl.store(pv, dv_c, mask=pv_mask)
+                tl.debug_barrier()
+                arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
         _hand_over(dq_c, dq, row_qk, stride_qk, parts_q, other_q, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dk_c, dk, row_qk, stride_qk, parts_k, other_k, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dv_c, dv, row_v, stride_v, parts_v, other_v, row_part_v, t0, n0, cols_v, V, C, HANDOFF, arrived)
