@@ -39,13 +39,14 @@ class TritonBackend(Backend):
     #: Rank of the calls the single-pass kernels run where they measured faster than cupy:
     #: above cupy's 200. With the default matmul precision (16-bit inputs split their float32
     #: operands, ``launch._dot_mode``): forward-only calls with K <= 64, and training calls
-    #: with K, V <= 64 on sequences longer than ``single_pass_max_t``. H100, bf16, CUDA-graph
-    #: GPU time (`python benchmarks/triton_configs_gpu.py`, NOTES.md session 6), triton / cupy
-    #: µs: forward vigT_224 97 / 109, vigT_1024 181 / 296, lm_4k (K = 128) 2160 / 1964;
-    #: forward+backward vigT_224 479 / 471, vigB_224 927 / 905, vigT_1024 759 / 1121.
+    #: with K, V <= 64 (float32 inputs: on sequences over ``SINGLE_SEGMENT_MAX_T`` only). H100,
+    #: bf16, CUDA-graph GPU time (`python benchmarks/triton_configs_gpu.py --shapes
+    #: vigT_224,vigB_224,vigT_1024 --variants= [--backward]`, NOTES.md session 8, two runs),
+    #: triton / cupy µs: forward vigT_224 94 / 109, vigT_1024 175 / 297; forward+backward
+    #: vigT_224 462 / 469 and 457 / 466, vigB_224 892 / 910 and 892 / 917, vigT_1024 725 /
+    #: 1087 (session 6: lm_4k, K = 128, forward 2160 / 1964, so cupy keeps 64 < K <= 128).
     #: Under ``torch.set_float32_matmul_precision("medium")`` (one bfloat16 dot) with 16-bit
-    #: inputs, also forward-only calls with K <= 128 and training on short sequences: vigT_224
-    #: forward 63, forward+backward 360; lm_4k forward 1425.
+    #: inputs, also forward-only calls with K <= 128 (lm_4k forward 1425).
     single_pass_priority = 300
     # the interpreter runs every program in Python: keep the shared CPU suites' problems small
     test_max_tokens_cpu = 300
@@ -68,7 +69,9 @@ class TritonBackend(Backend):
         fast = spec.dtype in (torch.float16, torch.bfloat16) and float32_matmul_precision() == "medium"
         narrow = spec.head_dim_k <= SINGLE_PASS_MAX_K
         if spec.needs_grad:
-            wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (fast or spec.seq_len > SINGLE_SEGMENT_MAX_T)
+            # short-sequence training was measured with 16-bit inputs only: float32 stays with cupy
+            half = spec.dtype in (torch.float16, torch.bfloat16)
+            wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (half or spec.seq_len > SINGLE_SEGMENT_MAX_T)
         else:
             wins = narrow or (fast and spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K)
         return self.single_pass_priority if wins else base

@@ -38,8 +38,8 @@ where a half's total is the product of its factors = its last ``Qf_ℓ``. The re
 is the mirror image (suffix and prefix swapped, totals are first elements). After the last
 level ``Qf`` and ``Kf`` are exactly the chunk-wide factors the states need, and the chunk's
 total decay is the product of the last level's two half totals (the same value as ``Qf``'s
-last, reverse: first, row, taken without a reduction over the chunk's rows). Every factor is still a product of at most C
-factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
+last, reverse: first, row, taken without a reduction over the chunk's rows). Every factor is still a product of at
+most C factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
 overflow, a -1e4 gate gives an exact 0.
 
 Requirements (checked by the launcher): one K block (K <= ``BK`` <= 128); a sequence longer
