@@ -41,10 +41,11 @@ class TritonBackend(Backend):
     #: operands, ``launch._dot_mode``): forward-only calls with K <= 64, and training calls
     #: with K, V <= 64 (float32 inputs: on sequences over ``SINGLE_SEGMENT_MAX_T`` only). H100,
     #: bf16, CUDA-graph GPU time (`python benchmarks/triton_configs_gpu.py --shapes
-    #: vigT_224,vigB_224,vigT_1024 --variants= [--backward]`, NOTES.md session 8, two runs),
+    #: vigT_224,vigB_224,vigT_1024 --variants= [--backward]`, NOTES.md session 8, three runs),
     #: triton / cupy µs: forward vigT_224 94 / 109, vigT_1024 175 / 297; forward+backward
-    #: vigT_224 462 / 469 and 457 / 466, vigB_224 892 / 910 and 892 / 917, vigT_1024 725 /
-    #: 1087 (session 6: lm_4k, K = 128, forward 2160 / 1964, so cupy keeps 64 < K <= 128).
+    #: vigT_224 462 / 469, 457 / 466, 463 / 471, vigB_224 892 / 910, 892 / 917, 894 / 875 (a
+    #: tie), vigT_1024 725 / 1087 (session 6: lm_4k, K = 128, forward 2160 / 1964, so cupy
+    #: keeps 64 < K <= 128).
     #: Under ``torch.set_float32_matmul_precision("medium")`` (one bfloat16 dot) with 16-bit
     #: inputs, also forward-only calls with K <= 128 (lm_4k forward 1425).
     single_pass_priority = 300
