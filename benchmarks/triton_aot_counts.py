@@ -1,0 +1,193 @@
+"""Compile the single-pass Triton kernels for a GPU target without a GPU and count what one
+chunk step costs: registers and spills (ptxas), and the PTX instructions inside each loop,
+by opcode.
+
+    python benchmarks/triton_aot_counts.py [--kernel fwd|bwd] [--k 32] [--v 64]
+        [--dtype bf16] [--precision bf16x3|bf16] [--module glakernels.backends.triton.kernels_single_pass]
+        [--arch 90]
+
+Why: on the GPU these kernels are bound by the instruction count of a chunk step (NOTES.md
+session 8), and this counts it in seconds on a CPU-only machine; ``--module`` takes an edited
+copy of the kernel module (saved in ``backends/triton/``: it imports its helpers relatively,
+and not while a test run is reading the kernels), so a variant can be judged before it costs
+device time.
+
+The compile gets the specialisation a real launch gets: pointer arguments 16-byte aligned,
+and the integer arguments (T, H, K, V) marked divisible by 16 where the shape's values are.
+Without that mark the JIT would not have, here, the loads come out scalar (one 2-byte load
+per element) and the counts overstate the real kernel (sessions 5-7 compared such counts).
+Launch settings (chunk, warps, register cap) are ``launch.Config``'s defaults for K, V <= 64.
+
+A loop's count is the PTX of the blocks LLVM marks as inside it ("in Loop: Header=..."): for
+the forward the two directions' walks; for the backward pass A and pass B of each direction.
+PTX is not SASS — ptxas removes most ``mov``s and splits some operations — so use the counts
+to compare variants, not as cycle counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# argument kinds by name: the dtype of the inputs (and their gradients), float32 scratch and
+# states, the int32 counters; every other non-constexpr argument is an integer, ``scale`` a float
+INPUTS = {"q", "k", "v", "g", "gr", "o", "do", "dq", "dk", "dv", "dg", "dgr"}
+FLOAT32 = {"part", "h0", "ht", "bstates", "dht", "dh0", "scratch", "parts"}
+INT32_POINTERS = {"flags"}
+
+
+def _defaults() -> dict:
+    from glakernels.backends.triton import launch
+
+    return {f.name: f.default for f in dataclasses.fields(launch.Config) if f.default is not dataclasses.MISSING}
+
+
+def kernel_and_options(kind: str, module: str | None, k: int, v: int, precision: str) -> tuple:
+    """The JIT function, its constexprs and compile options, as ``launch`` sets them for one
+    segment of a bidirectional call without states."""
+    cfg = _defaults()
+    if kind == "fwd":
+        mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass")
+        fn = mod._gla_fwd_single_pass_kernel
+        chunk = cfg["single_pass_chunk"]
+        consts = dict(BV=min(cfg["single_pass_block_v"], max(16, _pow2(v))), STORE_HT=False, HAS_H0=False)
+        options = dict(num_warps=cfg["single_pass_num_warps"], num_stages=cfg["single_pass_num_stages"])
+        maxnreg = cfg["single_pass_maxnreg"]
+    else:
+        mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass_bwd")
+        fn = mod._gla_bwd_single_pass_kernel
+        chunk = cfg["single_pass_bwd_chunk"]
+        consts = dict(BV=max(16, _pow2(v)), HAS_H0=False, HAS_DHT=False, STORE_DH0=False)
+        options = dict(num_warps=cfg["single_pass_bwd_num_warps"], num_stages=1)
+        maxnreg = cfg["single_pass_bwd_maxnreg"]
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    consts.update(C=chunk, LOG2C=chunk.bit_length() - 1, BK=max(16, _pow2(k)), BIDIR=True, HAS_BSTATES=False,
+                  DOT_BF16=True, PRECISION=precision)
+    return fn, consts, options
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in INPUTS or name in FLOAT32 or name in INT32_POINTERS:
+            signature[name] = "*" + (dtype if name in INPUTS else "fp32" if name in FLOAT32 else "i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if shape.get(name, 1) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+
+
+def ptxas_report(ptx: str, arch: int) -> str:
+    """Registers and spill bytes from the first ptxas that takes this PTX: Triton's bundled
+    ones, then the one on PATH (a newer Triton can emit a PTX version its bundled ptxas
+    refuses)."""
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    candidates = sorted(glob.glob(os.path.join(bundled, "ptxas*")))
+    if shutil.which("ptxas"):
+        candidates.append(shutil.which("ptxas"))
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        for ptxas in candidates:
+            run = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                regs = re.findall(r"Used (\d+) registers", run.stderr)
+                spills = re.findall(r"(\d+) bytes spill stores", run.stderr)
+                return f"registers {','.join(regs)}, spill stores {','.join(spills)} bytes ({os.path.basename(ptxas)})"
+    return "(no ptxas here takes this PTX: registers unknown)"
+
+
+def loop_counts(ptx: str) -> dict[str, Counter]:
+    """Opcode counts of each loop's blocks, keyed by the loop header's label."""
+    loops: dict[str, Counter] = {}
+    current = None
+    for line in ptx.splitlines():
+        text = line.strip()
+        label = re.match(r"^\$(L__BB\w+):\s*(//.*)?$", text)
+        if label:
+            comment = label.group(2) or ""
+            header = re.search(r"Header=(BB\w+)", comment)
+            current = "L__" + header.group(1) if header else (label.group(1) if "Loop Header" in comment else None)
+            continue
+        if text.startswith("}"):
+            current = None
+        if current and re.match(r"^\s+[@a-z]", line):
+            words = text.split()
+            opcode = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+            loops.setdefault(current, Counter())[opcode] += 1
+    return loops
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", choices=["fwd", "bwd"], default="fwd")
+    parser.add_argument("--module", help="the module with the kernel: an edited copy saved beside the original "
+                        "(its relative imports), e.g. glakernels.backends.triton.variant")
+    parser.add_argument("--k", type=int, default=32, help="head dim K (ViG-T: 32)")
+    parser.add_argument("--v", type=int, default=64, help="head dim V (ViG-T: 64)")
+    parser.add_argument("--t", type=int, default=196, help="sequence length (only its divisibility matters)")
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--precision", default="bf16x3", help="the dots' mode (launch._dot_mode): bf16x3, bf16, ...")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--top", type=int, default=12, help="opcodes listed per loop")
+    parser.add_argument("--ptx", help="also write the PTX to this file")
+    args = parser.parse_args(argv)
+    # compiled, not interpreted: the kernels are decorated at their first import, below
+    os.environ.pop("TRITON_INTERPRET", None)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    if args.k > 64 or args.v > 64:
+        parser.error("--k and --v: the counted settings are the single-pass ones for K, V <= 64")
+    fn, consts, options = kernel_and_options(args.kernel, args.module, args.k, args.v, args.precision)
+    shape = dict(T=args.t, H=args.heads, K=args.k, V=args.v)
+    ptx = compile_ptx(fn, consts, options, args.dtype, shape, args.arch)
+    if args.ptx:
+        with open(args.ptx, "w") as fh:
+            fh.write(ptx)
+    print(f"{args.kernel} {args.module or 'default module'}, sm_{args.arch}, {args.dtype}, {args.precision}, "
+          f"K={args.k} V={args.v}, {options}: {ptxas_report(ptx, args.arch)}")
+    loops = loop_counts(ptx)
+    if not loops:
+        print("no loops found in the PTX (did LLVM's block comments change?)")
+        return 1
+    for name, ops in loops.items():
+        top = " ".join(f"{op}:{n}" for op, n in ops.most_common(args.top))
+        print(f"loop {name}: {sum(ops.values())} instructions; {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
