@@ -74,7 +74,7 @@ def kernel_and_options(kind: str, module: str | None, k: int, v: int, precision:
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     consts.update(C=chunk, LOG2C=chunk.bit_length() - 1, BK=max(16, _pow2(k)), BIDIR=True, HAS_BSTATES=False,
-                  DOT_BF16=True, PRECISION=precision)
+                  DOT_BF16=precision in ("bf16", "bf16x3"), PRECISION=precision)
     return fn, consts, options
 
 
@@ -160,7 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--t", type=int, default=196, help="sequence length (only its divisibility matters)")
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    parser.add_argument("--precision", default="bf16x3", help="the dots' mode (launch._dot_mode): bf16x3, bf16, ...")
+    parser.add_argument("--precision", default="bf16x3", choices=["bf16x3", "bf16", "ieee", "tf32", "tf32x3"],
+                        help="the dots' mode (launch._dot_mode): bf16x3 / bf16 for 16-bit inputs by default / under "
+                        "'medium'; ieee (or tf32) for float32 inputs")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--top", type=int, default=12, help="opcodes listed per loop")
     parser.add_argument("--ptx", help="also write the PTX to this file")
