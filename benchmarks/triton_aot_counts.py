@@ -16,7 +16,7 @@ The compile gets the specialisation a real launch gets: pointer arguments 16-byt
 and the integer arguments (T, H, K, V) marked divisible by 16 where the shape's values are.
 Without that mark the JIT would not have, here, the loads come out scalar (one 2-byte load
 per element) and the counts overstate the real kernel (sessions 5-7 compared such counts).
-Launch settings (chunk, warps, register cap) are ``launch.Config``'s defaults for K, V <= 64.
+Launch settings (chunk, warps, register cap, tiles) are ``launch.choose_config``'s for the shape.
 
 A loop's count is the PTX of the blocks LLVM marks as inside it ("in Loop: Header=..."): for
 the forward the two directions' walks; for the backward pass A and pass B of each direction.
@@ -27,7 +27,6 @@ to compare variants, not as cycle counts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import importlib
 import os
@@ -47,39 +46,31 @@ FLOAT32 = {"part", "h0", "ht", "bstates", "dht", "dh0", "scratch", "parts"}
 INT32_POINTERS = {"flags"}
 
 
-def _defaults() -> dict:
+def kernel_and_options(kind: str, module: str | None, t: int, k: int, v: int, precision: str) -> tuple:
+    """The JIT function, its constexprs and compile options, as ``launch`` sets them (its
+    config for this shape) for one segment of a bidirectional call without states."""
     from glakernels.backends.triton import launch
 
-    return {f.name: f.default for f in dataclasses.fields(launch.Config) if f.default is not dataclasses.MISSING}
-
-
-def kernel_and_options(kind: str, module: str | None, k: int, v: int, precision: str) -> tuple:
-    """The JIT function, its constexprs and compile options, as ``launch`` sets them for one
-    segment of a bidirectional call without states."""
-    cfg = _defaults()
+    cfg = launch.choose_config(t, k, v)
     if kind == "fwd":
         mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass")
         fn = mod._gla_fwd_single_pass_kernel
-        chunk = cfg["single_pass_chunk"]
-        consts = dict(BV=min(cfg["single_pass_block_v"], max(16, _pow2(v))), STORE_HT=False, HAS_H0=False)
-        options = dict(num_warps=cfg["single_pass_num_warps"], num_stages=cfg["single_pass_num_stages"])
-        maxnreg = cfg["single_pass_maxnreg"]
+        chunk = cfg.single_pass_chunk
+        consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False)
+        options = dict(num_warps=cfg.single_pass_num_warps, num_stages=cfg.single_pass_num_stages)
+        maxnreg = cfg.single_pass_maxnreg
     else:
         mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass_bwd")
         fn = mod._gla_bwd_single_pass_kernel
-        chunk = cfg["single_pass_bwd_chunk"]
-        consts = dict(BV=max(16, _pow2(v)), HAS_H0=False, HAS_DHT=False, STORE_DH0=False)
-        options = dict(num_warps=cfg["single_pass_bwd_num_warps"], num_stages=1)
-        maxnreg = cfg["single_pass_bwd_maxnreg"]
+        chunk = cfg.single_pass_bwd_chunk
+        consts = dict(BV=launch._pow2(max(16, v)), HAS_H0=False, HAS_DHT=False, STORE_DH0=False)
+        options = dict(num_warps=cfg.single_pass_bwd_num_warps, num_stages=1)
+        maxnreg = cfg.single_pass_bwd_maxnreg
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
-    consts.update(C=chunk, LOG2C=chunk.bit_length() - 1, BK=max(16, _pow2(k)), BIDIR=True, HAS_BSTATES=False,
-                  DOT_BF16=precision in ("bf16", "bf16x3"), PRECISION=precision)
+    consts.update(C=chunk, LOG2C=chunk.bit_length() - 1, BK=launch._pow2(max(16, k)), BIDIR=True,
+                  HAS_BSTATES=False, DOT_BF16=precision in ("bf16", "bf16x3"), PRECISION=precision)
     return fn, consts, options
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> str:
@@ -173,7 +164,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, ROOT)
     if args.k > 64 or args.v > 64:
         parser.error("--k and --v: the counted settings are the single-pass ones for K, V <= 64")
-    fn, consts, options = kernel_and_options(args.kernel, args.module, args.k, args.v, args.precision)
+    fn, consts, options = kernel_and_options(args.kernel, args.module, args.t, args.k, args.v, args.precision)
     shape = dict(T=args.t, H=args.heads, K=args.k, V=args.v)
     ptx = compile_ptx(fn, consts, options, args.dtype, shape, args.arch)
     if args.ptx:
