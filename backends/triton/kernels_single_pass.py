@@ -165,19 +165,14 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
         out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
         o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, stride_v, cols_v, V, C)
         if HANDOFF:
-            q_ptrs, q_mask = _rows_ptrs(other_part, row_part, t0, n0, V, cols_v, V, C)
-            done = 0
+            arrived = 0
             if i > n_chunks - 1 - i:
                 # the other direction reached this chunk earlier in its walk (step
                 # n_chunks - 1 - i), so its part is most likely parked already: look first, and
                 # if it is, finish the chunk without parking this part or counting
-                ready = tl.atomic_add(flags + row_flags + c, 0, sem="acquire", scope="gpu")
+                arrived = tl.atomic_add(flags + row_flags + c, 0, sem="acquire", scope="gpu")
                 tl.debug_barrier()
-                if ready == 1:
-                    out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
-                    tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
-                    done = 1
-            if done == 0:
+            if arrived == 0:
                 # park this direction's part, then count the chunk's parts: the second to
                 # arrive adds the first's (parked before its count, see the barrier) and writes
                 # o. The first never writes o, and counts last: once its count is seen, it is
@@ -187,9 +182,10 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
                 tl.debug_barrier()
                 arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
                 tl.debug_barrier()
-                if arrived == 1:
-                    out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
-                    tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
+            if arrived == 1:
+                q_ptrs, q_mask = _rows_ptrs(other_part, row_part, t0, n0, V, cols_v, V, C)
+                out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
+                tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
         else:
             tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
     return state
