@@ -46,9 +46,10 @@ FLOAT32 = {"part", "h0", "ht", "bstates", "dht", "dh0", "scratch", "parts"}
 INT32_POINTERS = {"flags"}
 
 
-def kernel_and_options(kind: str, module: str | None, t: int, k: int, v: int, precision: str) -> tuple:
-    """The JIT function, its constexprs and compile options, as ``launch`` sets them (its
-    config for this shape) for one segment of a bidirectional call without states."""
+def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, precision: str) -> list:
+    """``(label, JIT function, constexprs, compile options)`` of each launch, as ``launch``
+    makes them (its config for this shape) for one segment of a bidirectional call without
+    states: the forward is one launch, the backward two (pass A, then pass B) or one."""
     from glakernels.backends.triton import launch
 
     cfg = launch.choose_config(t, k, v)
@@ -58,19 +59,26 @@ def kernel_and_options(kind: str, module: str | None, t: int, k: int, v: int, pr
         chunk = cfg.single_pass_chunk
         consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False)
         options = dict(num_warps=cfg.single_pass_num_warps, num_stages=cfg.single_pass_num_stages)
-        maxnreg = cfg.single_pass_maxnreg
+        if cfg.single_pass_maxnreg is not None:
+            options["maxnreg"] = cfg.single_pass_maxnreg
+        launches = [("fwd", consts, options)]
     else:
         mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass_bwd")
         fn = mod._gla_bwd_single_pass_kernel
         chunk = cfg.single_pass_bwd_chunk
         consts = dict(BV=launch._pow2(max(16, v)), HAS_H0=False, HAS_DHT=False, STORE_DH0=False)
         options = dict(num_warps=cfg.single_pass_bwd_num_warps, num_stages=1)
-        maxnreg = cfg.single_pass_bwd_maxnreg
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
-    consts.update(C=chunk, LOG2C=chunk.bit_length() - 1, BK=launch._pow2(max(16, k)), BIDIR=True,
+        if cfg.single_pass_bwd_maxnreg is not None:
+            options["maxnreg"] = cfg.single_pass_bwd_maxnreg
+        if cfg.single_pass_bwd_split:  # as launch._backward_single_pass: pass A's launch has no cap
+            launches = [("bwd pass A", dict(consts, PASSES=1),
+                         dict(num_warps=cfg.single_pass_bwd_pass_a_num_warps, num_stages=1)),
+                        ("bwd pass B", dict(consts, PASSES=2), options)]
+        else:
+            launches = [("bwd", dict(consts, PASSES=3), options)]
+    common = dict(C=chunk, LOG2C=chunk.bit_length() - 1, BK=launch._pow2(max(16, k)), BIDIR=True,
                   HAS_BSTATES=False, DOT_BF16=precision in ("bf16", "bf16x3"), PRECISION=precision)
-    return fn, consts, options
+    return [(label, fn, {**c, **common}, o) for label, c, o in launches]
 
 
 def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> str:
@@ -164,21 +172,24 @@ def main(argv=None) -> int:
         sys.path.insert(0, ROOT)
     if args.k > 64 or args.v > 64:
         parser.error("--k and --v: the counted settings are the single-pass ones for K, V <= 64")
-    fn, consts, options = kernel_and_options(args.kernel, args.module, args.t, args.k, args.v, args.precision)
     shape = dict(T=args.t, H=args.heads, K=args.k, V=args.v)
-    ptx = compile_ptx(fn, consts, options, args.dtype, shape, args.arch)
-    if args.ptx:
+    ptxs = []
+    for label, fn, consts, options in kernel_launches(args.kernel, args.module, args.t, args.k, args.v,
+                                                      args.precision):
+        ptx = compile_ptx(fn, consts, options, args.dtype, shape, args.arch)
+        ptxs.append(ptx)
+        print(f"{label} {args.module or 'default module'}, sm_{args.arch}, {args.dtype}, {args.precision}, "
+              f"K={args.k} V={args.v}, {options}: {ptxas_report(ptx, args.arch)}")
+        loops = loop_counts(ptx)
+        if not loops:
+            print("no loops found in the PTX (did LLVM's block comments change?)")
+            return 1
+        for name, ops in loops.items():
+            top = " ".join(f"{op}:{n}" for op, n in ops.most_common(args.top))
+            print(f"loop {name}: {sum(ops.values())} instructions; {top}")
+    if args.ptx:  # the launches' PTX one after the other
         with open(args.ptx, "w") as fh:
-            fh.write(ptx)
-    print(f"{args.kernel} {args.module or 'default module'}, sm_{args.arch}, {args.dtype}, {args.precision}, "
-          f"K={args.k} V={args.v}, {options}: {ptxas_report(ptx, args.arch)}")
-    loops = loop_counts(ptx)
-    if not loops:
-        print("no loops found in the PTX (did LLVM's block comments change?)")
-        return 1
-    for name, ops in loops.items():
-        top = " ".join(f"{op}:{n}" for op, n in ops.most_common(args.top))
-        print(f"loop {name}: {sum(ops.values())} instructions; {top}")
+            fh.write("\n".join(ptxs))
     return 0
 
 

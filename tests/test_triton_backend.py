@@ -161,6 +161,34 @@ def test_single_pass_kernels_take_positive_gates(bidirectional):
     assert_close(got, ref, 1e-4, "positive gates")
 
 
+@pytest.mark.parametrize("layout", ["one-segment", "single-pass-segments"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong"),
+        Case(1, 47, 1, 33, 17, torch.float32, gates="extreme"),
+        Case(1, 40, 1, 8, 24, torch.float32, bidirectional=False, states=True, gates="vig"),
+    ],
+    ids=lambda c: c.id(),
+)
+def test_single_pass_backward_in_one_or_two_launches(case, layout):
+    """The single-pass backward as two launches (pass A, then pass B from its scratch: the
+    default) and as one (``single_pass_bwd_split=False``): each against float64, and the two
+    against each other (the same arithmetic)."""
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    x = make_inputs(case, DEVICE, seed=22)
+    kwargs = {"bidirectional": case.bidirectional, "backend": "triton"}
+    if not case.bidirectional:
+        kwargs["output_final_state"] = True
+    results, cot = {}, None
+    for split in (True, False):
+        with _launch().override_config(single_pass_bwd_split=split, **fields):
+            check_against_reference("triton", case, DEVICE, seed=21)
+            results[split], cot = outputs_and_grads(gated_linear_attention, x, cot, **kwargs)
+    assert set(results[True]) == set(results[False]) and len(results[True]) >= 5
+    assert_close(results[True], results[False], 1e-6, "two launches vs one")
+
+
 def test_single_pass_gradients_are_bitwise_reproducible():
     """The backward's dq, dk, dv parts meet like the forward's: repeated calls agree bitwise."""
     case = Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong")

@@ -5,13 +5,18 @@ One program per (batch·head, direction, segment) — V in one block (V <= 64), 
 that fits one segment is one program per direction; a longer one gets its boundary states
 (F, R, dF, dR) first (``kernels_boundary_states.py``) and each segment starts from them. A direction's gradients
 need the states ``S`` entering each chunk (one way along the sequence) and the state gradients
-``dS`` leaving it (the other way), so each program makes two walks:
+``dS`` leaving it (the other way), so each (direction, segment) takes two walks:
 
 * pass A, against the direction: ``dS`` chunk by chunk (``dS <- Γ ⊙ dS + scale'·(q ⊙ Qf)ᵀ dO``),
   parking the value that leaves each chunk in float32 scratch;
 * pass B, along the direction: ``S`` in registers, and each chunk's dq, dk, dv and gate
   gradient from its tiles, ``S`` and the parked ``dS`` (formulas: ``kernels.py``'s docstring,
   "Backward"; the gate gradient's carry term ``Σ_v S_out ⊙ dS_out`` included).
+
+``PASSES`` picks the walks a launch makes: by default the launcher runs pass A in a launch of
+its own (``PASSES=1``, few registers, many programs per SM) and then pass B (``PASSES=2``,
+255 registers, 2 programs per SM); ``PASSES=3`` makes both in one program, where pass A
+runs at pass B's occupancy (H100: forward+backward 6-8 % slower at 224 px, NOTES.md session 9).
 
 The two directions' parts of dq, dk and dv meet as the forward's output parts do: a program
 parks its float32 parts, counts the chunk, and the second to arrive adds and writes (one that
@@ -113,20 +118,13 @@ def _hand_over(x, out, row_out, stride_out, part, other_part, row_part, t0, n0, 
 
 
 @triton.jit
-def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v, other_q, other_k,
-                   other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                   S, dS, c_lo, c_hi,
-                   C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
-                   HANDOFF: tl.constexpr, STORE_DH0: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
-    direction (``S``) and the state gradient leaving them (``dS``)."""
-    n_chunks = tl.cdiv(T, C)
-    n_walk = c_hi - c_lo
-    kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
-    kv_offs = cols_k[:, None] * V + cols_v[None, :]
+def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, dS, c_lo,
+            c_hi, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
+            DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass A, against the direction: the state gradient leaving every chunk, parked in
+    ``scr``; returns the one entering the first chunk."""
     scr_offs = cols_k[:, None] * BV + cols_v[None, :]
-    # pass A, against the direction: the state gradient leaving every chunk, parked
-    for i in range(0, n_walk):
+    for i in range(0, c_hi - c_lo):
         c = c_lo + i if REV else c_hi - 1 - i
         qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
                                             cols_v, K, V, C)
@@ -134,11 +132,19 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
         Qf, Kf, total = _chunk_factors(gt, C, LOG2C, BK, REV)
         qbar = qt.to(tl.float32) * Qf
         dS = total[:, None] * dS + scale * _dot(tl.trans(qbar), dot_, DOT_BF16, PRECISION)
-    if STORE_DH0:
-        tl.store(dh0 + bh.to(tl.int64) * K * V + kv_offs, dS, mask=kv_mask)
-    tl.debug_barrier()  # pass B reads what other threads parked
+    return dS
 
-    # pass B, along the direction: the states in registers, every chunk's gradients
+
+@triton.jit
+def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
+            bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
+            C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
+            HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass B, along the direction: the states in registers, every chunk's gradients, from
+    the state gradients pass A parked in ``scr``."""
+    n_chunks = tl.cdiv(T, C)
+    n_walk = c_hi - c_lo
+    scr_offs = cols_k[:, None] * BV + cols_v[None, :]
     first = c_hi - 1 if REV else c_lo
     nq, nk, nv, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, first, T, stride_qk, stride_v, cols_k, cols_v,
                                        K, V, C)
@@ -182,12 +188,36 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
 
 
 @triton.jit
+def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v, other_q, other_k,
+                   other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
+                   S, dS, c_lo, c_hi,
+                   C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
+                   HANDOFF: tl.constexpr, STORE_DH0: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+                   PASSES: tl.constexpr):
+    """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
+    direction (``S``) and the state gradient leaving them (``dS``): pass A if ``PASSES & 1``,
+    pass B if ``PASSES & 2`` (from the scratch of an earlier launch when pass A is not here)."""
+    if PASSES & 1:
+        dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, dS,
+                     c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION)
+        if STORE_DH0:
+            kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
+            tl.store(dh0 + bh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :], dS, mask=kv_mask)
+    if PASSES == 3:
+        tl.debug_barrier()  # pass B reads what other threads parked
+    if PASSES & 2:
+        _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
+                bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
+                C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION)
+
+
+@triton.jit
 def _gla_bwd_single_pass_kernel(
     q, k, v, g, gr, do, dq, dk, dv, dg, dgr, h0, dht, dh0, scratch, parts, flags, bstates,
     T, H, K, V, scale, SEG_CHUNKS,
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PASSES: tl.constexpr = 3,
 ):
     """Backward, one program per (batch·head, direction, segment); see the module docstring.
 
@@ -235,7 +265,7 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v,
                        parts_q + size_k, parts_k + size_k, parts_v + size_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, False,
-                       BIDIR, STORE_DH0, DOT_BF16, PRECISION)
+                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES)
     else:
         if HAS_BSTATES:  # R at the segment's right edge, dR at its left edge
             S = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
@@ -243,4 +273,4 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, dh0, scr, parts_q + size_k, parts_k + size_k,
                        parts_v + size_v, parts_q, parts_k, parts_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, True,
-                       BIDIR, False, DOT_BF16, PRECISION)
+                       BIDIR, False, DOT_BF16, PRECISION, PASSES)

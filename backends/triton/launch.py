@@ -5,8 +5,9 @@ Launch counts. With K <= 64 the forward runs the single-pass kernel
 (``kernels_single_pass_bwd.py``): one launch for sequences up to ``single_pass_max_t`` tokens
 (512), else three — every segment's own state contribution, the scan of the segment boundary
 states (``kernels_boundary_states.py``), then one program per direction and segment of
-``single_pass_segment`` tokens (256). Bidirectional calls also zero their per-chunk counters
-first. Otherwise the two-phase kernels of ``kernels.py`` run: one launch for a sequence that
+``single_pass_segment`` tokens (256). The single-pass backward is two launches of that last
+kind (its pass A, then its pass B; ``single_pass_bwd_split``). Bidirectional calls also zero
+their per-chunk counters first. Otherwise the two-phase kernels of ``kernels.py`` run: one launch for a sequence that
 fits one segment, else the same two boundary-state launches first. Nothing here reads tensor
 values or synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace
 around it.
@@ -86,6 +87,13 @@ class Config:
     single_pass_bwd_chunk: int = 16
     single_pass_bwd_num_warps: int = 4
     single_pass_bwd_maxnreg: Optional[int] = None
+    # pass A (the state gradients, parked) in a launch of its own before pass B, with
+    # single_pass_bwd_pass_a_num_warps warps and the registers it needs: in one launch with
+    # pass B it ran at pass B's occupancy (255 registers, 2 programs per SM; alone: 128
+    # registers at 2 warps). H100, bf16, forward+backward: vigT_224 455 -> 422 µs, vigB_224
+    # 894 -> 839, vigT_1024 715 -> 686 (4 warps: 417, 832, 719; NOTES.md session 9)
+    single_pass_bwd_split: bool = True
+    single_pass_bwd_pass_a_num_warps: int = 2
     # matmul operands of float16 / bfloat16 inputs (``_dot_mode``): one of HALF_DOT_MODES, or
     # None for the dtype's default
     half_dots: Optional[str] = None
@@ -367,15 +375,18 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
                                        1 if bidirectional else 2, seg, cfg, dot_bf16, precision,
                                        has_h0=initial_state is not None, has_dht=grad_final_state is not None,
                                        store_ht=False, store_dh0=initial_state is not None)
-        kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir, nseg)](
-            q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
-            dh0 if dh0 is not None else scratch, scratch, parts, flags, bstates,
-            T, H, K, V, scale_eff, seg // C,
-            C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
-            HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
-            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision,
-            num_warps=cfg.single_pass_bwd_num_warps, num_stages=1, **extra,
-        )
+        launches = [(1, cfg.single_pass_bwd_pass_a_num_warps, {}), (2, cfg.single_pass_bwd_num_warps, extra)] \
+            if cfg.single_pass_bwd_split else [(3, cfg.single_pass_bwd_num_warps, extra)]
+        for passes, warps, options in launches:
+            kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir, nseg)](
+                q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
+                dh0 if dh0 is not None else scratch, scratch, parts, flags, bstates,
+                T, H, K, V, scale_eff, seg // C,
+                C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
+                HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
+                HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PASSES=passes,
+                num_warps=warps, num_stages=1, **options,
+            )
     return dh0
 
 
