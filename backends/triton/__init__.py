@@ -44,8 +44,9 @@ class TritonBackend(Backend):
     #: vigT_224,vigB_224,vigT_1024 --variants= [--backward]`, NOTES.md session 8, three runs),
     #: triton / cupy µs: forward vigT_224 94 / 109, vigT_1024 175 / 297; forward+backward
     #: vigT_224 462 / 469, 457 / 466, 463 / 471, vigB_224 892 / 910, 892 / 917, 894 / 875 (a
-    #: tie), vigT_1024 725 / 1087 (session 6: lm_4k, K = 128, forward 2160 / 1964, so cupy
-    #: keeps 64 < K <= 128).
+    #: tie), vigT_1024 725 / 1087; since the backward's split launches (session 9): vigT_224
+    #: 415 / 468, vigB_224 824 / 915, vigT_1024 676 / 1125 (session 6: lm_4k, K = 128,
+    #: forward 2160 / 1964, so cupy keeps 64 < K <= 128).
     #: Under ``torch.set_float32_matmul_precision("medium")`` (one bfloat16 dot) with 16-bit
     #: inputs, also forward-only calls with K <= 128 (lm_4k forward 1425).
     single_pass_priority = 300
