@@ -7,10 +7,10 @@ Launch counts. With K <= 64 the forward runs the single-pass kernel
 states (``kernels_boundary_states.py``), then one program per direction and segment of
 ``single_pass_segment`` tokens (256). The single-pass backward is two launches of that last
 kind (its pass A, then its pass B; ``single_pass_bwd_split``). Bidirectional calls also zero
-their per-chunk counters first. Otherwise the two-phase kernels of ``kernels.py`` run: one launch for a sequence that
-fits one segment, else the same two boundary-state launches first. Nothing here reads tensor
-values or synchronises, so a CUDA graph can capture the op and ``torch.compile`` can trace
-around it.
+their per-chunk counters first. Otherwise the two-phase kernels of ``kernels.py`` run: one
+launch for a sequence that fits one segment, else the same two boundary-state launches first.
+Nothing here reads tensor values or synchronises, so a CUDA graph can capture the op and
+``torch.compile`` can trace around it.
 
 Matmul precision follows PyTorch's own switch for float32 matmuls, read at every call
 (``_dot_mode``): by default float32 inputs use IEEE float32 matmuls, and float16 / bfloat16
