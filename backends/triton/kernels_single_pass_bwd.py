@@ -16,7 +16,7 @@ need the states ``S`` entering each chunk (one way along the sequence) and the s
 ``PASSES`` picks the walks a launch makes: by default the launcher runs pass A in a launch of
 its own (``PASSES=1``, few registers, many programs per SM) and then pass B (``PASSES=2``,
 255 registers, 2 programs per SM); ``PASSES=3`` makes both in one program, where pass A
-runs at pass B's occupancy (H100: forward+backward 6-8 % slower at 224 px, NOTES.md session 9).
+runs at pass B's occupancy (H100: forward+backward 7-10 % slower at 224 px, NOTES.md session 9).
 
 The two directions' parts of dq, dk and dv meet as the forward's output parts do: a program
 parks its float32 parts, counts the chunk, and the second to arrive adds and writes (one that

@@ -89,9 +89,9 @@ class Config:
     single_pass_bwd_maxnreg: Optional[int] = None
     # pass A (the state gradients, parked) in a launch of its own before pass B, with
     # single_pass_bwd_pass_a_num_warps warps and the registers it needs: in one launch with
-    # pass B it ran at pass B's occupancy (255 registers, 2 programs per SM; alone: 128
-    # registers at 2 warps). H100, bf16, forward+backward: vigT_224 455 -> 422 µs, vigB_224
-    # 894 -> 839, vigT_1024 715 -> 686 (4 warps: 417, 832, 719; NOTES.md session 9)
+    # pass B it ran at pass B's occupancy (255 registers, 2 programs per SM; alone: 108
+    # registers at 2 warps). H100, bf16, forward+backward: vigT_224 456 -> 415 µs, vigB_224
+    # 891 -> 824, vigT_1024 720 -> 676 (4 warps: 418, 820, 708; NOTES.md session 9, run 5)
     single_pass_bwd_split: bool = True
     single_pass_bwd_pass_a_num_warps: int = 2
     # matmul operands of float16 / bfloat16 inputs (``_dot_mode``): one of HALF_DOT_MODES, or
