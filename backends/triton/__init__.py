@@ -68,11 +68,11 @@ class TritonBackend(Backend):
             return base
         from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T
 
-        fast = spec.dtype in (torch.float16, torch.bfloat16) and float32_matmul_precision() == "medium"
+        half = spec.dtype in (torch.float16, torch.bfloat16)
+        fast = half and float32_matmul_precision() == "medium"
         narrow = spec.head_dim_k <= SINGLE_PASS_MAX_K
         if spec.needs_grad:
             # short-sequence training was measured with 16-bit inputs only: float32 stays with cupy
-            half = spec.dtype in (torch.float16, torch.bfloat16)
             wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (half or spec.seq_len > SINGLE_SEGMENT_MAX_T)
         else:
             wins = narrow or (fast and spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K)

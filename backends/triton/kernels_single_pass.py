@@ -38,9 +38,9 @@ where a half's total is the product of its factors = its last ``Qf_ℓ``. The re
 is the mirror image (suffix and prefix swapped, totals are first elements). After the last
 level ``Qf`` and ``Kf`` are exactly the chunk-wide factors the states need, and the chunk's
 total decay is the product of the last level's two half totals (the same value as ``Qf``'s
-last, reverse: first, row, taken without a reduction over the chunk's rows). Every factor is still a product of at
-most C factors in [0, 1], formed in a different association: the same ``(n + 1)·eps`` bound, no
-overflow, a -1e4 gate gives an exact 0.
+last, reverse: first, row, taken without a reduction over the chunk's rows). Every factor is
+still a product of at most C factors in [0, 1], formed in a different association: the same
+``(n + 1)·eps`` bound, no overflow, a -1e4 gate gives an exact 0.
 
 Requirements (checked by the launcher): one K block (K <= ``BK`` <= 128); a sequence longer
 than one segment needs its boundary states first. Masked rows past ``T`` carry q = k = v = 0
@@ -133,6 +133,31 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
 
 
 @triton.jit
+def _look(flag, i, n_walk):
+    """The chunk's count, read (acquire) by a program that reaches the chunk at step ``i`` of
+    its ``n_walk`` in the second half of its walk: the other direction, walking the other way,
+    got there at step ``n_walk - 1 - i``, so its part(s) are most likely parked already, and a
+    count of 1 lets this program finish the chunk without parking or counting. 0 otherwise."""
+    arrived = 0
+    if i > n_walk - 1 - i:
+        arrived = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+    return arrived
+
+
+@triton.jit
+def _count(flag):
+    """Count the chunk's parts once this program's are parked (every thread's stores before
+    the count, see the barrier): 1 means the other's are parked too, and this program adds
+    them and writes. The first to count never writes, and counts last: once its count is
+    seen, it is done with the chunk."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(flag, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    return arrived
+
+
+@triton.jit
 def _rows_ptrs(base, row0, t0, n_valid, stride_t, cols, ncols, C: tl.constexpr):
     rows = tl.arange(0, C)
     ok = rows < n_valid
@@ -165,23 +190,11 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
         out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
         o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, stride_v, cols_v, V, C)
         if HANDOFF:
-            arrived = 0
-            if i > n_chunks - 1 - i:
-                # the other direction reached this chunk earlier in its walk (step
-                # n_chunks - 1 - i), so its part is most likely parked already: look first, and
-                # if it is, finish the chunk without parking this part or counting
-                arrived = tl.atomic_add(flags + row_flags + c, 0, sem="acquire", scope="gpu")
-                tl.debug_barrier()
-            if arrived == 0:
-                # park this direction's part, then count the chunk's parts: the second to
-                # arrive adds the first's (parked before its count, see the barrier) and writes
-                # o. The first never writes o, and counts last: once its count is seen, it is
-                # done with the chunk.
+            arrived = _look(flags + row_flags + c, i, n_chunks)
+            if arrived == 0:  # park this direction's part, then count
                 p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
                 tl.store(p_ptrs, out, mask=p_mask)
-                tl.debug_barrier()
-                arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
-                tl.debug_barrier()
+                arrived = _count(flags + row_flags + c)
             if arrived == 1:
                 q_ptrs, q_mask = _rows_ptrs(other_part, row_part, t0, n0, V, cols_v, V, C)
                 out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")

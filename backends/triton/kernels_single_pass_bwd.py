@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .kernels import _dot, _level_mask, _level_scores_and_grads, _load_state, _sequence_rows
-from .kernels_single_pass import _next_level, _rows_ptrs, _total_of_pair
+from .kernels_single_pass import _count, _look, _next_level, _rows_ptrs, _total_of_pair
 
 
 @triton.jit
@@ -166,22 +166,15 @@ def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, othe
         tl.store(g_ptrs, dg_c.to(dg.dtype.element_ty), mask=g_mask)
         arrived = 0
         if HANDOFF:
-            if i > n_walk - 1 - i:
-                # the other direction most likely parked its parts already (as in the forward,
-                # kernels_single_pass._direction_walk): look first, and if so, add them without
-                # parking or counting
-                arrived = tl.atomic_add(flags + row_flags + c, 0, sem="acquire", scope="gpu")
-                tl.debug_barrier()
-            if arrived == 0:
+            arrived = _look(flags + row_flags + c, i, n_walk)
+            if arrived == 0:  # park this direction's parts, then count (as the forward does)
                 pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
                 pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
                 pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
                 tl.store(pq, dq_c, mask=pq_mask)
                 tl.store(pk, dk_c, mask=pk_mask)
                 tl.store(pv, dv_c, mask=pv_mask)
-                tl.debug_barrier()
-                arrived = tl.atomic_add(flags + row_flags + c, 1, sem="acq_rel", scope="gpu")
-                tl.debug_barrier()
+                arrived = _count(flags + row_flags + c)
         _hand_over(dq_c, dq, row_qk, stride_qk, parts_q, other_q, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dk_c, dk, row_qk, stride_qk, parts_k, other_k, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dv_c, dv, row_v, stride_v, parts_v, other_v, row_part_v, t0, n0, cols_v, V, C, HANDOFF, arrived)
