@@ -34,3 +34,17 @@ def float32_matmul_precision() -> str:
         return torch.get_float32_matmul_precision()
     except RuntimeError:
         return "highest"
+
+
+# Under torch.compile the kernels' launch code (vig's kernels, the triton backend's launches)
+# is traced, and these readers with it; Dynamo refuses the pybind getter behind
+# ``fp32_precision`` with ``fullgraph=True``. Marked as constant results, they are called once
+# while tracing and their values baked into the graph (as Inductor bakes in its own
+# settings): a switch flipped later does not recompile. This is what
+# ``torch.compiler.assume_constant_result`` does, set directly because that decorator imports
+# Dynamo, and importing glakernels or vig must not (tests/test_dispatch.py);
+# tests/test_torch_integration.py::test_precision_switches_read_under_fullgraph_compile fails
+# if a PyTorch release changes the marker.
+for _reader in (tf32_allowed, float32_matmul_precision):
+    _reader._dynamo_marked_constant = True
+del _reader

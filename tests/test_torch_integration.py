@@ -93,6 +93,98 @@ def test_compile_fullgraph_matches_eager(backend_device):
     assert_close({n: p.grad for n, p in model.named_parameters()}, eager_grads, bound, "compiled grads")
 
 
+def test_precision_switches_read_under_fullgraph_compile():
+    """The kernels read PyTorch's tf32 / matmul-precision switches while Dynamo traces them
+    (vig's kernels and the triton launches are traced under torch.compile); a raw read of
+    ``fp32_precision`` is a pybind getter Dynamo refuses with ``fullgraph=True``."""
+    from glakernels._precision import float32_matmul_precision, tf32_allowed
+
+    def pick(x):
+        if tf32_allowed("matmul") or tf32_allowed("conv") or float32_matmul_precision() == "medium":
+            return x * 2
+        return x + 1
+
+    torch._dynamo.reset()
+    x = torch.arange(3.0)
+    assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(x), pick(x))
+
+
+class _TracedTorchBackend(type(registry.get("torch"))):
+    """The torch backend, declared traceable on CPU: torch.compile traces its forward and
+    backward instead of calling the custom op (as it does for triton on CUDA)."""
+
+    name = "torch-traced"
+    device_types = frozenset({"cpu"})
+    auto_priority = {}
+    traceable_on = frozenset({"cpu"})
+
+
+def _graph_targets(fn, *args):
+    """The call targets Dynamo records for ``fn(*args)`` (fullgraph; autograd functions'
+    forward and backward bodies included), and ``fn``'s outputs."""
+    targets = []
+
+    def record(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                targets.extend(str(node.target) for node in module.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend=record)(*args)
+    return targets, out
+
+
+@pytest.mark.parametrize("force_custom_op", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_compile_traces_a_traceable_backend_for_forward_only_calls(monkeypatch, grad, force_custom_op):
+    """A forward-only call on a backend traceable on the device is traced (no custom op in
+    the graph); calls that need gradients, or GLAKERNELS_EAGER_CUSTOM_OP=1, keep the custom
+    op. Either way the compiled results are the eager ones."""
+    from gla_testing import temporary_backend
+
+    monkeypatch.setenv("GLAKERNELS_EAGER_CUSTOM_OP", "1" if force_custom_op else "0")
+    torch.manual_seed(3)
+    with temporary_backend(_TracedTorchBackend()), torch.set_grad_enabled(grad):
+        model = _TinyGLA(backend="torch-traced")
+        x = torch.randn(2, 13, 12)
+        eager_out = model(x)
+        targets, out = _graph_targets(model, x)
+        if grad:
+            eager_out.square().sum().backward()
+            eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            out.square().sum().backward()
+    custom_op_nodes = [t for t in targets if "glakernels" in t]
+    if force_custom_op or grad:
+        assert custom_op_nodes, "expected the custom op in the graph"
+    else:
+        assert not custom_op_nodes, f"a traceable backend still ran as the custom op: {custom_op_nodes}"
+    bound = registry.get("torch").tolerance(torch.float32)
+    assert_close({"o": out}, {"o": eager_out}, bound, "compiled output")
+    if grad:
+        assert_close({n: p.grad for n, p in model.named_parameters()}, eager_grads, bound, "compiled grads")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compile_records_the_triton_forward_launches_on_cuda():
+    """Under torch.compile a forward-only triton call is its launches in the graph (Inductor
+    launches them) and gives the eager result. (Training under compile keeps the custom op:
+    test_compile_fullgraph_matches_eager.)"""
+    torch.manual_seed(4)
+    model = _TinyGLA(dim=24, heads=2, head_k=16, head_v=32, backend="triton").cuda()
+    x = torch.randn(3, 70, 24, device="cuda")
+    with torch.no_grad():
+        eager_out = model(x)
+        targets, _ = _graph_targets(model, x)
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True)(x)  # inductor
+    assert not [t for t in targets if "glakernels" in t]
+    assert any("triton_kernel" in t for t in targets), targets
+    assert_close({"o": out}, {"o": eager_out}, registry.get("triton").tolerance(torch.float32), "compiled output")
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_non_contiguous_inputs(backend_device):
     """Transposed, sliced and expanded views give the same result as contiguous copies."""

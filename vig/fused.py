@@ -36,8 +36,9 @@ in the input dtype (in autocast's where only a matmul or convolution follows). O
   convolution's gradients stay PyTorch's (cuBLAS, cuDNN).
 
 Elsewhere (CPU, float64, ``VIG_TRITON_KERNELS=0``) the PyTorch forms below run, forward and
-backward. Under ``torch.compile`` they trace as ordinary autograd functions and inductor
-fuses their elementwise parts.
+backward. Under ``torch.compile`` the autograd functions are traced; on CUDA Dynamo records
+the kernels' launches and Inductor compiles them with the graph, elsewhere Inductor fuses
+the PyTorch forms.
 """
 
 from __future__ import annotations

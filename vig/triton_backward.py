@@ -149,7 +149,8 @@ if triton is not None:
         if has:
             gates = tl.load(gates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             grads = tl.load(grads_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            result = grads * (-_expm1_nonpositive(gates * normalizer) / normalizer)
+            n = tl.cast(normalizer, tl.float32)  # float64 from Inductor (torch.compile) otherwise
+            result = grads * (-_expm1_nonpositive(gates * n) / n)
         tl.store(out_ptr + r * (2 * width) + half * width + cols[None, :], result.to(out_ptr.dtype.element_ty),
                  mask=mask)
 

@@ -119,7 +119,8 @@ if triton is not None:
                          other=0.0)
             logits = _mm(low, w1, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
             logits += tl.load(b1_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            gates = (_logsigmoid(logits) * inv_normalizer).to(fwd_ptr.dtype.element_ty)
+            # the cast: Inductor (torch.compile) passes Python floats as float64
+            gates = (_logsigmoid(logits) * tl.cast(inv_normalizer, tl.float32)).to(fwd_ptr.dtype.element_ty)
             is_fwd = cn < NG
             col = tl.where(is_fwd, cn, cn - NG)
             offs = rows[:, None] * NG + col[None, :]

@@ -405,6 +405,7 @@ def _gla_fwd_kernel(
     i = 0..SEG/C). ``bstates`` (when present) holds the segment boundary states; with
     ``ONE_CHUNK`` (one chunk per segment, boundary states present) they are read directly
     and phase 1 is skipped."""
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch.compile) passes floats as float64
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     vb = tl.program_id(2)
@@ -500,6 +501,7 @@ def _gla_bwd_kernel(
     Scratch slots: 0 = F, 1 = dF, and when bidirectional 2 = R, 3 = dR. The boundary states'
     slots (``kernels_boundary_states.py``): F, (R,) dF, (dR). With ``ONE_CHUNK`` phase 2 reads
     the boundary states directly and phase 1 is skipped."""
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch.compile) passes floats as float64
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     BH = tl.num_programs(0)

@@ -67,6 +67,7 @@ def _gla_segment_sums_kernel(
     """``u_p`` into ``bstates`` (at the segment's far boundary in the walk direction) and
     ``Γ_p`` into ``gammas``; program (bh · K block · V block, slot, segment p), walking its
     segment in steps of ``STEP`` tokens."""
+    coef_grad = tl.cast(coef_grad, tl.float32)  # Inductor (torch.compile) passes floats as float64
     pid = tl.program_id(0)
     slot = tl.program_id(1)
     p = tl.program_id(2)

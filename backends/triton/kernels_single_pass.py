@@ -224,6 +224,7 @@ def _gla_fwd_single_pass_kernel(
     Long sequences are cut into segments of ``SEG_CHUNKS`` chunks, one program each, starting
     from the boundary states (``bstates``, see ``kernels_boundary_states.py``): F at the
     segment's left edge, R at its right edge. Without ``HAS_BSTATES`` there is one segment."""
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch.compile) passes floats as float64
     pid = tl.program_id(0)
     vb = tl.program_id(1)
     seg = tl.program_id(2)

@@ -220,6 +220,7 @@ def _gla_bwd_single_pass_kernel(
     entry. Long sequences are cut into segments of ``SEG_CHUNKS`` chunks that start from the
     boundary states ``bstates`` (slots F, R, dF, dR; causal: F, dF; see
     ``kernels_boundary_states.py``); without ``HAS_BSTATES`` there is one segment."""
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch.compile) passes floats as float64
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     NSEG = tl.num_programs(1)

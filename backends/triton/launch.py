@@ -127,6 +127,8 @@ def _pow2(n: int) -> int:
 
 def choose_config(T: int, K: int, V: int) -> Config:
     overrides = _overrides
+    if torch.compiler.is_compiling():  # Dynamo would warn about (and bypass) the lru_cache
+        return _config(T, K, V, dict(overrides))
     if not overrides:  # the common case, once per call: cached (Config is frozen)
         return _default_config(T, K, V)
     return _config(T, K, V, dict(overrides))
@@ -222,6 +224,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _device_guard(x: torch.Tensor):
+    if torch.compiler.is_compiling():  # traced: Inductor's code sets the graph's device itself
+        return contextlib.nullcontext()
     if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
