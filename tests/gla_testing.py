@@ -243,3 +243,19 @@ def temporary_backend(backend):
 def max_tokens(backend_name: str, device: str) -> int:
     backend = registry.get(backend_name)
     return backend.test_max_tokens_cpu if device == "cpu" else 1 << 20
+
+
+def compile_recording_targets(fn):
+    """``(compiled, targets)``: ``fn`` compiled with ``fullgraph=True`` by a backend that runs
+    the graph Dynamo records eagerly and appends its call targets (the forward and backward
+    bodies of autograd functions included) to ``targets`` when it is traced."""
+    targets = []
+
+    def record(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                targets.extend(str(node.target) for node in module.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=record), targets

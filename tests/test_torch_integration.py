@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gla_testing import Case, assert_close, backend_params, make_inputs, outputs_and_grads
+from gla_testing import Case, assert_close, backend_params, compile_recording_targets, make_inputs, outputs_and_grads
 from glakernels import gated_linear_attention
 from glakernels._dispatch import registry
 
@@ -119,22 +119,6 @@ class _TracedTorchBackend(type(registry.get("torch"))):
     traceable_on = frozenset({"cpu"})
 
 
-def _graph_targets(fn, *args):
-    """The call targets Dynamo records for ``fn(*args)`` (fullgraph; autograd functions'
-    forward and backward bodies included), and ``fn``'s outputs."""
-    targets = []
-
-    def record(gm, example_inputs):
-        for module in gm.modules():
-            if isinstance(module, torch.fx.GraphModule):
-                targets.extend(str(node.target) for node in module.graph.nodes)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, fullgraph=True, backend=record)(*args)
-    return targets, out
-
-
 @pytest.mark.parametrize("force_custom_op", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
 def test_compile_traces_a_traceable_backend_for_forward_only_calls(monkeypatch, grad, force_custom_op):
@@ -149,7 +133,8 @@ def test_compile_traces_a_traceable_backend_for_forward_only_calls(monkeypatch, 
         model = _TinyGLA(backend="torch-traced")
         x = torch.randn(2, 13, 12)
         eager_out = model(x)
-        targets, out = _graph_targets(model, x)
+        compiled, targets = compile_recording_targets(model)
+        out = compiled(x)
         if grad:
             eager_out.square().sum().backward()
             eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -177,7 +162,8 @@ def test_compile_records_the_triton_forward_launches_on_cuda():
     x = torch.randn(3, 70, 24, device="cuda")
     with torch.no_grad():
         eager_out = model(x)
-        targets, _ = _graph_targets(model, x)
+        compiled, targets = compile_recording_targets(model)
+        compiled(x)
         torch._dynamo.reset()
         out = torch.compile(model, fullgraph=True)(x)  # inductor
     assert not [t for t in targets if "glakernels" in t]

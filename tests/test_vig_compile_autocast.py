@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vig
+from gla_testing import compile_recording_targets
 
 
 def _small(name):
@@ -102,7 +103,7 @@ def test_compile_keeps_vig_kernels_on_cuda(name):
     model = _small(name).cuda()
     _randomize_zero_inits(model)
     args = _inputs(name, device="cuda")
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def step(fn):
         model.zero_grad(set_to_none=True)
@@ -112,16 +113,8 @@ def test_compile_keeps_vig_kernels_on_cuda(name):
         return out.detach().float(), torch.cat([p.grad.flatten().float() for p in params if p.grad is not None])
 
     eager_out, eager_grads = step(model)
-    targets = []
-
-    def record(gm, example_inputs):
-        for module in gm.modules():
-            if isinstance(module, torch.fx.GraphModule):
-                targets.extend(str(node.target) for node in module.graph.nodes)
-        return gm.forward
-
-    torch._dynamo.reset()
-    step(torch.compile(model, fullgraph=True, backend=record))
+    compiled, targets = compile_recording_targets(model)
+    step(compiled)
     assert sum("triton_kernel" in t for t in targets) >= 10, "vig's kernels were not traced"
     torch._dynamo.reset()
     out, grads = step(torch.compile(model, fullgraph=True))
