@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import _as_rows, _device_ctx, _pow2, _rows_block, triton
+from glakernels._launch_device import launch_device
+
+from .triton_kernels import _as_rows, _pow2, _rows_block, triton
 
 if triton is not None:
     import triton.language as tl
@@ -167,7 +169,7 @@ def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, resid
     programs = triton.cdiv(n_rows, block_rows)
     out = torch.empty(rx.shape, dtype=out_dtype or x.dtype, device=x.device)
     part = torch.empty((programs, block_cols), dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
+    with launch_device(x):
         _rms_norm_backward_kernel[(programs,)](
             rx, weight, rg, rr, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0), rr.stride(0),
             HAS_RES=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
@@ -180,7 +182,7 @@ def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
     y, grad = y.contiguous(), grad.contiguous()
     out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
     block = 1024
-    with _device_ctx(y):
+    with launch_device(y):
         _silu_backward_kernel[(triton.cdiv(y.numel(), block),)](y, grad, out, y.numel(), BLOCK=block)
     return out
 
@@ -196,7 +198,7 @@ def log_gates_pair_backward(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tens
     gr = rev if grad_rev is None else grad_rev.contiguous()
     out = torch.empty((*fwd.shape[:-1], 2 * width), dtype=fwd.dtype, device=fwd.device)
     block_rows, block_cols = _rows_block(width)
-    with _device_ctx(fwd):
+    with launch_device(fwd):
         _log_gates_backward_kernel[(triton.cdiv(n_rows, block_rows), 2)](
             gf, fwd.contiguous(), gr, rev.contiguous(), out, n_rows, width, float(normalizer),
             HAS_F=grad_fwd is not None, HAS_R=grad_rev is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
@@ -213,7 +215,7 @@ def swiglu_backward(projected: Tensor, grad_product: Tensor) -> tuple[Tensor, Te
     product = torch.empty(grows.shape, dtype=grad_product.dtype, device=projected.device)
     block_cols = min(256, _pow2(hidden))
     block_rows = max(1, 4096 // block_cols)
-    with _device_ctx(projected):
+    with launch_device(projected):
         _swiglu_backward_kernel[(triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))](
             rows, grows, grad, product, rows.shape[0], hidden, rows.stride(0), grows.stride(0), grad.stride(0),
             product.stride(0), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
@@ -236,7 +238,7 @@ def mix_backward(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: f
     grad_z = torch.empty(ra.shape, dtype=z.dtype, device=a.device)
     part = torch.empty((programs, 2, block_cols), dtype=torch.float32, device=a.device)
     y = None if output_dtype is None else torch.empty(ra.shape, dtype=output_dtype, device=a.device)
-    with _device_ctx(a):
+    with launch_device(a):
         _mix_backward_kernel[(programs,)](
             ra, rb, rz, wa, wb, rg, grad_a, grad_b, grad_z, part, grad_a if y is None else y, n_rows, width, eps,
             ra.stride(0), rb.stride(0), rz.stride(0), rg.stride(0),

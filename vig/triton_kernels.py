@@ -43,11 +43,11 @@ the H100 hosts of benchmarks/RESULTS.md). GPU-bound work (CUDA graphs, large bat
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
+from glakernels._launch_device import launch_device
 from glakernels._precision import tf32_allowed
 
 try:
@@ -316,21 +316,12 @@ if triton is not None:
         out = out_ptr + m.to(tl.int64)[:, None] * C_out + n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
-def _device_ctx(x: Tensor):
-    # launch on the tensor's GPU when another one is current
-    if torch.compiler.is_compiling():  # traced: Inductor's code sets the graph's device itself
-        return contextlib.nullcontext()
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
     """``x · rsqrt(mean(x²) + eps) · weight`` over the last dimension, in float32, as ``out_dtype``."""
     rows = _as_rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     block_rows, block_cols = _rows_block(rows.shape[1])
-    with _device_ctx(x):
+    with launch_device(x):
         _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
             rows, weight, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
@@ -362,7 +353,7 @@ def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Ten
     launch = NORM_DWCONV_LAUNCH
     block_c = min(_pow2(C), launch["MAX_BLOCK_C"])
     block_w = max(1, min(_pow2(W), launch["TILE"] // block_c))
-    with _device_ctx(x):
+    with launch_device(x):
         if branch is None:
             _rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
                 x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
@@ -390,7 +381,7 @@ def mix_global_local(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, ep
     ra, rb, rz = _as_rows(a), _as_rows(b), _as_rows(z)
     out = torch.empty(ra.shape, dtype=out_dtype, device=a.device)
     block_rows, block_cols = _rows_block(ra.shape[1])
-    with _device_ctx(a):
+    with launch_device(a):
         _mix_kernel[(triton.cdiv(ra.shape[0], block_rows),)](
             ra, rb, rz, wa, wb, out, ra.shape[0], ra.shape[1], eps,
             ra.stride(0), rb.stride(0), rz.stride(0), out.stride(0),
@@ -407,7 +398,7 @@ def swiglu_product(projected: Tensor) -> Tensor:
     out = torch.empty((rows.shape[0], hidden), dtype=projected.dtype, device=projected.device)
     block_cols = min(256, _pow2(hidden))
     block_rows = max(1, 4096 // block_cols)
-    with _device_ctx(projected):
+    with launch_device(projected):
         _swiglu_kernel[(triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))](
             rows, out, rows.shape[0], hidden, rows.stride(0), out.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
@@ -422,7 +413,7 @@ def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float, out_dtyp
     total = torch.empty(rx.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     out = torch.empty(rx.shape, dtype=out_dtype, device=x.device)
     block_rows, block_cols = _rows_block(rx.shape[1])
-    with _device_ctx(x):
+    with launch_device(x):
         _add_rms_norm_kernel[(triton.cdiv(rx.shape[0], block_rows),)](
             rx, rb, weight, total, out, rx.shape[0], rx.shape[1], eps,
             rx.stride(0), rb.stride(0), total.stride(0), out.stride(0),
@@ -439,7 +430,7 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
     fwd = torch.empty((rows.shape[0], width), dtype=logits.dtype, device=logits.device)
     rev = torch.empty_like(fwd)
     block_rows, block_cols = _rows_block(width)
-    with _device_ctx(logits):
+    with launch_device(logits):
         _log_gates_pair_kernel[(triton.cdiv(rows.shape[0], block_rows), 2)](
             rows, fwd, rev, rows.shape[0], width, 1.0 / normalizer, rows.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
@@ -471,7 +462,7 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
         dot_bf16 = dtype == torch.bfloat16
         tf32 = dtype == torch.float16 or tf32_allowed("conv")
         precision = "tf32" if tf32 else "ieee"
-    with _device_ctx(x):
+    with launch_device(x):
         launch = PATCH_CONV_LAUNCH
         _patch_conv_kernel[(triton.cdiv(n_pixels, launch["BLOCK_M"]), triton.cdiv(C_out, block_n))](
             x, w, bias, out, n_pixels, H, W, OH, OW, C_out, C_in * ks * ks, *x.stride(),
@@ -485,7 +476,7 @@ def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: boo
     rows = _as_rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     block_rows, block_cols = _rows_block(rows.shape[1])
-    with _device_ctx(x):
+    with launch_device(x):
         _layer_norm_act_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
             rows, weight, bias, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
             ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,

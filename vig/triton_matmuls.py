@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from glakernels._launch_device import launch_device
 from glakernels._precision import tf32_allowed
 
-from .triton_kernels import _as_rows, _device_ctx, _pow2, triton
+from .triton_kernels import _as_rows, _pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -141,7 +142,7 @@ def swiglu_matmul(x: Tensor, weight: Tensor) -> Tensor:
     if x.device.type == "cpu":  # the interpreter: fewer, larger steps
         launch["BLOCK_K"] = max(16, min(128, _pow2(rows.shape[1])))
     grid = (triton.cdiv(rows.shape[0], launch["BLOCK_M"]), triton.cdiv(hidden, launch["BLOCK_N"]))
-    with _device_ctx(x):
+    with launch_device(x):
         _swiglu_matmul_kernel[grid](rows, w, out, rows.shape[0], rows.shape[1], hidden, rows.stride(0), w.stride(0),
                                     out.stride(0), UPCAST=upcast, PRECISION=precision, **launch)
     return out.view(*x.shape[:-1], hidden)
@@ -164,7 +165,7 @@ def low_rank_log_gates_pair(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, norma
     launch = dict(LOW_RANK_GATES_LAUNCH)
     if x.device.type == "cpu":
         launch["BLOCK_K"] = max(16, min(128, _pow2(C)))
-    with _device_ctx(x):
+    with launch_device(x):
         _low_rank_log_gates_kernel[(triton.cdiv(M, launch["BLOCK_M"]),)](
             rows, w0, w1, b1, low, fwd, rev, M, C, R, NG, 1.0 / normalizer, rows.stride(0),
             UPCAST=upcast, PRECISION=precision, BLOCK_R=max(16, _pow2(R)), **launch,

@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from glakernels._launch_device import launch_device
 from glakernels._precision import float32_matmul_precision, tf32_allowed
 
 from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
@@ -127,9 +128,9 @@ def _pow2(n: int) -> int:
 
 def choose_config(T: int, K: int, V: int) -> Config:
     overrides = _overrides
-    if torch.compiler.is_compiling():  # Dynamo would warn about (and bypass) the lru_cache
-        return _config(T, K, V, dict(overrides))
-    if not overrides:  # the common case, once per call: cached (Config is frozen)
+    # the common case, once per call: cached (Config is frozen); not while Dynamo traces,
+    # which would warn about (and bypass) the lru_cache
+    if not overrides and not torch.compiler.is_compiling():
         return _default_config(T, K, V)
     return _config(T, K, V, dict(overrides))
 
@@ -223,14 +224,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _device_guard(x: torch.Tensor):
-    if torch.compiler.is_compiling():  # traced: Inductor's code sets the graph's device itself
-        return contextlib.nullcontext()
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,7 +258,7 @@ def forward(
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else scratch
     h0 = initial_state if initial_state is not None else scratch
     bstates = scratch
-    with _device_guard(q):
+    with launch_device(q):
         if nseg > 1:
             bstates = _boundary_states(q, k, v, g, gr, q, h0, scratch, ht, scratch, 1.0, slots, 1, SEG, cfg,
                                        dot_bf16, precision, has_h0=initial_state is not None, has_dht=False,
@@ -334,7 +327,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     extra = {}
     if cfg.single_pass_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
         extra["maxnreg"] = cfg.single_pass_maxnreg
-    with _device_guard(q):
+    with launch_device(q):
         bstates = part
         if nseg > 1:
             bstates = _boundary_states(q, k, v, g, gr, q, h0, part, ht, part, 1.0, ndir, 1, seg, cfg, dot_bf16,
@@ -371,7 +364,7 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
     extra = {}
     if cfg.single_pass_bwd_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
         extra["maxnreg"] = cfg.single_pass_bwd_maxnreg
-    with _device_guard(q):
+    with launch_device(q):
         bstates = scratch
         if nseg > 1:
             bstates = _boundary_states(q, k, v, g, gr, grad_output, h0, dht, scratch,
@@ -430,7 +423,7 @@ def backward(
     h0 = initial_state if initial_state is not None else scratch
     dht = grad_final_state if grad_final_state is not None else scratch
     bstates = scratch
-    with _device_guard(q):
+    with launch_device(q):
         if nseg > 1:
             bstates = _boundary_states(q, k, v, g, gr, grad_output, h0, dht, scratch,
                                        dh0 if dh0 is not None else scratch, scale_eff, slots,
