@@ -115,7 +115,7 @@ def gated_linear_attention(
         output_final_state,
         name,
     )
-    if eager_path_applies(name, spec.needs_grad, *args[:6]):
+    if eager_path_applies(name, *args[:6]):
         return EagerGLA.apply(*args)
     o, final_state = torch.ops.glakernels.gla_forward(*args)
     return (o, final_state) if output_final_state else o

@@ -52,11 +52,11 @@ class Backend:
     #: Rank in automatic selection per device type (higher is tried first; key ``"any"`` for
     #: every device). A device type that is absent means "only when asked for by name" there.
     auto_priority: ClassVar[Mapping[str, int]] = {}
-    #: Device types on which ``torch.compile`` may trace this backend's ``forward`` (for
-    #: calls that need no gradient) instead of calling the custom op: Dynamo then records the
-    #: backend's Triton launches as graph nodes that Inductor compiles and launches with the
-    #: rest of the graph (no custom-op dispatch, no Triton launcher in Python on every call).
-    #: Only for backends whose launch code Dynamo can trace with ``fullgraph=True``.
+    #: Device types on which ``torch.compile`` traces this backend's ``forward`` and
+    #: ``backward`` instead of calling the custom op: Dynamo then records the backend's
+    #: Triton launches as graph nodes that Inductor compiles and launches with the rest of the
+    #: graph (no custom-op dispatch, no Triton launcher in Python on every call). Only for
+    #: backends whose launch code Dynamo can trace with ``fullgraph=True``.
     traceable_on: ClassVar[frozenset[str]] = frozenset()
     #: Per-dtype error bounds the shared tests hold this backend to.
     tolerances: ClassVar[Mapping[torch.dtype, float]] = DESIGN_TOLERANCES

@@ -36,6 +36,14 @@ def _inputs(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_f
     return GLAInputs(q, k, v, g, g_reverse, initial_state, scale, spec)
 
 
+def _contiguous(x: Tensor) -> Tensor:
+    """``x.contiguous()``, but never the no-op that returns ``x`` itself: returned from an
+    autograd function's forward under ``torch.compile``, that alias turns the output's
+    gradient into zeros in torch 2.11 (the traced backward read a zero tensor in place of
+    its tangent; 2.13 is fine). The same bug as ``vig.fused._cast``'s."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def run_forward(q, k, v, g, g_reverse, initial_state, scale, bidirectional, output_final_state, backend):
     """``(o, final_state or None)`` from backend ``backend``, outside autocast. Shared by the
     custom op and the eager path (:mod:`._eager`), so both run exactly the same code."""
@@ -43,7 +51,7 @@ def run_forward(q, k, v, g, g_reverse, initial_state, scale, bidirectional, outp
     with autocast_disabled(q.device.type):
         o, final_state = get_backend(backend).forward(inputs)
     # the fake implementation promises contiguous outputs; no-ops for backends that comply
-    return o.contiguous(), None if final_state is None else final_state.contiguous()
+    return _contiguous(o), None if final_state is None else _contiguous(final_state)
 
 
 def run_backward(grad_output, grad_final_state, q, k, v, g, g_reverse, initial_state, scale, bidirectional, backend):
@@ -54,7 +62,7 @@ def run_backward(grad_output, grad_final_state, q, k, v, g, g_reverse, initial_s
     with autocast_disabled(q.device.type):
         grads = get_backend(backend).backward(inputs, grad_output, grad_final_state)
     outputs = (grads.dq, grads.dk, grads.dv, grads.dg, grads.dg_reverse, grads.dinitial_state)
-    return tuple(None if x is None else x.contiguous() for x in outputs)
+    return tuple(None if x is None else _contiguous(x) for x in outputs)
 
 
 def _absent(like: Tensor, dtype: torch.dtype) -> Tensor:

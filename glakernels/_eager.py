@@ -12,14 +12,12 @@ behind it: ``torch.compile`` / ``torch.export`` tracing, a ``TorchDispatchMode``
 ``torch.func`` transforms, and tensor subclasses. ``GLAKERNELS_EAGER_CUSTOM_OP=1`` forces
 the custom op everywhere (to compare the two paths, or to debug one).
 
-One exception under ``torch.compile``: a forward-only call (no gradient needed) on a backend
-that declares the device in ``Backend.traceable_on`` (triton on CUDA) is traced through this
-same function, so Dynamo records its Triton launches as graph nodes and Inductor launches
-them from its generated code. A custom op would cost a dispatcher round trip and a Triton
-launch from Python on every call of the compiled graph: H100, ViG-T inference compiled, 224
-px batch 128, 15,547 -> 17,296 img/s (NOTES.md, session 10). Calls that need gradients keep
-the custom op under ``torch.compile``: with the backward traced as well, the gradients came
-back zero (torch 2.11; NOTES.md, session 10).
+One exception under ``torch.compile``: a call on a backend that declares the device in
+``Backend.traceable_on`` (triton on CUDA) is traced through this same function, forward and
+backward, so Dynamo records its Triton launches as graph nodes and Inductor launches them
+from its generated code. A custom op would cost a dispatcher round trip and a Triton launch
+from Python on every call of the compiled graph: H100, ViG-T inference compiled, 224 px
+batch 128, 15,547 -> 17,296 img/s (NOTES.md, session 10).
 """
 
 from __future__ import annotations
@@ -40,16 +38,12 @@ def _custom_op_forced() -> bool:
     return os.environ.get(ENV_FORCE_CUSTOM_OP, "") not in ("", "0")
 
 
-def eager_path_applies(backend: str, needs_grad: bool, *tensors) -> bool:
+def eager_path_applies(backend: str, *tensors) -> bool:
     """Whether this call on backend ``backend`` may bypass the custom op (see the module
     docstring)."""
     if torch.compiler.is_compiling():
-        # forward-only calls: with the triton backward traced, the gradients came back zero
-        # (torch 2.11, H100, aot_eager and Inductor alike; NOTES.md session 10), so calls that
-        # need gradients keep the custom op
         device_type = tensors[0].device.type
-        traceable = device_type in get_backend(backend).traceable_on
-        return traceable and not needs_grad and not _custom_op_forced()
+        return device_type in get_backend(backend).traceable_on and not _custom_op_forced()
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._are_functorch_transforms_active():
