@@ -190,6 +190,57 @@ def test_single_pass_backward_in_one_or_two_launches(case, layout):
     assert_close(results[True], results[False], 1e-6, "two launches vs one")
 
 
+# the tensors a launch returns to the user; torch.compile's functionalisation clones each
+# argument a kernel may write on its own, so such a tensor passed in a second argument slot
+# comes back as whichever clone was taken last (NOTES.md session 11: dgr = dg gave DiG
+# garbage gate gradients under torch.compile on CUDA)
+_RESULT_ARGS = ("o", "dq", "dk", "dv", "dg", "dgr")
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("layout", ["one-segment", "chunks-per-segment-2", "single-pass-segments"])
+def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, layout):
+    """Every kernel launch of a forward and backward gets its output and gradient tensors in
+    one argument slot each: no other argument of the launch shares their memory."""
+    import inspect
+
+    from glakernels.backends.triton import kernels, kernels_boundary_states, kernels_single_pass
+    from glakernels.backends.triton import kernels_single_pass_bwd
+
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+            self.params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.params[0], dict(zip(self.params, args)) | kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for module in (kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd):
+        for name in dir(module):
+            if name.endswith("_kernel") and hasattr(getattr(module, name), "__getitem__"):
+                monkeypatch.setattr(module, name, Recording(getattr(module, name)))
+    case = Case(1, 70, 2, 8, 16, torch.float32, bidirectional=bidirectional, gates="vig")
+    fields = {} if layout == "one-segment" else LONG_LAYOUTS[layout]
+    with _launch().override_config(**fields):
+        outputs_and_grads(gated_linear_attention, make_inputs(case, DEVICE, seed=5), None,
+                          bidirectional=bidirectional, backend="triton")
+    assert len(launches) >= 2
+    for _, args in launches:
+        tensors = {n: t for n, t in args.items() if isinstance(t, torch.Tensor)}
+        for name in _RESULT_ARGS:
+            if name not in tensors:
+                continue
+            ptr = tensors[name].untyped_storage().data_ptr()
+            shared = [n for n, t in tensors.items() if n != name and t.untyped_storage().data_ptr() == ptr]
+            assert not shared, f"{name} shares its memory with {shared} in one launch"
+
+
 def test_single_pass_gradients_are_bitwise_reproducible():
     """The backward's dq, dk, dv parts meet like the forward's: repeated calls agree bitwise."""
     case = Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong")

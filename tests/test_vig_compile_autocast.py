@@ -94,11 +94,11 @@ def test_inductor_compile_bf16_on_cuda(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
-def test_compile_keeps_vig_kernels_on_cuda(name):
-    """Under torch.compile on CUDA, vig's Triton kernels are recorded in the graph (Inductor
-    launches them) instead of their PyTorch forms, and the compiled forward and gradients
-    match eager ones (bf16 autocast)."""
+@pytest.mark.parametrize("name, min_kernels", [("vig_tiny", 10), ("vig_h_tiny", 10), ("dig_s_2", 1)])
+def test_compile_keeps_vig_kernels_on_cuda(name, min_kernels):
+    """Under torch.compile on CUDA, vig's Triton kernels (DiG: the op's) are recorded in the
+    graph (Inductor launches them) instead of their PyTorch forms, and the compiled forward
+    and gradients match eager ones (bf16 autocast)."""
     torch.manual_seed(0)
     model = _small(name).cuda()
     _randomize_zero_inits(model)
@@ -115,7 +115,7 @@ def test_compile_keeps_vig_kernels_on_cuda(name):
     eager_out, eager_grads = step(model)
     compiled, targets = compile_recording_targets(model)
     step(compiled)
-    assert sum("triton_kernel" in t for t in targets) >= 10, "vig's kernels were not traced"
+    assert sum("triton_kernel" in t for t in targets) >= min_kernels, "vig's kernels were not traced"
     torch._dynamo.reset()
     out, grads = step(torch.compile(model, fullgraph=True))
     assert _rel(out, eager_out) <= 2e-2

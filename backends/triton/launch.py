@@ -413,7 +413,10 @@ def backward(
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
     dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
-    dgr = torch.empty_like(g_reverse) if bidirectional else dg
+    # causal: the kernels never touch dgr, but it must not be dg itself. Under torch.compile
+    # each argument a kernel may write is cloned separately, and dg came back as the unwritten
+    # clone (garbage gradients in compiled DiG on CUDA, NOTES.md session 11)
+    dgr = torch.empty_like(g_reverse) if bidirectional else g.new_empty(1)
     if cfg.single_pass_backward and K <= SINGLE_PASS_MAX_K and V <= SINGLE_PASS_MAX_K:
         dh0 = _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state,
                                     grad_final_state, scale_eff, bidirectional, cfg, dot_bf16, precision)
