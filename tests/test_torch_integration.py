@@ -124,9 +124,9 @@ class _TracedTorchBackend(type(registry.get("torch"))):
 def test_compile_traces_a_traceable_backend(monkeypatch, grad, force_custom_op):
     """A call on a backend traceable on the device is traced (no custom op in the graph),
     forward-only or with gradients; GLAKERNELS_EAGER_CUSTOM_OP=1 keeps the custom op. Either
-    way the compiled results and gradients are the eager ones. (Under torch 2.11 the traced
-    backward's gradients came back zero while the forward returned an alias of its output:
-    ``glakernels._custom_op._contiguous``.)"""
+    way the compiled results and gradients are the eager ones. (The zero gradients torch 2.11
+    gave the traced triton backward, ``glakernels._custom_op._contiguous``, show only where
+    Dynamo records Triton launches, on a GPU: test_compile_records_the_triton_launches_on_cuda.)"""
     from gla_testing import temporary_backend
 
     monkeypatch.setenv("GLAKERNELS_EAGER_CUSTOM_OP", "1" if force_custom_op else "0")

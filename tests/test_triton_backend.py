@@ -210,13 +210,13 @@ def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, l
     launches = []
 
     class Recording:
-        def __init__(self, kernel):
-            self.kernel = kernel
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
             self.params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append((self.params[0], dict(zip(self.params, args)) | kwargs))
+                launches.append((self.name, dict(zip(self.params, args)) | kwargs))
                 return self.kernel[grid](*args, **kwargs)
 
             return launch
@@ -224,21 +224,21 @@ def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, l
     for module in (kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd):
         for name in dir(module):
             if name.endswith("_kernel") and hasattr(getattr(module, name), "__getitem__"):
-                monkeypatch.setattr(module, name, Recording(getattr(module, name)))
+                monkeypatch.setattr(module, name, Recording(getattr(module, name), name))
     case = Case(1, 70, 2, 8, 16, torch.float32, bidirectional=bidirectional, gates="vig")
     fields = {} if layout == "one-segment" else LONG_LAYOUTS[layout]
     with _launch().override_config(**fields):
         outputs_and_grads(gated_linear_attention, make_inputs(case, DEVICE, seed=5), None,
                           bidirectional=bidirectional, backend="triton")
     assert len(launches) >= 2
-    for _, args in launches:
+    for kernel, args in launches:
         tensors = {n: t for n, t in args.items() if isinstance(t, torch.Tensor)}
         for name in _RESULT_ARGS:
             if name not in tensors:
                 continue
             ptr = tensors[name].untyped_storage().data_ptr()
             shared = [n for n, t in tensors.items() if n != name and t.untyped_storage().data_ptr() == ptr]
-            assert not shared, f"{name} shares its memory with {shared} in one launch"
+            assert not shared, f"{kernel}: {name} shares its memory with {shared}"
 
 
 def test_single_pass_gradients_are_bitwise_reproducible():
