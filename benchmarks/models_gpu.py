@@ -118,15 +118,28 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
         optimizer.zero_grad(set_to_none=True)
 
     step = infer if mode == "infer" else train_step
-    for _ in range(args.warmup):
+
+    def reset_peak():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    for i in range(args.warmup):
         step()
         if after_step is not None:
             after_step()
+        if i == 0:
+            # The peak counts from the second step on: the first step's one-off allocations
+            # (cuDNN's benchmark workspaces, lazy initialisation) stay out. It must not start
+            # after the warm-up: a CUDA graph (``graph``, and ``compile-ro``'s CUDA-graph trees)
+            # takes every intermediate from its private pool while it is captured, and its
+            # replays allocate nothing, so a peak taken over replays alone is the parameters'
+            # and optimizer state's memory, not the step's.
+            reset_peak()
+    if args.warmup == 0:
+        reset_peak()
     if runner_kind == "graph":
         with torch.cuda.device(device):
             step = capture_cuda_graph(step).replay
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.min_time, args.min_iters, after_step)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     del model, runner, optimizer
