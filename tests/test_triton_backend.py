@@ -241,6 +241,24 @@ def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, l
             assert not shared, f"{kernel}: {name} shares its memory with {shared}"
 
 
+def test_single_pass_forward_cap_follows_the_grid():
+    """The forward's register cap goes on only where the grid needs more than the uncapped
+    one-wave slots (``single_pass_uncapped_per_sm`` programs per SM); never without a cap
+    configured, always with no SMs known (while Dynamo traces) or the threshold at 0."""
+    launch = _launch()
+    cfg = launch.choose_config(196, 32, 64)
+    per_sm, cap = cfg.single_pass_uncapped_per_sm, cfg.single_pass_maxnreg
+    assert per_sm > 0 and cap is not None
+    assert launch._single_pass_cap(cfg, 1, 132) is None
+    assert launch._single_pass_cap(cfg, per_sm * 132, 132) is None
+    assert launch._single_pass_cap(cfg, per_sm * 132 + 1, 132) == cap
+    assert launch._single_pass_cap(cfg, 1, 0) == cap
+    off = launch._config(196, 32, 64, dict(single_pass_uncapped_per_sm=0))
+    assert launch._single_pass_cap(off, 1, 132) == cap
+    uncapped = launch._config(196, 32, 64, dict(single_pass_maxnreg=None))
+    assert launch._single_pass_cap(uncapped, 10**6, 132) is None
+
+
 def test_single_pass_gradients_are_bitwise_reproducible():
     """The backward's dq, dk, dv parts meet like the forward's: repeated calls agree bitwise."""
     case = Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong")
@@ -370,6 +388,37 @@ def test_unavailable_without_gpu_or_interpreter(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+def test_single_pass_forward_launch_caps_only_large_grids(monkeypatch, bidirectional):
+    """On CUDA the forward's launch passes ``maxnreg`` for a grid larger than the device's
+    uncapped one-wave slots, and none for a smaller one; both give the same result bit for bit
+    (registers do not change the arithmetic)."""
+    from glakernels.backends.triton import kernels_single_pass
+
+    launch = _launch()
+    seen = []
+    kernel = kernels_single_pass._gla_fwd_single_pass_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs.get("maxnreg"))
+                return kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(kernels_single_pass, "_gla_fwd_single_pass_kernel", Recording())
+    x = make_inputs(Case(4, 196, 3, 32, 64, torch.bfloat16, bidirectional=bidirectional, gates="vig"), "cuda", seed=2)
+    programs = 4 * 3 * (2 if bidirectional else 1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    outputs = []
+    for per_sm in (0, -(-programs // sms)):  # always capped; then the grid fits the uncapped slots
+        with launch.override_config(single_pass_uncapped_per_sm=per_sm), torch.no_grad():
+            outputs.append(gated_linear_attention(**x, bidirectional=bidirectional, backend="triton"))
+    assert seen == [launch.choose_config(196, 32, 64).single_pass_maxnreg, None]
+    assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.gpu

@@ -78,6 +78,9 @@ class Config:
     single_pass_num_warps: int = 2
     single_pass_num_stages: int = 1
     single_pass_maxnreg: Optional[int] = 168  # registers per thread (None: the compiler's choice)
+    # ... except for a grid of at most this many programs per SM, which runs uncapped
+    # (_single_pass_cap; 0: always capped)
+    single_pass_uncapped_per_sm: int = 4
     # sequences longer than single_pass_max_t: tokens per segment program (a multiple of the
     # chunk; the boundary states come first, kernels_boundary_states.py)
     # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
@@ -310,6 +313,29 @@ def _single_pass_segments(T: int, chunk: int, cfg: Config) -> tuple[int, int]:
     return seg, _cdiv(T, seg)
 
 
+def _single_pass_cap(cfg: Config, programs: int, sms: int) -> Optional[int]:
+    """The register cap (``maxnreg``) of a single-pass forward launch of ``programs`` programs
+    on ``sms`` SMs, or None for none.
+
+    The cap (168 at 2 warps) lets six programs share an SM where the compiler's own choice
+    (255 registers) lets four, at the cost of a few spills. A grid that the four slots hold in
+    one wave gains nothing from the extra slots and runs faster uncapped. H100 (132 SMs),
+    bf16, K = 32, V = 64, T = 196, µs capped -> uncapped (NOTES.md, session 12):
+    bidirectional, 192 programs 63.2 -> 59.5, 384: 72.7 -> 61.4, 528: 72.5 -> 64.0, 768:
+    90.3 -> 114.4 (so capped there); causal, 96: 42.1 -> 31.7, 384: 51.3 -> 40.8, 528:
+    54.7 -> 44.5, 768: 69.6 -> 83.8; causal T = 4096, 384 programs: 93.3 -> 77.9.
+    Registers do not change the arithmetic: the outputs are the same bit for bit, so the
+    choice keeps a sequence's result independent of the rest of the batch."""
+    if cfg.single_pass_maxnreg is None or programs <= cfg.single_pass_uncapped_per_sm * sms:
+        return None
+    return cfg.single_pass_maxnreg
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
                          dot_bf16, precision):
     B, T, H, K = q.shape
@@ -325,10 +351,14 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else part
     h0 = initial_state if initial_state is not None else part
     extra = {}
-    # (Inductor, launching this kernel when torch.compile traced it, drops maxnreg: torch
-    # 2.11-2.13 pass only num_warps / num_stages on for user kernels; vigT_224 91 -> 114 µs)
     if cfg.single_pass_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
-        extra["maxnreg"] = cfg.single_pass_maxnreg
+        # (Inductor, launching this kernel when torch.compile traced it, drops maxnreg: torch
+        # 2.11-2.13 pass only num_warps / num_stages on for user kernels; vigT_224 91 -> 114 µs.
+        # While Dynamo traces, the cap goes in as always and the SMs are not looked up.)
+        sms = 0 if torch.compiler.is_compiling() else _sm_count(q.device.index)
+        cap = _single_pass_cap(cfg, B * H * ndir * nvb * nseg, sms)
+        if cap is not None:
+            extra["maxnreg"] = cap
     with launch_device(q):
         bstates = part
         if nseg > 1:
