@@ -323,7 +323,8 @@ def _single_pass_cap(cfg: Config, programs: int, sms: int) -> Optional[int]:
     bf16, K = 32, V = 64, T = 196, µs capped -> uncapped (NOTES.md, session 12):
     bidirectional, 192 programs 63.2 -> 59.5, 384: 72.7 -> 61.4, 528: 72.5 -> 64.0, 768:
     90.3 -> 114.4 (so capped there); causal, 96: 42.1 -> 31.7, 384: 51.3 -> 40.8, 528:
-    54.7 -> 44.5, 768: 69.6 -> 83.8; causal T = 4096, 384 programs: 93.3 -> 77.9.
+    54.7 -> 44.5, 768: 69.6 -> 83.8; causal T = 4096, 384 programs: 93.3 -> 77.9 (the
+    uncapped 768-program times are Inductor's launches, which drop the cap).
     Registers do not change the arithmetic: the outputs are the same bit for bit, so the
     choice keeps a sequence's result independent of the rest of the batch."""
     if cfg.single_pass_maxnreg is None or programs <= cfg.single_pass_uncapped_per_sm * sms:
