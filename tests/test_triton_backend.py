@@ -190,22 +190,11 @@ def test_single_pass_backward_in_one_or_two_launches(case, layout):
     assert_close(results[True], results[False], 1e-6, "two launches vs one")
 
 
-# the tensors a launch returns to the user; torch.compile's functionalisation clones each
-# argument a kernel may write on its own, so such a tensor passed in a second argument slot
-# comes back as whichever clone was taken last (NOTES.md session 11: dgr = dg gave DiG
-# garbage gate gradients under torch.compile on CUDA)
-_RESULT_ARGS = ("o", "dq", "dk", "dv", "dg", "dgr")
-
-
-@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
-@pytest.mark.parametrize("layout", ["one-segment", "chunks-per-segment-2", "single-pass-segments"])
-def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, layout):
-    """Every kernel launch of a forward and backward gets its output and gradient tensors in
-    one argument slot each: no other argument of the launch shares their memory."""
+def _record_launches(monkeypatch, *modules) -> list:
+    """Wrap every ``*_kernel`` of ``modules`` so that each launch appends ``(kernel name,
+    {argument name: value})`` (positional and keyword arguments) to the returned list, then
+    launches as usual."""
     import inspect
-
-    from glakernels.backends.triton import kernels, kernels_boundary_states, kernels_single_pass
-    from glakernels.backends.triton import kernels_single_pass_bwd
 
     launches = []
 
@@ -221,10 +210,30 @@ def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, l
 
             return launch
 
-    for module in (kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd):
+    for module in modules:
         for name in dir(module):
             if name.endswith("_kernel") and hasattr(getattr(module, name), "__getitem__"):
                 monkeypatch.setattr(module, name, Recording(getattr(module, name), name))
+    return launches
+
+
+# the tensors a launch returns to the user; torch.compile's functionalisation clones each
+# argument a kernel may write on its own, so such a tensor passed in a second argument slot
+# comes back as whichever clone was taken last (NOTES.md session 11: dgr = dg gave DiG
+# garbage gate gradients under torch.compile on CUDA)
+_RESULT_ARGS = ("o", "dq", "dk", "dv", "dg", "dgr")
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("layout", ["one-segment", "chunks-per-segment-2", "single-pass-segments"])
+def test_launches_never_pass_a_result_tensor_twice(monkeypatch, bidirectional, layout):
+    """Every kernel launch of a forward and backward gets its output and gradient tensors in
+    one argument slot each: no other argument of the launch shares their memory."""
+    from glakernels.backends.triton import kernels, kernels_boundary_states, kernels_single_pass
+    from glakernels.backends.triton import kernels_single_pass_bwd
+
+    launches = _record_launches(monkeypatch, kernels, kernels_boundary_states, kernels_single_pass,
+                                kernels_single_pass_bwd)
     case = Case(1, 70, 2, 8, 16, torch.float32, bidirectional=bidirectional, gates="vig")
     fields = {} if layout == "one-segment" else LONG_LAYOUTS[layout]
     with _launch().override_config(**fields):
@@ -399,17 +408,7 @@ def test_single_pass_forward_launch_caps_only_large_grids(monkeypatch, bidirecti
     from glakernels.backends.triton import kernels_single_pass
 
     launch = _launch()
-    seen = []
-    kernel = kernels_single_pass._gla_fwd_single_pass_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                seen.append(kwargs.get("maxnreg"))
-                return kernel[grid](*args, **kwargs)
-            return run
-
-    monkeypatch.setattr(kernels_single_pass, "_gla_fwd_single_pass_kernel", Recording())
+    launches = _record_launches(monkeypatch, kernels_single_pass)
     x = make_inputs(Case(4, 196, 3, 32, 64, torch.bfloat16, bidirectional=bidirectional, gates="vig"), "cuda", seed=2)
     programs = 4 * 3 * (2 if bidirectional else 1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -417,6 +416,7 @@ def test_single_pass_forward_launch_caps_only_large_grids(monkeypatch, bidirecti
     for per_sm in (0, -(-programs // sms)):  # always capped; then the grid fits the uncapped slots
         with launch.override_config(single_pass_uncapped_per_sm=per_sm), torch.no_grad():
             outputs.append(gated_linear_attention(**x, bidirectional=bidirectional, backend="triton"))
+    seen = [args.get("maxnreg") for name, args in launches if name == "_gla_fwd_single_pass_kernel"]
     assert seen == [launch.choose_config(196, 32, 64).single_pass_maxnreg, None]
     assert torch.equal(outputs[0], outputs[1])
 
