@@ -12,6 +12,11 @@ per call. Baselines (other backends) are timed the same way in the same run. The
 sorted by time and printed last, with the ratio to the memory floor at 3.0 TB/s and to the
 first variant (the backend's defaults). ``--backward`` times forward+backward instead (one
 autograd call of the op per replay step) and checks every gradient too.
+
+``single_pass_num_warps`` and ``single_pass_maxnreg`` set the forward's large-grid launch; a
+grid of at most four programs per SM takes one of ``single_pass_small_grid_launches`` instead
+(``launch._single_pass_launch``): add ``single_pass_small_grid_launches=()`` to a variant to
+time its setting on every grid.
 """
 
 from __future__ import annotations

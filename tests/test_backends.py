@@ -205,8 +205,10 @@ def test_batch_invariance_at_scale(backend_device, mode):
     """Batch invariance where it can break on a GPU: 16 batch elements alone (a small grid)
     and as elements 16-31 of 160 (ViG's class of shape, T = 196, H = 4, K = 32, V = 64,
     bfloat16: a grid of over a thousand programs). A launch setting chosen from the grid's
-    size changes how the kernels sum and fails this (4 warps for small grids did on an H100:
-    ``backends/triton/NOTES.md``, session 12); the CPU interpreter ignores warps and cannot.
+    size changes how the kernels sum and fails this (4 warps for small grids did on an H100
+    while the forward summed its diagonal with ``tl.sum``: ``backends/triton/NOTES.md``,
+    sessions 12-13; the triton forward now picks warps by grid size, so 16 elements alone and
+    in 160 run different launches); the CPU interpreter ignores warps and cannot.
     Such differences are last-bit and rare after rounding to 16 bits, hence many elements."""
     name, device = backend_device
     _deterministic(name)

@@ -114,13 +114,18 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     """One direction over one chunk: its (unscaled) part of the chunk's output, given the state
     entering the chunk in this direction, and the state leaving it."""
     rows = tl.arange(0, C)
+    q_loaded = qt
     k_loaded = kt
     qt = qt.to(tl.float32)
     kt = kt.to(tl.float32)
     Qf = tl.exp(gt.to(tl.float32))
     Kf = tl.full([C, BK], 1.0, tl.float32)
-    # the own token, decay 1
-    A = tl.where(rows[:, None] == rows[None, :], tl.sum(qt * kt, axis=1)[:, None], 0.0)
+    # the own token, decay 1: q·k from a dot of the tiles as loaded, not a row sum. A row sum's
+    # order of additions follows the tile's layout, which follows the warp count (2 warps: 8
+    # columns a thread, then 4 lanes; 4 warps: 4, then 8), so bfloat16 results would change
+    # with the warps; a dot adds in the same order at any warp count, which lets the launcher
+    # pick warps by grid size without a sequence's result depending on the batch (DESIGN §9)
+    A = tl.where(rows[:, None] == rows[None, :], _dot(q_loaded, tl.trans(k_loaded), DOT_BF16, PRECISION), 0.0)
     pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
         # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)

@@ -78,9 +78,16 @@ class Config:
     single_pass_num_warps: int = 2
     single_pass_num_stages: int = 1
     single_pass_maxnreg: Optional[int] = 168  # registers per thread (None: the compiler's choice)
-    # ... except for a grid of at most this many programs per SM, which runs uncapped
-    # (_single_pass_cap; 0: always capped)
-    single_pass_uncapped_per_sm: int = 4
+    # ... except for small grids: (warps, register cap or None, programs per SM that the SM
+    # holds at those settings), tried in order; the first whose slots hold the grid in one
+    # wave runs it (_single_pass_launch; () for none). Wider programs finish each chunk step
+    # sooner, so a grid that leaves SMs idle gains from them. H100, bf16, T = 196 (NOTES.md
+    # session 13): 4 warps uncapped take 184-188 registers (2 programs per SM), 4 warps capped
+    # at 168 three, 2 warps uncapped (255 registers) four, 2 warps capped six. Sound only
+    # because every one of these launches gives the same result bit for bit (a sequence's
+    # result must not depend on the rest of the batch; the kernel's sums are all tensor-core
+    # dots or exact, see kernels_single_pass._chunk_math).
+    single_pass_small_grid_launches: tuple = ((4, None, 2), (4, 168, 3), (2, None, 4))
     # sequences longer than single_pass_max_t: tokens per segment program (a multiple of the
     # chunk; the boundary states come first, kernels_boundary_states.py)
     # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
@@ -175,7 +182,8 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         single_pass_block_v=block_v,
     )
     if K > SINGLE_PASS_MAX_K:  # wide K: the state tile needs more threads (see above)
-        config = dataclasses.replace(config, single_pass_num_warps=4, single_pass_maxnreg=None)
+        config = dataclasses.replace(config, single_pass_num_warps=4, single_pass_maxnreg=None,
+                                     single_pass_small_grid_launches=())
     config = dataclasses.replace(config, **fields) if fields else config
     seg, step = config.single_pass_segment, config.states_step
     chunks = (config.single_pass_chunk, config.single_pass_bwd_chunk)
@@ -313,28 +321,45 @@ def _single_pass_segments(T: int, chunk: int, cfg: Config) -> tuple[int, int]:
     return seg, _cdiv(T, seg)
 
 
-def _single_pass_cap(cfg: Config, programs: int, sms: int) -> Optional[int]:
-    """The register cap (``maxnreg``) of a single-pass forward launch of ``programs`` programs
-    on ``sms`` SMs, or None for none.
+def _single_pass_launch(cfg: Config, programs: int, sms: int, traced: bool) -> tuple[int, Optional[int]]:
+    """``(num_warps, maxnreg)`` of a single-pass forward launch of ``programs`` programs on
+    ``sms`` SMs: the first of ``cfg.single_pass_small_grid_launches`` whose slots hold the
+    grid in one wave, else the large-grid setting (``single_pass_num_warps``, with the cap
+    that lets six 2-warp programs share an SM). While Dynamo traces (``traced``) the capped
+    entries are skipped: Inductor launches the kernel without ``maxnreg`` (torch 2.11-2.13
+    pass only warps and stages on for user kernels), and a 4-warp program uncapped takes the
+    register file of two capped ones, so the grid would not fit.
 
-    The cap (168 at 2 warps) lets six programs share an SM where the compiler's own choice
-    (255 registers) lets four, at the cost of a few spills. A grid that the four slots hold in
-    one wave gains nothing from the extra slots and runs faster uncapped. H100 (132 SMs),
-    bf16, K = 32, V = 64, T = 196, µs capped -> uncapped (NOTES.md, session 12):
-    bidirectional, 192 programs 63.2 -> 59.5, 384: 72.7 -> 61.4, 528: 72.5 -> 64.0, 768:
-    90.3 -> 114.4 (so capped there); causal, 96: 42.1 -> 31.7, 384: 51.3 -> 40.8, 528:
-    54.7 -> 44.5, 768: 69.6 -> 83.8; causal T = 4096, 384 programs: 93.3 -> 77.9 (the
-    uncapped 768-program times are Inductor's launches, which drop the cap).
-    Registers do not change the arithmetic: the outputs are the same bit for bit, so the
-    choice keeps a sequence's result independent of the rest of the batch."""
-    if cfg.single_pass_maxnreg is None or programs <= cfg.single_pass_uncapped_per_sm * sms:
-        return None
-    return cfg.single_pass_maxnreg
+    H100 (132 SMs), bf16, K = 32, V = 64, T = 196, µs per forward, this choice against 2 warps
+    capped (the only launch before session 12; NOTES.md session 13): bidirectional, 96
+    programs 40.5 / 57.8, 264: 48.1 / 62.0, 384 (4 warps capped): 54.2 / 72.1; causal, 3-132
+    programs ~24.5 / ~40.5, 264: 33.9 / 42.5 (2 warps uncapped 33.2), 384 (4 capped): 43.2 /
+    52.1 (2 uncapped 42.7). Grids of more than four programs per SM (vigT_224's 768 among
+    them) keep the large-grid setting: 90.2 µs, against 102.4 with 4 warps capped.
+    Warps and registers do not change the arithmetic (every sum in the kernel is a
+    tensor-core dot, which adds in the same order at any warp count, or exact), so the
+    outputs are the same bit for bit whichever launch runs: a sequence's result does not
+    depend on the rest of the batch."""
+    for warps, cap, per_sm in cfg.single_pass_small_grid_launches:
+        if traced and cap is not None:
+            continue
+        if programs <= per_sm * sms:
+            return warps, cap
+    return cfg.single_pass_num_warps, cfg.single_pass_maxnreg
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _sm_count_cached(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device_index: int) -> int:
+    """The device's SM count; under torch.compile read once while tracing and baked into the
+    graph (Dynamo calls a function marked as a constant result instead of tracing it)."""
+    return _sm_count_cached(device_index)
+
+
+_sm_count._dynamo_marked_constant = True  # what torch.compiler.assume_constant_result sets
 
 
 def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
@@ -351,13 +376,10 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     flags = torch.zeros(B * H * nvb * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else part
     h0 = initial_state if initial_state is not None else part
-    extra = {}
-    if cfg.single_pass_maxnreg is not None and q.device.type == "cuda" and torch.version.hip is None:
-        # (Inductor, launching this kernel when torch.compile traced it, drops maxnreg: torch
-        # 2.11-2.13 pass only num_warps / num_stages on for user kernels; vigT_224 91 -> 114 µs.
-        # While Dynamo traces, the cap goes in as always and the SMs are not looked up.)
-        sms = 0 if torch.compiler.is_compiling() else _sm_count(q.device.index)
-        cap = _single_pass_cap(cfg, B * H * ndir * nvb * nseg, sms)
+    warps, extra = cfg.single_pass_num_warps, {}
+    if q.device.type == "cuda" and torch.version.hip is None:  # (maxnreg and the slots: NVIDIA's)
+        warps, cap = _single_pass_launch(cfg, B * H * ndir * nvb * nseg, _sm_count(q.device.index),
+                                          torch.compiler.is_compiling())
         if cap is not None:
             extra["maxnreg"] = cap
     with launch_device(q):
@@ -371,7 +393,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             T, H, K, V, scale_eff, seg // C,
             C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
-            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.single_pass_num_warps,
+            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=warps,
             num_stages=cfg.single_pass_num_stages, **extra,
         )
     return o, (ht if output_final_state else None)
