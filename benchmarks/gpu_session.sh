@@ -87,12 +87,13 @@ pathlib.Path("/tmp/asv.conf.json").write_text(json.dumps(config))
 PY
     # asv writes results only when a run ends (and merges them into what the file holds), so the
     # grid runs as several short asv runs, each under its own time limit: a slow group costs
-    # its own results, not the others'. ASV_GROUPS: "backends:benchmark-regex:seconds ..."
+    # its own results, not the others'. ASV_GROUPS: "backends:benchmark-regex:seconds ...";
+    # ASV_DIRECTIONS: "bidirectional" (the default), "causal" or both, comma-separated
     groups=${ASV_GROUPS:-"cupy:TimeOp:150 triton:TimeOp:150 cupy,triton:BandwidthOp|GpuMemoryOp:150 cupy:ModelStep|GpuModelMemory:200"}
     for group in $groups; do
         IFS=: read -r backends regex limit <<< "$group"
-        GLAKERNELS_ASV_BACKENDS=$backends GLAKERNELS_ASV_DTYPES=bfloat16 \
-            GLAKERNELS_ASV_DIRECTIONS=bidirectional HOME=/tmp step "asv_${backends//,/_}_${regex%%|*}" "$limit" \
+        GLAKERNELS_ASV_BACKENDS=$backends GLAKERNELS_ASV_DTYPES=bfloat16 GLAKERNELS_ASV_DIRECTIONS=${ASV_DIRECTIONS:-bidirectional} \
+            HOME=/tmp step "asv_${backends//,/_}_${regex%%|*}" "$limit" \
             python3 -m asv run --config /tmp/asv.conf.json --python=same --machine "$machine" \
             --set-commit-hash "$commit" -b "$regex" -a repeat=5
     done

@@ -135,3 +135,44 @@ class BandwidthOp(_Op):
         return bench.median_time(self.forward_backward, self.device, warmup=1, repeats=3) / (self._bytes(True) / self.copy_bandwidth)
 
     track_forward_backward_floor_ratio.unit = "x floor"
+
+
+#: batches of ViG-T at 224 px (T = 196, 3 heads, K = 32, V = 64) for the latency regime
+SMALL_BATCHES = [1, 8, 32]
+_SMALL_BATCH_CALLS = 10  # forward calls per graph replay
+
+
+class GpuOpSmallBatch:
+    """GPU time of one bfloat16 forward at small batch (ViG-T at 224 px), replayed from a CUDA
+    graph, in µs: the latency regime (batch-1 inference, DiG's sampling steps), where the
+    grid leaves most SMs idle and a launch is bound by its chain of chunk steps, not by the
+    memory floor; the graph keeps host time out. CUDA machines only."""
+
+    params = (BACKENDS, SMALL_BATCHES, DIRECTIONS)
+    param_names = ["backend", "batch", "direction"]
+    timeout = 600
+
+    def setup(self, backend, batch, direction):
+        if _device() != "cuda":
+            raise NotImplementedError("the small-batch regime is measured on CUDA machines only")
+        base = bench.SHAPES["vigT_224"]
+        shape = bench.Shape(f"vigT_224_B{batch}", batch, base.seq_len, base.heads, base.head_dim_k, base.head_dim_v)
+        bidirectional = direction == "bidirectional"
+        spec = ProblemSpec(batch, shape.seq_len, shape.heads, shape.head_dim_k, shape.head_dim_v, torch.bfloat16,
+                           "cuda", bidirectional)
+        reasons = registry.get(backend).not_supported_reasons(spec)
+        if reasons:
+            raise NotImplementedError(f"{backend}: {'; '.join(reasons)}")
+        inputs = bench.random_inputs(shape, torch.bfloat16, "cuda", bidirectional=bidirectional)
+
+        def calls():
+            with torch.no_grad():
+                for _ in range(_SMALL_BATCH_CALLS):
+                    gated_linear_attention(**inputs, bidirectional=bidirectional, backend=backend)
+
+        self.graph = bench.capture_cuda_graph(calls)
+
+    def track_forward_us(self, *params):
+        return bench.median_time(self.graph.replay, "cuda", warmup=1, repeats=7) / _SMALL_BATCH_CALLS * 1e6
+
+    track_forward_us.unit = "us"
