@@ -105,8 +105,10 @@ def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: 
 
 def ptxas_report(ptx: str, arch: int) -> str:
     """Registers and spill bytes from the first ptxas that takes this PTX: Triton's bundled
-    ones, then the one on PATH (a newer Triton can emit a PTX version its bundled ptxas
-    refuses)."""
+    ones, then the one on PATH. A newer Triton can emit a PTX ISA version that none of them
+    knows (Triton 3.9: 9.4, against 8.8 bundled and 9.0 in CUDA 13.0); the PTX is then
+    retried under the version the ptxas names as its own, which these kernels' instructions
+    do not exceed (the report says so when it happens)."""
     import triton
 
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -119,13 +121,27 @@ def ptxas_report(ptx: str, arch: int) -> str:
         with open(path, "w") as fh:
             fh.write(ptx)
         for ptxas in candidates:
-            run = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                                 capture_output=True, text=True)
+            note = ""
+            run = _ptxas(ptxas, arch, suffix, path, tmp)
+            known = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", run.stderr)
+            if run.returncode != 0 and known:
+                with open(path, "w") as fh:
+                    fh.write(re.sub(r"^\.version [\d.]+", f".version {known.group(1)}", ptx, count=1, flags=re.M))
+                run = _ptxas(ptxas, arch, suffix, path, tmp)
+                note = f", PTX retried as ISA {known.group(1)}"
             if run.returncode == 0:
                 regs = re.findall(r"Used (\d+) registers", run.stderr)
                 spills = re.findall(r"(\d+) bytes spill stores", run.stderr)
-                return f"registers {','.join(regs)}, spill stores {','.join(spills)} bytes ({os.path.basename(ptxas)})"
+                return (f"registers {','.join(regs)}, spill stores {','.join(spills)} bytes "
+                        f"({os.path.basename(ptxas)}{note})")
+            with open(path, "w") as fh:
+                fh.write(ptx)
     return "(no ptxas here takes this PTX: registers unknown)"
+
+
+def _ptxas(ptxas: str, arch: int, suffix: str, path: str, tmp: str) -> subprocess.CompletedProcess:
+    return subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                          capture_output=True, text=True)
 
 
 def loop_counts(ptx: str) -> dict[str, Counter]:
