@@ -12,7 +12,10 @@ automatic choice, as GPU time per call from a CUDA graph (``triton_configs_gpu.g
 with the large-grid setting's: the choice is only sound if they agree (a sequence's result
 must not depend on the rest of the batch), and a row that differs says how many outputs do.
 The table, printed last: µs per setting, the automatic choice's setting and its time against
-the large-grid setting's.
+the large-grid setting's. Bidirectional rows also time the two ways the directions' parts
+meet (``Config.single_pass_park_all_per_sm``): chunk by chunk inside the walk, or every part
+parked and summed by a second launch; both under the automatic warps, both checked bit for
+bit against the large-grid setting.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ from glakernels import gated_linear_attention  # noqa: E402
 from glakernels.bench import Shape, random_inputs  # noqa: E402
 
 
-def _label(warps: int, cap) -> str:
+def _label(warps, cap=None) -> str:
+    if isinstance(warps, str):  # a handoff
+        return warps
     return f"{warps}w" + (f" cap {cap}" if cap else "")
+
+
+def _key(k) -> str:
+    return k if isinstance(k, str) else _label(*k)
 
 
 def main(argv=None) -> int:
@@ -77,19 +86,26 @@ def main(argv=None) -> int:
                     reference = out
                 else:
                     differ[(warps, cap)] = out
+            if bidirectional:  # the two handoffs, each under the automatic warps
+                for handoff, per_sm in (("per chunk", 0), ("park all", 10**9)):
+                    with launch.override_config(single_pass_park_all_per_sm=per_sm):
+                        differ[handoff] = call(sets[0])
+                        times[handoff] = graph_time(call, sets) * 1e3
             mismatches = {s: (o != reference).sum().item() for s, o in differ.items()}
             times["auto"] = graph_time(call, sets) * 1e3
             rows.append((mode, batch, programs, auto, times, mismatches))
-            print(mode, batch, programs, {(_label(*k) if k != "auto" else k): round(v, 1) for k, v in times.items()},
-                  "differing outputs:", {_label(*k): v for k, v in mismatches.items() if v}, flush=True)
+            print(mode, batch, programs, {_key(k): round(v, 1) for k, v in times.items()},
+                  "differing outputs:", {_key(k): v for k, v in mismatches.items() if v}, flush=True)
     print(f"\nforward, bfloat16, T = {args.seq_len}, H = {args.heads}, K = {args.k}, V = {args.v}; µs per call "
           f"(CUDA-graph replay), {torch.cuda.get_device_name()}")
+    handoffs = ["per chunk", "park all"]
     print("| mode | batch | programs | " + " | ".join(_label(*s) for s in settings)
-          + " | automatic (setting) | ÷ large-grid setting | differing outputs |")
-    print("| --- " * (len(settings) + 6) + "|")
+          + " | per-chunk handoff | park all | automatic (setting) | ÷ large-grid setting | differing outputs |")
+    print("| --- " * (len(settings) + 8) + "|")
     for mode, batch, programs, auto, times, mismatches in rows:
         wrong = sum(mismatches.values())
-        print(f"| {mode} | {batch} | {programs} | " + " | ".join(f"{times[s]:.1f}" for s in settings)
+        print(f"| {mode} | {batch} | {programs} | " + " | ".join(f"{times[s]:.1f}" for s in settings) + " | "
+              + " | ".join(f"{times[h]:.1f}" if h in times else "—" for h in handoffs)
               + f" | {times['auto']:.1f} ({_label(*auto)}) | {times['auto'] / times[large]:.2f} | "
               + (f"**{wrong}**" if wrong else "0") + " |")
     return 0

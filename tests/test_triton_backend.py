@@ -190,6 +190,38 @@ def test_single_pass_backward_in_one_or_two_launches(case, layout):
     assert_close(results[True], results[False], 1e-6, "two launches vs one")
 
 
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        (Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong"), "one-segment"),
+        (Case(1, 33, 1, 17, 72, torch.float32, gates="extreme"), "one-segment"),
+        (Case(1, 47, 1, 33, 17, torch.float32, gates="extreme"), "single-pass-segments"),
+        (Case(1, 1, 1, 8, 5, torch.float32), "one-segment"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else p.id(),
+)
+def test_forward_parts_meet_per_chunk_or_parked_bitwise(monkeypatch, case, layout):
+    """A bidirectional forward's two parts per chunk meet chunk by chunk in the walk, or are
+    all parked and summed by a second launch (``single_pass_park_all_per_sm``, for small
+    grids): both against float64, and bit for bit the same ``o`` (V over one block and over
+    two, one segment and several, a one-token sequence)."""
+    from glakernels.backends.triton import kernels_single_pass
+
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    outs, sums = [], []
+    for per_sm in (0, 10**9):  # never / always park
+        with _launch().override_config(single_pass_park_all_per_sm=per_sm, **fields):
+            check_against_reference("triton", case, DEVICE, seed=23)
+            x = make_inputs(case, DEVICE, seed=24)
+            launches = _record_launches(monkeypatch, kernels_single_pass)
+            with torch.no_grad():
+                outs.append(gated_linear_attention(**x, backend="triton"))
+            sums.append(sum(name == "_gla_fwd_sum_parts_kernel" for name, _ in launches))
+            monkeypatch.undo()
+    assert sums == [0, 1], f"second launches per call {sums}: the handoff setting did not take"
+    assert torch.equal(outs[0], outs[1]), "o differs between the two handoffs"
+
+
 def _record_launches(monkeypatch, *modules) -> list:
     """Wrap every ``*_kernel`` of ``modules`` so that each launch appends ``(kernel name,
     {argument name: value})`` (positional and keyword arguments) to the returned list, then
@@ -414,8 +446,9 @@ def test_unavailable_without_gpu_or_interpreter(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
 def test_single_pass_forward_launches_agree_bitwise(monkeypatch, bidirectional, dtype):
-    """Every launch setting the forward may pick by grid size (warps, register cap) gives the
-    same result bit for bit, and each is launched as configured. Before the chunk's diagonal
+    """Every launch setting the forward may pick by grid size (warps, register cap, and for
+    bidirectional calls the parts parked and summed by a second launch) gives the same result
+    bit for bit, and each is launched as configured. Before the chunk's diagonal
     became a dot, 4 warps differed from 2 in 67-3,600 of 1.6 M outputs of this size on an
     H100 (a row sum's order followed the warps; NOTES.md session 13); hence the size."""
     from glakernels.backends.triton import kernels_single_pass
@@ -429,14 +462,22 @@ def test_single_pass_forward_launches_agree_bitwise(monkeypatch, bidirectional, 
     outputs = []
     for warps, cap in settings:
         # one entry that holds any grid: this setting runs whatever the grid's size
-        with launch.override_config(single_pass_small_grid_launches=((warps, cap, 10**6),)), torch.no_grad():
+        with launch.override_config(single_pass_small_grid_launches=((warps, cap, 10**6),),
+                                    single_pass_park_all_per_sm=0), torch.no_grad():
             outputs.append(gated_linear_attention(**x, bidirectional=bidirectional, backend="triton"))
     seen = [(args["num_warps"], args.get("maxnreg")) for name, args in launches
             if name == "_gla_fwd_single_pass_kernel"]
     assert seen == settings
-    for (warps, cap), out in zip(settings[1:], outputs[1:]):
+    if bidirectional:  # the parts parked and summed by a second launch, at two of the settings
+        for warps, cap in (settings[0], settings[-1]):
+            with launch.override_config(single_pass_small_grid_launches=((warps, cap, 10**6),),
+                                        single_pass_park_all_per_sm=10**6), torch.no_grad():
+                outputs.append(gated_linear_attention(**x, bidirectional=bidirectional, backend="triton"))
+            settings.append((warps, cap, "parked"))
+        assert sum(name == "_gla_fwd_sum_parts_kernel" for name, _ in launches) == 2
+    for setting, out in zip(settings[1:], outputs[1:]):
         differ = (out != outputs[0]).sum().item()
-        assert differ == 0, f"{warps} warps, maxnreg {cap}: {differ} outputs differ from {settings[0]}"
+        assert differ == 0, f"{setting}: {differ} outputs differ from {settings[0]}"
 
 
 @pytest.mark.gpu

@@ -20,7 +20,10 @@ one program carries both directions' chains. Here:
   or counting (H100: forward 96.5 -> 94.2 µs at vigT_224, 180.8 -> 175.3 at vigT_1024; the
   backward does the same, NOTES.md session 8). Nobody waits, so there is no deadlock
   whatever order programs run in, and the sum is one float32 addition, which is commutative:
-  bitwise the same result whichever direction arrives second;
+  bitwise the same result whichever direction arrives second. For small grids (``PARK_ALL``)
+  both directions park every part instead, and ``_gla_fwd_sum_parts_kernel`` adds them in a
+  second launch: the same addition, without a fence and an atomic in every chunk step
+  (H100, batch 1 of ViG-T: 38.2 -> 28.3 µs; NOTES.md session 13);
 * the next chunk's tiles are loaded before the current chunk's math (by hand: the loads feed
   elementwise work, which Triton's pipeliner does not prefetch).
 
@@ -175,8 +178,8 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
                     stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                     HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order, writing or handing over each
-    chunk's part."""
+    """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order, writing each chunk's part
+    (``HANDOFF`` 0, causal), handing it over per chunk (1) or parking it (2)."""
     n_chunks = c_hi - c_lo
     first = c_hi - 1 if REV else c_lo
     nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, first * C, tl.minimum(C, T - first * C), stride_qk,
@@ -194,7 +197,10 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
                                      cols_k, cols_v, K, V, C)
         out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
         o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, stride_v, cols_v, V, C)
-        if HANDOFF:
+        if HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
+            p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
+            tl.store(p_ptrs, out, mask=p_mask)
+        elif HANDOFF == 1:
             arrived = _look(flags + row_flags + c, i, n_chunks)
             if arrived == 0:  # park this direction's part, then count
                 p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
@@ -215,7 +221,7 @@ def _gla_fwd_single_pass_kernel(
     T, H, K, V, scale, SEG_CHUNKS,
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
-    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PARK_ALL: tl.constexpr = False,
 ):
     """Forward with one program per (batch·head, direction, V block, segment): each walks one
     direction only, so its dependency chain is half as long as when one program walks both. A
@@ -235,6 +241,7 @@ def _gla_fwd_single_pass_kernel(
     seg = tl.program_id(2)
     NSEG = tl.num_programs(2)
     NDIR: tl.constexpr = 2 if BIDIR else 1
+    HANDOFF: tl.constexpr = (2 if PARK_ALL else 1) if BIDIR else 0
     bh = pid // NDIR
     BH = tl.num_programs(0) // NDIR
     direction = pid % NDIR
@@ -260,7 +267,7 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
         state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, part + part_size, row_flags,
                                 T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                C, LOG2C, BK, False, BIDIR, DOT_BF16, PRECISION)
+                                C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION)
         if STORE_HT:
             _store_state(ht + bh.to(tl.int64) * kv, state, cols_k, cols_v, K, V)
     else:
@@ -268,4 +275,24 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(bst + BH.to(tl.int64) * (NSEG + 1) * kv + (seg + 1) * kv, cols_k, cols_v, K, V)
         _direction_walk(q, k, v, gr, o, part + part_size, flags, row_qk, row_v, row_part, part, row_flags,
                         T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                        C, LOG2C, BK, True, BIDIR, DOT_BF16, PRECISION)
+                        C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION)
+
+
+@triton.jit
+def _gla_fwd_sum_parts_kernel(part, o, T, H, V, PART_ROWS, scale, ROWS: tl.constexpr, BV: tl.constexpr):
+    """``o = scale · (forward part + reverse part)`` after a forward launch with ``PARK_ALL``:
+    one program per (batch·head, ``ROWS`` tokens, V block), every load independent of the
+    others. The same float32 addition and multiplication as the per-chunk handoff makes
+    (addition commutes), so ``o`` is the same bit for bit either way."""
+    scale = tl.cast(scale, tl.float32)  # Inductor (torch.compile) passes floats as float64
+    bh = tl.program_id(0)
+    t0 = tl.program_id(1) * ROWS
+    cols = tl.program_id(2) * BV + tl.arange(0, BV)
+    row_part = bh.to(tl.int64) * PART_ROWS * V  # (PART_ROWS: the sequence's chunks, whole)
+    part_size = tl.num_programs(0).to(tl.int64) * PART_ROWS * V
+    n0 = tl.minimum(ROWS, T - t0)
+    f_ptrs, mask = _rows_ptrs(part, row_part, t0, n0, V, cols, V, ROWS)
+    total = tl.load(f_ptrs, mask=mask, other=0.0) + tl.load(f_ptrs + part_size, mask=mask, other=0.0)
+    _, row_v = _sequence_rows(bh, T, H, 1, V)
+    o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, H * V, cols, V, ROWS)
+    tl.store(o_ptrs, (scale * total).to(o.dtype.element_ty), mask=o_mask)

@@ -7,7 +7,8 @@ Launch counts. With K <= 64 the forward runs the single-pass kernel
 states (``kernels_boundary_states.py``), then one program per direction and segment of
 ``single_pass_segment`` tokens (256). The single-pass backward is two launches of that last
 kind (its pass A, then its pass B; ``single_pass_bwd_split``). Bidirectional calls also zero
-their per-chunk counters first. Otherwise the two-phase kernels of ``kernels.py`` run: one
+their per-chunk counters first, except a small forward grid, which instead parks every part
+and sums them in one more launch (``single_pass_park_all_per_sm``). Otherwise the two-phase kernels of ``kernels.py`` run: one
 launch for a sequence that fits one segment, else the same two boundary-state launches first.
 Nothing here reads tensor values or synchronises, so a CUDA graph can capture the op and
 ``torch.compile`` can trace around it.
@@ -88,6 +89,15 @@ class Config:
     # result must not depend on the rest of the batch; the kernel's sums are all tensor-core
     # dots or exact, see kernels_single_pass._chunk_math).
     single_pass_small_grid_launches: tuple = ((4, None, 2), (4, 168, 3), (2, None, 4))
+    # bidirectional grids of at most this many programs per SM park every chunk's part and
+    # sum the two directions' parts in a second launch (_gla_fwd_sum_parts_kernel) instead of
+    # handing them over chunk by chunk (0: never). The handoff puts a fence and an atomic
+    # round trip into every chunk step, which a grid that leaves SMs idle waits for; parking
+    # all writes and reads back twice the float32 parts, which a full grid pays for. H100,
+    # bf16, T = 196, µs per chunk-by-chunk / parked (NOTES.md session 13): 6 programs 38.2 /
+    # 28.3, 132: 39.7 / 29.6, 264: 47.8 / 40.3, 384: 54.1 / 50.2, 528: 62.8 / 62.4, 768:
+    # 88.3 / 102.1. The same o bit for bit either way (one float32 addition, which commutes).
+    single_pass_park_all_per_sm: int = 3
     # sequences longer than single_pass_max_t: tokens per segment program (a multiple of the
     # chunk; the boundary states come first, kernels_boundary_states.py)
     # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
@@ -371,17 +381,22 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     n_chunks, nvb = _cdiv(T, C), _cdiv(V, bv)
     ndir = 2 if bidirectional else 1
     seg, nseg = _single_pass_segments(T, C, cfg)
-    # the directions' parked parts and per-chunk counters (bidirectional only)
-    part = torch.empty(2 * B * H * n_chunks * C * V if bidirectional else 1, device=q.device, dtype=torch.float32)
-    flags = torch.zeros(B * H * nvb * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
-    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else part
-    h0 = initial_state if initial_state is not None else part
+    programs = B * H * ndir * nvb * nseg
     warps, extra = cfg.single_pass_num_warps, {}
+    # (the CPU interpreter runs one program at a time: one "SM"; on ROCm neither choice is made)
+    sms = 1 if q.device.type == "cpu" else 0
     if q.device.type == "cuda" and torch.version.hip is None:  # (maxnreg and the slots: NVIDIA's)
-        warps, cap = _single_pass_launch(cfg, B * H * ndir * nvb * nseg, _sm_count(q.device.index),
-                                          torch.compiler.is_compiling())
+        sms = _sm_count(q.device.index)
+        warps, cap = _single_pass_launch(cfg, programs, sms, torch.compiler.is_compiling())
         if cap is not None:
             extra["maxnreg"] = cap
+    park_all = bidirectional and programs <= cfg.single_pass_park_all_per_sm * sms
+    # the directions' parked parts, and the per-chunk counters of the chunk-by-chunk handoff
+    part = torch.empty(2 * B * H * n_chunks * C * V if bidirectional else 1, device=q.device, dtype=torch.float32)
+    flags = torch.zeros(B * H * nvb * n_chunks if bidirectional and not park_all else 1, device=q.device,
+                        dtype=torch.int32)
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else part
+    h0 = initial_state if initial_state is not None else part
     with launch_device(q):
         bstates = part
         if nseg > 1:
@@ -393,9 +408,14 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             T, H, K, V, scale_eff, seg // C,
             C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
-            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, num_warps=warps,
+            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all, num_warps=warps,
             num_stages=cfg.single_pass_num_stages, **extra,
         )
+        if park_all:
+            rows, bv_sum = 32, min(64, _pow2(max(16, V)))
+            kernels_single_pass._gla_fwd_sum_parts_kernel[(B * H, _cdiv(T, rows), _cdiv(V, bv_sum))](
+                part, o, T, H, V, n_chunks * C, scale_eff, ROWS=rows, BV=bv_sum, num_warps=4,
+            )
     return o, (ht if output_final_state else None)
 
 
