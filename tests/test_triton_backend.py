@@ -564,13 +564,17 @@ def _needs_free_gpu_memory(gib):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_64bit_offsets_forward():
+@pytest.mark.parametrize("park_all_per_sm", [0, 10**9], ids=["per-chunk-handoff", "parked"])
+def test_64bit_offsets_forward(park_all_per_sm):
     """The last sequences of inputs past 2^31 elements come out exactly as when run alone
-    (index arithmetic past 2^31 is 64-bit)."""
+    (index arithmetic past 2^31 is 64-bit), with the directions' parts handed over chunk by
+    chunk or parked and summed by a second launch (the default for a grid this large is the
+    first; the three sequences alone take the small-grid launches)."""
     _needs_free_gpu_memory(45)
     x, tail = _inputs_past_2_31()
     with torch.no_grad():
-        full = gated_linear_attention(**x, backend="triton")[tail]
+        with _launch().override_config(single_pass_park_all_per_sm=park_all_per_sm):
+            full = gated_linear_attention(**x, backend="triton")[tail]
         alone = gated_linear_attention(**{n: t[tail] for n, t in x.items()}, backend="triton")
     assert torch.equal(full, alone)
 

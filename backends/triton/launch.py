@@ -8,8 +8,9 @@ states (``kernels_boundary_states.py``), then one program per direction and segm
 ``single_pass_segment`` tokens (256). The single-pass backward is two launches of that last
 kind (its pass A, then its pass B; ``single_pass_bwd_split``). Bidirectional calls also zero
 their per-chunk counters first, except a small forward grid, which instead parks every part
-and sums them in one more launch (``single_pass_park_all_per_sm``). Otherwise the two-phase kernels of ``kernels.py`` run: one
-launch for a sequence that fits one segment, else the same two boundary-state launches first.
+and sums them in one more launch (``single_pass_park_all_per_sm``). Otherwise the two-phase
+kernels of ``kernels.py`` run: one launch for a sequence that fits one segment, else the same
+two boundary-state launches first.
 Nothing here reads tensor values or synchronises, so a CUDA graph can capture the op and
 ``torch.compile`` can trace around it.
 
@@ -411,7 +412,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all, num_warps=warps,
             num_stages=cfg.single_pass_num_stages, **extra,
         )
-        if park_all:
+        if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
             rows, bv_sum = 32, min(64, _pow2(max(16, V)))
             kernels_single_pass._gla_fwd_sum_parts_kernel[(B * H, _cdiv(T, rows), _cdiv(V, bv_sum))](
                 part, o, T, H, V, n_chunks * C, scale_eff, ROWS=rows, BV=bv_sum, num_warps=4,
