@@ -40,6 +40,15 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _require_support(backend: str, shape: bench.Shape, dtype: torch.dtype, device: str, bidirectional: bool):
+    """Raise ``NotImplementedError`` (asv: skipped) where ``backend`` cannot run the problem here."""
+    spec = ProblemSpec(shape.batch, shape.seq_len, shape.heads, shape.head_dim_k, shape.head_dim_v, dtype,
+                       torch.device(device).type, bidirectional)
+    reasons = registry.get(backend).not_supported_reasons(spec)
+    if reasons:
+        raise NotImplementedError(f"{backend}: {'; '.join(reasons)}")
+
+
 class _Op:
     params = (BACKENDS, SHAPES, DTYPES, DIRECTIONS)
     param_names = ["backend", "shape", "dtype", "direction"]
@@ -51,11 +60,7 @@ class _Op:
         self.dtype = getattr(torch, dtype_name)
         self.bidirectional = direction == "bidirectional"
         s = self.shape
-        spec = ProblemSpec(s.batch, s.seq_len, s.heads, s.head_dim_k, s.head_dim_v, self.dtype,
-                           torch.device(self.device).type, self.bidirectional)
-        reasons = registry.get(backend).not_supported_reasons(spec)
-        if reasons:
-            raise NotImplementedError(f"{backend}: {'; '.join(reasons)}")
+        _require_support(backend, s, self.dtype, self.device, self.bidirectional)
         self.backend = backend
         self.inputs = bench.random_inputs(s, self.dtype, self.device, bidirectional=self.bidirectional,
                                           requires_grad=True)
@@ -158,11 +163,7 @@ class GpuOpSmallBatch:
         base = bench.SHAPES["vigT_224"]
         shape = bench.Shape(f"vigT_224_B{batch}", batch, base.seq_len, base.heads, base.head_dim_k, base.head_dim_v)
         bidirectional = direction == "bidirectional"
-        spec = ProblemSpec(batch, shape.seq_len, shape.heads, shape.head_dim_k, shape.head_dim_v, torch.bfloat16,
-                           "cuda", bidirectional)
-        reasons = registry.get(backend).not_supported_reasons(spec)
-        if reasons:
-            raise NotImplementedError(f"{backend}: {'; '.join(reasons)}")
+        _require_support(backend, shape, torch.bfloat16, "cuda", bidirectional)
         inputs = bench.random_inputs(shape, torch.bfloat16, "cuda", bidirectional=bidirectional)
 
         def calls():
