@@ -183,10 +183,13 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         num_warps=8,
         num_stages=2,
         # H100, vigT_1024 (NOTES.md session 5): segment sums 59 -> 35 µs with V tiles of 64 and
-        # 4 warps (from 32 and 8), the scan 35 -> 15 µs with 4 rows a step and 1 warp (from 8, 2)
+        # 4 warps (from 32 and 8), the scan 35 -> 15 µs with 4 rows a step and 1 warp (from 8, 2).
+        # Since then (session 14): 8 warps for K <= 32 (128 registers, 2 programs per SM, against
+        # 204 and 2 at 4 warps): forward 0.96-1.00×, forward+backward 0.95-0.98× at T = 4096 and
+        # 16384, batch 1-64, the same bits; lm_4k (K = 128) lost 5 % with 8, so wider K keeps 4
         states_block_k=min(32, max(16, _pow2(K))),
         states_block_v=min(64, max(16, _pow2(V))),
-        states_num_warps=4,
+        states_num_warps=8 if K <= 32 else 4,
         states_step=256,
         scan_rows=4,
         scan_num_warps=1,
