@@ -67,8 +67,7 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             shape = Shape("grid", batch, args.seq_len, args.heads, args.k, args.v)
             sets = [random_inputs(shape, torch.bfloat16, "cuda", bidirectional=bidirectional, seed=s) for s in range(3)]
-            _, nseg = launch._single_pass_segments(args.seq_len, cfg.single_pass_chunk, cfg)
-            programs = batch * args.heads * (2 if bidirectional else 1) * -(-args.v // cfg.single_pass_block_v) * nseg
+            programs = launch._single_pass_programs(batch, args.seq_len, args.heads, args.v, bidirectional, cfg)
             auto = launch._single_pass_launch(cfg, programs, sms, traced=False)
 
             def call(x):

@@ -362,6 +362,13 @@ def _single_pass_launch(cfg: Config, programs: int, sms: int, traced: bool) -> t
     return cfg.single_pass_num_warps, cfg.single_pass_maxnreg
 
 
+def _single_pass_programs(B: int, T: int, H: int, V: int, bidirectional: bool, cfg: Config) -> int:
+    """Programs of a single-pass forward launch: one per (batch·head, direction, V block,
+    segment); what ``_single_pass_launch`` and the parking threshold compare with the SMs."""
+    _, nseg = _single_pass_segments(T, cfg.single_pass_chunk, cfg)
+    return B * H * (2 if bidirectional else 1) * _cdiv(V, cfg.single_pass_block_v) * nseg
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count_cached(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -385,7 +392,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
     n_chunks, nvb = _cdiv(T, C), _cdiv(V, bv)
     ndir = 2 if bidirectional else 1
     seg, nseg = _single_pass_segments(T, C, cfg)
-    programs = B * H * ndir * nvb * nseg
+    programs = _single_pass_programs(B, T, H, V, bidirectional, cfg)
     warps, extra = cfg.single_pass_num_warps, {}
     # (the CPU interpreter runs one program at a time: one "SM"; on ROCm neither choice is made)
     sms = 1 if q.device.type == "cpu" else 0
