@@ -263,3 +263,18 @@ def test_add_rms_norm_rejects_broadcasting():
 
     with pytest.raises(ValueError, match="branch"):
         add_rms_norm(torch.ones(2, 3, 4), torch.ones(1, 3, 4), torch.ones(4), 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8192, 5), (3, 4096, 7), (4097, 3), (2, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_weight_gradient_sums_over_rows(shape, dtype):
+    """The row sums behind bias and norm-weight gradients (two stages for tall inputs whose row
+    count 64 divides, one otherwise): float32 accumulation, float64 kept, against float64."""
+    from vig.fused import _sum_to_last
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)), dtype=torch.float64).to(dtype)
+    out = _sum_to_last(x)
+    ref = x.double().reshape(-1, shape[-1]).sum(0)
+    assert out.dtype == torch.promote_types(dtype, torch.float32) and out.shape == (shape[-1],)
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= bound

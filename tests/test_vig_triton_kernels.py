@@ -252,6 +252,60 @@ def test_rms_norm_backward_against_float64(width, residual):
     assert _rel_err(grad_w, ref_w) <= 2 * UNIT[torch.float32]
 
 
+def _dwconv_grads64(x, g, w):
+    """A depth-wise 'same' convolution's input and weight gradients, float64, by PyTorch."""
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    kh, kw = w.shape[-2:]
+    y = F.conv2d(x64.permute(0, 3, 1, 2), w64, padding=(kh // 2, kw // 2), groups=w.shape[0])
+    return torch.autograd.grad(y.permute(0, 2, 3, 1), (x64, w64), g.double())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 24), (1, 9, 33, 17), (3, 14, 14, 40)])
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 5), (5, 3)])
+@pytest.mark.parametrize("row_blocks", [128, 2])
+def test_depthwise_conv_backward_against_float64(monkeypatch, shape, kernel, row_blocks):
+    """Both gradients of the convolution in one pass: programs of one image row or several
+    (``row_blocks``), rows wider than one piece of pixels (33 > 16), taps cut by every edge,
+    channels past a block (40 > 32), the input and gradient in bfloat16 as in the models."""
+    monkeypatch.setitem(triton_backward.DWCONV_BACKWARD_LAUNCH, "row_blocks", row_blocks)
+    gen = torch.Generator().manual_seed(sum(shape) + kernel[0] + row_blocks)
+    C = shape[-1]
+    x = _rand(gen, *shape, dtype=torch.bfloat16)
+    g = _rand(gen, *shape, dtype=torch.bfloat16)
+    w = _rand(gen, C, 1, *kernel, dtype=torch.bfloat16)
+    ref_x, ref_w = _dwconv_grads64(x, g, w)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        grad_x, grad_w = triton_backward.depthwise_conv_backward(x, g, w, out_dtype, torch.float32)
+        assert grad_x.dtype == out_dtype and grad_x.shape == x.shape and grad_x.is_contiguous()
+        assert grad_w.dtype == torch.float32 and grad_w.shape == w.shape
+        assert _rel_err(grad_x, ref_x) <= UNIT[out_dtype]
+        # float32 sums of up to ~600 products per program, then over the programs
+        assert _rel_err(grad_w, ref_w) <= 8 * UNIT[torch.float32]
+
+
+def test_depthwise_conv_backward_strided_inputs_and_channels_last_weight():
+    gen = torch.Generator().manual_seed(5)
+    x = _rand(gen, 2, 6, 12, 20)[:, 1:, ::2, :16]  # every stride but the channels' is irregular
+    g = _rand(gen, 2, 5, 6, 32)[..., ::2]  # a channel stride of 2: copied
+    w = _rand(gen, 16, 1, 3, 3)
+    cl = torch.empty_strided(w.shape, (9, 1, 3, 1), dtype=w.dtype, device=w.device).copy_(w)
+    grad_x, grad_w = triton_backward.depthwise_conv_backward(x, g, cl)
+    ref_x, ref_w = _dwconv_grads64(x, g, w)
+    assert grad_w.dtype == cl.dtype
+    assert _rel_err(grad_x, ref_x) <= 2 * UNIT[torch.float32]
+    assert _rel_err(grad_w, ref_w) <= 8 * UNIT[torch.float32]
+
+
+def test_depthwise_conv_backward_rejects_other_shapes():
+    x = torch.zeros(1, 4, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="grad: expected the shape of x"):
+        triton_backward.depthwise_conv_backward(x, x[..., :4], torch.zeros(8, 1, 3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="weight: expected"):
+        triton_backward.depthwise_conv_backward(x, x, torch.zeros(8, 1, 2, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="weight: expected"):
+        triton_backward.depthwise_conv_backward(x, x, torch.zeros(4, 1, 3, 3, device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_backward_against_float64(dtype):
     gen = torch.Generator().manual_seed(9)
