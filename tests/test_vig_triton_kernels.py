@@ -504,6 +504,30 @@ def test_layer_norm_act_against_float64(width, act):
         assert _rel_err(y, ref) <= max(UNIT[out_dtype], 1e-4 if width > 1 else UNIT[out_dtype])
 
 
+@pytest.mark.parametrize("width", [1, 17, 96, 192])
+@pytest.mark.parametrize("act", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_act_backward_against_float64(width, act, dtype):
+    """LayerNorm's (and SiLU's) gradients in one pass: rows of very different scales and
+    offsets, the output gradient in bfloat16 as under autocast; the weight and bias gradients
+    are float32 sums over 37 rows."""
+    gen = torch.Generator().manual_seed(width + 2 * act)
+    # (an offset of three spreads: float32 centring loses ~1e-7 · offset / spread, see the forward's test)
+    x = ((_rand(gen, 37, width) + 3.0) * torch.logspace(-2, 2, 37, device=DEVICE)[:, None]).to(dtype)
+    w, b = _rand(gen, width), _rand(gen, width)
+    g = _rand(gen, 37, width, dtype=torch.bfloat16)
+    grad_x, grad_w, grad_b = triton_backward.layer_norm_act_backward(x, w, b, 1e-5, act, g)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    y = F.layer_norm(x64, (width,), w64, b64, 1e-5)
+    refs = torch.autograd.grad(F.silu(y) if act else y, (x64, w64, b64), g.double())
+    assert (grad_x.dtype, grad_w.dtype, grad_b.dtype) == (dtype, w.dtype, b.dtype)
+    for name, ours, ref in zip(("x", "weight", "bias"), (grad_x, grad_w, grad_b), refs):
+        if width == 1 and name != "bias":  # LayerNorm's output is the bias alone: exact zeros
+            assert torch.all(ours == 0), name
+            continue
+        assert _rel_err(ours, ref) <= 4 * UNIT[dtype if name == "x" else torch.float32], name
+
+
 def test_layer_norm_act_same_result_and_gradients_with_kernels(monkeypatch):
     gen = torch.Generator().manual_seed(17)
     x, w, b = _rand(gen, 2, 6, 5, 24, dtype=torch.bfloat16), _rand(gen, 24), _rand(gen, 24)

@@ -191,6 +191,11 @@ class _LayerNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
+        if triton_kernels.enabled_for(x, weight, bias, grad_out):
+            # one pass (as PyTorch ops: ~20 passes over float32 copies; H100, the two in ViG-T's
+            # patch embedding at 224 px, batch 128: ~1.2 ms of a ~20 ms training step)
+            return (*triton_backward.layer_norm_act_backward(x, weight, bias, ctx.eps, ctx.act, grad_out),
+                    None, None, None)
         xf = _acc(x)
         centred = xf - xf.mean(-1, keepdim=True)
         rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + ctx.eps)

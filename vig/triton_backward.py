@@ -11,6 +11,8 @@ float32, each is dozens of full passes over ``[tokens, C]`` tensors. Here each i
 - :func:`rms_norm_backward`: RMSNorm's input and weight gradients, plus a residual gradient
   (the pre-norms after a residual add, and before the depth-wise convolution);
 - :func:`silu_backward`: SiLU's (after the depth-wise convolution);
+- :func:`layer_norm_act_backward`: LayerNorm's (and a SiLU after it) in the patch embedding
+  (H100, ViG-T training at 224 px: ~1.2 ms of a ~20 ms step as PyTorch ops);
 - :func:`log_gates_pair_backward`: the gate logits' gradient from both directions' gates;
 - :func:`depthwise_conv_backward`: a depth-wise convolution's input and weight gradients
   (``[B, H, W, C]``, 'same' zero padding) in one pass over the input and the output gradient,
@@ -40,7 +42,7 @@ if triton is not None:
 Tensor = torch.Tensor
 
 __all__ = ["swiglu_backward", "mix_backward", "rms_norm_backward", "silu_backward", "log_gates_pair_backward",
-           "depthwise_conv_backward"]
+           "depthwise_conv_backward", "layer_norm_act_backward"]
 
 
 
@@ -120,6 +122,33 @@ if triton is not None:
             grad += tl.load(res_ptr + r * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + r * width + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(part_ptr + tl.program_id(0) * BLOCK_COLS + cols, tl.sum(g * x_hat, axis=0))
+
+    @triton.jit
+    def _layer_norm_act_backward_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, part_ptr, n_rows, width, eps,
+                                        stride_x, stride_g, ACT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                                        BLOCK_COLS: tl.constexpr):
+        # y = x_hat · w + b (then SiLU), x_hat = (x - mean) · rstd; with h = dy · w (dy through
+        # SiLU first): grad_x = rstd · (h - mean(h) - x_hat · mean(h · x_hat)); the weight's and
+        # bias's gradients as this program's column sums of dy · x_hat and dy
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        mean = tl.sum(x, axis=1) / width
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = _rstd(centred, width, eps)[:, None]
+        x_hat = centred * rstd
+        if ACT:
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            y = x_hat * w + b
+            sig = tl.sigmoid(y)
+            g = g * sig * (1 + y * (1 - sig))
+        h = g * w
+        grad = rstd * (h - (tl.sum(h, axis=1) / width)[:, None] - x_hat * (tl.sum(h * x_hat, axis=1) / width)[:, None])
+        tl.store(out_ptr + r * width + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
+        part = part_ptr + tl.program_id(0) * 2 * BLOCK_COLS + cols
+        tl.store(part, tl.sum(g * x_hat, axis=0))
+        tl.store(part + BLOCK_COLS, tl.sum(g, axis=0))
 
     @triton.jit
     def _silu_backward_kernel(y_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -242,6 +271,26 @@ def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, resid
             HAS_RES=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )
     return out.view(x.shape), part.sum(0)[:width].to(weight.dtype)
+
+
+def layer_norm_act_backward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: bool, grad: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of ``silu?(LayerNorm(x) · weight + bias)`` over the last
+    dimension given the gradient of its output, in one pass over ``x`` and ``grad`` (in the
+    dtypes of ``x``, ``weight`` and ``bias``)."""
+    rx, rg = _as_rows(x), _as_rows(grad)
+    n_rows, width = rx.shape
+    block_rows, block_cols = _rows_block(width)
+    programs = triton.cdiv(n_rows, block_rows)
+    out = torch.empty(rx.shape, dtype=x.dtype, device=x.device)
+    part = torch.empty((programs, 2, block_cols), dtype=torch.float32, device=x.device)
+    with launch_device(x):
+        _layer_norm_act_backward_kernel[(programs,)](
+            rx, weight, bias, rg, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0),
+            ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+    sums = part.sum(0)[:, :width]
+    return out.view(x.shape), sums[0].to(weight.dtype), sums[1].to(bias.dtype)
 
 
 def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
