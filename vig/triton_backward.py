@@ -252,7 +252,6 @@ if triton is not None:
                  mask=t_ok[:, None] & c_ok[None, :])
 
 
-
 def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, residual: Tensor | None = None,
                       out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_weight)`` of ``RMSNorm(x) · weight`` over the last dimension given the
