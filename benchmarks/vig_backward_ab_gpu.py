@@ -14,30 +14,11 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models_gpu  # noqa: E402
 from vig_backward_kernels_gpu import cudnn_depthwise_backward  # noqa: E402
 
 from vig import fused, triton_backward  # noqa: E402
-
-
-def torch_layer_norm_act_backward(x, weight, bias, eps, act, grad_out):
-    """``vig.fused._LayerNormAct``'s backward as it was: PyTorch ops in float32."""
-    xf = x.float()
-    centred = xf - xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
-    x_hat = centred * rstd
-    grad = grad_out.float()
-    if act:
-        y = x_hat * weight.float() + bias.float()
-        s = torch.sigmoid(y)
-        grad = grad * s * (1 + y * (1 - s))
-    grad_hat = grad * weight.float()
-    grad_x = rstd * (grad_hat - grad_hat.mean(-1, keepdim=True) - x_hat * (grad_hat * x_hat).mean(-1, keepdim=True))
-    return (grad_x.to(x.dtype), (grad * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype),
-            grad.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype))
 
 
 def main(argv=None) -> int:
@@ -47,7 +28,7 @@ def main(argv=None) -> int:
     if ab in ("old", "old-dw"):
         triton_backward.depthwise_conv_backward = cudnn_depthwise_backward
     if ab in ("old", "old-ln"):
-        triton_backward.layer_norm_act_backward = torch_layer_norm_act_backward
+        triton_backward.layer_norm_act_backward = fused._layer_norm_act_backward  # PyTorch ops
     if ab in ("old", "old-sum"):
         fused._sum_to_last = lambda x: x.reshape(-1, x.shape[-1]).float().sum(0)
     print(f"AB={ab}")

@@ -30,12 +30,9 @@ from vig import fused, triton_backward  # noqa: E402
 
 
 def cudnn_depthwise_backward(x, grad, weight, out_dtype=None, weight_grad_dtype=None):
-    """What ``vig.fused`` ran before: cuDNN's input and weight gradients on NHWC views."""
-    kh, kw = weight.shape[-2:]
-    nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
-    args = dict(padding=(kh // 2, kw // 2), groups=weight.shape[0])
-    gx = torch.nn.grad.conv2d_input(nchw(x).shape, weight, nchw(grad), **args).permute(0, 2, 3, 1)
-    gw = torch.nn.grad.conv2d_weight(nchw(x), weight.shape, nchw(grad), **args)
+    """What ``vig.fused`` ran before: cuDNN's input and weight gradients on NHWC views (its
+    PyTorch path still does), cast as the kernel's results are."""
+    gx, gw = fused._depthwise_nhwc_backward(x, grad, weight)
     return gx.to(out_dtype or x.dtype), gw.to(weight_grad_dtype or weight.dtype)
 
 

@@ -196,20 +196,26 @@ class _LayerNormAct(torch.autograd.Function):
             # patch embedding at 224 px, batch 128: ~1.2 ms of a ~20 ms training step)
             return (*triton_backward.layer_norm_act_backward(x, weight, bias, ctx.eps, ctx.act, grad_out),
                     None, None, None)
-        xf = _acc(x)
-        centred = xf - xf.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + ctx.eps)
-        x_hat = centred * rstd
-        grad = _acc(grad_out)
-        if ctx.act:
-            y = x_hat * _acc(weight) + _acc(bias)
-            s = torch.sigmoid(y)
-            grad = grad * s * (1 + y * (1 - s))
-        grad_hat = grad * _acc(weight)
-        grad_x = rstd * (grad_hat - grad_hat.mean(-1, keepdim=True)
-                         - x_hat * (grad_hat * x_hat).mean(-1, keepdim=True))
-        return (grad_x.to(x.dtype), _sum_to_last(grad * x_hat).to(weight.dtype), _sum_to_last(grad).to(bias.dtype),
-                None, None, None)
+        return (*_layer_norm_act_backward(x, weight, bias, ctx.eps, ctx.act, grad_out), None, None, None)
+
+
+def _layer_norm_act_backward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: bool, grad_out: Tensor
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`layer_norm_act` as PyTorch ops in float32
+    (what :func:`vig.triton_backward.layer_norm_act_backward` does in one pass)."""
+    xf = _acc(x)
+    centred = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    x_hat = centred * rstd
+    grad = _acc(grad_out)
+    if act:
+        y = x_hat * _acc(weight) + _acc(bias)
+        s = torch.sigmoid(y)
+        grad = grad * s * (1 + y * (1 - s))
+    grad_hat = grad * _acc(weight)
+    grad_x = rstd * (grad_hat - grad_hat.mean(-1, keepdim=True)
+                     - x_hat * (grad_hat * x_hat).mean(-1, keepdim=True))
+    return grad_x.to(x.dtype), _sum_to_last(grad * x_hat).to(weight.dtype), _sum_to_last(grad).to(bias.dtype)
 
 
 def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: bool, out_dtype: torch.dtype) -> Tensor:
@@ -289,6 +295,18 @@ def _norm_conv_act_forward(ctx, x, norm_weight, eps, conv_weight, act, branch=No
     return s, (F.silu(y) if act else y)
 
 
+def _depthwise_nhwc_backward(x: Tensor, grad: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """PyTorch's (on CUDA cuDNN's) input and weight gradients of :func:`_depthwise_nhwc` on
+    ``[B, H, W, C]`` views ('same' zero padding); ``grad_x`` as an NHWC view, ``grad_weight`` in
+    ``weight``'s dtype (what :func:`vig.triton_backward.depthwise_conv_backward` does in one pass)."""
+    kh, kw = weight.shape[-2:]
+    nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
+    conv_args = dict(padding=(kh // 2, kw // 2), groups=weight.shape[0])
+    grad_x = torch.nn.grad.conv2d_input(nchw(x).shape, weight, nchw(grad), **conv_args)
+    grad_weight = torch.nn.grad.conv2d_weight(nchw(x), weight.shape, nchw(grad), **conv_args)
+    return grad_x.permute(0, 2, 3, 1), grad_weight
+
+
 def _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out, grad_residual=None):
     """Gradients of ``s`` (plus ``grad_residual``, a gradient reaching ``s`` by another path),
     the norm weight and the convolution weight (``s`` recomputed from). On CUDA the norm, its
@@ -317,12 +335,7 @@ def _norm_conv_act_backward(ctx, s, norm_weight, conv_weight, grad_out, grad_res
         grad_s, grad_norm = triton_backward.rms_norm_backward(s, norm_weight, ctx.eps, grad_normed, grad_residual,
                                                               torch.promote_types(s.dtype, torch.float32))
         return grad_s, grad_norm, grad_conv
-    kh, kw = conv_weight.shape[-2:]
-    nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
-    conv_args = dict(padding=(kh // 2, kw // 2), groups=conv_weight.shape[0])
-    grad_normed = torch.nn.grad.conv2d_input(nchw(normed).shape, weight, nchw(grad_y), **conv_args)
-    grad_conv = torch.nn.grad.conv2d_weight(nchw(normed), conv_weight.shape, nchw(grad_y), **conv_args)
-    grad_normed = grad_normed.permute(0, 2, 3, 1)
+    grad_normed, grad_conv = _depthwise_nhwc_backward(normed, grad_y, weight)
     grad_normed = _acc(grad_normed)
     grad_s = _rms_backward(grad_normed * wn, x_hat, rstd)
     if grad_residual is not None:
