@@ -278,3 +278,87 @@ def test_weight_gradient_sums_over_rows(shape, dtype):
     assert out.dtype == torch.promote_types(dtype, torch.float32) and out.shape == (shape[-1],)
     bound = 1e-12 if dtype == torch.float64 else 1e-5
     assert ((out.double() - ref).norm() / ref.norm()).item() <= bound
+
+
+def _projections_composed(x, w_qkv, kd, wg, bg, w0, w1, b1, normalizer):
+    """vig's mixer projections as separate autograd nodes (the form before mixer_projections)."""
+    from vig.fused import low_rank_log_gates_pair
+
+    q, k, v = F.linear(x, w_qkv[:kd]), F.linear(x, w_qkv[kd : 2 * kd]), F.linear(x, w_qkv[2 * kd :])
+    g_fwd, g_rev = low_rank_log_gates_pair(x, w0, w1, b1, normalizer)
+    return q, k, v, g_fwd, g_rev, F.linear(x, wg, bg)
+
+
+def _projection_inputs(gen, dtype, C=10, kd=3, V=10, R=4, shape=(2, 3, 4)):
+    x = torch.randn(*shape, C, generator=gen, dtype=dtype)
+    w_qkv = torch.randn(2 * kd + V, C, generator=gen, dtype=dtype)
+    wg, bg = torch.randn(V, C, generator=gen, dtype=dtype), torch.randn(V, generator=gen, dtype=dtype)
+    w0 = torch.randn(R, C, generator=gen, dtype=dtype)
+    w1, b1 = torch.randn(2 * kd, R, generator=gen, dtype=dtype) * 4, torch.randn(2 * kd, generator=gen, dtype=dtype)
+    return [t.requires_grad_() for t in (x, w_qkv, wg, bg, w0, w1, b1)], kd
+
+
+@pytest.mark.parametrize("used", ["all", "q_and_logits", "gates_only", "reverse_gate_only"])
+def test_mixer_projections_gradcheck_and_value(used):
+    """One autograd node for the mixer's five projections of its local branch: the values and
+    every gradient of the separate projections, also when only some outputs are used (the
+    input gradient is then a sum over the used ones only)."""
+    from vig.mixer_projections import mixer_projections
+
+    pick = {"all": slice(None), "q_and_logits": [0, 5], "gates_only": [3, 4], "reverse_gate_only": [4]}[used]
+    gen = torch.Generator().manual_seed(31)
+    (x, w_qkv, wg, bg, w0, w1, b1), kd = _projection_inputs(gen, torch.float64)
+
+    def ours(*t):
+        out = mixer_projections(t[0], t[1], kd, *t[2:], 16.0)
+        return tuple(out[i] for i in (range(6) if pick == slice(None) else pick))
+
+    inputs = (x, w_qkv, wg, bg, w0, w1, b1)
+    assert torch.autograd.gradcheck(ours, inputs)
+    outs = mixer_projections(x, w_qkv, kd, wg, bg, w0, w1, b1, 16.0)
+    refs = _projections_composed(x, w_qkv, kd, wg, bg, w0, w1, b1, 16.0)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and o.is_contiguous()
+        assert torch.allclose(o, r, rtol=1e-12, atol=1e-12)
+
+
+def test_mixer_projections_under_bfloat16_autocast():
+    """Under autocast the matmuls run in bfloat16 (as the separate projections do), and the
+    gradients are as close to float64 ones as the separate projections' are."""
+    from vig.mixer_projections import mixer_projections
+
+    gen = torch.Generator().manual_seed(32)
+    inputs, kd = _projection_inputs(gen, torch.float32, C=48, kd=16, V=48, R=8, shape=(2, 7, 9))
+    seeds = [torch.randn(s, generator=gen) for s in [(2, 7, 9, 16)] * 2 + [(2, 7, 9, 48)] + [(2, 7, 9, 16)] * 2
+             + [(2, 7, 9, 48)]]
+
+    def grads(fn, tensors, autocast):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        x, w_qkv, *rest = tensors
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = fn(x, w_qkv, kd, *rest, 16.0)
+        loss = sum((o.double() * s.double()).sum() for o, s in zip(outs, seeds))
+        loss.backward()
+        return [o.detach().double() for o in outs], [t.grad.double() for t in tensors]
+
+    ref_out, ref_grads = grads(_projections_composed, [t.double() for t in inputs], False)
+    out, got = grads(mixer_projections, inputs, True)
+    base_out, base = grads(_projections_composed, inputs, True)
+    assert all(o.dtype == torch.float64 for o in out)
+    for name, o, b, r in zip(["x", "qkv_w", "g_w", "g_b", "down", "up", "gate_b"], got, base, ref_grads):
+        err = ((o - r).norm() / r.norm()).item()
+        base_err = ((b - r).norm() / r.norm()).item()
+        assert err == err and err <= max(2 * base_err, 4e-3), (name, err, base_err)
+    for o, b, r in zip(out, base_out, ref_out):
+        assert ((o - r).norm() / r.norm()).item() <= max(2 * ((b - r).norm() / r.norm()).item(), 4e-3)
+
+
+def test_mixer_projections_rejects_a_qkv_weight_without_values():
+    from vig.mixer_projections import mixer_projections
+
+    gen = torch.Generator().manual_seed(33)
+    (x, w_qkv, wg, bg, w0, w1, b1), kd = _projection_inputs(gen, torch.float32)
+    with pytest.raises(ValueError, match="qkv_weight"):
+        mixer_projections(x, w_qkv[: 2 * kd], kd, wg, bg, w0, w1, b1, 16.0)
+    with pytest.raises(ValueError, match="gate_up"):
+        mixer_projections(x, w_qkv, kd, wg, bg, w0, w1[:5], b1[:5], 16.0)

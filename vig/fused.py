@@ -537,16 +537,35 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
     return _LogGatesPair.apply(logits, normalizer)
 
 
+def _low_rank_log_gates_forward(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, normalizer: float
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The rank-R projection and both directions' gates (see :func:`low_rank_log_gates_pair`)."""
+    dtype = _matmul_dtype(x, w0, w1, b1)
+    if dtype is not None and triton_kernels.enabled_for(x, w0, w1, b1):
+        return triton_matmuls.low_rank_log_gates_pair(_cast(x, dtype), _cast(w0, dtype), _cast(w1, dtype), b1,
+                                                      normalizer)
+    low = F.linear(x, w0)
+    return (low, *_log_gates_pair_forward(F.linear(low, w1, b1), normalizer))
+
+
+def _low_rank_log_gates_backward(x: Tensor, low: Tensor, w0: Tensor, w1: Tensor, b1_dtype: torch.dtype,
+                                 fwd: Tensor, rev: Tensor, normalizer: float, grad_fwd: Tensor | None,
+                                 grad_rev: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_low, grad_w0, grad_w1, grad_b1)``: all but the input's gradient, which is
+    ``grad_low @ w0`` (left to the caller, who may add it into another matmul's result)."""
+    dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
+    grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
+    grad_logits = grad_logits.to(dtype).reshape(-1, grad_logits.shape[-1])
+    rows_low, rows_x = low.reshape(-1, low.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
+    grad_low = grad_logits @ w1.to(dtype)
+    return (grad_low, (grad_low.t() @ rows_x).to(w0.dtype), (grad_logits.t() @ rows_low).to(w1.dtype),
+            _sum_to_last(grad_logits).to(b1_dtype))
+
+
 class _LowRankLogGatesPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, w1, b1, normalizer):
-        dtype = _matmul_dtype(x, w0, w1, b1)
-        if dtype is not None and triton_kernels.enabled_for(x, w0, w1, b1):
-            low, fwd, rev = triton_matmuls.low_rank_log_gates_pair(
-                _cast(x, dtype), _cast(w0, dtype), _cast(w1, dtype), b1, normalizer)
-        else:
-            low = F.linear(x, w0)
-            fwd, rev = _log_gates_pair_forward(F.linear(low, w1, b1), normalizer)
+        low, fwd, rev = _low_rank_log_gates_forward(x, w0, w1, b1, normalizer)
         # the rank-R projection is small (R = 16 per token); the gates are kept by the op anyway
         ctx.save_for_backward(x, low, w0, w1, fwd, rev)
         ctx.normalizer, ctx.b1_dtype = normalizer, b1.dtype
@@ -555,19 +574,10 @@ class _LowRankLogGatesPair(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_fwd, grad_rev):
         x, low, w0, w1, fwd, rev = ctx.saved_tensors
-        dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
-        n = ctx.normalizer
-        grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, n)
-        grad_logits = grad_logits.to(dtype).reshape(-1, grad_logits.shape[-1])
-        rows_low, rows_x = low.reshape(-1, low.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
-        grad_low = grad_logits @ w1.to(dtype)
-        return (
-            (grad_low @ w0.to(dtype)).view(x.shape).to(x.dtype),
-            (grad_low.t() @ rows_x).to(w0.dtype),
-            (grad_logits.t() @ rows_low).to(w1.dtype),
-            _sum_to_last(grad_logits).to(ctx.b1_dtype),
-            None,
-        )
+        grad_low, *grad_weights = _low_rank_log_gates_backward(x, low, w0, w1, ctx.b1_dtype, fwd, rev,
+                                                               ctx.normalizer, grad_fwd, grad_rev)
+        grad_x = (grad_low @ w0.to(grad_low.dtype)).view(x.shape).to(x.dtype)
+        return (grad_x, *grad_weights, None)
 
 
 def low_rank_log_gates_pair(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, normalizer: float

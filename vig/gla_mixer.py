@@ -10,12 +10,14 @@ Speed notes (the reasons behind the shape of ``forward``):
 
 - Activations are ``[B, H, W, C]`` end to end; ``q``, ``k``, ``v`` and the gates are
   ``[B, T, heads, dim]`` views of contiguous linear outputs, the op's native layout.
-- One fused projection weight ``qkv_proj`` (the checkpoint format) is applied as three matmuls
-  on row slices of the weight: each output is contiguous, so the op copies nothing (a split of
-  one matmul's output would give strided views that must be copied).
-- The gates' low-rank projection (two matmuls), ``logsigmoid(·)/16`` and the split into the
-  two directions' contiguous gates are one function (:func:`vig.fused.low_rank_log_gates_pair`),
-  one Triton kernel on CUDA: the 2K logits per token are never written.
+- Everything projected from the local branch (``q``, ``k``, ``v``, both directions' gates,
+  the mix gate's logits) is one autograd function (:func:`vig.mixer_projections.mixer_projections`):
+  the fused ``qkv_proj`` weight (the checkpoint format) is cast once and applied as three
+  matmuls on row slices, so each output is contiguous and the op copies nothing (a split of one
+  matmul's output would give strided views that must be copied); the gates' low-rank
+  projection, ``logsigmoid(·)/16`` and the split into two contiguous tensors are one Triton
+  kernel on CUDA (:func:`vig.fused.low_rank_log_gates_pair`; the 2K logits per token are never
+  written); in backward the input gradients of all five are one running matmul sum.
 - Both scan directions run in **one** ``gated_linear_attention(..., bidirectional=True,
   g_reverse=...)`` call: no flipped copies, no batch concatenation, the same path in training
   and evaluation.
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import add_norm_conv_act, autocast_weight, low_rank_log_gates_pair, mix_global_local, norm_conv_act
+from .fused import add_norm_conv_act, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
+from .mixer_projections import mixer_projections
 
 Tensor = torch.Tensor
 
@@ -138,22 +141,22 @@ class GatedLinearAttention2D(nn.Module):
     def forward_local(self, local: Tensor) -> Tensor:
         """The rest of the mixer, from the local branch (the convolution's output)."""
         B, H, W, C = local.shape
-        heads, kd = self.num_heads, self.key_dim
-        w_qkv = autocast_weight(self.qkv_proj.weight, local)  # one cast for three slices
-        q = F.linear(local, w_qkv[:kd]).view(B, H * W, heads, -1)
-        k = F.linear(local, w_qkv[kd : 2 * kd]).view(B, H * W, heads, -1)
-        v = F.linear(local, w_qkv[2 * kd :]).view(B, H * W, heads, -1)
-
-        # both directions' gates from one low-rank projection, split into two contiguous tensors
-        # (on CUDA one kernel: vig.triton_matmuls)
+        heads = self.num_heads
+        # the five projections of `local` as one autograd node (vig.mixer_projections): its
+        # input gradient is one running matmul sum; both directions' gates come from one
+        # low-rank projection as two contiguous tensors (on CUDA one kernel: vig.triton_matmuls)
         down, up = self.gk_proj
-        g_fwd, g_rev = low_rank_log_gates_pair(local, down.weight, up.weight, up.bias, self.gate_logit_normalizer)
+        q, k, v, g_fwd, g_rev, gate_logits = mixer_projections(
+            local, self.qkv_proj.weight, self.key_dim, self.g_proj.weight, self.g_proj.bias,
+            down.weight, up.weight, up.bias, self.gate_logit_normalizer,
+        )
+        q, k, v = (t.view(B, H * W, heads, -1) for t in (q, k, v))
 
         o = gated_linear_attention(
             q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,
             g_reverse=g_rev.view(B, H * W, heads, -1),
         )
-        gate_logits = self.g_proj(local).view(B, H * W, heads, -1)
+        gate_logits = gate_logits.view(B, H * W, heads, -1)
         out = mix_global_local(
             o, local.reshape(B, H * W, heads, -1), gate_logits, self.g_norm.weight, self.l_norm.weight,
             self.norm_eps, self.out_act, self.o_proj.weight,
