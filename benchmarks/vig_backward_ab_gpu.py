@@ -1,7 +1,10 @@
-"""ViG training with the fourteenth session's backward changes (``AB=new``, the code as it is)
-against the code before them (``AB=old``): cuDNN's depth-wise convolution backward, LayerNorm's
-backward as PyTorch ops, one-stage row sums; ``AB=old-dw``, ``old-ln`` or ``old-sum`` reverts
-one of the three. The remaining arguments go to ``models_gpu.py``:
+"""ViG training with the fourteenth and fifteenth sessions' backward changes (``AB=new``, the
+code as it is) against the code before them (``AB=old``): cuDNN's depth-wise convolution
+backward, LayerNorm's backward as PyTorch ops, one-stage row sums (session 14), the mixer's
+projections as separate autograd nodes, every row-wise kernel at 4096 elements and 4 warps a
+program (session 15; the latter also changes inference: the mix's forward); ``AB=old-dw``,
+``old-ln``, ``old-sum``, ``old-proj`` or ``old-rows`` reverts one of the five. The remaining
+arguments go to ``models_gpu.py``:
 
     AB=old python benchmarks/vig_backward_ab_gpu.py --models ViG-T --points 224:128,1024:8 \\
         --compile-modes graph --modes train --min-time 0.5
@@ -18,19 +21,44 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models_gpu  # noqa: E402
 from vig_backward_kernels_gpu import cudnn_depthwise_backward  # noqa: E402
 
-from vig import fused, triton_backward  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from glakernels import gated_linear_attention  # noqa: E402
+from vig import fused, gla_mixer, triton_backward, triton_kernels  # noqa: E402
+
+
+def separate_projections_forward_local(self, local):
+    """``GatedLinearAttention2D.forward_local`` before ``vig.mixer_projections`` (session 15):
+    each projection of ``local`` its own autograd node, ``g_proj`` through its module."""
+    B, H, W, C = local.shape
+    heads, kd = self.num_heads, self.key_dim
+    w_qkv = fused.autocast_weight(self.qkv_proj.weight, local)
+    q, k, v = (F.linear(local, w).view(B, H * W, heads, -1) for w in (w_qkv[:kd], w_qkv[kd : 2 * kd], w_qkv[2 * kd :]))
+    down, up = self.gk_proj
+    g_fwd, g_rev = fused.low_rank_log_gates_pair(local, down.weight, up.weight, up.bias, self.gate_logit_normalizer)
+    o = gated_linear_attention(q, k, v, g_fwd.view(B, H * W, heads, -1), bidirectional=True,
+                               g_reverse=g_rev.view(B, H * W, heads, -1))
+    out = fused.mix_global_local(o, local.reshape(B, H * W, heads, -1), self.g_proj(local).view(B, H * W, heads, -1),
+                                 self.g_norm.weight, self.l_norm.weight, self.norm_eps, self.out_act,
+                                 self.o_proj.weight)
+    return out.view(B, H, W, -1)
 
 
 def main(argv=None) -> int:
     ab = os.environ.get("AB", "new")
-    if ab not in ("new", "old", "old-dw", "old-ln", "old-sum"):
-        raise SystemExit(f"AB: expected new, old, old-dw, old-ln or old-sum, got {ab!r}")
+    choices = ("new", "old", "old-dw", "old-ln", "old-sum", "old-proj", "old-rows")
+    if ab not in choices:
+        raise SystemExit(f"AB: expected one of {', '.join(choices)}, got {ab!r}")
     if ab in ("old", "old-dw"):
         triton_backward.depthwise_conv_backward = cudnn_depthwise_backward
     if ab in ("old", "old-ln"):
         triton_backward.layer_norm_act_backward = fused._layer_norm_act_backward  # PyTorch ops
     if ab in ("old", "old-sum"):
         fused._sum_to_last = lambda x: x.reshape(-1, x.shape[-1]).float().sum(0)
+    if ab in ("old", "old-proj"):
+        gla_mixer.GatedLinearAttention2D.forward_local = separate_projections_forward_local
+    if ab in ("old", "old-rows"):
+        triton_kernels.ROWS_LAUNCH.update({name: (4096, 4) for name in triton_kernels.ROWS_LAUNCH})
     print(f"AB={ab}")
     return models_gpu.main(argv)
 

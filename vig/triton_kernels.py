@@ -105,10 +105,25 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _rows_block(width: int) -> tuple[int, int]:
-    """(rows per program, padded row width): about 4096 elements per program."""
+#: Elements per program and warps of each row-wise kernel (one program normalises, mixes or
+#: differentiates whole rows: rows per program = elements // padded width, 1 to 64). From a
+#: sweep of rows × warps on an H100 at ViG-T's tensors (224 px, batch 128; benchmarks/
+#: RESULTS.md, fifteenth session), µs of the first choice (4096 elements, 4 warps) against the
+#: entry: the mix 21.3 -> 13.8 and its backward 58.9 -> 44.0 (width 64: small programs of 2
+#: warps), RMSNorm's backward 45.4 -> 36.7, LayerNorm(+SiLU)'s 67.3 -> 55.2; the others were
+#: within 0.5 µs of the first choice at every setting near it and keep it.
+ROWS_LAUNCH: dict[str, tuple[int, int]] = {
+    "rms_norm": (4096, 4), "rstd": (4096, 4), "add_rstd": (4096, 4), "mix": (512, 2), "add_rms_norm": (4096, 4),
+    "log_gates_pair": (4096, 4), "layer_norm_act": (4096, 4), "rms_norm_backward": (8192, 4),
+    "layer_norm_act_backward": (4096, 2), "log_gates_backward": (4096, 4), "mix_backward": (512, 2),
+}
+
+
+def _rows_launch(kernel: str, width: int) -> tuple[int, int, int]:
+    """(rows per program, padded row width, warps) of row-wise ``kernel`` on rows of ``width``."""
     block = _pow2(width)
-    return max(1, min(64, 4096 // block)), block
+    elements, warps = ROWS_LAUNCH[kernel]
+    return max(1, min(64, elements // block)), block, warps
 
 
 def _as_rows(x: Tensor) -> Tensor:
@@ -320,11 +335,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> T
     """``x · rsqrt(mean(x²) + eps) · weight`` over the last dimension, in float32, as ``out_dtype``."""
     rows = _as_rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    block_rows, block_cols = _rows_block(rows.shape[1])
+    block_rows, block_cols, warps = _rows_launch("rms_norm", rows.shape[1])
     with launch_device(x):
         _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
             rows, weight, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
     return out.view(x.shape)
 
@@ -349,21 +364,23 @@ def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Ten
     out = torch.empty((B, H, W, C), dtype=out_dtype, device=x.device)
     # 1) rstd of every pixel (4 bytes per pixel); 2) the convolution, normalising as it reads
     rstd = torch.empty((B, H, W), dtype=torch.float32, device=x.device)
-    block_rows, block_cols = _rows_block(C)
     launch = NORM_DWCONV_LAUNCH
     block_c = min(_pow2(C), launch["MAX_BLOCK_C"])
     block_w = max(1, min(_pow2(W), launch["TILE"] // block_c))
     with launch_device(x):
         if branch is None:
+            block_rows, block_cols, warps = _rows_launch("rstd", C)
             _rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
-                x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+                x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
         else:
             if branch.shape != x.shape:
                 raise ValueError(f"branch: expected the shape of x {tuple(x.shape)}, got {tuple(branch.shape)}")
             branch = branch.contiguous()
             total = torch.empty((B, H, W, C), dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+            block_rows, block_cols, warps = _rows_launch("add_rstd", C)
             _add_rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
-                x, branch, total, rstd, B * H * W, C, eps, C, C, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+                x, branch, total, rstd, B * H * W, C, eps, C, C, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                num_warps=warps)
             x = total
         _norm_dwconv_act_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
             x, rstd, norm_weight, conv_weight, out, H, W, C,
@@ -380,12 +397,12 @@ def mix_global_local(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, ep
     three same-shaped tensors, in float32, as ``out_dtype``."""
     ra, rb, rz = _as_rows(a), _as_rows(b), _as_rows(z)
     out = torch.empty(ra.shape, dtype=out_dtype, device=a.device)
-    block_rows, block_cols = _rows_block(ra.shape[1])
+    block_rows, block_cols, warps = _rows_launch("mix", ra.shape[1])
     with launch_device(a):
         _mix_kernel[(triton.cdiv(ra.shape[0], block_rows),)](
             ra, rb, rz, wa, wb, out, ra.shape[0], ra.shape[1], eps,
             ra.stride(0), rb.stride(0), rz.stride(0), out.stride(0),
-            OUT_ACT=out_act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            OUT_ACT=out_act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
     return out.view(a.shape)
 
@@ -412,12 +429,12 @@ def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float, out_dtyp
     rx, rb = _as_rows(x), _as_rows(branch)
     total = torch.empty(rx.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     out = torch.empty(rx.shape, dtype=out_dtype, device=x.device)
-    block_rows, block_cols = _rows_block(rx.shape[1])
+    block_rows, block_cols, warps = _rows_launch("add_rms_norm", rx.shape[1])
     with launch_device(x):
         _add_rms_norm_kernel[(triton.cdiv(rx.shape[0], block_rows),)](
             rx, rb, weight, total, out, rx.shape[0], rx.shape[1], eps,
             rx.stride(0), rb.stride(0), total.stride(0), out.stride(0),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
     return total.view(x.shape), out.view(x.shape)
 
@@ -429,11 +446,11 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
     width = rows.shape[1] // 2
     fwd = torch.empty((rows.shape[0], width), dtype=logits.dtype, device=logits.device)
     rev = torch.empty_like(fwd)
-    block_rows, block_cols = _rows_block(width)
+    block_rows, block_cols, warps = _rows_launch("log_gates_pair", width)
     with launch_device(logits):
         _log_gates_pair_kernel[(triton.cdiv(rows.shape[0], block_rows), 2)](
             rows, fwd, rev, rows.shape[0], width, 1.0 / normalizer, rows.stride(0),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
     shape = (*logits.shape[:-1], width)
     return fwd.view(shape), rev.view(shape)
@@ -475,10 +492,10 @@ def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: boo
     """``silu?(LayerNorm(x) · weight + bias)`` over the last dimension, in float32, as ``out_dtype``."""
     rows = _as_rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    block_rows, block_cols = _rows_block(rows.shape[1])
+    block_rows, block_cols, warps = _rows_launch("layer_norm_act", rows.shape[1])
     with launch_device(x):
         _layer_norm_act_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
             rows, weight, bias, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
-            ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
     return out.view(x.shape)
