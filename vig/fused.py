@@ -391,7 +391,6 @@ def add_norm_conv_act(x: Tensor, branch: Tensor, norm_weight: Tensor, eps: float
 class _MixGlobalLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, global_out, local_out, gate_logits, global_weight, local_weight, eps, out_act, out_weight):
-        ctx.save_for_backward(global_out, local_out, gate_logits, global_weight, local_weight, out_weight)
         ctx.eps, ctx.out_act = eps, out_act
         # the inputs' dtype, or autocast's when the output projection (a matmul) follows
         dtype = ((_autocast_dtype(global_out) if out_weight is not None else None)
@@ -405,10 +404,16 @@ class _MixGlobalLocal(torch.autograd.Function):
             nb = F.rms_norm(local_out, (local_out.shape[-1],), local_weight.to(local_out.dtype), eps).to(na.dtype)
             mixed = torch.lerp(nb, na, torch.sigmoid(gate_logits).to(na.dtype))
             mixed = _cast(F.silu(mixed) if out_act else mixed, dtype)
+        saved = (global_out, local_out, gate_logits, global_weight, local_weight)
         if out_weight is None:
+            ctx.save_for_backward(*saved, None)
             return mixed
+        # the projection's weight kept as the matmul used it (cast, under autocast)
+        ctx.out_weight_dtype = out_weight.dtype
+        out_weight = out_weight.to(mixed.dtype)
+        ctx.save_for_backward(*saved, out_weight)
         mixed = mixed.flatten(-2)  # heads back into channels
-        return F.linear(mixed, out_weight.to(mixed.dtype))
+        return F.linear(mixed, out_weight)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -429,7 +434,7 @@ class _MixGlobalLocal(torch.autograd.Function):
             y = F.silu(mixed) if ctx.out_act else mixed
             y = y.flatten(-2).to(grad_out.dtype)
             grad_out_weight = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ y.reshape(-1, y.shape[-1]))
-            grad_out_weight = grad_out_weight.to(out_weight.dtype)
+            grad_out_weight = grad_out_weight.to(ctx.out_weight_dtype)
             grad_out = (grad_out @ out_weight.to(grad_out.dtype)).view(mixed.shape)
         grad = _acc(grad_out)
         if ctx.out_act:
@@ -463,7 +468,7 @@ def _mix_backward_kernels(ctx, grad_out, global_out, local_out, gate_logits, glo
     *grads, mixed = triton_backward.mix_backward(*args, grad_mixed, output_dtype=grad_out.dtype)
     mixed = mixed.flatten(-2)
     grad_out_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ mixed.reshape(-1, mixed.shape[-1])
-    return (*grads, None, None, grad_out_weight.to(out_weight.dtype))
+    return (*grads, None, None, grad_out_weight.to(ctx.out_weight_dtype))
 
 
 def mix_global_local(global_out: Tensor, local_out: Tensor, gate_logits: Tensor, global_weight: Tensor,
@@ -538,43 +543,46 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
 
 
 def _low_rank_log_gates_forward(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, normalizer: float
-                                ) -> tuple[Tensor, Tensor, Tensor]:
-    """The rank-R projection and both directions' gates (see :func:`low_rank_log_gates_pair`)."""
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The rank-R projection, both directions' gates (see :func:`low_rank_log_gates_pair`) and
+    the two weights as the matmuls used them (cast once here, kept for backward: a weight's
+    cast in backward is one more small kernel each, ~100 of them in a ViG-T training step)."""
     dtype = _matmul_dtype(x, w0, w1, b1)
     if dtype is not None and triton_kernels.enabled_for(x, w0, w1, b1):
-        return triton_matmuls.low_rank_log_gates_pair(_cast(x, dtype), _cast(w0, dtype), _cast(w1, dtype), b1,
-                                                      normalizer)
+        w0, w1 = _cast(w0, dtype), _cast(w1, dtype)
+        return (*triton_matmuls.low_rank_log_gates_pair(_cast(x, dtype), w0, w1, b1, normalizer), w0, w1)
     low = F.linear(x, w0)
-    return (low, *_log_gates_pair_forward(F.linear(low, w1, b1), normalizer))
+    return (low, *_log_gates_pair_forward(F.linear(low, w1, b1), normalizer), w0, w1)
 
 
-def _low_rank_log_gates_backward(x: Tensor, low: Tensor, w0: Tensor, w1: Tensor, b1_dtype: torch.dtype,
-                                 fwd: Tensor, rev: Tensor, normalizer: float, grad_fwd: Tensor | None,
-                                 grad_rev: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_low, grad_w0, grad_w1, grad_b1)``: all but the input's gradient, which is
-    ``grad_low @ w0`` (left to the caller, who may add it into another matmul's result)."""
+def _low_rank_log_gates_backward(x: Tensor, low: Tensor, w0: Tensor, w1: Tensor, dtypes: tuple, fwd: Tensor,
+                                 rev: Tensor, normalizer: float, grad_fwd: Tensor | None, grad_rev: Tensor | None
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_low, grad_w0, grad_w1, grad_b1)`` (in ``dtypes``, the parameters' three): all but
+    the input's gradient, which is ``grad_low @ w0`` (left to the caller, who may add it into
+    another matmul's result)."""
     dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
     grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
     grad_logits = grad_logits.to(dtype).reshape(-1, grad_logits.shape[-1])
     rows_low, rows_x = low.reshape(-1, low.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
     grad_low = grad_logits @ w1.to(dtype)
-    return (grad_low, (grad_low.t() @ rows_x).to(w0.dtype), (grad_logits.t() @ rows_low).to(w1.dtype),
-            _sum_to_last(grad_logits).to(b1_dtype))
+    return (grad_low, (grad_low.t() @ rows_x).to(dtypes[0]), (grad_logits.t() @ rows_low).to(dtypes[1]),
+            _sum_to_last(grad_logits).to(dtypes[2]))
 
 
 class _LowRankLogGatesPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, w1, b1, normalizer):
-        low, fwd, rev = _low_rank_log_gates_forward(x, w0, w1, b1, normalizer)
+        low, fwd, rev, w0_used, w1_used = _low_rank_log_gates_forward(x, w0, w1, b1, normalizer)
         # the rank-R projection is small (R = 16 per token); the gates are kept by the op anyway
-        ctx.save_for_backward(x, low, w0, w1, fwd, rev)
-        ctx.normalizer, ctx.b1_dtype = normalizer, b1.dtype
+        ctx.save_for_backward(x, low, w0_used, w1_used, fwd, rev)
+        ctx.normalizer, ctx.dtypes = normalizer, (w0.dtype, w1.dtype, b1.dtype)
         return fwd, rev
 
     @staticmethod
     def backward(ctx, grad_fwd, grad_rev):
         x, low, w0, w1, fwd, rev = ctx.saved_tensors
-        grad_low, *grad_weights = _low_rank_log_gates_backward(x, low, w0, w1, ctx.b1_dtype, fwd, rev,
+        grad_low, *grad_weights = _low_rank_log_gates_backward(x, low, w0, w1, ctx.dtypes, fwd, rev,
                                                                ctx.normalizer, grad_fwd, grad_rev)
         grad_x = (grad_low @ w0.to(grad_low.dtype)).view(x.shape).to(x.dtype)
         return (grad_x, *grad_weights, None)
@@ -648,28 +656,33 @@ class _SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, in_weight, out_weight):
         dtype = _matmul_dtype(x, in_weight)
+        w_in = in_weight
         if dtype is not None and triton_kernels.enabled_for(x, in_weight):
             # the projection and the product in one kernel: [gate, value] is never written
-            product = triton_matmuls.swiglu_matmul(_cast(x, dtype), _cast(in_weight, dtype))
+            w_in = _cast(in_weight, dtype)
+            product = triton_matmuls.swiglu_matmul(_cast(x, dtype), w_in)
         else:
             projected = F.linear(x, in_weight)  # under autocast: in the autocast dtype
             dtype = projected.dtype
             product = _swiglu_product(projected)
-        ctx.save_for_backward(x, in_weight, out_weight)
-        ctx.compute_dtype = dtype
-        return F.linear(product, out_weight.to(product.dtype))
+        w_out = out_weight.to(product.dtype)
+        # the weights kept as the matmuls used them (cast, under autocast): no casts in backward
+        ctx.save_for_backward(x, w_in, w_out)
+        ctx.compute_dtype, ctx.weight_dtypes = dtype, (in_weight.dtype, out_weight.dtype)
+        return F.linear(product, w_out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, in_weight, out_weight = ctx.saved_tensors
+        x, w_in, w_out = ctx.saved_tensors
         dtype = ctx.compute_dtype
         # the same casts and matmul as forward (autocast's, when it was on): the same projection
-        x_c, w_in = x.to(dtype), in_weight.to(dtype)
+        x_c, w_in = x.to(dtype), w_in.to(dtype)
         projected = F.linear(x_c, w_in)
-        grad_projected, grad_out_weight = _swiglu_backward(grad_out.to(dtype), projected, out_weight)
+        grad_projected, grad_out_weight = _swiglu_backward(grad_out.to(dtype), projected, w_out)
         grad_x = grad_projected @ w_in
         grad_in_weight = grad_projected.reshape(-1, grad_projected.shape[-1]).t() @ x_c.reshape(-1, x_c.shape[-1])
-        return grad_x.to(x.dtype), grad_in_weight.to(in_weight.dtype), grad_out_weight
+        in_dtype, out_dtype = ctx.weight_dtypes
+        return grad_x.to(x.dtype), grad_in_weight.to(in_dtype), grad_out_weight.to(out_dtype)
 
 
 def swiglu_mlp(x: Tensor, in_weight: Tensor, out_weight: Tensor) -> Tensor:

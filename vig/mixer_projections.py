@@ -43,17 +43,18 @@ class _MixerProjections(torch.autograd.Function):
         k = F.linear(xc, w_qkv[kd : 2 * kd])
         v = F.linear(xc, w_qkv[2 * kd :])
         gate_logits = F.linear(xc, w_g, b_g)
-        low, g_fwd, g_rev = _low_rank_log_gates_forward(x, gate_down, gate_up, gate_bias, normalizer)
+        low, g_fwd, g_rev, w_down, w_up = _low_rank_log_gates_forward(x, gate_down, gate_up, gate_bias, normalizer)
         # the weights kept as cast (small); x is kept anyway by the mix after this
-        ctx.save_for_backward(xc, w_qkv, w_g, low, gate_down, gate_up, g_fwd, g_rev)
+        ctx.save_for_backward(xc, w_qkv, w_g, low, w_down, w_up, g_fwd, g_rev)
         ctx.key_dim, ctx.normalizer = kd, normalizer
-        ctx.dtypes = (x.dtype, qkv_weight.dtype, g_weight.dtype, g_bias.dtype, gate_bias.dtype)
+        ctx.dtypes = (x.dtype, qkv_weight.dtype, g_weight.dtype, g_bias.dtype)
+        ctx.gate_dtypes = (gate_down.dtype, gate_up.dtype, gate_bias.dtype)
         return q, k, v, g_fwd, g_rev, gate_logits
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v, grad_g_fwd, grad_g_rev, grad_logits):
         xc, w_qkv, w_g, low, gate_down, gate_up, g_fwd, g_rev = ctx.saved_tensors
-        x_dtype, qkv_dtype, g_weight_dtype, g_bias_dtype, gate_bias_dtype = ctx.dtypes
+        x_dtype, qkv_dtype, g_weight_dtype, g_bias_dtype = ctx.dtypes
         kd, dtype = ctx.key_dim, xc.dtype
         needs = ctx.needs_input_grad
         x_rows = _rows(xc)
@@ -63,7 +64,7 @@ class _MixerProjections(torch.autograd.Function):
 
         gate_grads = (None,) * 4
         if grad_g_fwd is not None or grad_g_rev is not None:
-            gate_grads = _low_rank_log_gates_backward(xc, low, gate_down, gate_up, gate_bias_dtype, g_fwd, g_rev,
+            gate_grads = _low_rank_log_gates_backward(xc, low, gate_down, gate_up, ctx.gate_dtypes, g_fwd, g_rev,
                                                       ctx.normalizer, grad_g_fwd, grad_g_rev)
         grad_low = gate_grads[0]
 
