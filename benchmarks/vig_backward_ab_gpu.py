@@ -2,8 +2,9 @@
 code as it is) against the code before them (``AB=old``): cuDNN's depth-wise convolution
 backward, LayerNorm's backward as PyTorch ops, one-stage row sums (session 14), the mixer's
 projections as separate autograd nodes, every row-wise kernel at 4096 elements and 4 warps a
-program (session 15; the latter also changes inference: the mix's forward); ``AB=old-dw``,
-``old-ln``, ``old-sum``, ``old-proj`` or ``old-rows`` reverts one of the five. The remaining
+program (the latter also changes inference: the mix's forward), the patch convolution's weight
+gradient from PyTorch's convolution backward (session 15); ``AB=old-dw``, ``old-ln``,
+``old-sum``, ``old-proj``, ``old-rows`` or ``old-patch`` reverts one of the six. The remaining
 arguments go to ``models_gpu.py``:
 
     AB=old python benchmarks/vig_backward_ab_gpu.py --models ViG-T --points 224:128,1024:8 \\
@@ -21,10 +22,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models_gpu  # noqa: E402
 from vig_backward_kernels_gpu import cudnn_depthwise_backward  # noqa: E402
 
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from glakernels import gated_linear_attention  # noqa: E402
 from vig import fused, gla_mixer, triton_backward, triton_kernels  # noqa: E402
+
+
+def pytorch_patch_conv_weight_grad(x, grad, kernel_size, stride, padding, dtype):
+    """``vig.triton_backward.patch_conv_weight_grad`` as ``vig.fused`` computed it before
+    (session 15): PyTorch's convolution backward on the image cast to ``dtype``."""
+    weight = torch.empty(grad.shape[-1], x.shape[1], kernel_size, kernel_size, device=x.device, dtype=dtype)
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad.to(dtype).permute(0, 3, 1, 2), x.to(dtype), weight, [grad.shape[-1]], [stride] * 2, [padding] * 2,
+        [1, 1], False, [0, 0], 1, [False, True, True])
+    return grad_w.float(), grad_b.float()
 
 
 def separate_projections_forward_local(self, local):
@@ -46,7 +58,7 @@ def separate_projections_forward_local(self, local):
 
 def main(argv=None) -> int:
     ab = os.environ.get("AB", "new")
-    choices = ("new", "old", "old-dw", "old-ln", "old-sum", "old-proj", "old-rows")
+    choices = ("new", "old", "old-dw", "old-ln", "old-sum", "old-proj", "old-rows", "old-patch")
     if ab not in choices:
         raise SystemExit(f"AB: expected one of {', '.join(choices)}, got {ab!r}")
     if ab in ("old", "old-dw"):
@@ -59,6 +71,8 @@ def main(argv=None) -> int:
         gla_mixer.GatedLinearAttention2D.forward_local = separate_projections_forward_local
     if ab in ("old", "old-rows"):
         triton_kernels.ROWS_LAUNCH.update({name: (4096, 4) for name in triton_kernels.ROWS_LAUNCH})
+    if ab in ("old", "old-patch"):
+        triton_backward.patch_conv_weight_grad = pytorch_patch_conv_weight_grad
     print(f"AB={ab}")
     return models_gpu.main(argv)
 

@@ -579,6 +579,56 @@ def test_patch_conv_same_result_and_gradients_with_kernels(monkeypatch):
         assert _rel_err(gk, gt.double()) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    # as test_patch_conv_against_float64, and more pixels than one program sums (64 · 16)
+    [(2, 3, 40, 36, 96, 9, 8, 1), (1, 3, 17, 23, 20, 5, 4, 1), (1, 2, 9, 9, 130, 3, 2, 1), (3, 3, 90, 94, 24, 3, 2, 1)],
+    ids=lambda g: "x".join(map(str, g)),
+)
+def test_patch_conv_weight_grad_against_float64(geometry, monkeypatch):
+    """The weight and bias gradients of the patch convolution from one kernel over the image as
+    stored (NCHW or channels-last), against float64 autograd: output channels past one tile,
+    windows cut by the padding, pixels split over several programs."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    B, C, H, W, C_out, ks, stride, pad = geometry
+    gen = torch.Generator().manual_seed(H * W + 1)
+    x, w, b = _rand(gen, B, C, H, W), _rand(gen, C_out, C, ks, ks, scale=0.1), _rand(gen, C_out)
+    OH, OW = (H + 2 * pad - ks) // stride + 1, (W + 2 * pad - ks) // stride + 1
+    grad = _rand(gen, B, OH, OW, C_out)
+    w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
+    y64 = F.conv2d(x.double(), w64, b64, stride=stride, padding=pad).permute(0, 2, 3, 1)
+    ref_w, ref_b = torch.autograd.grad(y64, [w64, b64], grad.double())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        gw, gb = triton_backward.patch_conv_weight_grad(x.contiguous(memory_format=layout), grad, ks, stride, pad,
+                                                        torch.float32)
+        assert gw.shape == w.shape and gb.shape == b.shape and gw.dtype == gb.dtype == torch.float32
+        assert _rel_err(gw, ref_w) <= 1e-5 and _rel_err(gb, ref_b) <= 1e-5
+    # bfloat16 operands (as under autocast): the image and the gradient rounded once
+    gw, gb = triton_backward.patch_conv_weight_grad(x, grad.bfloat16(), ks, stride, pad, torch.bfloat16)
+    assert _rel_err(gw, ref_w) <= 4 * UNIT[torch.bfloat16] and _rel_err(gb, ref_b) <= 4 * UNIT[torch.bfloat16]
+    with pytest.raises(ValueError, match="grad: expected"):
+        triton_backward.patch_conv_weight_grad(x, grad[:, 1:], ks, stride, pad, torch.float32)
+
+
+def test_patch_conv_gradients_with_a_frozen_image(monkeypatch):
+    """Without the image's gradient (training) the weight and bias gradients come from the
+    kernel: the same as PyTorch's convolution backward's, and None where not needed."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    gen = torch.Generator().manual_seed(30)
+    x, w, b = _rand(gen, 2, 3, 33, 35), _rand(gen, 12, 3, 9, 9, scale=0.1), _rand(gen, 12)
+    grads = {}
+    for mode in ("1", "0"):
+        monkeypatch.setattr(triton_kernels, "MODE", mode)
+        wl, bl = w.clone().requires_grad_(), b.clone().requires_grad_()
+        fused.patch_conv(x, wl, bl, 8, 1).square().sum().backward()
+        grads[mode] = (wl.grad, bl.grad)
+        wl = w.clone().requires_grad_()  # the bias frozen too
+        fused.patch_conv(x, wl, b, 8, 1).square().sum().backward()
+        assert wl.grad is not None
+    for ours, theirs in zip(grads["1"], grads["0"]):
+        assert _rel_err(ours, theirs.double()) <= 1e-5
+
+
 def test_patch_conv_under_autocast_computes_in_autocast_dtype():
     gen = torch.Generator().manual_seed(31)
     x, w, b = _rand(gen, 1, 3, 24, 24), _rand(gen, 8, 3, 9, 9, scale=0.1), _rand(gen, 8)

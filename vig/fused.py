@@ -241,6 +241,14 @@ class _PatchConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
         dtype = ctx.dtype
+        needs = ctx.needs_input_grad
+        if not needs[0] and triton_kernels.enabled_for(x, weight, bias, grad_out):
+            # the image needs no gradient (the usual case): the weight's and bias's from one
+            # kernel that reads the image in place (vig.triton_backward.patch_conv_weight_grad)
+            grad_w, grad_b = triton_backward.patch_conv_weight_grad(x, grad_out, weight.shape[-1], ctx.stride,
+                                                                    ctx.padding, dtype)
+            return (None, grad_w.to(weight.dtype) if needs[1] else None, grad_b.to(bias.dtype) if needs[2] else None,
+                    None, None)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             _cast(grad_out, dtype).permute(0, 3, 1, 2), _cast(x, dtype), _cast(weight, dtype), [bias.shape[0]],
             [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1, list(ctx.needs_input_grad[:3]),
@@ -253,7 +261,8 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
     """``conv2d(x, weight, bias, stride, padding)`` of an NCHW image, returned channels-last
     (``[B, OH, OW, C_out]``) in the dtype autocast's convolution would use (``x``'s when
     autocast is off). On CUDA one Triton kernel reads the image in place (no cast, no layout
-    copy); backward is PyTorch's convolution backward."""
+    copy), and so does the weight and bias gradients' kernel when the image needs no gradient;
+    otherwise backward is PyTorch's convolution backward."""
     return _PatchConv.apply(x, weight, bias, stride, padding)
 
 

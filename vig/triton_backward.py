@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from glakernels._launch_device import launch_device
+from glakernels._precision import tf32_allowed
 
 from .triton_kernels import _as_rows, _pow2, _rows_launch, triton
 
@@ -412,3 +413,107 @@ def depthwise_conv_backward(x: Tensor, grad: Tensor, weight: Tensor, out_dtype: 
         )
     grad_weight = part.sum(0)[: kh * kw].t().reshape(C, 1, kh, kw)
     return grad_x, grad_weight.to(weight_grad_dtype or weight.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _patch_conv_weight_grad_kernel(x_ptr, g_ptr, part_ptr, n_pixels, pixels_per_program, H, W, OH, OW, C_out,
+                                       kdim, sxb, sxc, sxh, sxw,
+                                       KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                                       DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                                       BLOCK_KD: tl.constexpr, BLOCK_N: tl.constexpr):
+        # dW[n, kk] = Σ_p grad[p, n] · x_col[p, kk], x_col the forward's implicit im2col (kk in
+        # the weight's own order: input channel, kernel row, kernel column); the bias gradient
+        # Σ_p grad[p, n] rides along in the programs of the first kk block (row kdim of part).
+        # One program: pixels [split · pixels_per_program, +pixels_per_program), one kk block,
+        # one n block; part: [kd rows (padded) + 1, C_out (padded), programs along pixels]
+        split = tl.program_id(0)
+        kb = tl.program_id(1)
+        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < C_out
+        kk = kb * BLOCK_KD + tl.arange(0, BLOCK_KD)
+        k_ok = kk < kdim
+        c = kk // (KS * KS)
+        kh = (kk // KS) % KS
+        kw = kk % KS
+        acc = tl.zeros([BLOCK_KD, BLOCK_N], dtype=tl.float32)
+        bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        p_lo = split * pixels_per_program
+        p_hi = tl.minimum(p_lo + pixels_per_program, n_pixels)
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            m = p0 + tl.arange(0, BLOCK_P)
+            m_ok = m < p_hi
+            b = m // (OH * OW)
+            r = m % (OH * OW)
+            ih = ((r // OW) * STRIDE - PAD)[:, None] + kh[None, :]
+            iw = ((r % OW) * STRIDE - PAD)[:, None] + kw[None, :]
+            ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            # masked-out lanes read pixel (0, 0) of the image: an in-range address
+            offs = b.to(tl.int64)[:, None] * sxb + c[None, :].to(tl.int64) * sxc + tl.where(ok, ih * sxh + iw * sxw, 0)
+            a = tl.load(x_ptr + offs, mask=ok, other=0.0)
+            g = tl.load(g_ptr + m.to(tl.int64)[:, None] * C_out + n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            if DOT_BF16:
+                acc += tl.dot(tl.trans(a.to(tl.bfloat16)), g.to(tl.bfloat16))
+            else:
+                acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision=PRECISION)
+            bias_acc += tl.sum(g.to(tl.float32), axis=0)
+        splits = tl.num_programs(0)
+        n_pad = tl.num_programs(2) * BLOCK_N
+        rows = kb * BLOCK_KD + tl.arange(0, BLOCK_KD)
+        tl.store(part_ptr + (rows[:, None] * n_pad + n[None, :]).to(tl.int64) * splits + split, acc)
+        if kb == 0:
+            bias_row = tl.num_programs(1) * BLOCK_KD
+            tl.store(part_ptr + (bias_row * n_pad + n).to(tl.int64) * splits + split, bias_acc)
+
+
+#: :func:`patch_conv_weight_grad`'s tiles: pixels per step, (input channel · kernel row ·
+#: kernel column) and output channels per program, steps per program (pixels are split over
+#: programs, each sums its own; their partial sums are added at the end), warps. From a sweep
+#: on an H100 at ViG-T's first convolution (9×9, stride 8, 3 -> 96 channels; benchmarks/
+#: RESULTS.md, fifteenth session): 197.7 µs at 224 px batch 128 and 249.7 at 1024 px batch 8
+#: (PyTorch's path: 597.2 and 766.0); 32 output channels a program 218.1 / 280.6, 8 or 32
+#: steps, 128 pixels a step, 8 warps all slower.
+PATCH_CONV_WGRAD_LAUNCH = {"BLOCK_P": 64, "BLOCK_KD": 64, "BLOCK_N": 64, "steps": 16, "num_warps": 4}
+
+
+def patch_conv_weight_grad(x: Tensor, grad: Tensor, kernel_size: int, stride: int, padding: int,
+                           dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(grad_weight, grad_bias)`` of :func:`vig.triton_kernels.patch_conv` (float32, weight as
+    ``[C_out, C_in, k, k]``) given ``grad``, the gradient of its ``[B, OH, OW, C_out]`` output;
+    ``x`` (the NCHW image, any dtype and layout) is read in place, its operands rounded as the
+    forward rounded them (``dtype``: bfloat16, float16 via tf32, float32 as PyTorch's cuDNN
+    switch says). PyTorch's convolution backward casts the float32 image to bfloat16 and changes
+    its layout first: at ViG-T's first convolution on an H100, 597 µs a training step at 224 px
+    (batch 128) against 198 here. Still ~7× what its bytes need at the copy bandwidth: the
+    stride-8 windows make the image's loads gathers."""
+    B, C_in, H, W = x.shape
+    OH, OW = (H + 2 * padding - kernel_size) // stride + 1, (W + 2 * padding - kernel_size) // stride + 1
+    if grad.dim() != 4 or grad.shape[:3] != (B, OH, OW):
+        raise ValueError(f"grad: expected [B={B}, OH={OH}, OW={OW}, C_out], got {tuple(grad.shape)}")
+    grad = grad.contiguous()
+    C_out = grad.shape[3]
+    kdim = C_in * kernel_size * kernel_size
+    launch = PATCH_CONV_WGRAD_LAUNCH
+    n_pixels = B * OH * OW
+    pixels_per_program = launch["BLOCK_P"] * launch["steps"]
+    splits = triton.cdiv(n_pixels, pixels_per_program)
+    kd_blocks, n_blocks = triton.cdiv(kdim, launch["BLOCK_KD"]), triton.cdiv(C_out, launch["BLOCK_N"])
+    part = torch.empty((kd_blocks * launch["BLOCK_KD"] + 1, n_blocks * launch["BLOCK_N"], splits),
+                       dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu":  # the interpreter multiplies bfloat16 operands as raw bits
+        dot_bf16, precision = False, "ieee"
+    else:
+        dot_bf16 = dtype == torch.bfloat16
+        precision = "tf32" if dtype == torch.float16 or tf32_allowed("conv") else "ieee"
+    with launch_device(x):
+        _patch_conv_weight_grad_kernel[(splits, kd_blocks, n_blocks)](
+            x, grad, part, n_pixels, pixels_per_program, H, W, OH, OW, C_out, kdim, *x.stride(),
+            KS=kernel_size, STRIDE=stride, PAD=padding, DOT_BF16=dot_bf16, PRECISION=precision,
+            BLOCK_P=launch["BLOCK_P"], BLOCK_KD=launch["BLOCK_KD"], BLOCK_N=launch["BLOCK_N"],
+            num_warps=launch["num_warps"],
+        )
+    sums = _part_sums(part)
+    grad_weight = sums[:kdim, :C_out].t().reshape(C_out, C_in, kernel_size, kernel_size)
+    return grad_weight, sums[-1, :C_out]
