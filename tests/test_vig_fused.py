@@ -362,24 +362,3 @@ def test_mixer_projections_rejects_a_qkv_weight_without_values():
         mixer_projections(x, w_qkv[: 2 * kd], kd, wg, bg, w0, w1, b1, 16.0)
     with pytest.raises(ValueError, match="gate_up"):
         mixer_projections(x, w_qkv, kd, wg, bg, w0, w1[:5], b1[:5], 16.0)
-
-
-def test_autocast_weights_cast_together_and_back():
-    """Under autocast: the weights in autocast's dtype, bit for bit what ``.to`` gives, and each
-    gradient back in its weight's dtype, as per-weight casts give it; an unused weight gets no
-    gradient; without autocast the weights themselves."""
-    from vig.fused import autocast_weights
-
-    gen = torch.Generator().manual_seed(34)
-    ws = [torch.randn(5, 3, generator=gen, requires_grad=True), torch.randn(7, generator=gen, requires_grad=True),
-          torch.randn(2, 4, 3, generator=gen).to(torch.float64).requires_grad_()]
-    x = torch.randn(3, generator=gen)
-    assert autocast_weights(x, *ws) == tuple(ws)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = autocast_weights(x, *ws)
-    assert all(c.dtype == torch.bfloat16 and torch.equal(c, w.detach().to(torch.bfloat16)) for c, w in zip(cast, ws))
-    seeds = [torch.randn(c.shape, generator=gen).to(torch.bfloat16) for c in cast]
-    ((cast[0].float() * seeds[0].float()).sum() + (cast[2].float() * seeds[2].float()).sum()).backward()
-    assert ws[0].grad.dtype == torch.float32 and torch.equal(ws[0].grad, seeds[0].float())
-    assert ws[2].grad.dtype == torch.float64 and torch.equal(ws[2].grad, seeds[2].double())
-    assert ws[1].grad is None

@@ -52,7 +52,7 @@ Tensor = torch.Tensor
 
 __all__ = ["rms_norm", "add_rms_norm", "norm_conv_act", "add_norm_conv_act", "mix_global_local", "log_gates",
            "log_gates_pair", "low_rank_log_gates_pair", "swiglu_linear", "swiglu_mlp", "autocast_weight",
-           "autocast_weights", "layer_norm_act", "patch_conv"]
+           "layer_norm_act", "patch_conv"]
 
 
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -264,35 +264,6 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
     copy), and so does the weight and bias gradients' kernel when the image needs no gradient;
     otherwise backward is PyTorch's convolution backward."""
     return _PatchConv.apply(x, weight, bias, stride, padding)
-
-
-class _CastWeights(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, dtype, *weights):
-        ctx.set_materialize_grads(False)  # an unused weight gets no gradient, as without the cast
-        ctx.dtypes = [w.dtype for w in weights]
-        out = [torch.empty_like(w, dtype=dtype) for w in weights]
-        torch._foreach_copy_(out, list(weights))
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        result = [None if g is None else torch.empty_like(g, dtype=dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        pairs = [(r, g) for r, g in zip(result, grads) if g is not None]
-        if pairs:
-            torch._foreach_copy_([r for r, _ in pairs], [g for _, g in pairs])
-        return (None, *result)
-
-
-def autocast_weights(like: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
-    """``weights`` in autocast's dtype when autocast is on for ``like``'s device (else as they
-    are), cast together: one multi-tensor copy each way (``torch._foreach_copy_``) where
-    autocast casts each weight in a kernel of its own, and backward casts each gradient back in
-    another (~100 small kernels each way in a ViG-T training step)."""
-    dtype = _autocast_dtype(like)
-    if dtype is None or all(w.dtype == dtype for w in weights):
-        return weights
-    return _CastWeights.apply(dtype, *weights)
 
 
 def autocast_weight(weight: Tensor, like: Tensor) -> Tensor:

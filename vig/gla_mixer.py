@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from glakernels import gated_linear_attention
 
-from .fused import add_norm_conv_act, autocast_weights, mix_global_local, norm_conv_act
+from .fused import add_norm_conv_act, mix_global_local, norm_conv_act
 from .layers import RMSNorm, depthwise_conv_nhwc
 from .mixer_projections import mixer_projections
 
@@ -146,14 +146,9 @@ class GatedLinearAttention2D(nn.Module):
         # input gradient is one running matmul sum; both directions' gates come from one
         # low-rank projection as two contiguous tensors (on CUDA one kernel: vig.triton_matmuls)
         down, up = self.gk_proj
-        # under autocast the weights in one multi-tensor cast (the gates' bias stays float32:
-        # the gates' kernel adds it in float32)
-        w_qkv, w_g, b_g, w_down, w_up, w_out = autocast_weights(
-            local, self.qkv_proj.weight, self.g_proj.weight, self.g_proj.bias, down.weight, up.weight,
-            self.o_proj.weight,
-        )
         q, k, v, g_fwd, g_rev, gate_logits = mixer_projections(
-            local, w_qkv, self.key_dim, w_g, b_g, w_down, w_up, up.bias, self.gate_logit_normalizer,
+            local, self.qkv_proj.weight, self.key_dim, self.g_proj.weight, self.g_proj.bias,
+            down.weight, up.weight, up.bias, self.gate_logit_normalizer,
         )
         q, k, v = (t.view(B, H * W, heads, -1) for t in (q, k, v))
 
@@ -164,6 +159,6 @@ class GatedLinearAttention2D(nn.Module):
         gate_logits = gate_logits.view(B, H * W, heads, -1)
         out = mix_global_local(
             o, local.reshape(B, H * W, heads, -1), gate_logits, self.g_norm.weight, self.l_norm.weight,
-            self.norm_eps, self.out_act, w_out,
+            self.norm_eps, self.out_act, self.o_proj.weight,
         )
         return out.view(B, H, W, -1)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fused import rms_norm as fused_rms_norm
-from .fused import autocast_weights, swiglu_linear, swiglu_mlp
+from .fused import swiglu_linear, swiglu_mlp
 
 Tensor = torch.Tensor
 
@@ -129,8 +129,7 @@ class SwiGLU(nn.Module):
         return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
     def forward(self, x: Tensor) -> Tensor:
-        # under autocast both weights in one multi-tensor cast
-        w_in, w_out = autocast_weights(x, getattr(self, self._in_name).weight, getattr(self, self._out_name).weight)
+        w_in, w_out = getattr(self, self._in_name).weight, getattr(self, self._out_name).weight
         if self.recompute_projection:  # keep x only; the projection is recomputed in backward
             return swiglu_mlp(x, w_in, w_out)
         # keep the projection; the product silu(gate)·value is recomputed (see vig.fused)
