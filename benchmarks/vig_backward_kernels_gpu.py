@@ -1,5 +1,5 @@
-"""vig's backward kernels of the fourteenth session against what they replaced, on ViG-T's
-tensors (bf16), in one run on one GPU:
+"""vig's backward kernels of the fourteenth and fifteenth sessions against what they
+replaced, on ViG-T's tensors (bf16), in one run on one GPU:
 
 * the depth-wise convolution's input and weight gradients (``vig.triton_backward.
   depthwise_conv_backward``) against cuDNN's two calls on the NHWC views, as ``vig.fused``
@@ -7,7 +7,9 @@ tensors (bf16), in one run on one GPU:
   two results (cuDNN rounds its weight gradient to bfloat16);
 * the row sums behind bias and norm-weight gradients (``vig.fused._sum_to_last``: two
   float32 stages) against PyTorch's one-stage ``sum(0)`` and its float32 copy first, with their
-  error against float64.
+  error against float64;
+* (fifteenth session) the patch convolution's weight and bias gradients
+  (``vig.triton_backward.patch_conv_weight_grad``) against PyTorch's convolution backward.
 
 µs per call, CUDA-graph replay (``triton_configs_gpu.graph_time``, three input sets cycled).
 
@@ -75,6 +77,27 @@ def row_sum_rows():
                 print(f"| {n}, {str(dt)[6:]} | {name} | {t:.1f} | {err:.1e} |", flush=True)
 
 
+def patch_conv_rows():
+    """The patch convolution's weight and bias gradients (``vig.triton_backward.
+    patch_conv_weight_grad``) against PyTorch's path (the image cast, then the convolution
+    backward; ``vig_backward_ab_gpu.pytorch_patch_conv_weight_grad``), ViG-T's first
+    convolution (9×9, stride 8, padding 1, 3 -> 96 channels), bf16 gradient."""
+    from vig_backward_ab_gpu import pytorch_patch_conv_weight_grad
+
+    print("| image | PyTorch µs | Triton µs | ratio | difference (grad w / grad b) |")
+    print("| --- | --- | --- | --- | --- |")
+    for B, H in ((128, 224), (8, 1024)):
+        OH = (H + 2 - 9) // 8 + 1
+        sets = [(torch.randn(B, 3, H, H, device="cuda"),
+                 torch.randn(B, OH, OH, 96, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+        ours = lambda s: triton_backward.patch_conv_weight_grad(*s, 9, 8, 1, torch.bfloat16)  # noqa: E731
+        theirs = lambda s: pytorch_patch_conv_weight_grad(*s, 9, 8, 1, torch.bfloat16)  # noqa: E731
+        err = [((a - b).norm() / b.norm()).item() for a, b in zip(ours(sets[0]), theirs(sets[0]))]
+        t_ours, t_theirs = graph_time(ours, sets) * 1e3, graph_time(theirs, sets) * 1e3
+        print(f"| {B}x3x{H}x{H} | {t_theirs:.1f} | {t_ours:.1f} | {t_ours / t_theirs:.2f} "
+              f"| {err[0]:.1e} / {err[1]:.1e} |", flush=True)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -83,6 +106,7 @@ def main() -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     depthwise_rows()
     row_sum_rows()
+    patch_conv_rows()
     return 0
 
 
