@@ -32,21 +32,23 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _qkv_slices(w_qkv: Tensor, key_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The query, key and value rows of the fused ``[2·key_dim + V, C]`` weight."""
+    return w_qkv[:key_dim], w_qkv[key_dim : 2 * key_dim], w_qkv[2 * key_dim :]
+
+
 class _MixerProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qkv_weight, key_dim, g_weight, g_bias, gate_down, gate_up, gate_bias, normalizer):
         dtype = _autocast_dtype(x)
         # under autocast: one cast of each weight (the fused qkv weight cast once for three slices)
         xc, w_qkv, w_g, b_g = (t if dtype is None else _cast(t, dtype) for t in (x, qkv_weight, g_weight, g_bias))
-        kd = key_dim
-        q = F.linear(xc, w_qkv[:kd])
-        k = F.linear(xc, w_qkv[kd : 2 * kd])
-        v = F.linear(xc, w_qkv[2 * kd :])
+        q, k, v = (F.linear(xc, w) for w in _qkv_slices(w_qkv, key_dim))
         gate_logits = F.linear(xc, w_g, b_g)
         low, g_fwd, g_rev, w_down, w_up = _low_rank_log_gates_forward(x, gate_down, gate_up, gate_bias, normalizer)
         # the weights kept as cast (small); x is kept anyway by the mix after this
         ctx.save_for_backward(xc, w_qkv, w_g, low, w_down, w_up, g_fwd, g_rev)
-        ctx.key_dim, ctx.normalizer = kd, normalizer
+        ctx.key_dim, ctx.normalizer = key_dim, normalizer
         ctx.dtypes = (x.dtype, qkv_weight.dtype, g_weight.dtype, g_bias.dtype)
         ctx.gate_dtypes = (gate_down.dtype, gate_up.dtype, gate_bias.dtype)
         return q, k, v, g_fwd, g_rev, gate_logits
@@ -55,10 +57,10 @@ class _MixerProjections(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k, grad_v, grad_g_fwd, grad_g_rev, grad_logits):
         xc, w_qkv, w_g, low, gate_down, gate_up, g_fwd, g_rev = ctx.saved_tensors
         x_dtype, qkv_dtype, g_weight_dtype, g_bias_dtype = ctx.dtypes
-        kd, dtype = ctx.key_dim, xc.dtype
+        dtype = xc.dtype
         needs = ctx.needs_input_grad
         x_rows = _rows(xc)
-        slices = (w_qkv[:kd], w_qkv[kd : 2 * kd], w_qkv[2 * kd :])
+        slices = _qkv_slices(w_qkv, ctx.key_dim)
         grads_qkv = [None if g is None else _rows(g).to(dtype) for g in (grad_q, grad_k, grad_v)]
         grad_logits = None if grad_logits is None else _rows(grad_logits).to(dtype)
 

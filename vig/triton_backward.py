@@ -31,9 +31,8 @@ from __future__ import annotations
 import torch
 
 from glakernels._launch_device import launch_device
-from glakernels._precision import tf32_allowed
 
-from .triton_kernels import _as_rows, _pow2, _rows_launch, triton
+from .triton_kernels import _as_rows, _conv_dot_mode, _pow2, _rows_launch, triton
 
 if triton is not None:
     import triton.language as tl
@@ -502,11 +501,7 @@ def patch_conv_weight_grad(x: Tensor, grad: Tensor, kernel_size: int, stride: in
     kd_blocks, n_blocks = triton.cdiv(kdim, launch["BLOCK_KD"]), triton.cdiv(C_out, launch["BLOCK_N"])
     part = torch.empty((kd_blocks * launch["BLOCK_KD"] + 1, n_blocks * launch["BLOCK_N"], splits),
                        dtype=torch.float32, device=x.device)
-    if x.device.type == "cpu":  # the interpreter multiplies bfloat16 operands as raw bits
-        dot_bf16, precision = False, "ieee"
-    else:
-        dot_bf16 = dtype == torch.bfloat16
-        precision = "tf32" if dtype == torch.float16 or tf32_allowed("conv") else "ieee"
+    dot_bf16, precision = _conv_dot_mode(x, dtype)  # as the forward rounded its operands
     with launch_device(x):
         _patch_conv_weight_grad_kernel[(splits, kd_blocks, n_blocks)](
             x, grad, part, n_pixels, pixels_per_program, H, W, OH, OW, C_out, kdim, *x.stride(),

@@ -462,6 +462,16 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
 PATCH_CONV_LAUNCH = {"BLOCK_M": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 
 
+def _conv_dot_mode(x: Tensor, dtype: torch.dtype) -> tuple[bool, str]:
+    """(bfloat16 operands?, float32 dot precision) of the patch convolution's kernels (forward
+    and weight gradient) computing in ``dtype``: bfloat16 operands for bfloat16, tf32 for
+    float16 (its 10 mantissa bits fit) and for float32 where PyTorch's cuDNN switch allows it."""
+    if x.device.type == "cpu":  # the interpreter multiplies bfloat16 operands as raw bits
+        return False, "ieee"
+    tf32 = dtype == torch.float16 or tf32_allowed("conv")
+    return dtype == torch.bfloat16, "tf32" if tf32 else "ieee"
+
+
 def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int, dtype: torch.dtype) -> Tensor:
     """``conv2d(x, weight, bias, stride, padding)`` as ``[B, OH, OW, C_out]`` (channels last) in
     ``dtype``: operands rounded to ``dtype`` (bfloat16, float16 via tf32, float32 as PyTorch's
@@ -473,12 +483,7 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
     w = weight.contiguous()
     n_pixels = B * OH * OW
     block_n = min(128, max(16, _pow2(C_out)))
-    if x.device.type == "cpu":  # the interpreter multiplies bfloat16 operands as raw bits
-        dot_bf16, precision = False, "ieee"
-    else:
-        dot_bf16 = dtype == torch.bfloat16
-        tf32 = dtype == torch.float16 or tf32_allowed("conv")
-        precision = "tf32" if tf32 else "ieee"
+    dot_bf16, precision = _conv_dot_mode(x, dtype)
     with launch_device(x):
         launch = PATCH_CONV_LAUNCH
         _patch_conv_kernel[(triton.cdiv(n_pixels, launch["BLOCK_M"]), triton.cdiv(C_out, block_n))](
