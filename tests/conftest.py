@@ -32,10 +32,22 @@ _INTERPRET = "TRITON_INTERPRET"
 _set_interpret = pytest.StashKey[bool]()
 
 
+def _share_cpu_threads_among_workers():
+    """Under pytest-xdist, give each worker its share of the CPU's cores for PyTorch's
+    intra-op threads. Left alone, every worker starts one thread per core: 16 workers on a
+    16-core GPU host ran 256 threads, and the float64 gradchecks of the vig tests (CPU
+    convolutions) crawled until the call's time limit (NOTES.md, session 16)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and workers.isdigit() and int(workers) > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(workers)))
+
+
 def pytest_configure(config):
     """Without a GPU, run the triton backend's kernels through Triton's interpreter on CPU
     tensors for this session (it must be on before the kernels are first imported), so the
     shared suites test them in CI; the variable is restored when the session ends."""
+    _share_cpu_threads_among_workers()
     if not torch.cuda.is_available() and _INTERPRET not in os.environ and importlib.util.find_spec("triton"):
         os.environ[_INTERPRET] = "1"
         config.stash[_set_interpret] = True
