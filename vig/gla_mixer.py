@@ -117,38 +117,49 @@ class GatedLinearAttention2D(nn.Module):
         nn.init.zeros_(self.g_proj.bias)
         nn.init.zeros_(self.gk_proj[1].bias)
 
-    def forward(self, x: Tensor, pre_norm: RMSNorm | None = None) -> Tensor:
+    def matmul_weights(self) -> tuple[Tensor, ...]:
+        """The weights the mixer's matmuls use, in the order ``forward``'s ``weights`` takes
+        them cast (:func:`vig.weight_casts.autocast_matmul_weights`): ``qkv_proj``, ``g_proj``,
+        the gates' low-rank ``gk_proj`` pair, ``o_proj``. Biases stay as they are: their
+        gradients are float32 sums."""
+        down, up = self.gk_proj
+        return self.qkv_proj.weight, self.g_proj.weight, down.weight, up.weight, self.o_proj.weight
+
+    def forward(self, x: Tensor, pre_norm: RMSNorm | None = None, weights: tuple[Tensor, ...] | None = None
+                ) -> Tensor:
         """``x``: ``[B, H, W, C]``, already normalised, or raw with ``pre_norm`` given (the
-        block's RMSNorm, then fused with the convolution: see :func:`vig.fused.norm_conv_act`)."""
+        block's RMSNorm, then fused with the convolution: see :func:`vig.fused.norm_conv_act`).
+        ``weights``: :meth:`matmul_weights` already cast (else the module's own are used)."""
         if pre_norm is not None:
             local = norm_conv_act(x, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight, self._act_in_conv)
         else:
             local = self.in_proj[1](depthwise_conv_nhwc(x, self.in_proj[0].weight))
-        return self.forward_local(local)
+        return self.forward_local(local, weights)
 
-    def forward_with_residual(self, x: Tensor, branch: Tensor, pre_norm: RMSNorm) -> tuple[Tensor, Tensor]:
-        """``(s, forward(s, pre_norm))`` with ``s = x + branch``: a residual add left over from
-        the block before, fused with the pre-norm's statistics pass
+    def forward_with_residual(self, x: Tensor, branch: Tensor, pre_norm: RMSNorm,
+                              weights: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """``(s, forward(s, pre_norm, weights))`` with ``s = x + branch``: a residual add left
+        over from the block before, fused with the pre-norm's statistics pass
         (:func:`vig.fused.add_norm_conv_act`)."""
         s, local = add_norm_conv_act(x, branch, pre_norm.weight, pre_norm.eps, self.in_proj[0].weight,
                                      self._act_in_conv)
-        return s, self.forward_local(local)
+        return s, self.forward_local(local, weights)
 
     @property
     def _act_in_conv(self) -> bool:
         return isinstance(self.in_proj[1], nn.SiLU)
 
-    def forward_local(self, local: Tensor) -> Tensor:
+    def forward_local(self, local: Tensor, weights: tuple[Tensor, ...] | None = None) -> Tensor:
         """The rest of the mixer, from the local branch (the convolution's output)."""
         B, H, W, C = local.shape
         heads = self.num_heads
+        w_qkv, w_g, w_down, w_up, w_out = self.matmul_weights() if weights is None else weights
         # the five projections of `local` as one autograd node (vig.mixer_projections): its
         # input gradient is one running matmul sum; both directions' gates come from one
         # low-rank projection as two contiguous tensors (on CUDA one kernel: vig.triton_matmuls)
-        down, up = self.gk_proj
         q, k, v, g_fwd, g_rev, gate_logits = mixer_projections(
-            local, self.qkv_proj.weight, self.key_dim, self.g_proj.weight, self.g_proj.bias,
-            down.weight, up.weight, up.bias, self.gate_logit_normalizer,
+            local, w_qkv, self.key_dim, w_g, self.g_proj.bias, w_down, w_up, self.gk_proj[1].bias,
+            self.gate_logit_normalizer,
         )
         q, k, v = (t.view(B, H * W, heads, -1) for t in (q, k, v))
 
@@ -159,6 +170,6 @@ class GatedLinearAttention2D(nn.Module):
         gate_logits = gate_logits.view(B, H * W, heads, -1)
         out = mix_global_local(
             o, local.reshape(B, H * W, heads, -1), gate_logits, self.g_norm.weight, self.l_norm.weight,
-            self.norm_eps, self.out_act, self.o_proj.weight,
+            self.norm_eps, self.out_act, w_out,
         )
         return out.view(B, H, W, -1)

@@ -128,8 +128,13 @@ class SwiGLU(nn.Module):
         hidden = int(dim * ratio * 2 / 3)
         return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
-    def forward(self, x: Tensor) -> Tensor:
-        w_in, w_out = getattr(self, self._in_name).weight, getattr(self, self._out_name).weight
+    def matmul_weights(self) -> tuple[Tensor, Tensor]:
+        """``(W_in, W_out)``, the order ``forward``'s ``weights`` takes them cast
+        (:func:`vig.weight_casts.autocast_matmul_weights`)."""
+        return getattr(self, self._in_name).weight, getattr(self, self._out_name).weight
+
+    def forward(self, x: Tensor, weights: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        w_in, w_out = self.matmul_weights() if weights is None else weights
         if self.recompute_projection:  # keep x only; the projection is recomputed in backward
             return swiglu_mlp(x, w_in, w_out)
         # keep the projection; the product silu(gate)·value is recomputed (see vig.fused)

@@ -24,6 +24,7 @@ from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
 from .fused import add_rms_norm, layer_norm_act, patch_conv
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
+from .weight_casts import autocast_matmul_weights
 
 Tensor = torch.Tensor
 
@@ -99,27 +100,37 @@ class ViGBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden or SwiGLU.hidden_size(dim, multiple_of=256), names=("gate_proj", "down_proj"))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, branch = self.forward_deferred(x)
+    def matmul_weights(self) -> tuple[Tensor, ...]:
+        """The mixer's matmul weights, then the MLP's (see ``forward_deferred``'s ``weights``)."""
+        return (*self.attn.matmul_weights(), *self.mlp.matmul_weights())
+
+    def forward(self, x: Tensor, weights: tuple[Tensor, ...] | None = None) -> Tensor:
+        x, branch = self.forward_deferred(x, None, weights)
         return x + branch
 
-    def forward_deferred(self, x: Tensor, branch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_deferred(self, x: Tensor, branch: Tensor | None = None, weights: tuple[Tensor, ...] | None = None
+                         ) -> tuple[Tensor, Tensor]:
         """The block on ``x (+ branch)``, its output as ``(x, branch)`` to be summed: the MLP's
         residual add is left to the consumer, which fuses it with its own first pass (the
         next block's pre-norm statistics, or the final norm). H100, ViG-T, batch 128 at 224 px:
         the separate add (a float32 stream plus a bfloat16 branch) took 20.6 µs a block, and
         deferring it raised CUDA-graph inference from 30,523 to 31,733 images/s (1,351 to 1,399
-        at 1024 px, batch 8; benchmarks/RESULTS.md, sixth session)."""
+        at 1024 px, batch 8; benchmarks/RESULTS.md, sixth session).
+
+        ``weights``: :meth:`matmul_weights` already cast for autocast (the model casts all its
+        blocks' weights at once, :mod:`vig.weight_casts`); ``None``: the module's own."""
+        n_attn = len(self.attn.matmul_weights())
+        attn_w, mlp_w = (None, None) if weights is None else (weights[:n_attn], weights[n_attn:])
         if branch is None:  # the norm is fused with the conv
-            mixed = self.attn(x, pre_norm=self.attn_norm)
+            mixed = self.attn(x, pre_norm=self.attn_norm, weights=attn_w)
         else:  # ... and with the previous block's residual add
-            x, mixed = self.attn.forward_with_residual(x, branch, pre_norm=self.attn_norm)
+            x, mixed = self.attn.forward_with_residual(x, branch, pre_norm=self.attn_norm, weights=attn_w)
         # the residual add is fused with the MLP's pre-norm (``mlp_norm``'s weight and eps; the
         # module itself is not called). Its result only feeds the MLP's first matmul: under
         # autocast, it comes in autocast's dtype rather than float32 (autocast would cast it anyway)
         x, normed = add_rms_norm(x, self.drop_path(mixed), self.mlp_norm.weight, self.mlp_norm.eps,
                                  to_autocast_dtype=True)
-        return x, self.drop_path(self.mlp(normed))
+        return x, self.drop_path(self.mlp(normed, mlp_w))
 
 
 class ViG(nn.Module):
@@ -203,8 +214,10 @@ class ViG(nn.Module):
         x = self.patch_embed(x)
         x = x + self.position_embedding(tuple(x.shape[1:3]))
         branch = None  # each block's last residual add is done by its consumer (forward_deferred)
-        for block in self.blocks:
-            x, branch = block.forward_deferred(x, branch)
+        # under autocast, every block's matmul weights cast in one pass (vig.weight_casts)
+        weights = autocast_matmul_weights(self.blocks, x)
+        for block, block_weights in zip(self.blocks, weights):
+            x, branch = block.forward_deferred(x, branch, block_weights)
         if branch is None:
             return self.norm(x)
         return add_rms_norm(x, branch, self.norm.weight, self.norm.eps)[1]

@@ -22,6 +22,7 @@ from ._registry import build_classifier, register_model
 from .checkpoint import unwrap_state_dict
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
+from .weight_casts import autocast_matmul_weights
 
 Tensor = torch.Tensor
 
@@ -52,9 +53,17 @@ class HierViGBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = SwiGLU(dim, SwiGLU.hidden_size(dim, multiple_of=32), names=("fc1", "fc2"))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def matmul_weights(self) -> tuple[Tensor, ...]:
+        """The mixer's matmul weights, then the MLP's (see ``forward``'s ``weights``)."""
+        return (*self.op.matmul_weights(), *self.mlp.matmul_weights())
+
+    def forward(self, x: Tensor, weights: tuple[Tensor, ...] | None = None) -> Tensor:
+        """``weights``: :meth:`matmul_weights` already cast for autocast (the model casts all its
+        blocks' weights at once, :mod:`vig.weight_casts`); ``None``: the module's own."""
+        n_op = len(self.op.matmul_weights())
+        op_w, mlp_w = (None, None) if weights is None else (weights[:n_op], weights[n_op:])
+        x = x + self.drop_path(self.op(self.norm(x), weights=op_w))
+        return x + self.drop_path(self.mlp(self.norm2(x), mlp_w))
 
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:
@@ -163,8 +172,11 @@ class HierViG(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         x = nchw_to_nhwc(x).contiguous()
+        # under autocast, every block's matmul weights cast in one pass (vig.weight_casts)
+        weights = iter(autocast_matmul_weights([b for layer in self.layers for b in layer.blocks], x))
         for layer in self.layers:
-            x = layer.blocks(x)
+            for block in layer.blocks:
+                x = block(x, next(weights))
             if not isinstance(layer.downsample, nn.Identity):
                 # channels-last convolution: NHWC memory in, NHWC memory out
                 x = nchw_to_nhwc(layer.downsample(nhwc_to_nchw(x))).contiguous()
