@@ -15,8 +15,8 @@ float32, each is dozens of full passes over ``[tokens, C]`` tensors. Here each i
   (H100, ViG-T training at 224 px: ~1.2 ms of a ~20 ms step as PyTorch ops);
 - :func:`log_gates_pair_backward`: the gate logits' gradient from both directions' gates;
 - :func:`depthwise_conv_backward`: a depth-wise convolution's input and weight gradients
-  (``[B, H, W, C]``, 'same' zero padding) in two kernels without layout copies, where cuDNN
-  took two calls plus layout copies (H100, ViG-T training at 224 px: ~2.3 ms of
+  (``[B, H, W, C]``, 'same' zero padding) in one pass over the input and the output gradient,
+  where cuDNN took two calls plus layout copies (H100, ViG-T training at 224 px: ~2.3 ms of
   a ~20 ms step, benchmarks/RESULTS.md, fourteenth session);
 - :func:`mix_backward`: the gradients of ``silu?(σ(z)·RMSNorm(a)·wa + (1 − σ(z))·RMSNorm(b)·wb)``
   w.r.t. ``a``, ``b``, ``z`` (per head rows) and the two norm weights (per-program partial
@@ -190,79 +190,66 @@ if triton is not None:
         tl.store(out_ptr + r * (2 * width) + half * width + cols[None, :], result.to(out_ptr.dtype.element_ty),
                  mask=mask)
 
-    @triton.jit
-    def _dwconv_input_grad_kernel(g_ptr, w_ptr, gx_ptr, H, W, C, sg_b, sg_h, sg_w, sw_c, sw_h, sw_w,
-                                  KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
-        # y = x ⋆ w with 'same' zero padding (tap (i, j) at offset (i - KH//2, j - KW//2)):
-        #   grad_x[h, w] = Σ_(i, j) g[h - di, w - dj] · w[i, j]
-        # one program: BLOCK_W pixels of one image row, BLOCK_C channels (as the forward's)
-        pid_bh = tl.program_id(0)
-        b = pid_bh // H
-        h = pid_bh % H
-        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = cs < C
-        g_img = g_ptr + b.to(tl.int64) * sg_b
-        gx = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            h_src = h - (i - KH // 2)
-            # the row test as a vector: a scalar bool in a mask breaks Triton 3.9's interpreter
-            h_vec = h_src + tl.zeros((BLOCK_W,), dtype=tl.int32)
-            for j in tl.static_range(KW):
-                w_src = ws - (j - KW // 2)
-                src_ok = (w_src >= 0) & (w_src < W) & (h_vec >= 0) & (h_vec < H)
-                src = tl.where(src_ok, h_src * sg_h + w_src * sg_w, 0)
-                gs = tl.load(g_img + src[:, None] + cs[None, :], mask=src_ok[:, None] & c_ok[None, :],
-                             other=0.0).to(tl.float32)
-                tap = tl.load(w_ptr + cs * sw_c + i * sw_h + j * sw_w, mask=c_ok, other=0.0).to(tl.float32)
-                gx += gs * tap[None, :]
-        out = gx_ptr + (pid_bh.to(tl.int64) * W + ws)[:, None] * C + cs[None, :]  # (a new contiguous tensor)
-        tl.store(out, gx.to(gx_ptr.dtype.element_ty), mask=(ws < W)[:, None] & c_ok[None, :])
-
     # ROWS is never specialised: Triton 3.6 specialises an integer argument equal to 1 into a
-    # constant, and that compile of the one-pass kernel this one replaced aborted in LLVM's
-    # SLP vectoriser (an assertion; seen for channel counts not divisible by 16)
+    # constant, and that compile of this kernel aborts in LLVM's SLP vectoriser (an assertion;
+    # seen for channel counts not divisible by 16)
     @triton.jit(do_not_specialize=["ROWS"])
-    def _dwconv_weight_grad_kernel(x_ptr, g_ptr, part_ptr, H, W, C, ROWS, sx_b, sx_h, sx_w, sg_b, sg_h, sg_w,
-                                   KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, BLOCK_W: tl.constexpr,
-                                   BLOCK_C: tl.constexpr):
-        #   grad_w[i, j] = Σ_(h, w) x[h + di, w + dj] · g[h, w]
-        # one program: ROWS rows of one image, all of W in BLOCK_W pieces, BLOCK_C channels, one
-        # tap row i (program_id 2); x at the row's KW taps gathered at once into a
-        # [KWP, BLOCK_W, BLOCK_C] accumulator (KWP: KW padded to a power of two), reduced once
-        # per program into its slice of ``part`` (summed over the programs in PyTorch)
+    def _dwconv_backward_kernel(x_ptr, g_ptr, w_ptr, gx_ptr, part_ptr, H, W, C, ROWS,
+                                sx_b, sx_h, sx_w, sg_b, sg_h, sg_w, sw_c, sw_h, sw_w,
+                                KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+                                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # y = x ⋆ w with 'same' zero padding (tap t = (i, j) at offset (i - KH//2, j - KW//2)):
+        #   grad_x[h, w] = Σ_t g[h - di_t, w - dj_t] · w_t,   grad_w_t = Σ_{h, w} x[h + di_t, w + dj_t] · g[h, w]
+        # One program: ROWS rows of one image, all of W in BLOCK_W pieces, BLOCK_C channels.
+        # grad_x taps are a static loop (as the forward's); the weight gradient gathers x at every
+        # tap at once into a [TAPS, BLOCK_W, BLOCK_C] accumulator (TAPS: KH·KW padded to a power
+        # of two), reduced once per program into its row of ``part`` (summed in PyTorch)
         n_hb = tl.cdiv(H, ROWS)
         pid = tl.program_id(0)
-        i = tl.program_id(2)
         b = pid // n_hb
         h0 = (pid % n_hb) * ROWS
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = cs < C
-        j = tl.arange(0, KWP)
-        j_ok = j < KW
-        dj = j - KW // 2
+        t = tl.arange(0, TAPS)
+        t_ok = t < KH * KW
+        di = t // KW - KH // 2
+        dj = t % KW - KW // 2
         x_img = x_ptr + b.to(tl.int64) * sx_b
         g_img = g_ptr + b.to(tl.int64) * sg_b
-        acc = tl.zeros((KWP, BLOCK_W, BLOCK_C), dtype=tl.float32)
+        gx_img = gx_ptr + b.to(tl.int64) * H * W * C  # (grad_x: a new contiguous tensor)
+        acc = tl.zeros((TAPS, BLOCK_W, BLOCK_C), dtype=tl.float32)
         for h in range(h0, tl.minimum(h0 + ROWS, H)):
-            hh = h + i - KH // 2
-            hh_vec = hh + tl.zeros((KWP,), dtype=tl.int32)
             for w0 in range(0, W, BLOCK_W):
                 ws = w0 + tl.arange(0, BLOCK_W)
                 w_ok = ws < W
                 g = tl.load(g_img + h * sg_h + ws[:, None] * sg_w + cs[None, :],
                             mask=w_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                # x at the taps' shifts of these pixels (0 outside the image: the zero padding)
+                # x at every tap's shift of these pixels (0 outside the image: the zero padding)
+                hh = h + di
                 ww = ws[None, :] + dj[:, None]
-                ok = (j_ok & (hh_vec >= 0) & (hh_vec < H))[:, None] & (ww >= 0) & (ww < W) & w_ok[None, :]
-                offs = tl.where(ok, hh * sx_h + ww * sx_w, 0)
+                ok = (t_ok & (hh >= 0) & (hh < H))[:, None] & (ww >= 0) & (ww < W) & w_ok[None, :]
+                offs = tl.where(ok, hh[:, None] * sx_h + ww * sx_w, 0)
                 xs = tl.load(x_img + offs[:, :, None] + cs[None, None, :], mask=ok[:, :, None] & c_ok[None, None, :],
                              other=0.0).to(tl.float32)
                 acc += xs * g[None, :, :]
+                gx = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+                for i in tl.static_range(KH):
+                    h_src = h - (i - KH // 2)
+                    # the row test as a vector: a scalar bool in a mask breaks Triton 3.9's interpreter
+                    h_vec = h_src + tl.zeros((BLOCK_W,), dtype=tl.int32)
+                    for j in tl.static_range(KW):
+                        w_src = ws - (j - KW // 2)
+                        src_ok = (w_src >= 0) & (w_src < W) & (h_vec >= 0) & (h_vec < H)
+                        src = tl.where(src_ok, h_src * sg_h + w_src * sg_w, 0)
+                        gs = tl.load(g_img + src[:, None] + cs[None, :], mask=src_ok[:, None] & c_ok[None, :],
+                                     other=0.0).to(tl.float32)
+                        tap = tl.load(w_ptr + cs * sw_c + i * sw_h + j * sw_w, mask=c_ok, other=0.0).to(tl.float32)
+                        gx += gs * tap[None, :]
+                tl.store(gx_img + (h * W + ws)[:, None] * C + cs[None, :], gx.to(gx_ptr.dtype.element_ty),
+                         mask=w_ok[:, None] & c_ok[None, :])
         part = tl.sum(acc, axis=1)
-        base = part_ptr + (pid.to(tl.int64) * KH + i) * KWP * C
-        tl.store(base + j[:, None] * C + cs[None, :], part, mask=j_ok[:, None] & c_ok[None, :])
+        tl.store(part_ptr + pid.to(tl.int64) * TAPS * C + t[:, None] * C + cs[None, :], part,
+                 mask=t_ok[:, None] & c_ok[None, :])
 
 
 def _part_sums(part: Tensor) -> Tensor:
@@ -387,14 +374,9 @@ def mix_backward(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: f
     return grads if y is None else (*grads, y.view(a.shape))
 
 
-#: the depth-wise convolution's backward, two kernels: the input gradient's pixels and channels
-#: per program and warps; the weight gradient's pixels per row piece, channels and warps, with
-#: image rows per program chosen so that a grid has about ``row_blocks`` row blocks or more.
-#: H100, bf16, 3×3 (benchmarks/RESULTS.md, sixteenth session): 60.0 / 66.8 / 106.2 µs at
-#: ViG-T 224 px b128, 1024 px b8 and 384 channels, against 62.0 / 78.7 / 119.9 for the one-pass
-#: kernel before (every pixel's nine taps padded to sixteen in one gather)
-DWCONV_BACKWARD_LAUNCH = {"input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 2},
-                          "weight": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 2}, "row_blocks": 128}
+#: the depth-wise convolution's backward: channels per program, pixels per row piece, warps,
+#: and image rows per program chosen so that a grid has about this many row blocks or more
+DWCONV_BACKWARD_LAUNCH = {"BLOCK_C": 64, "MAX_BLOCK_W": 8, "num_warps": 4, "row_blocks": 128}
 
 
 def depthwise_conv_backward(x: Tensor, grad: Tensor, weight: Tensor, out_dtype: torch.dtype | None = None,
@@ -404,7 +386,7 @@ def depthwise_conv_backward(x: Tensor, grad: Tensor, weight: Tensor, out_dtype: 
     costs a copy), given ``grad`` (the gradient of ``y``); ``weight``: ``[C, 1, kh, kw]`` in any
     layout. ``grad_x`` as ``out_dtype`` (default ``x.dtype``), contiguous; ``grad_weight`` as
     ``weight_grad_dtype`` (default ``weight``'s dtype), summed in float32 (per program, then
-    over the programs in a fixed order). Two launches: the input gradient, the weight's."""
+    over the programs in a fixed order)."""
     B, H, W, C = x.shape
     kh, kw = weight.shape[-2:]
     if grad.shape != x.shape:
@@ -413,26 +395,22 @@ def depthwise_conv_backward(x: Tensor, grad: Tensor, weight: Tensor, out_dtype: 
         raise ValueError(f"weight: expected [C={C}, 1, kh, kw] with odd kh, kw, got {tuple(weight.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    launch_x, launch_w = DWCONV_BACKWARD_LAUNCH["input"], DWCONV_BACKWARD_LAUNCH["weight"]
-    grad_x = torch.empty((B, H, W, C), dtype=out_dtype or x.dtype, device=x.device)
-    rows = max(1, min(H, (B * H) // DWCONV_BACKWARD_LAUNCH["row_blocks"]))
+    launch = DWCONV_BACKWARD_LAUNCH
+    block_c = min(_pow2(C), launch["BLOCK_C"])
+    block_w = min(_pow2(W), launch["MAX_BLOCK_W"])
+    rows = max(1, min(H, (B * H) // launch["row_blocks"]))
+    taps = _pow2(kh * kw)
     programs = B * triton.cdiv(H, rows)
-    kw_pad = _pow2(kw)
-    part = torch.empty((programs, kh, kw_pad, C), dtype=torch.float32, device=x.device)
+    grad_x = torch.empty((B, H, W, C), dtype=out_dtype or x.dtype, device=x.device)
+    part = torch.empty((programs, taps, C), dtype=torch.float32, device=x.device)
     with launch_device(x):
-        block_w, block_c = min(_pow2(W), launch_x["BLOCK_W"]), min(_pow2(C), launch_x["BLOCK_C"])
-        _dwconv_input_grad_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
-            grad, weight, grad_x, H, W, C, grad.stride(0), grad.stride(1), grad.stride(2),
+        _dwconv_backward_kernel[(programs, triton.cdiv(C, block_c))](
+            x, grad, weight, grad_x, part, H, W, C, rows,
+            x.stride(0), x.stride(1), x.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3),
-            KH=kh, KW=kw, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=launch_x["num_warps"],
+            KH=kh, KW=kw, TAPS=taps, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=launch["num_warps"],
         )
-        block_w, block_c = min(_pow2(W), launch_w["BLOCK_W"]), min(_pow2(C), launch_w["BLOCK_C"])
-        _dwconv_weight_grad_kernel[(programs, triton.cdiv(C, block_c), kh)](
-            x, grad, part, H, W, C, rows, x.stride(0), x.stride(1), x.stride(2),
-            grad.stride(0), grad.stride(1), grad.stride(2),
-            KH=kh, KW=kw, KWP=kw_pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=launch_w["num_warps"],
-        )
-    grad_weight = part.sum(0)[:, :kw].permute(2, 0, 1).reshape(C, 1, kh, kw)
+    grad_weight = part.sum(0)[: kh * kw].t().reshape(C, 1, kh, kw)
     return grad_x, grad_weight.to(weight_grad_dtype or weight.dtype)
 
 
