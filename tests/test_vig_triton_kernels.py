@@ -262,12 +262,15 @@ def _dwconv_grads64(x, g, w):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 24), (1, 9, 33, 17), (3, 14, 14, 40)])
 @pytest.mark.parametrize("kernel", [(3, 3), (1, 5), (5, 3)])
-@pytest.mark.parametrize("row_blocks", [128, 2])
-def test_depthwise_conv_backward_against_float64(monkeypatch, shape, kernel, row_blocks):
+@pytest.mark.parametrize("row_blocks, small_blocks", [(128, False), (2, False), (128, True)])
+def test_depthwise_conv_backward_against_float64(monkeypatch, shape, kernel, row_blocks, small_blocks):
     """Both gradients of the convolution in one pass: programs of one image row or several
-    (``row_blocks``), rows wider than one piece of pixels (33 > 16), taps cut by every edge,
-    channels past a block (40 > 32), the input and gradient in bfloat16 as in the models."""
+    (``row_blocks``), rows wider than one piece of pixels (33 > 8), taps cut by every edge,
+    and with ``small_blocks`` channels past a block (40 > 16; the default block of 64 holds
+    every channel count here); the input and gradient in bfloat16 as in the models."""
     monkeypatch.setitem(triton_backward.DWCONV_BACKWARD_LAUNCH, "row_blocks", row_blocks)
+    if small_blocks:
+        monkeypatch.setitem(triton_backward.DWCONV_BACKWARD_LAUNCH, "BLOCK_C", 16)
     gen = torch.Generator().manual_seed(sum(shape) + kernel[0] + row_blocks)
     C = shape[-1]
     x = _rand(gen, *shape, dtype=torch.bfloat16)
