@@ -45,9 +45,10 @@ class _CastFlat(torch.autograd.Function):
 
 
 def cast_together(weights: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """``[w.to(dtype) for w in weights]`` in two kernels (and two for their gradients), for
-    weights that share one dtype and device. Each result is a contiguous view of one flat
-    buffer; an unused result's gradient is zero (autograd's split backward fills it)."""
+    """``[w.to(dtype) for w in weights]`` as a concatenation (on CUDA one launch per batch of
+    inputs) and one cast, the same each way for the gradients, for weights that share one
+    dtype and device. Each result is a contiguous view of one flat buffer; when some results
+    get a gradient, the others' is zero (autograd's split backward fills it), not None."""
     if not weights:
         return []
     first = weights[0]
