@@ -186,10 +186,14 @@ def _config(T: int, K: int, V: int, fields: dict) -> Config:
         # 4 warps (from 32 and 8), the scan 35 -> 15 µs with 4 rows a step and 1 warp (from 8, 2).
         # Since then (session 14): 8 warps for K <= 32 (128 registers, 2 programs per SM, against
         # 204 and 2 at 4 warps): forward 0.96-1.00×, forward+backward 0.95-0.98× at T = 4096 and
-        # 16384, batch 1-64, the same bits; lm_4k (K = 128) lost 5 % with 8, so wider K keeps 4
-        states_block_k=min(32, max(16, _pow2(K))),
+        # 16384, batch 1-64, the same bits; lm_4k (K = 128) lost 5 % with 8, so wider K keeps 4.
+        # Session 17: K tiles of 16 with 4 warps for K <= 32 (twice the programs, each half the
+        # work: the sums are bound by each program's latency, not by bytes), forward 0.97-0.98×,
+        # forward+backward 0.97× at vigT_1024 / vigT_2048 against 32 with 8 warps (16 with 8:
+        # 0.99-1.00×; V tiles of 32: 1.12-1.27×)
+        states_block_k=16 if K <= 32 else min(32, _pow2(K)),
         states_block_v=min(64, max(16, _pow2(V))),
-        states_num_warps=8 if K <= 32 else 4,
+        states_num_warps=4,
         states_step=256,
         scan_rows=4,
         scan_num_warps=1,
