@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vig import fused, triton_backward, triton_kernels, triton_matmuls
+from vig.mixer_projections import mixer_projections
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -344,6 +345,38 @@ def test_log_gates_pair_backward_against_float64(dtype, unused):
     assert ((out.double() - ref).abs() <= UNIT[dtype] * ref.abs() + tiny).all()
 
 
+@pytest.mark.parametrize("unused", [None, "rev"])
+def test_log_gates_pair_backward_column_sums(unused):
+    """With ``column_sums``, the same gradient bit for bit and its sum over every row (the gate
+    bias's gradient) in float32, over several programs' rows (64 a program at K = 20) and a
+    partial last one."""
+    gen = torch.Generator().manual_seed(6)
+    fwd, rev = (F.logsigmoid(_rand(gen, 3, 101, 20, scale=4.0)) / 16 for _ in range(2))
+    fwd, rev = fwd.to(torch.bfloat16).contiguous(), rev.to(torch.bfloat16).contiguous()
+    grad_f = _rand(gen, 3, 101, 20, dtype=torch.bfloat16)
+    grad_r = None if unused == "rev" else _rand(gen, 3, 101, 20, dtype=torch.bfloat16)
+    plain = triton_backward.log_gates_pair_backward(grad_f, fwd, grad_r, rev, 16.0)
+    out, sums = triton_backward.log_gates_pair_backward(grad_f, fwd, grad_r, rev, 16.0, column_sums=True)
+    assert torch.equal(out, plain)
+    assert sums.dtype == torch.float32 and sums.shape == (40,)
+    ref = out.double().sum((0, 1))
+    assert _rel_err(sums, ref) <= 1e-6
+    if unused == "rev":
+        assert not sums[20:].any()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7), (1000, 192), (2, 517, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_column_sums_against_float64(shape, dtype):
+    """A bias's gradient: float32 sums over every dimension but the last, over one program or
+    many (32 rows a program at 192 columns, 16 at 300) with a partial last one."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = _rand(gen, *shape, scale=3.0, dtype=dtype) + 1.0  # (a common offset: sums far from 0)
+    got = triton_backward.column_sums(x)
+    assert got.dtype == torch.float32 and got.shape == (shape[-1],)
+    assert _rel_err(got, x.double().reshape(-1, shape[-1]).sum(0)) <= 1e-6
+
+
 def _with_and_without_kernels(monkeypatch, fn, *inputs):
     """(result, grads) of ``fn`` through the kernels, then through the PyTorch forms."""
     out = []
@@ -380,6 +413,12 @@ def test_fused_functions_same_result_and_gradients_with_kernels(monkeypatch, dty
         "low_rank_log_gates_pair": (
             lambda x, w0, w1, b1: torch.cat(fused.low_rank_log_gates_pair(x, w0, w1, b1, 16.0), -1),
             (x, _rand(gen, 3, 12, dtype=dtype), _rand(gen, 8, 3, scale=4.0, dtype=dtype), _rand(gen, 8, dtype=dtype))),
+        # q, k, v (key dim 4, values 12), the gates (rank 3) and the mix gate's logits with
+        # their biases: the biases' gradients are the kernels' column sums when they run
+        "mixer_projections": (
+            lambda *t: torch.cat(mixer_projections(t[0], t[1], 4, *t[2:], 16.0), -1),
+            (x, _rand(gen, 20, 12, dtype=dtype), _rand(gen, 12, 12, dtype=dtype), _rand(gen, 12, dtype=dtype),
+             _rand(gen, 3, 12, dtype=dtype), _rand(gen, 8, 3, scale=4.0, dtype=dtype), _rand(gen, 8, dtype=dtype))),
     }
     for name, (fn, inputs) in cases.items():
         (y_k, g_k), (y_t, g_t) = _with_and_without_kernels(monkeypatch, fn, *inputs)

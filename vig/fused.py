@@ -105,6 +105,16 @@ def _sum_to_last(x: Tensor) -> Tensor:
     return rows.sum(0, dtype=dtype)
 
 
+def _bias_grad(grad: Tensor) -> Tensor:
+    """A bias's gradient, float32 (or wider): ``grad`` summed over every dimension but the last.
+    On CUDA one Triton pass and an inner reduction (:func:`vig.triton_backward.column_sums`):
+    the second stage of :func:`_sum_to_last`, a reduction over the outer dimension of a
+    ``[392, 192]`` tensor, alone took ~11 µs (H100; benchmarks/RESULTS.md, seventeenth session)."""
+    if triton_kernels.enabled_for(grad):
+        return triton_backward.column_sums(grad)
+    return _sum_to_last(grad)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, to_autocast_dtype):
@@ -509,6 +519,16 @@ def _log_gates_pair_grad(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor 
     return torch.cat([_log_gates_grad(grad_fwd, fwd, normalizer), _log_gates_grad(grad_rev, rev, normalizer)], dim=-1)
 
 
+def _log_gates_pair_grad_and_bias_grad(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,
+                                       normalizer: float) -> tuple[Tensor, Tensor]:
+    """:func:`_log_gates_pair_grad` and the logits' bias's gradient (float32 or wider); on CUDA
+    both from one kernel, the bias's as its per-program column sums."""
+    if triton_kernels.enabled_for(fwd, rev, *(g for g in (grad_fwd, grad_rev) if g is not None)):
+        return triton_backward.log_gates_pair_backward(grad_fwd, fwd, grad_rev, rev, normalizer, column_sums=True)
+    grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
+    return grad_logits, _sum_to_last(grad_logits)
+
+
 class _LogGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, normalizer):
@@ -571,12 +591,15 @@ def _low_rank_log_gates_backward(x: Tensor, low: Tensor, w0: Tensor, w1: Tensor,
     the input's gradient, which is ``grad_low @ w0`` (left to the caller, who may add it into
     another matmul's result)."""
     dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
-    grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
-    grad_logits = grad_logits.to(dtype).reshape(-1, grad_logits.shape[-1])
+    grad_logits, grad_bias = _log_gates_pair_grad_and_bias_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
+    if grad_logits.dtype != dtype:  # (the bias's gradient sums the values the matmuls take)
+        grad_logits = grad_logits.to(dtype)
+        grad_bias = _sum_to_last(grad_logits)
+    grad_logits = grad_logits.reshape(-1, grad_logits.shape[-1])
     rows_low, rows_x = low.reshape(-1, low.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
     grad_low = grad_logits @ w1.to(dtype)
     return (grad_low, (grad_low.t() @ rows_x).to(dtypes[0]), (grad_logits.t() @ rows_low).to(dtypes[1]),
-            _sum_to_last(grad_logits).to(dtypes[2]))
+            grad_bias.to(dtypes[2]))
 
 
 class _LowRankLogGatesPair(torch.autograd.Function):

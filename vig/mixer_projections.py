@@ -8,7 +8,7 @@ of a ``[25088, 192]`` bfloat16 tensor per block (0.35 ms of a ~18 ms training st
 and ``g_proj``'s bias gradient was autograd's one-stage ``sum(0)`` (0.59 ms a step). Here the
 five projections' input gradients are one matmul and four ``addmm_`` into its result (cuBLAS
 adds the running sum in the epilogue, in float32, rounding once per term), and the bias
-gradient is :func:`vig.fused._sum_to_last`'s two-stage float32 sum.
+gradient is a float32 column sum (:func:`vig.fused._bias_grad`).
 
 The forward is the same matmuls as before (and the gates' Triton kernel on CUDA); values and
 gradients equal the composition ``F.linear`` / :func:`vig.fused.low_rank_log_gates_pair`
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import _autocast_dtype, _cast, _low_rank_log_gates_backward, _low_rank_log_gates_forward, _sum_to_last
+from .fused import _autocast_dtype, _bias_grad, _cast, _low_rank_log_gates_backward, _low_rank_log_gates_forward
 
 Tensor = torch.Tensor
 
@@ -90,7 +90,7 @@ class _MixerProjections(torch.autograd.Function):
         grad_g_weight = grad_g_bias = None
         if grad_logits is not None:
             grad_g_weight = (grad_logits.t() @ x_rows).to(g_weight_dtype) if needs[3] else None
-            grad_g_bias = _sum_to_last(grad_logits).to(g_bias_dtype) if needs[4] else None
+            grad_g_bias = _bias_grad(grad_logits).to(g_bias_dtype) if needs[4] else None
         _, grad_down, grad_up, grad_gate_bias = gate_grads
         return (grad_x, grad_qkv_weight, None, grad_g_weight, grad_g_bias, grad_down, grad_up, grad_gate_bias, None)
 

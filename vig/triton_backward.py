@@ -13,7 +13,12 @@ float32, each is dozens of full passes over ``[tokens, C]`` tensors. Here each i
 - :func:`silu_backward`: SiLU's (after the depth-wise convolution);
 - :func:`layer_norm_act_backward`: LayerNorm's (and a SiLU after it) in the patch embedding
   (H100, ViG-T training at 224 px: ~1.2 ms of a ~20 ms step as PyTorch ops);
-- :func:`log_gates_pair_backward`: the gate logits' gradient from both directions' gates;
+- :func:`log_gates_pair_backward`: the gate logits' gradient from both directions' gates, and
+  on request its column sums (the gate bias's gradient) from the same pass;
+- :func:`column_sums`: a ``[rows, C]`` tensor's column sums in float32 (a bias's gradient): per
+  program partial sums, stored transposed and added up by PyTorch's fast inner reduction
+  (H100, ViG-T training at 224 px: the two-stage ``sum`` over ``[25088, 192]`` bfloat16 took
+  ~17 µs a call, 24 calls a step; benchmarks/RESULTS.md, seventeenth session);
 - :func:`depthwise_conv_backward`: a depth-wise convolution's input and weight gradients
   (``[B, H, W, C]``, 'same' zero padding) in one pass over the input and the output gradient,
   where cuDNN took two calls plus layout copies (H100, ViG-T training at 224 px: ~2.3 ms of
@@ -42,7 +47,7 @@ if triton is not None:
 Tensor = torch.Tensor
 
 __all__ = ["swiglu_backward", "mix_backward", "rms_norm_backward", "silu_backward", "log_gates_pair_backward",
-           "depthwise_conv_backward", "layer_norm_act_backward"]
+           "depthwise_conv_backward", "layer_norm_act_backward", "column_sums"]
 
 
 
@@ -169,11 +174,13 @@ if triton is not None:
         return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, kahan))
 
     @triton.jit
-    def _log_gates_backward_kernel(gf_ptr, f_ptr, gr_ptr, r_ptr, out_ptr, n_rows, width, normalizer,
-                                   HAS_F: tl.constexpr, HAS_R: tl.constexpr,
+    def _log_gates_backward_kernel(gf_ptr, f_ptr, gr_ptr, r_ptr, out_ptr, part_ptr, n_rows, width, normalizer,
+                                   HAS_F: tl.constexpr, HAS_R: tl.constexpr, SUMS: tl.constexpr,
                                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         # d logsigmoid(z)/dz = sigmoid(-z) = -expm1(logsigmoid(z)) = -expm1(n · gate), divided by
-        # n: the logits' gradient from the gates alone; half 0 writes columns [0, K), half 1 [K, 2K)
+        # n: the logits' gradient from the gates alone; half 0 writes columns [0, K), half 1 [K, 2K).
+        # SUMS: also this program's column sums of the values as stored (the bias's gradient),
+        # transposed: part[half, column, program]
         rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
         half = tl.program_id(1)
         offs = r * width + cols[None, :]
@@ -187,8 +194,19 @@ if triton is not None:
             grads = tl.load(grads_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             n = tl.cast(normalizer, tl.float32)  # float64 from Inductor (torch.compile) otherwise
             result = grads * (-_expm1_nonpositive(gates * n) / n)
-        tl.store(out_ptr + r * (2 * width) + half * width + cols[None, :], result.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        stored = result.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r * (2 * width) + half * width + cols[None, :], stored, mask=mask)
+        if SUMS:
+            part = part_ptr + (half * BLOCK_COLS + cols) * tl.num_programs(0) + tl.program_id(0)
+            tl.store(part, tl.sum(tl.where(mask, stored.to(tl.float32), 0.0), axis=0))
+
+    @triton.jit
+    def _column_sums_kernel(x_ptr, part_ptr, n_rows, width, stride_x, BLOCK_ROWS: tl.constexpr,
+                            BLOCK_COLS: tl.constexpr):
+        # this program's rows summed per column in float32, stored transposed: part[column, program]
+        rows, r, cols, col_ok, mask = _row_tile(n_rows, width, 0, BLOCK_ROWS, BLOCK_COLS)
+        x = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(part_ptr + cols * tl.num_programs(0) + tl.program_id(0), tl.sum(x, axis=0))
 
     # ROWS is never specialised: Triton 3.6 specialises an integer argument equal to 1 into a
     # constant, and that compile of this kernel aborts in LLVM's SLP vectoriser (an assertion;
@@ -311,23 +329,42 @@ def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 
 def log_gates_pair_backward(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,
-                            normalizer: float) -> Tensor:
+                            normalizer: float, column_sums: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The gradient of ``[..., 2K]`` logits whose gates ``logsigmoid(·) / normalizer`` are
     ``fwd`` (first K columns) and ``rev`` (last K), given the gates' gradients (None: zero), in
-    the gates' dtype. Needs contiguous ``fwd`` and ``rev``."""
+    the gates' dtype. Needs contiguous ``fwd`` and ``rev``. With ``column_sums``, also the sum
+    over every row of that gradient as returned (``[2K]``, float32: a bias's gradient)."""
     width = fwd.shape[-1]
     n_rows = fwd.numel() // width
     gf = fwd if grad_fwd is None else grad_fwd.contiguous()
     gr = rev if grad_rev is None else grad_rev.contiguous()
     out = torch.empty((*fwd.shape[:-1], 2 * width), dtype=fwd.dtype, device=fwd.device)
     block_rows, block_cols, warps = _rows_launch("log_gates_backward", width)
+    programs = triton.cdiv(n_rows, block_rows)
+    part = torch.empty((2, block_cols, programs) if column_sums else (1,), dtype=torch.float32, device=fwd.device)
     with launch_device(fwd):
-        _log_gates_backward_kernel[(triton.cdiv(n_rows, block_rows), 2)](
-            gf, fwd.contiguous(), gr, rev.contiguous(), out, n_rows, width, float(normalizer),
-            HAS_F=grad_fwd is not None, HAS_R=grad_rev is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-            num_warps=warps,
+        _log_gates_backward_kernel[(programs, 2)](
+            gf, fwd.contiguous(), gr, rev.contiguous(), out, part, n_rows, width, float(normalizer),
+            HAS_F=grad_fwd is not None, HAS_R=grad_rev is not None, SUMS=column_sums, BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols, num_warps=warps,
         )
-    return out
+    if not column_sums:
+        return out
+    return out, _part_sums(part)[:, :width].reshape(2 * width)
+
+
+def column_sums(x: Tensor) -> Tensor:
+    """The sum of ``x`` over every dimension but the last, in float32 (a bias's gradient): per
+    program partial sums, then :func:`_part_sums`."""
+    rows = _as_rows(x)
+    n_rows, width = rows.shape
+    block_rows, block_cols, warps = _rows_launch("column_sums", width)
+    programs = triton.cdiv(n_rows, block_rows)
+    part = torch.empty((block_cols, programs), dtype=torch.float32, device=x.device)
+    with launch_device(x):
+        _column_sums_kernel[(programs,)](rows, part, n_rows, width, rows.stride(0), BLOCK_ROWS=block_rows,
+                                         BLOCK_COLS=block_cols, num_warps=warps)
+    return _part_sums(part)[:width]
 
 
 def swiglu_backward(projected: Tensor, grad_product: Tensor) -> tuple[Tensor, Tensor]:

@@ -116,6 +116,7 @@ ROWS_LAUNCH: dict[str, tuple[int, int]] = {
     "rms_norm": (4096, 4), "rstd": (4096, 4), "add_rstd": (4096, 4), "mix": (512, 2), "add_rms_norm": (4096, 4),
     "log_gates_pair": (4096, 4), "layer_norm_act": (4096, 4), "rms_norm_backward": (8192, 4),
     "layer_norm_act_backward": (4096, 2), "log_gates_backward": (4096, 4), "mix_backward": (512, 2),
+    "column_sums": (8192, 4),  # (as rms_norm_backward's, which also writes per-program sums; not swept)
 }
 
 
