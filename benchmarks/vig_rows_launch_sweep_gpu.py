@@ -54,8 +54,11 @@ CASES = {
     "layer_norm_act_backward": (lambda s: tb.layer_norm_act_backward(s[0], s[1], s[2], 1e-6, True, s[3]),
                                 lambda: (_r(128, 28, 28, 96), _r(96, dtype=F32), _r(96, dtype=F32),
                                          _r(128, 28, 28, 96))),
-    "log_gates_backward": (lambda s: tb.log_gates_pair_backward(s[0], -s[1].abs(), s[2], -s[3].abs(), 16.0),
+    # (with the column sums the model asks for: the gate bias's gradient)
+    "log_gates_backward": (lambda s: tb.log_gates_pair_backward(s[0], -s[1].abs(), s[2], -s[3].abs(), 16.0,
+                                                                column_sums=True),
                            lambda: (_r(N, 32), _r(N, 32), _r(N, 32), _r(N, 32))),
+    "column_sums": (lambda s: tb.column_sums(s[0]), lambda: (_r(N, C),)),
     "mix_backward": (lambda s: tb.mix_backward(*s[:5], 1e-6, True, s[5], output_dtype=BF),
                      lambda: (_heads(), _heads(), _heads(), _r(64, dtype=F32), _r(64, dtype=F32), _heads())),
 }
@@ -64,7 +67,7 @@ CASES = {
 #: each kernel's row width on those tensors (rows per program = elements // padded width)
 WIDTHS = {"rms_norm": C, "rstd": C, "add_rstd": C, "mix": 64, "add_rms_norm": C, "log_gates_pair": 32,
           "layer_norm_act": 96, "rms_norm_backward": C, "layer_norm_act_backward": 96, "log_gates_backward": 32,
-          "mix_backward": 64}
+          "mix_backward": 64, "column_sums": C}
 
 
 def main(argv: list[str]) -> int:
