@@ -512,21 +512,14 @@ def _log_gates_grad(grad_gates: Tensor | None, gates: Tensor, normalizer: float)
 
 
 def _log_gates_pair_grad(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,
-                         normalizer: float) -> Tensor:
-    """The ``[..., 2K]`` logits' gradient from both directions' gates (one kernel on CUDA)."""
+                         normalizer: float, bias_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The ``[..., 2K]`` logits' gradient from both directions' gates (one kernel on CUDA); with
+    ``bias_grad``, also the logits' bias's gradient (float32 or wider; on CUDA the same
+    kernel's per-program column sums)."""
     if triton_kernels.enabled_for(fwd, rev, *(g for g in (grad_fwd, grad_rev) if g is not None)):
-        return triton_backward.log_gates_pair_backward(grad_fwd, fwd, grad_rev, rev, normalizer)
-    return torch.cat([_log_gates_grad(grad_fwd, fwd, normalizer), _log_gates_grad(grad_rev, rev, normalizer)], dim=-1)
-
-
-def _log_gates_pair_grad_and_bias_grad(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tensor | None, rev: Tensor,
-                                       normalizer: float) -> tuple[Tensor, Tensor]:
-    """:func:`_log_gates_pair_grad` and the logits' bias's gradient (float32 or wider); on CUDA
-    both from one kernel, the bias's as its per-program column sums."""
-    if triton_kernels.enabled_for(fwd, rev, *(g for g in (grad_fwd, grad_rev) if g is not None)):
-        return triton_backward.log_gates_pair_backward(grad_fwd, fwd, grad_rev, rev, normalizer, column_sums=True)
-    grad_logits = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
-    return grad_logits, _sum_to_last(grad_logits)
+        return triton_backward.log_gates_pair_backward(grad_fwd, fwd, grad_rev, rev, normalizer, column_sums=bias_grad)
+    grad = torch.cat([_log_gates_grad(grad_fwd, fwd, normalizer), _log_gates_grad(grad_rev, rev, normalizer)], dim=-1)
+    return (grad, _sum_to_last(grad)) if bias_grad else grad
 
 
 class _LogGates(torch.autograd.Function):
@@ -591,7 +584,7 @@ def _low_rank_log_gates_backward(x: Tensor, low: Tensor, w0: Tensor, w1: Tensor,
     the input's gradient, which is ``grad_low @ w0`` (left to the caller, who may add it into
     another matmul's result)."""
     dtype = low.dtype  # the matmuls' dtype in forward (autocast's, when it was on)
-    grad_logits, grad_bias = _log_gates_pair_grad_and_bias_grad(grad_fwd, fwd, grad_rev, rev, normalizer)
+    grad_logits, grad_bias = _log_gates_pair_grad(grad_fwd, fwd, grad_rev, rev, normalizer, bias_grad=True)
     if grad_logits.dtype != dtype:  # (the bias's gradient sums the values the matmuls take)
         grad_logits = grad_logits.to(dtype)
         grad_bias = _sum_to_last(grad_logits)

@@ -24,7 +24,7 @@ from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
 from .fused import add_rms_norm, layer_norm_act, patch_conv
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
-from .weight_casts import autocast_matmul_weights
+from .weight_casts import autocast_matmul_weights, split_by_module
 
 Tensor = torch.Tensor
 
@@ -119,8 +119,7 @@ class ViGBlock(nn.Module):
 
         ``weights``: :meth:`matmul_weights` already cast for autocast (the model casts all its
         blocks' weights at once, :mod:`vig.weight_casts`); ``None``: the module's own."""
-        n_attn = len(self.attn.matmul_weights())
-        attn_w, mlp_w = (None, None) if weights is None else (weights[:n_attn], weights[n_attn:])
+        attn_w, mlp_w = split_by_module(weights, self.attn, self.mlp)
         if branch is None:  # the norm is fused with the conv
             mixed = self.attn(x, pre_norm=self.attn_norm, weights=attn_w)
         else:  # ... and with the previous block's residual add

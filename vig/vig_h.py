@@ -22,7 +22,7 @@ from ._registry import build_classifier, register_model
 from .checkpoint import unwrap_state_dict
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
-from .weight_casts import autocast_matmul_weights
+from .weight_casts import autocast_matmul_weights, split_by_module
 
 Tensor = torch.Tensor
 
@@ -60,8 +60,7 @@ class HierViGBlock(nn.Module):
     def forward(self, x: Tensor, weights: tuple[Tensor, ...] | None = None) -> Tensor:
         """``weights``: :meth:`matmul_weights` already cast for autocast (the model casts all its
         blocks' weights at once, :mod:`vig.weight_casts`); ``None``: the module's own."""
-        n_op = len(self.op.matmul_weights())
-        op_w, mlp_w = (None, None) if weights is None else (weights[:n_op], weights[n_op:])
+        op_w, mlp_w = split_by_module(weights, self.op, self.mlp)
         x = x + self.drop_path(self.op(self.norm(x), weights=op_w))
         return x + self.drop_path(self.mlp(self.norm2(x), mlp_w))
 

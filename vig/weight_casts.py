@@ -25,7 +25,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["cast_together", "autocast_matmul_weights"]
+__all__ = ["cast_together", "autocast_matmul_weights", "split_by_module"]
 
 
 class _CastFlat(torch.autograd.Function):
@@ -77,3 +77,16 @@ def autocast_matmul_weights(modules: Sequence[torch.nn.Module], like: Tensor) ->
         return [None] * len(modules)
     cast = iter(cast_together(weights, dtype))
     return [tuple(next(cast) for _ in group) for group in groups]
+
+
+def split_by_module(weights: Sequence[Tensor] | None, *modules: torch.nn.Module) -> list[tuple[Tensor, ...] | None]:
+    """A block's cast ``weights`` (its modules' ``matmul_weights()`` in order, or None) cut into
+    one tuple per module, for the modules' own ``weights`` arguments (None: each its own)."""
+    if weights is None:
+        return [None] * len(modules)
+    out, start = [], 0
+    for m in modules:
+        n = len(m.matmul_weights())
+        out.append(tuple(weights[start : start + n]))
+        start += n
+    return out
