@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from gla_testing import Case, assert_close, check_against_reference, make_inputs, outputs_and_grads
+from gla_testing import (Case, assert_close, backend_and_reference, check_against_reference, make_inputs,
+                         outputs_and_grads)
 from glakernels import gated_linear_attention
 from glakernels._dispatch import registry, select_backend
 from glakernels._precision import float32_matmul_precision
@@ -159,6 +160,70 @@ def test_single_pass_kernels_take_positive_gates(bidirectional):
     ref, _ = outputs_and_grads(gated_linear_attention, {n: t.double() for n, t in x.items()}, cot,
                                bidirectional=bidirectional, backend="torch")
     assert_close(got, ref, 1e-4, "positive gates")
+
+
+def _gates_down_to(shape, lowest: float, seed: int) -> torch.Tensor:
+    """Gates uniform in ``[lowest, 0]``, a tenth of them exactly ``lowest``."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.rand(shape, generator=gen, dtype=torch.float64) * lowest
+    return torch.where(torch.rand(shape, generator=gen) < 0.1, torch.tensor(lowest, dtype=torch.float64), g)
+
+
+RATIO_DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", RATIO_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("layout", ["one-segment", "single-pass-segments"])
+def test_ratio_chunks_at_their_gate_bound(dtype, layout):
+    """Chunks whose gates are all >= -32 / chunk take the one-dot ratio scores
+    (``kernels_single_pass._ratio_scores``), where a chunk's decays reach e^-32 and their
+    inverses e^32: outputs, states and gradients against float64 there, with an initial
+    state (bidirectional: both directions), and the path is taken (float32: the output and
+    gradients are not bit for bit the hierarchy's)."""
+    launch = _launch()
+    lowest = -32.0 / launch.choose_config(70, 20, 24).single_pass_chunk
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    for bidirectional in (True, False):
+        case = Case(2, 70, 2, 20, 24, dtype, bidirectional=bidirectional, states=not bidirectional)
+        x = make_inputs(case, DEVICE, seed=31)
+        for name in ("g", "g_reverse"):
+            if name in x:
+                x[name] = _gates_down_to(x[name].shape, lowest, seed=len(name)).to(DEVICE, dtype)
+        kwargs = {"bidirectional": bidirectional}
+        if not bidirectional:
+            kwargs["output_final_state"] = True
+        with launch.override_config(**fields):
+            got, expected = backend_and_reference("triton", x, **kwargs)
+            assert_close(got, expected, BACKEND.tolerance(dtype), f"{case.id()} {layout}")
+        if dtype != torch.float32:  # (16-bit outputs round both maths' float32 results alike)
+            continue
+        with launch.override_config(**fields):
+            got, cot = outputs_and_grads(gated_linear_attention, x, None, **kwargs, backend="triton")
+        with launch.override_config(single_pass_ratio=False, single_pass_bwd_ratio=False, **fields):
+            levels, _ = outputs_and_grads(gated_linear_attention, x, cot, **kwargs, backend="triton")
+        for name in ("o", "dq", "dk"):  # the forward's and the backward's ratio math ran
+            assert not torch.equal(levels[name], got[name]), name
+
+
+def test_a_gate_below_the_bound_sends_the_walk_to_the_hierarchy():
+    """A walk takes the ratio chunk math only if every gate it reads allows it: one gate just
+    below the bound in one sequence gives that sequence the hierarchy's output and gradients
+    bit for bit (forward, and both passes of the backward), while the other sequence keeps
+    the ratio math (causal: one walk makes each output)."""
+    launch = _launch()
+    lowest = -32.0 / launch.choose_config(40, 8, 8).single_pass_chunk
+    x = make_inputs(Case(2, 40, 1, 8, 8, torch.float32, bidirectional=False), DEVICE, seed=41)
+    x["g"] = _gates_down_to(x["g"].shape, lowest, seed=5).to(DEVICE, torch.float32)
+    x["g"][0, 37, 0, 3] = lowest * 1.001
+    ratio, cot = outputs_and_grads(gated_linear_attention, x, None, bidirectional=False, backend="triton")
+    with launch.override_config(single_pass_ratio=False, single_pass_bwd_ratio=False):
+        levels, _ = outputs_and_grads(gated_linear_attention, x, cot, bidirectional=False, backend="triton")
+    assert set(ratio) == {"o", "dq", "dk", "dv", "dg"}
+    for name in ratio:  # tensors are [B, T, H, dim]: sequence 0, then 1
+        assert torch.equal(ratio[name][0], levels[name][0]), name
+        assert not torch.equal(ratio[name][1], levels[name][1]), name
+    _, ref = backend_and_reference("triton", x, bidirectional=False)
+    assert_close(ratio, ref, 1e-4, "ratio and hierarchy walks in one launch")
 
 
 @pytest.mark.parametrize(

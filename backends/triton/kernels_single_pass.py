@@ -45,6 +45,18 @@ last, reverse: first, row, taken without a reduction over the chunk's rows). Eve
 still a product of at most C factors in [0, 1], formed in a different association: the same
 ``(n + 1)·eps`` bound, no overflow, a -1e4 gate gives an exact 0.
 
+**The ratio chunk math** (``RATIO``, the default). Where every gate a program's walk reads is
+>= ``-32 / C``, a chunk's decays stay >= e^-32, and the pair (t, s) can decay by a plain
+ratio, ``Qf[t] · exp(-G[s])`` with ``Qf = exp(G)`` and ``G`` the gates' prefix sum within the
+chunk (a dot with a 0/1 triangle): the scores are then one split dot, ``(q ⊙ Qf) · (k ⊙
+exp(-G))ᵀ``, masked, instead of one per level (``_ratio_scores``). The hierarchy above stays
+for walks with a stronger gate (down to -1e4, where the ratio's inverse would overflow); the
+test is made once per program, before its walk (``_gates_allow_ratio``), so each walk is
+compiled with one chunk math in its loop. H100, bf16, forward (NOTES.md session 18): vigT_224
+88.1 -> 59.0 µs, vigB_224 171.2 -> 112.5, vigT_1024 153.8 -> 124.9, lm_4k 2124 -> 1173;
+``kernels_single_pass_bwd.py`` does the same in both passes. The cost: the forward kernel
+compiles about twice as long (two walks per direction).
+
 Requirements (checked by the launcher): one K block (K <= ``BK`` <= 128); a sequence longer
 than one segment needs its boundary states first. Masked rows past ``T`` carry q = k = v = 0
 and decay 1, so they change nothing.
@@ -55,7 +67,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask, _load_state, _sequence_rows, _store_state, _tile
+from .kernels import _dot, _level_mask, _load_state, _row, _sequence_rows, _store_state, _tile
 
 
 @triton.jit
@@ -112,15 +124,14 @@ def _load_chunk(q, k, v, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, col
 
 
 @triton.jit
-def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
-                REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """One direction over one chunk: its (unscaled) part of the chunk's output, given the state
-    entering the chunk in this direction, and the state leaving it."""
+def _level_scores(qt, kt, gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
+                  DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """A chunk's scores ``A`` (masked to this direction's pairs and the own token), its
+    chunk-wide factors ``Qf`` and ``Kf`` and its total decay, by the binary hierarchy of the
+    module docstring: stable for every gate in ``[-1e4, 0]``."""
     rows = tl.arange(0, C)
-    q_loaded = qt
-    k_loaded = kt
-    qt = qt.to(tl.float32)
-    kt = kt.to(tl.float32)
+    qf32 = qt.to(tl.float32)
+    kf32 = kt.to(tl.float32)
     Qf = tl.exp(gt.to(tl.float32))
     Kf = tl.full([C, BK], 1.0, tl.float32)
     # the own token, decay 1: q·k from a dot of the tiles as loaded, not a row sum. A row sum's
@@ -128,15 +139,70 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     # columns a thread, then 4 lanes; 4 warps: 4, then 8), so bfloat16 results would change
     # with the warps; a dot adds in the same order at any warp count, which lets the launcher
     # pick warps by grid size without a sequence's result depending on the batch (DESIGN §9)
-    A = tl.where(rows[:, None] == rows[None, :], _dot(q_loaded, tl.trans(k_loaded), DOT_BF16, PRECISION), 0.0)
+    A = tl.where(rows[:, None] == rows[None, :], _dot(qt, tl.trans(kt), DOT_BF16, PRECISION), 0.0)
     pair = Qf  # (unused at level 0)
     for LVL in tl.static_range(LOG2C):
         # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
-        s = _dot(qt * Qf, tl.trans(k_loaded if LVL == 0 else kt * Kf), DOT_BF16, PRECISION)
+        s = _dot(qf32 * Qf, tl.trans(kt if LVL == 0 else kf32 * Kf), DOT_BF16, PRECISION)
         A += tl.where(_level_mask(C, LVL, REV), s, 0.0)
         Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
-    out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt * Qf, state, DOT_BF16, PRECISION)
-    state = _total_of_pair(pair, BK)[:, None] * state + _dot(tl.trans(kt * Kf), vt, DOT_BF16, PRECISION)
+    return A, Qf, Kf, _total_of_pair(pair, BK)
+
+
+@triton.jit
+def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """For a chunk whose gates are all >= ``_ratio_min_gate(C)``: ``Qf = exp(G)``, its inverse
+    ``exp(-G)`` and the chunk's total decay, with ``G`` the gates' inclusive prefix sum within
+    the chunk (reverse: suffix sum). The pair (t, s) then decays by ``Qf[t] · inverse[s]``,
+    and ``Kf = total · inverse``. ``G`` comes from a dot with a 0/1 triangle (exact operands),
+    which adds in the same order at any warp count, like every sum of these kernels; the gate
+    bound keeps the inverse <= e^32."""
+    rows = tl.arange(0, C)
+    if REV:
+        tri = rows[:, None] <= rows[None, :]  # G[t] = sum of g[u] for u >= t
+    else:
+        tri = rows[:, None] >= rows[None, :]  # G[t] = sum of g[u] for u <= t
+    if DOT_BF16:  # (the triangle and bfloat16 gates are exact operands: one product)
+        G = _dot(tri.to(gt.dtype), gt, DOT_BF16, PRECISION)
+    else:  # float32 gates: IEEE, also where the caller allows tf32 for the other dots
+        G = tl.dot(tri.to(tl.float32), gt.to(tl.float32), input_precision="ieee")
+    Qf = tl.exp(G)
+    return Qf, tl.exp(-G), _row(Qf, 0 if REV else C - 1, C)  # (a row: one non-zero term, exact)
+
+
+@triton.jit
+def _ratio_scores(qt, kt, gt, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """What ``_level_scores`` returns, for a chunk whose gates are all >= ``_ratio_min_gate(C)``,
+    in one score dot: ``(q ⊙ Qf) · (k ⊙ Qf⁻¹)ᵀ``, masked (``_ratio_factors``). Each term of a
+    score is the exact term to the same relative error as in the hierarchy (the split dot
+    keeps ~2^-17 of each operand, whatever its size), so nothing is lost to the inverses."""
+    rows = tl.arange(0, C)
+    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    s = _dot(qt.to(tl.float32) * Qf, tl.trans(kt.to(tl.float32) * inv), DOT_BF16, PRECISION)
+    keep = (rows[:, None] <= rows[None, :]) if REV else (rows[:, None] >= rows[None, :])
+    return tl.where(keep, s, 0.0), Qf, total[None, :] * inv, total
+
+
+@triton.jit
+def _ratio_min_gate(C: tl.constexpr):
+    """The smallest gate ``_ratio_scores`` takes: a chunk's decay stays >= e^-32."""
+    return -32.0 / C
+
+
+@triton.jit
+def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
+                REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+    """One direction over one chunk: its (unscaled) part of the chunk's output, given the state
+    entering the chunk in this direction, and the state leaving it. ``RATIO``: the chunk's
+    gates are all >= ``_ratio_min_gate(C)`` (the caller checked), and its scores come from
+    ``_ratio_scores``."""
+    if RATIO:
+        A, Qf, Kf, total = _ratio_scores(qt, kt, gt, C, BK, REV, DOT_BF16, PRECISION)
+    else:
+        A, Qf, Kf, total = _level_scores(qt, kt, gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
+    out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt.to(tl.float32) * Qf, state, DOT_BF16, PRECISION)
+    state = total[:, None] * state + _dot(tl.trans(kt.to(tl.float32) * Kf), vt, DOT_BF16, PRECISION)
     return out, state
 
 
@@ -177,7 +243,8 @@ def _rows_ptrs(base, row0, t0, n_valid, stride_t, cols, ncols, C: tl.constexpr):
 def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags, T, K, V, scale,
                     stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
-                    HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+                    HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+                    RATIO: tl.constexpr):
     """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order, writing each chunk's part
     (``HANDOFF`` 0, causal), handing it over per chunk (1) or parking it (2)."""
     n_chunks = c_hi - c_lo
@@ -195,7 +262,7 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
         n_next = tl.where(i + 1 < n_chunks, tl.minimum(C, T - c_next * C), 0)
         nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, c_next * C, n_next, stride_qk, stride_v,
                                      cols_k, cols_v, K, V, C)
-        out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
+        out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
         o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, stride_v, cols_v, V, C)
         if HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
             p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
@@ -216,12 +283,52 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
 
 
 @triton.jit
+def _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C: tl.constexpr, BK: tl.constexpr):
+    """Whether every gate of chunks ``c_lo .. c_hi - 1`` is >= ``_ratio_min_gate(C)``: an
+    element-wise minimum over the chunks' gate tiles (independent loads), one reduction at
+    the end; a minimum is exact, so the answer is the same at any launch setting."""
+    rows = tl.arange(0, C)
+    low = tl.zeros([C, BK], dtype=tl.float32)
+    for c in range(c_lo, c_hi):
+        t0 = c * C
+        gt = _tile(g, row_qk, t0 + rows, rows < T - t0, stride_qk, cols_k, K)
+        low = tl.minimum(low, gt.to(tl.float32))
+    return tl.min(tl.min(low, axis=1), axis=0) >= _ratio_min_gate(C)
+
+
+@triton.jit
+def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags, T, K, V, scale,
+          stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
+          C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
+          HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+    """``_direction_walk`` with ``RATIO`` chunk math where every gate of the walk allows it
+    (checked first: one test per program instead of one per chunk, so that each of the two
+    walks compiles with only its own chunk math in its loop; with both in one loop, a branch
+    per chunk, the forward spilled 868 bytes against 56 — sm_90 compile, 2 warps)."""
+    if RATIO:
+        if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
+            state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
+                                    T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
+                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, True)
+        else:
+            state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
+                                    T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
+                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, False)
+    else:
+        state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
+                                T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
+                                C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, False)
+    return state
+
+
+@triton.jit
 def _gla_fwd_single_pass_kernel(
     q, k, v, g, gr, o, part, flags, h0, ht, bstates,
     T, H, K, V, scale, SEG_CHUNKS,
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PARK_ALL: tl.constexpr = False,
+    RATIO: tl.constexpr = False,
 ):
     """Forward with one program per (batch·head, direction, V block, segment): each walks one
     direction only, so its dependency chain is half as long as when one program walks both. A
@@ -265,17 +372,17 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(bst + seg * kv, cols_k, cols_v, K, V)
         elif HAS_H0:
             state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
-        state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, part + part_size, row_flags,
-                                T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION)
+        state = _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, part + part_size, row_flags,
+                      T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
+                      C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION, RATIO)
         if STORE_HT:
             _store_state(ht + bh.to(tl.int64) * kv, state, cols_k, cols_v, K, V)
     else:
         if HAS_BSTATES:
             state = _load_state(bst + BH.to(tl.int64) * (NSEG + 1) * kv + (seg + 1) * kv, cols_k, cols_v, K, V)
-        _direction_walk(q, k, v, gr, o, part + part_size, flags, row_qk, row_v, row_part, part, row_flags,
-                        T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                        C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION)
+        _walk(q, k, v, gr, o, part + part_size, flags, row_qk, row_v, row_part, part, row_flags,
+              T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
+              C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION, RATIO)
 
 
 @triton.jit

@@ -24,6 +24,11 @@ expects to be second looks at the count first and, if the other's parts are ther
 without parking its own). Each
 direction writes its own gate gradient (``dg`` or ``dg_reverse``) directly. Pass B prefetches
 the next chunk's tiles, as the forward does.
+
+Both passes take the forward's ratio chunk math (``kernels_single_pass``' docstring) where every
+gate of the walk allows it: the scores and their dq, dk parts in one dot each instead of one
+per level (H100, bf16, forward+backward with both: vigT_224 415.3 -> 321.2 µs, vigT_1024
+640.7 -> 521.6; NOTES.md session 18).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .kernels import _dot, _level_mask, _level_scores_and_grads, _load_state, _sequence_rows
-from .kernels_single_pass import _count, _look, _next_level, _rows_ptrs, _total_of_pair
+from .kernels_single_pass import (_count, _gates_allow_ratio, _look, _next_level, _ratio_factors, _rows_ptrs,
+                                 _total_of_pair)
 
 
 @triton.jit
@@ -57,9 +63,13 @@ def _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_
 
 
 @triton.jit
-def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
-    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy) and
-    the chunk's total decay."""
+def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
+                   DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy, or
+    with ``RATIO`` ``kernels_single_pass._ratio_factors``) and the chunk's total decay."""
+    if RATIO:
+        Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+        return Qf, total[None, :] * inv, total
     Qf = tl.exp(gt.to(tl.float32))
     Kf = tl.full([C, BK], 1.0, tl.float32)
     pair = Qf  # (unused at level 0)
@@ -70,27 +80,44 @@ def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, R
 
 @triton.jit
 def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG2C: tl.constexpr,
-                 BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """One direction's dq, dk, dv and gate gradient for one chunk, and the state leaving it."""
+                 BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+                 RATIO: tl.constexpr):
+    """One direction's dq, dk, dv and gate gradient for one chunk, and the state leaving it.
+    ``RATIO``: the chunk's gates are all >= ``_ratio_min_gate(C)`` (the caller checked), and
+    its pairs' scores and their dq, dk parts come from one dot each with the decay ratio
+    (``kernels_single_pass._ratio_factors``) instead of one per level."""
     rows = tl.arange(0, C)
     eye = rows[:, None] == rows[None, :]
     q = qt.to(tl.float32)
     k = kt.to(tl.float32)
     dA = _dot(dot_, tl.trans(vt), DOT_BF16, PRECISION)  # dO vᵀ, unscaled
-    Qf = tl.exp(gt.to(tl.float32))
-    Kf = tl.full([C, BK], 1.0, tl.float32)
-    A = tl.zeros([C, C], dtype=tl.float32)
-    dq = tl.zeros([C, BK], dtype=tl.float32)
-    dk = tl.zeros([C, BK], dtype=tl.float32)
-    pair = Qf  # (unused at level 0)
-    for LVL in tl.static_range(LOG2C):
-        # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
-        A, dq, dk = _level_scores_and_grads(q, kt if LVL == 0 else k, Qf, Kf, _level_mask(C, LVL, REV), dA, A, dq,
-                                            dk, DOT_BF16, PRECISION, LVL == 0)
-        Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
+    if RATIO:
+        # the pairs without the own token, whose terms the gate gradient must not see (below)
+        pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
+        Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+        Kf = total[None, :] * inv
+        qh = q * Qf
+        kh = k * inv
+        A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+        dA_pairs = tl.where(pairs, dA, 0.0)
+        dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
+        dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
+    else:
+        Qf = tl.exp(gt.to(tl.float32))
+        Kf = tl.full([C, BK], 1.0, tl.float32)
+        A = tl.zeros([C, C], dtype=tl.float32)
+        dq = tl.zeros([C, BK], dtype=tl.float32)
+        dk = tl.zeros([C, BK], dtype=tl.float32)
+        pair = Qf  # (unused at level 0)
+        for LVL in tl.static_range(LOG2C):
+            # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
+            A, dq, dk = _level_scores_and_grads(q, kt if LVL == 0 else k, Qf, Kf, _level_mask(C, LVL, REV), dA, A,
+                                                dq, dk, DOT_BF16, PRECISION, LVL == 0)
+            Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
+        total = _total_of_pair(pair, BK)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
-    S_out = _total_of_pair(pair, BK)[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
+    S_out = total[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
     # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term
     carry = tl.sum(S_out * dS_out, axis=1)
     dg = tl.cumsum(q * dq - k * dk, axis=0, reverse=not REV) + carry[None, :]
@@ -120,7 +147,7 @@ def _hand_over(x, out, row_out, stride_out, part, other_part, row_part, t0, n0, 
 @triton.jit
 def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, dS, c_lo,
             c_hi, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
-            DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+            DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
     """Pass A, against the direction: the state gradient leaving every chunk, parked in
     ``scr``; returns the one entering the first chunk."""
     scr_offs = cols_k[:, None] * BV + cols_v[None, :]
@@ -129,7 +156,7 @@ def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, strid
         qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
-        Qf, Kf, total = _chunk_factors(gt, C, LOG2C, BK, REV)
+        Qf, Kf, total = _chunk_factors(gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
         qbar = qt.to(tl.float32) * Qf
         dS = total[:, None] * dS + scale * _dot(tl.trans(qbar), dot_, DOT_BF16, PRECISION)
     return dS
@@ -139,7 +166,7 @@ def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, strid
 def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
             bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
             C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
-            HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+            HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
     """Pass B, along the direction: the states in registers, every chunk's gradients, from
     the state gradients pass A parked in ``scr``."""
     n_chunks = tl.cdiv(T, C)
@@ -161,7 +188,7 @@ def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, othe
                                            cols_v, K, V, C)
         ndS = tl.load(scr + tl.maximum(c_next, 0) * BK * BV + scr_offs)
         dq_c, dk_c, dv_c, dg_c, S = _chunk_grads(qt, kt, vt, gt, dot_, S, dS_out, scale, C, LOG2C, BK, REV,
-                                                 DOT_BF16, PRECISION)
+                                                 DOT_BF16, PRECISION, RATIO)
         g_ptrs, g_mask = _rows_ptrs(dg, row_qk, t0, n0, stride_qk, cols_k, K, C)
         tl.store(g_ptrs, dg_c.to(dg.dtype.element_ty), mask=g_mask)
         arrived = 0
@@ -186,22 +213,42 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
                    S, dS, c_lo, c_hi,
                    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
                    HANDOFF: tl.constexpr, STORE_DH0: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
-                   PASSES: tl.constexpr):
+                   PASSES: tl.constexpr, RATIO: tl.constexpr):
     """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
     direction (``S``) and the state gradient leaving them (``dS``): pass A if ``PASSES & 1``,
-    pass B if ``PASSES & 2`` (from the scratch of an earlier launch when pass A is not here)."""
+    pass B if ``PASSES & 2`` (from the scratch of an earlier launch when pass A is not here).
+    With ``RATIO``, both passes take the ratio chunk math where every gate of the walk allows
+    it (as the forward's ``_walk``: each pass compiled twice, one chunk math per loop)."""
     if PASSES & 1:
-        dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, dS,
-                     c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION)
+        if RATIO:
+            if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
+                dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
+                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, True)
+            else:
+                dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
+                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, False)
+        else:
+            dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
+                         dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, False)
         if STORE_DH0:
             kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
             tl.store(dh0 + bh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :], dS, mask=kv_mask)
     if PASSES == 3:
         tl.debug_barrier()  # pass B reads what other threads parked
     if PASSES & 2:
-        _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
-                bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
-                C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION)
+        if RATIO:
+            if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
+                _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
+                        flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
+                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, True)
+            else:
+                _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
+                        flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
+                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, False)
+        else:
+            _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
+                    bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
+                    C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, False)
 
 
 @triton.jit
@@ -211,6 +258,7 @@ def _gla_bwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PASSES: tl.constexpr = 3,
+    RATIO: tl.constexpr = False,
 ):
     """Backward, one program per (batch·head, direction, segment); see the module docstring.
 
@@ -259,7 +307,7 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v,
                        parts_q + size_k, parts_k + size_k, parts_v + size_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, False,
-                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES)
+                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES, RATIO)
     else:
         if HAS_BSTATES:  # R at the segment's right edge, dR at its left edge
             S = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
@@ -267,4 +315,4 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, dh0, scr, parts_q + size_k, parts_k + size_k,
                        parts_v + size_v, parts_q, parts_k, parts_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, True,
-                       BIDIR, False, DOT_BF16, PRECISION, PASSES)
+                       BIDIR, False, DOT_BF16, PRECISION, PASSES, RATIO)

@@ -99,6 +99,11 @@ class Config:
     # 28.3, 132: 39.7 / 29.6, 264: 47.8 / 40.3, 384: 54.1 / 50.2, 528: 62.8 / 62.4, 768:
     # 88.3 / 102.1. The same o bit for bit either way (one float32 addition, which commutes).
     single_pass_park_all_per_sm: int = 3
+    # walks whose gates are all >= -32 / chunk score pairs by a decay ratio, one dot a chunk,
+    # instead of the binary hierarchy's one a level (kernels_single_pass._ratio_scores). H100,
+    # bf16, forward (NOTES.md session 18): vigT_224 88.1 -> 59.0 µs, vigT_1024 153.8 -> 124.9,
+    # lm_4k 2124 -> 1173
+    single_pass_ratio: bool = True
     # sequences longer than single_pass_max_t: tokens per segment program (a multiple of the
     # chunk; the boundary states come first, kernels_boundary_states.py)
     # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
@@ -116,6 +121,9 @@ class Config:
     # 891 -> 824, vigT_1024 720 -> 676 (4 warps: 418, 820, 708; NOTES.md session 9, run 5)
     single_pass_bwd_split: bool = True
     single_pass_bwd_pass_a_num_warps: int = 2
+    # the ratio chunk math (as single_pass_ratio) in both passes. H100, bf16, forward+backward
+    # (session 18): vigT_224 395.1 -> 321.2 µs, vigT_1024 612.5 -> 521.6 (the forward's already on)
+    single_pass_bwd_ratio: bool = True
     # matmul operands of float16 / bfloat16 inputs (``_dot_mode``): one of HALF_DOT_MODES, or
     # None for the dtype's default
     half_dots: Optional[str] = None
@@ -423,7 +431,8 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             T, H, K, V, scale_eff, seg // C,
             C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
-            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all, num_warps=warps,
+            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all,
+            RATIO=cfg.single_pass_ratio, num_warps=warps,
             num_stages=cfg.single_pass_num_stages, **extra,
         )
         if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
@@ -472,6 +481,7 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
                 C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
                 HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
                 HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PASSES=passes,
+                RATIO=cfg.single_pass_bwd_ratio,
                 num_warps=warps, num_stages=1, **options,
             )
     return dh0
