@@ -2,7 +2,7 @@
 
     python benchmarks/triton_configs_gpu.py [--shapes vigT_224,vigB_224] [--dtype bfloat16]
         [--variants "single_pass=False;single_pass_chunk=16,single_pass_num_warps=8;..."]
-        [--baselines cupy] [--backward]
+        [--baselines cupy] [--backward] [--strong-gate-every 128]
 
 Every variant is first checked against the float64 torch backend on the GPU (relative error of
 ``o``; NaN or an error above the DESIGN §3 bound marks the row FAILED), then timed as GPU time:
@@ -112,6 +112,10 @@ def main(argv=None) -> int:
                         help="';'-separated config overrides of the triton backend ('' = defaults)")
     parser.add_argument("--baselines", default="cupy", help="other backends timed in the same run")
     parser.add_argument("--backward", action="store_true", help="time forward+backward, check gradients")
+    parser.add_argument("--strong-gate-every", type=int, default=0, metavar="TOKENS",
+                        help="set the first K column's gate (both directions) to -3 at every TOKENS-th token: "
+                             "below the ratio chunk math's bound, so walks that read one take the hierarchy "
+                             "(128 reaches every walk of a single-pass kernel; 0: ViG-like gates only)")
     args = parser.parse_args(argv)
     from glakernels.backends.triton import launch
 
@@ -121,6 +125,10 @@ def main(argv=None) -> int:
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         sets = [{n: t.detach() for n, t in random_inputs(shape, dtype, "cuda", seed=s).items()} for s in range(3)]
+        if args.strong_gate_every:
+            for x in sets:
+                for name in ("g", "g_reverse"):
+                    x[name][:, ::args.strong_gate_every, :, 0] = -3.0
         grad = torch.randn(shape.batch, shape.seq_len, shape.heads, shape.head_dim_v, device="cuda", dtype=dtype)
         if args.backward:
             for x in sets:
