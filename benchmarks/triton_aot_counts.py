@@ -19,7 +19,9 @@ per element) and the counts overstate the real kernel (sessions 5-7 compared suc
 Launch settings (chunk, warps, register cap, tiles) are ``launch.choose_config``'s for the shape.
 
 A loop's count is the PTX of the blocks LLVM marks as inside it ("in Loop: Header=..."): for
-the forward the two directions' walks; for the backward pass A and pass B of each direction.
+the forward the two directions' walks; for the backward pass A and pass B of each direction;
+each of them twice, once per chunk math (tell them apart by their ``mma`` counts: the
+hierarchy's has more than the ratio's; ``kernels_single_pass``' docstring).
 PTX is not SASS — ptxas removes most ``mov``s and splits some operations — so use the counts
 to compare variants, not as cycle counts.
 """

@@ -40,10 +40,11 @@ def test_forward_loads_are_vectorised_as_in_a_launch(tmp_path):
     assert re.search(r"ld\.global(\.\w+)*\.b16", ptx)
 
 
-@pytest.mark.parametrize("kind, n_loops", [("fwd", 2), ("bwd", 4)])
+@pytest.mark.parametrize("kind, n_loops", [("fwd", 4), ("bwd", 8)])
 def test_finds_each_directions_chunk_loops(tmp_path, kind, n_loops):
-    """Forward: one walk per direction; backward: pass A and pass B per direction. Every walk
-    does tensor-core work."""
+    """Forward: one walk per direction and chunk math (the ratio's and the hierarchy's, see
+    ``kernels_single_pass``); backward: pass A and pass B per direction and chunk math. Every
+    walk does tensor-core work."""
     report, _ = _run(tmp_path, "--kernel", kind, "--top", "40")
     loops = re.findall(r"^loop \S+: (\d+) instructions; (.*)$", report, re.M)
     assert len(loops) == n_loops, report
