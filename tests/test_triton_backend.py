@@ -226,6 +226,32 @@ def test_a_gate_below_the_bound_sends_the_walk_to_the_hierarchy():
     assert_close(ratio, ref, 1e-4, "ratio and hierarchy walks in one launch")
 
 
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "causal-states"])
+def test_ratio_tested_per_chunk(bidirectional):
+    """``single_pass_ratio_per_chunk``: the test per chunk, both chunk maths in one loop. A
+    walk with one strong gate then takes the hierarchy for that chunk only: against float64
+    (outputs, states, gradients), and not the per-walk test's result (which takes the
+    hierarchy for the whole walk)."""
+    launch = _launch()
+    lowest = -32.0 / launch.choose_config(70, 20, 24).single_pass_chunk
+    case = Case(2, 70, 2, 20, 24, torch.float32, bidirectional=bidirectional, states=not bidirectional)
+    x = make_inputs(case, DEVICE, seed=43)
+    for name in ("g", "g_reverse"):
+        if name in x:
+            x[name] = _gates_down_to(x[name].shape, lowest, seed=9).to(DEVICE, torch.float32)
+            x[name][:, 37, :, 5] = -7.0  # chunk 2 of 5, in every walk
+    kwargs = {"bidirectional": bidirectional}
+    if not bidirectional:
+        kwargs["output_final_state"] = True
+    with launch.override_config(single_pass_ratio_per_chunk=True):
+        got, expected = backend_and_reference("triton", x, **kwargs)
+        assert_close(got, expected, 1e-4, "ratio tested per chunk")
+        per_chunk, cot = outputs_and_grads(gated_linear_attention, x, None, **kwargs, backend="triton")
+    per_walk, _ = outputs_and_grads(gated_linear_attention, x, cot, **kwargs, backend="triton")
+    for name in ("o", "dq", "dk"):
+        assert not torch.equal(per_chunk[name], per_walk[name]), name
+
+
 @pytest.mark.parametrize(
     "case, layout",
     [

@@ -191,14 +191,26 @@ def _ratio_min_gate(C: tl.constexpr):
 
 
 @triton.jit
+def _chunk_allows_ratio(gt, C: tl.constexpr):
+    """Whether every gate of the tile is >= ``_ratio_min_gate(C)`` (a minimum: exact, the same
+    at any launch setting)."""
+    return tl.min(tl.min(gt.to(tl.float32), axis=1), axis=0) >= _ratio_min_gate(C)
+
+
+@triton.jit
 def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
                 REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
     """One direction over one chunk: its (unscaled) part of the chunk's output, given the state
-    entering the chunk in this direction, and the state leaving it. ``RATIO``: the chunk's
-    gates are all >= ``_ratio_min_gate(C)`` (the caller checked), and its scores come from
-    ``_ratio_scores``."""
-    if RATIO:
+    entering the chunk in this direction, and the state leaving it. ``RATIO`` (``_walk``): 0,
+    the hierarchy's scores; 1, ``_ratio_scores`` (the caller checked the gates); 2, either,
+    by this chunk's gates."""
+    if RATIO == 1:
         A, Qf, Kf, total = _ratio_scores(qt, kt, gt, C, BK, REV, DOT_BF16, PRECISION)
+    elif RATIO == 2:
+        if _chunk_allows_ratio(gt, C):
+            A, Qf, Kf, total = _ratio_scores(qt, kt, gt, C, BK, REV, DOT_BF16, PRECISION)
+        else:
+            A, Qf, Kf, total = _level_scores(qt, kt, gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     else:
         A, Qf, Kf, total = _level_scores(qt, kt, gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt.to(tl.float32) * Qf, state, DOT_BF16, PRECISION)
@@ -301,23 +313,24 @@ def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_f
           stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
           C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
           HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
-    """``_direction_walk`` with ``RATIO`` chunk math where every gate of the walk allows it
-    (checked first: one test per program instead of one per chunk, so that each of the two
-    walks compiles with only its own chunk math in its loop; with both in one loop, a branch
-    per chunk, the forward spilled 868 bytes against 56 — sm_90 compile, 2 warps)."""
-    if RATIO:
+    """``_direction_walk`` with the chunk math ``RATIO`` asks for: 0, the hierarchy; 1, the
+    ratio math where every gate of the walk allows it (checked first, one test per program,
+    so that each of the two walks compiles with only its own chunk math in its loop); 2, a
+    test per chunk, both maths in one loop (the forward's AOT sm_90 compile at 2 warps spilled
+    868 bytes against 332 with 1; ``Config.single_pass_ratio_per_chunk``)."""
+    if RATIO == 1:
         if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
             state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
                                     T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, True)
+                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 1)
         else:
             state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
                                     T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, False)
+                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 0)
     else:
         state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
                                 T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, False)
+                                C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, RATIO)
     return state
 
 
@@ -328,7 +341,7 @@ def _gla_fwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PARK_ALL: tl.constexpr = False,
-    RATIO: tl.constexpr = False,
+    RATIO: tl.constexpr = 0,
 ):
     """Forward with one program per (batch·head, direction, V block, segment): each walks one
     direction only, so its dependency chain is half as long as when one program walks both. A

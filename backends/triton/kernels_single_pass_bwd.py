@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from .kernels import _dot, _level_mask, _level_scores_and_grads, _load_state, _sequence_rows
-from .kernels_single_pass import (_count, _gates_allow_ratio, _look, _next_level, _ratio_factors, _rows_ptrs,
-                                 _total_of_pair)
+from .kernels_single_pass import (_chunk_allows_ratio, _count, _gates_allow_ratio, _look, _next_level, _ratio_factors,
+                                 _rows_ptrs, _total_of_pair)
 
 
 @triton.jit
@@ -63,13 +63,9 @@ def _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_
 
 
 @triton.jit
-def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
-                   DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
-    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy, or
-    with ``RATIO`` ``kernels_single_pass._ratio_factors``) and the chunk's total decay."""
-    if RATIO:
-        Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-        return Qf, total[None, :] * inv, total
+def _level_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr):
+    """The chunk-wide query- and key-side decay factors (the top level of the hierarchy) and
+    the chunk's total decay."""
     Qf = tl.exp(gt.to(tl.float32))
     Kf = tl.full([C, BK], 1.0, tl.float32)
     pair = Qf  # (unused at level 0)
@@ -79,42 +75,85 @@ def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, R
 
 
 @triton.jit
+def _ratio_chunk_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """``_level_factors`` by ``kernels_single_pass._ratio_factors`` (gates >= the bound)."""
+    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    return Qf, total[None, :] * inv, total
+
+
+@triton.jit
+def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
+                   DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+    """Pass A's factors, by the chunk math ``RATIO`` picks (as ``_chunk_grads``)."""
+    if RATIO == 1:
+        Qf, Kf, total = _ratio_chunk_factors(gt, C, REV, DOT_BF16, PRECISION)
+    elif RATIO == 2:
+        if _chunk_allows_ratio(gt, C):
+            Qf, Kf, total = _ratio_chunk_factors(gt, C, REV, DOT_BF16, PRECISION)
+        else:
+            Qf, Kf, total = _level_factors(gt, C, LOG2C, BK, REV)
+    else:
+        Qf, Kf, total = _level_factors(gt, C, LOG2C, BK, REV)
+    return Qf, Kf, total
+
+
+@triton.jit
+def _level_pairs(q, k, kt, gt, dA, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
+                 DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """The chunk's pairs (without the own token) by the hierarchy: their scores ``A``, their
+    (unscaled) parts of dq and dk, and the chunk's factors and total decay."""
+    Qf = tl.exp(gt.to(tl.float32))
+    Kf = tl.full([C, BK], 1.0, tl.float32)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    dq = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    pair = Qf  # (unused at level 0)
+    for LVL in tl.static_range(LOG2C):
+        # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
+        A, dq, dk = _level_scores_and_grads(q, kt if LVL == 0 else k, Qf, Kf, _level_mask(C, LVL, REV), dA, A,
+                                            dq, dk, DOT_BF16, PRECISION, LVL == 0)
+        Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
+    return A, dq, dk, Qf, Kf, _total_of_pair(pair, BK)
+
+
+@triton.jit
+def _ratio_pairs(q, k, gt, dA, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """``_level_pairs`` by the decay ratio (``kernels_single_pass._ratio_factors``; gates >=
+    the bound): the scores and their dq, dk parts in one dot each instead of one per level."""
+    rows = tl.arange(0, C)
+    # the pairs without the own token, whose terms the gate gradient must not see (_chunk_grads)
+    pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
+    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    qh = q * Qf
+    kh = k * inv
+    A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+    dA_pairs = tl.where(pairs, dA, 0.0)
+    dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
+    dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
+    return A, dq, dk, Qf, total[None, :] * inv, total
+
+
+@triton.jit
 def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG2C: tl.constexpr,
                  BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
                  RATIO: tl.constexpr):
     """One direction's dq, dk, dv and gate gradient for one chunk, and the state leaving it.
-    ``RATIO``: the chunk's gates are all >= ``_ratio_min_gate(C)`` (the caller checked), and
-    its pairs' scores and their dq, dk parts come from one dot each with the decay ratio
-    (``kernels_single_pass._ratio_factors``) instead of one per level."""
+    ``RATIO`` (``_direction_bwd``): 0, the hierarchy's pairs; 1, ``_ratio_pairs`` (the
+    caller checked the gates); 2, either, by this chunk's gates."""
     rows = tl.arange(0, C)
     eye = rows[:, None] == rows[None, :]
     q = qt.to(tl.float32)
     k = kt.to(tl.float32)
     dA = _dot(dot_, tl.trans(vt), DOT_BF16, PRECISION)  # dO vᵀ, unscaled
-    if RATIO:
-        # the pairs without the own token, whose terms the gate gradient must not see (below)
-        pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
-        Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-        Kf = total[None, :] * inv
-        qh = q * Qf
-        kh = k * inv
-        A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
-        dA_pairs = tl.where(pairs, dA, 0.0)
-        dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
-        dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
+    if RATIO == 1:
+        A, dq, dk, Qf, Kf, total = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
+    elif RATIO == 2:
+        if _chunk_allows_ratio(gt, C):
+            A, dq, dk, Qf, Kf, total = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
+        else:
+            A, dq, dk, Qf, Kf, total = _level_pairs(q, k, kt, gt, dA, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     else:
-        Qf = tl.exp(gt.to(tl.float32))
-        Kf = tl.full([C, BK], 1.0, tl.float32)
-        A = tl.zeros([C, C], dtype=tl.float32)
-        dq = tl.zeros([C, BK], dtype=tl.float32)
-        dk = tl.zeros([C, BK], dtype=tl.float32)
-        pair = Qf  # (unused at level 0)
-        for LVL in tl.static_range(LOG2C):
-            # level 0: Kf = 1, and the key tile goes in as loaded (exact in bfloat16: one dot fewer)
-            A, dq, dk = _level_scores_and_grads(q, kt if LVL == 0 else k, Qf, Kf, _level_mask(C, LVL, REV), dA, A,
-                                                dq, dk, DOT_BF16, PRECISION, LVL == 0)
-            Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
-        total = _total_of_pair(pair, BK)
+        A, dq, dk, Qf, Kf, total = _level_pairs(q, k, kt, gt, dA, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
     dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
     S_out = total[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
@@ -217,38 +256,39 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
     """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
     direction (``S``) and the state gradient leaving them (``dS``): pass A if ``PASSES & 1``,
     pass B if ``PASSES & 2`` (from the scratch of an earlier launch when pass A is not here).
-    With ``RATIO``, both passes take the ratio chunk math where every gate of the walk allows
-    it (as the forward's ``_walk``: each pass compiled twice, one chunk math per loop)."""
+    ``RATIO`` as the forward's ``_walk``: 1, both passes take the ratio chunk math where every
+    gate of the walk allows it (each pass compiled twice, one chunk math per loop); 2, a
+    test per chunk; 0, the hierarchy only."""
     if PASSES & 1:
-        if RATIO:
+        if RATIO == 1:
             if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
                 dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, True)
+                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 1)
             else:
                 dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, False)
+                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 0)
         else:
             dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                         dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, False)
+                         dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, RATIO)
         if STORE_DH0:
             kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
             tl.store(dh0 + bh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :], dS, mask=kv_mask)
     if PASSES == 3:
         tl.debug_barrier()  # pass B reads what other threads parked
     if PASSES & 2:
-        if RATIO:
+        if RATIO == 1:
             if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
                 _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
                         flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
-                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, True)
+                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, 1)
             else:
                 _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
                         flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
-                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, False)
+                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, 0)
         else:
             _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
                     bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
-                    C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, False)
+                    C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, RATIO)
 
 
 @triton.jit
@@ -258,7 +298,7 @@ def _gla_bwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PASSES: tl.constexpr = 3,
-    RATIO: tl.constexpr = False,
+    RATIO: tl.constexpr = 0,
 ):
     """Backward, one program per (batch·head, direction, segment); see the module docstring.
 

@@ -104,6 +104,10 @@ class Config:
     # bf16, forward (NOTES.md session 18): vigT_224 88.1 -> 59.0 µs, vigT_1024 153.8 -> 124.9,
     # lm_4k 2124 -> 1173
     single_pass_ratio: bool = True
+    # ... tested per chunk instead (both chunk maths in one loop: only the chunks with a
+    # stronger gate take the hierarchy, at the cost of more spills; forward and backward;
+    # off until measured, NOTES.md session 18)
+    single_pass_ratio_per_chunk: bool = False
     # sequences longer than single_pass_max_t: tokens per segment program (a multiple of the
     # chunk; the boundary states come first, kernels_boundary_states.py)
     # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
@@ -340,6 +344,12 @@ def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kin
     return bstates
 
 
+def _ratio_mode(on: bool, cfg: Config) -> int:
+    """The single-pass kernels' ``RATIO``: 0 the hierarchy only, 1 the ratio chunk math for
+    walks whose gates all allow it, 2 tested per chunk (``kernels_single_pass._walk``)."""
+    return (2 if cfg.single_pass_ratio_per_chunk else 1) if on else 0
+
+
 def _single_pass_segments(T: int, chunk: int, cfg: Config) -> tuple[int, int]:
     """Segment length and count of the single-pass kernels: one segment (the whole sequence,
     in chunks) up to ``single_pass_max_t`` tokens, else segments of ``single_pass_segment``."""
@@ -432,7 +442,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
             HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all,
-            RATIO=cfg.single_pass_ratio, num_warps=warps,
+            RATIO=_ratio_mode(cfg.single_pass_ratio, cfg), num_warps=warps,
             num_stages=cfg.single_pass_num_stages, **extra,
         )
         if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
@@ -481,7 +491,7 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
                 C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
                 HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
                 HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PASSES=passes,
-                RATIO=cfg.single_pass_bwd_ratio,
+                RATIO=_ratio_mode(cfg.single_pass_bwd_ratio, cfg),
                 num_warps=warps, num_stages=1, **options,
             )
     return dh0
