@@ -152,9 +152,9 @@ def _level_scores(qt, kt, gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.const
 @triton.jit
 def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """For a chunk whose gates are all >= ``_ratio_min_gate(C)``: ``Qf = exp(G)``, its inverse
-    ``exp(-G)`` and the chunk's total decay, with ``G`` the gates' inclusive prefix sum within
-    the chunk (reverse: suffix sum). The pair (t, s) then decays by ``Qf[t] · inverse[s]``,
-    and ``Kf = total · inverse``. ``G`` comes from a dot with a 0/1 triangle (exact operands),
+    ``exp(-G)``, ``Kf = total · inverse`` and the chunk's total decay, with ``G`` the gates'
+    inclusive prefix sum within the chunk (reverse: suffix sum). The pair (t, s) then decays
+    by ``Qf[t] · inverse[s]``. ``G`` comes from a dot with a 0/1 triangle (exact operands),
     which adds in the same order at any warp count, like every sum of these kernels; the gate
     bound keeps the inverse <= e^32."""
     rows = tl.arange(0, C)
@@ -167,7 +167,9 @@ def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexp
     else:  # float32 gates: IEEE, also where the caller allows tf32 for the other dots
         G = tl.dot(tri.to(tl.float32), gt.to(tl.float32), input_precision="ieee")
     Qf = tl.exp(G)
-    return Qf, tl.exp(-G), _row(Qf, 0 if REV else C - 1, C)  # (a row: one non-zero term, exact)
+    inv = tl.exp(-G)
+    total = _row(Qf, 0 if REV else C - 1, C)  # (a row: one non-zero term, exact)
+    return Qf, inv, total[None, :] * inv, total
 
 
 @triton.jit
@@ -178,10 +180,10 @@ def _ratio_scores(qt, kt, gt, C: tl.constexpr, BK: tl.constexpr, REV: tl.constex
     score is the exact term to the same relative error as in the hierarchy (the split dot
     keeps ~2^-17 of each operand, whatever its size), so nothing is lost to the inverses."""
     rows = tl.arange(0, C)
-    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    Qf, inv, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
     s = _dot(qt.to(tl.float32) * Qf, tl.trans(kt.to(tl.float32) * inv), DOT_BF16, PRECISION)
     keep = (rows[:, None] <= rows[None, :]) if REV else (rows[:, None] >= rows[None, :])
-    return tl.where(keep, s, 0.0), Qf, total[None, :] * inv, total
+    return tl.where(keep, s, 0.0), Qf, Kf, total
 
 
 @triton.jit
@@ -305,7 +307,7 @@ def _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C: tl.con
         t0 = c * C
         gt = _tile(g, row_qk, t0 + rows, rows < T - t0, stride_qk, cols_k, K)
         low = tl.minimum(low, gt.to(tl.float32))
-    return tl.min(tl.min(low, axis=1), axis=0) >= _ratio_min_gate(C)
+    return _chunk_allows_ratio(low, C)
 
 
 @triton.jit

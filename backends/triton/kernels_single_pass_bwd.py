@@ -75,21 +75,14 @@ def _level_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, R
 
 
 @triton.jit
-def _ratio_chunk_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """``_level_factors`` by ``kernels_single_pass._ratio_factors`` (gates >= the bound)."""
-    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-    return Qf, total[None, :] * inv, total
-
-
-@triton.jit
 def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
     """Pass A's factors, by the chunk math ``RATIO`` picks (as ``_chunk_grads``)."""
     if RATIO == 1:
-        Qf, Kf, total = _ratio_chunk_factors(gt, C, REV, DOT_BF16, PRECISION)
+        Qf, _, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
     elif RATIO == 2:
         if _chunk_allows_ratio(gt, C):
-            Qf, Kf, total = _ratio_chunk_factors(gt, C, REV, DOT_BF16, PRECISION)
+            Qf, _, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
         else:
             Qf, Kf, total = _level_factors(gt, C, LOG2C, BK, REV)
     else:
@@ -123,14 +116,14 @@ def _ratio_pairs(q, k, gt, dA, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.
     rows = tl.arange(0, C)
     # the pairs without the own token, whose terms the gate gradient must not see (_chunk_grads)
     pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
-    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    Qf, inv, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
     qh = q * Qf
     kh = k * inv
     A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
     dA_pairs = tl.where(pairs, dA, 0.0)
     dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
     dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
-    return A, dq, dk, Qf, total[None, :] * inv, total
+    return A, dq, dk, Qf, Kf, total
 
 
 @triton.jit
@@ -259,9 +252,11 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
     ``RATIO`` as the forward's ``_walk``: 1, both passes take the ratio chunk math where every
     gate of the walk allows it (each pass compiled twice, one chunk math per loop); 2, a
     test per chunk; 0, the hierarchy only."""
+    if RATIO == 1:  # (one test for both passes when they share a launch)
+        allow = _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK)
     if PASSES & 1:
         if RATIO == 1:
-            if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
+            if allow:
                 dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
                              dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 1)
             else:
@@ -277,7 +272,7 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
         tl.debug_barrier()  # pass B reads what other threads parked
     if PASSES & 2:
         if RATIO == 1:
-            if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
+            if allow:
                 _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
                         flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
                         c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, 1)
