@@ -59,7 +59,8 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
         mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass")
         fn = mod._gla_fwd_single_pass_kernel
         chunk = cfg.single_pass_chunk
-        consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False, RATIO=launch._ratio_mode(cfg.single_pass_ratio, cfg))
+        consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False,
+                      RATIO=launch._ratio_mode(cfg.single_pass_ratio, cfg))
         options = dict(num_warps=cfg.single_pass_num_warps, num_stages=cfg.single_pass_num_stages)
         if cfg.single_pass_maxnreg is not None:
             options["maxnreg"] = cfg.single_pass_maxnreg
