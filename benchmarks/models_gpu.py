@@ -15,6 +15,7 @@ the best backend available (``--backend`` forces one).
     python benchmarks/models_gpu.py --device cpu --tiny          # smoke test on a laptop / CI box
     python benchmarks/models_gpu.py --profile ViG-T:1024:8:infer  # where one step spends device time
     python benchmarks/models_gpu.py --profile ViG-T:224:128:infer:compile  # ... compiled (eager|graph|compile)
+    python benchmarks/models_gpu.py --models ViG-T --triton-config single_pass_ratio=False  # a kernel A/B
 
 Needs timm for DeiT (without it only the ViG rows are measured).
 """
@@ -22,6 +23,7 @@ Needs timm for DeiT (without it only the ViG rows are measured).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import json
@@ -80,6 +82,21 @@ def timed(fn, device: torch.device, min_time: float, min_iters: int, after_step=
     return statistics.median(times)
 
 
+def forget_cublas_workspaces() -> None:
+    """Free the cuBLAS workspaces earlier rows left behind, so that every row's peak counts
+    its own. PyTorch keeps one workspace per (handle, stream) in the caching allocator, so
+    they count as allocated memory, and each row's graph capture uses new streams: without
+    this, every row's peak carried the workspaces of all rows before it (H100, ViG-T and
+    DeiT-T alternating at 1024 px: ~33 MiB more per inference row, ~65 per training row;
+    ViG-T / DeiT-T inference peak 0.88× with the carry-over, 0.98× without; nineteenth
+    session, ``benchmarks/RESULTS.md``)."""
+    gc.collect()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private: absent, keep the old count
+    if clear is not None:
+        clear()
+    torch.cuda.empty_cache()
+
+
 def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, args, device,
             after_step=None) -> dict:
     """One row. ``runner_kind``: ``eager``; ``compile`` (``torch.compile``, default mode);
@@ -87,6 +104,8 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
     ``graph``: the eager step (inference, or forward, backward and the optimizer's step)
     captured once in a CUDA graph and replayed, which takes Python and kernel launches out of
     the timing (the GPU-bound speed of the same eager kernels)."""
+    if device.type == "cuda":
+        forget_cublas_workspaces()
     torch.manual_seed(0)
     model = build(label, img_size, args.tiny).to(device)
     model.train(mode == "train")
@@ -224,6 +243,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, metavar="MODEL:PX:BATCH:MODE",
                    help="instead of the table, profile one point (e.g. ViG-T:1024:8:infer) and print the "
                         "operators that take the device's time")
+    p.add_argument("--triton-config", default="", metavar="FIELD=VALUE,...",
+                   help="run every row under the triton backend's launch.override_config with these Config "
+                        "fields (e.g. single_pass_ratio=False): the other side of a kernel-setting A/B, from the "
+                        "same tree (a second checkout on PYTHONPATH does not replace glakernels.backends)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -249,9 +272,45 @@ def main(argv=None) -> int:
 
     import glakernels
 
+    try:
+        overrides = triton_overrides(args.triton_config)
+    except ValueError as e:
+        p.error(f"--triton-config: {e}")
     backends = [b.name for b in glakernels.available_backends() if b.available]
     print(f"device: {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
-          f"glakernels backends available: {backends}")
+          f"glakernels backends available: {backends}"
+          + (f"; triton config {args.triton_config}" if args.triton_config else ""))
+    with overrides:
+        return run(args, device, points, models, compile_modes)
+
+
+def triton_overrides(text: str):
+    """The context ``--triton-config`` asks for: ``launch.override_config`` with its fields,
+    checked against ``launch.Config`` here rather than at the first kernel launch."""
+    if not text.strip():
+        return contextlib.nullcontext()
+    import dataclasses
+
+    try:
+        from glakernels.backends.triton import launch
+    except ImportError as e:
+        raise ValueError(f"needs the triton backend, which does not import here ({e})") from None
+
+    known = {f.name for f in dataclasses.fields(launch.Config)}
+    fields = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(f"expected FIELD=VALUE items with FIELD one of launch.Config's fields, got {item!r}")
+        try:
+            fields[name] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{name}: expected a Python literal (True, 16, None, ...), got {value.strip()!r}") from None
+    return launch.override_config(**fields)
+
+
+def run(args, device, points, models, compile_modes) -> int:
     if args.profile:
         return profile(args, device)
     rows = []

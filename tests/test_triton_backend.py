@@ -426,8 +426,8 @@ def test_single_pass_forward_is_bitwise_reproducible():
 
 def test_single_pass_calls_prefer_triton_on_cuda():
     """Automatic selection on CUDA: triton above cupy where its single-pass kernels measured
-    faster (forward-only K <= 64; training K, V <= 64, with float32 inputs on long sequences
-    only; with the "medium" matmul precision also forward-only K <= 128), below it otherwise."""
+    faster (forward-only K <= 64, and K <= 128 with 16-bit inputs; training K, V <= 64, with
+    float32 inputs on long sequences only), below it otherwise, whatever the matmul precision."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
@@ -441,7 +441,8 @@ def test_single_pass_calls_prefer_triton_on_cuda():
         (short, False, True, True), (short, True, True, True),
         (long, False, True, True), (long, True, True, True),
         (wide_v, False, True, True), (wide_v, True, False, False),
-        (wide, False, False, True), (wide, True, False, False),
+        (wide, False, True, True), (wide, True, False, False),
+        (dict(wide, dtype=torch.float32), False, False, False),
         (wider, False, False, False), (wider, True, False, False),
         (dict(short, dtype=torch.float32), True, False, False),
     ]

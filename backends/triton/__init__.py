@@ -15,7 +15,6 @@ import torch
 
 from glakernels._backend import Backend
 from glakernels._dispatch import register_backend
-from glakernels._precision import float32_matmul_precision
 from glakernels._problem import GLAGradients, GLAInputs
 
 _TRUE = ("1", "true", "on", "yes", "y")
@@ -34,21 +33,23 @@ class TritonBackend(Backend):
     max_head_dim_k = 256
     max_head_dim_v = 256
     # second on CUDA, after cupy, for the calls the single-pass ranking below leaves out
-    # (K > 128; training calls with K or V > 64), where only the two-phase kernels run
+    # (K > 128; training calls with K or V > 64; float32 forwards with K > 64), where only the
+    # two-phase kernels run or where cupy was not measured slower
     auto_priority = {"cuda": 100}
     #: Rank of the calls the single-pass kernels run where they measured faster than cupy:
     #: above cupy's 200. With the default matmul precision (16-bit inputs split their float32
-    #: operands, ``launch._dot_mode``): forward-only calls with K <= 64, and training calls
-    #: with K, V <= 64 (float32 inputs: on sequences over ``SINGLE_SEGMENT_MAX_T`` only). H100,
+    #: operands, ``launch._dot_mode``): forward-only calls with K <= 64, 16-bit forward-only
+    #: calls with K <= 128, and training calls with K, V <= 64 (float32 inputs: on sequences
+    #: over ``SINGLE_SEGMENT_MAX_T`` only). H100,
     #: bf16, CUDA-graph GPU time (`python benchmarks/triton_configs_gpu.py --shapes
     #: vigT_224,vigB_224,vigT_1024 --variants= [--backward]`, NOTES.md session 8, three runs),
     #: triton / cupy µs: forward vigT_224 94 / 109, vigT_1024 175 / 297; forward+backward
     #: vigT_224 462 / 469, 457 / 466, 463 / 471, vigB_224 892 / 910, 892 / 917, 894 / 875 (a
     #: tie), vigT_1024 725 / 1087; since the backward's split launches (session 9): vigT_224
     #: 415 / 468, vigB_224 824 / 915, vigT_1024 676 / 1125 (session 6: lm_4k, K = 128,
-    #: forward 2160 / 1964, so cupy keeps 64 < K <= 128).
-    #: Under ``torch.set_float32_matmul_precision("medium")`` (one bfloat16 dot) with 16-bit
-    #: inputs, also forward-only calls with K <= 128 (lm_4k forward 1425).
+    #: forward 2160 / 1964, so cupy kept 64 < K <= 128 until the ratio chunk math of session
+    #: 18: lm_4k forward 1181 / 1974 in session 19, `python -m glakernels.backends.cupy.tune
+    #: --backends triton,cupy`, where triton leads at every DESIGN §7 shape).
     single_pass_priority = 300
     # torch.compile traces the launches on CUDA, forward and backward (not the interpreter's:
     # Dynamo records only compiled Triton kernels). H100, ViG-T under the default
@@ -74,13 +75,12 @@ class TritonBackend(Backend):
         from .launch import SINGLE_PASS_FORWARD_MAX_K, SINGLE_PASS_MAX_K, SINGLE_SEGMENT_MAX_T
 
         half = spec.dtype in (torch.float16, torch.bfloat16)
-        fast = half and float32_matmul_precision() == "medium"
         narrow = spec.head_dim_k <= SINGLE_PASS_MAX_K
         if spec.needs_grad:
             # short-sequence training was measured with 16-bit inputs only: float32 stays with cupy
             wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (half or spec.seq_len > SINGLE_SEGMENT_MAX_T)
         else:
-            wins = narrow or (fast and spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K)
+            wins = narrow or (half and spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K)
         return self.single_pass_priority if wins else base
 
     def runs_on(self) -> frozenset[str]:
