@@ -1,6 +1,6 @@
 """Time the triton backend's forward under config variants, on one GPU, in one run.
 
-    python benchmarks/triton_configs_gpu.py [--shapes vigT_224,vigB_224] [--dtype bfloat16]
+    python benchmarks/triton_configs_gpu.py [--shapes vigT_224,vigB_224,32x196x8x128x128] [--dtype bfloat16]
         [--variants "single_pass=False;single_pass_chunk=16,single_pass_num_warps=8;..."]
         [--baselines cupy] [--backward] [--strong-gate-every 128]
 
@@ -29,7 +29,7 @@ import time
 import torch
 
 from glakernels import gated_linear_attention
-from glakernels.bench import SHAPES, memory_floor_bytes, random_inputs
+from glakernels.bench import SHAPES, Shape, memory_floor_bytes, random_inputs
 
 BOUNDS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DEFAULT_VARIANTS = ";".join([
@@ -54,6 +54,17 @@ def parse_variant(text: str) -> dict:
         name, value = item.split("=")
         fields[name.strip()] = ast.literal_eval(value.strip())
     return fields
+
+
+def shape_from(name: str) -> Shape:
+    """A DESIGN §7 shape by name, or ``BxTxHxKxV``."""
+    if name in SHAPES:
+        return SHAPES[name]
+    try:
+        b, t, h, k, v = (int(n) for n in name.split("x"))
+    except ValueError:
+        raise ValueError(f"{name!r} is neither one of {sorted(SHAPES)} nor BxTxHxKxV") from None
+    return Shape(name, b, t, h, k, v)
 
 
 def graph_time(call, sets, reps: int = 10, replays: int = 7) -> float:
@@ -106,7 +117,8 @@ def rel_error(outs, refs) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="vigT_224,vigB_224")
+    parser.add_argument("--shapes", default="vigT_224,vigB_224",
+                        help="DESIGN §7 shape names, or BxTxHxKxV for any other (e.g. 32x196x8x128x128)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="';'-separated config overrides of the triton backend ('' = defaults)")
@@ -122,8 +134,12 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     rows = []
-    for shape_name in args.shapes.split(","):
-        shape = SHAPES[shape_name]
+    try:
+        shapes = [shape_from(name) for name in args.shapes.split(",")]
+    except ValueError as e:
+        parser.error(f"--shapes: {e}")
+    for shape in shapes:
+        shape_name = shape.name
         sets = [{n: t.detach() for n, t in random_inputs(shape, dtype, "cuda", seed=s).items()} for s in range(3)]
         if args.strong_gate_every:
             for x in sets:

@@ -252,6 +252,68 @@ def test_ratio_tested_per_chunk(bidirectional):
         assert not torch.equal(per_chunk[name], per_walk[name]), name
 
 
+@pytest.mark.parametrize("dtype, layout", [
+    *((torch.float32, layout) for layout in ("one-segment", "chunks-per-segment-2", "one-chunk-segments")),
+    *((dtype, "one-segment") for dtype in RATIO_DTYPES[1:]),
+], ids=lambda p: p if isinstance(p, str) else str(p).split(".")[-1])
+def test_two_phase_backward_ratio_at_its_gate_bound(dtype, layout):
+    """The two-phase backward (``kernels._gla_bwd_kernel``; here for V = 72 > 64) scores a
+    chunk's pairs by the decay ratio where its gates are all >= -32 / chunk: gradients against
+    float64 with every gate down to that bound, in one segment and in segment programs (with
+    and without a walk in phase 1), bidirectional and causal with states; and the path is
+    taken (float32: dq and dk are not bit for bit the hierarchy's)."""
+    launch = _launch()
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    with launch.override_config(**fields):
+        lowest = -32.0 / launch.choose_config(70, 20, 72).chunk
+    for bidirectional in (True, False):
+        case = Case(2, 70, 1, 20, 72, dtype, bidirectional=bidirectional, states=not bidirectional)
+        x = make_inputs(case, DEVICE, seed=33)
+        for name in ("g", "g_reverse"):
+            if name in x:
+                x[name] = _gates_down_to(x[name].shape, lowest, seed=len(name) + 2).to(DEVICE, dtype)
+        kwargs = {"bidirectional": bidirectional}
+        if not bidirectional:
+            kwargs["output_final_state"] = True
+        with launch.override_config(**fields):
+            got, expected = backend_and_reference("triton", x, **kwargs)
+            assert_close(got, expected, BACKEND.tolerance(dtype), f"{case.id()} {layout}")
+        if dtype != torch.float32:
+            continue
+        with launch.override_config(**fields):
+            ratio, cot = outputs_and_grads(gated_linear_attention, x, None, **kwargs, backend="triton")
+        with launch.override_config(two_phase_bwd_ratio=False, **fields):
+            levels, _ = outputs_and_grads(gated_linear_attention, x, cot, **kwargs, backend="triton")
+        assert torch.equal(ratio["o"], levels["o"])  # (the forward is not this switch's)
+        for name in ("dq", "dk"):
+            assert not torch.equal(levels[name], ratio[name]), name
+
+
+def test_two_phase_backward_tests_the_ratio_per_chunk():
+    """In the two-phase backward each chunk (and K tile) tests its own gates: one gate just
+    below the bound in a chunk of one sequence, in both directions, gives that chunk's rows
+    the hierarchy's gradients bit for bit, while the sequence's other chunks and the other
+    sequence keep the ratio math; all against float64."""
+    launch = _launch()
+    C = launch.choose_config(90, 8, 72).chunk
+    lowest = -32.0 / C
+    x = make_inputs(Case(2, 90, 1, 8, 72, torch.float32), DEVICE, seed=45)
+    for name in ("g", "g_reverse"):
+        x[name] = _gates_down_to(x[name].shape, lowest, seed=len(name) + 4).to(DEVICE, torch.float32)
+        x[name][0, C + 5, 0, 3] = lowest * 1.001  # chunk 1 of sequence 0
+    ratio, cot = outputs_and_grads(gated_linear_attention, x, None, bidirectional=True, backend="triton")
+    with launch.override_config(two_phase_bwd_ratio=False):
+        levels, _ = outputs_and_grads(gated_linear_attention, x, cot, bidirectional=True, backend="triton")
+    strong = slice(C, 2 * C)
+    for name in ("dq", "dk", "dv", "dg", "dg_reverse"):  # tensors are [B, T, H, dim]
+        assert torch.equal(ratio[name][0, strong], levels[name][0, strong]), name
+    for name in ("dq", "dk"):
+        assert not torch.equal(ratio[name][0, :C], levels[name][0, :C]), name
+        assert not torch.equal(ratio[name][1], levels[name][1]), name
+    _, ref = backend_and_reference("triton", x, bidirectional=True)
+    assert_close(ratio, ref, 1e-4, "ratio and hierarchy chunks in one backward")
+
+
 @pytest.mark.parametrize(
     "case, layout",
     [
@@ -427,7 +489,8 @@ def test_single_pass_forward_is_bitwise_reproducible():
 def test_single_pass_calls_prefer_triton_on_cuda():
     """Automatic selection on CUDA: triton above cupy where its single-pass kernels measured
     faster (forward-only K <= 64, and K <= 128 with 16-bit inputs; training K, V <= 64, with
-    float32 inputs on long sequences only), below it otherwise, whatever the matmul precision."""
+    float32 inputs on long sequences only, and 64 < K, V <= 128 with 16-bit inputs on long
+    sequences), below it otherwise, whatever the matmul precision."""
     launch = _launch()
     short = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
                  device_type="cuda", bidirectional=True)
@@ -443,6 +506,11 @@ def test_single_pass_calls_prefer_triton_on_cuda():
         (wide_v, False, True, True), (wide_v, True, False, False),
         (wide, False, True, True), (wide, True, False, False),
         (dict(wide, dtype=torch.float32), False, False, False),
+        (dict(long, head_dim_k=128, head_dim_v=128), True, True, True),
+        (dict(long, head_dim_k=128, head_dim_v=128, dtype=torch.float32), True, False, False),
+        (dict(long, head_dim_k=128, head_dim_v=129), True, False, False),
+        (dict(long, head_dim_k=36, head_dim_v=72), True, False, False),
+        (dict(short, head_dim_k=128, head_dim_v=128), True, False, False),
         (wider, False, False, False), (wider, True, False, False),
         (dict(short, dtype=torch.float32), True, False, False),
     ]

@@ -32,15 +32,16 @@ class TritonBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = 256
     max_head_dim_v = 256
-    # second on CUDA, after cupy, for the calls the single-pass ranking below leaves out
-    # (K > 128; training calls with K or V > 64; float32 forwards with K > 64), where only the
-    # two-phase kernels run or where cupy was not measured slower
+    # second on CUDA, after cupy, for the calls the ranking below leaves out (K > 128; most
+    # training calls with K or V > 64; float32 forwards with K > 64), where only the two-phase
+    # kernels run or where cupy was not measured slower
     auto_priority = {"cuda": 100}
     #: Rank of the calls the single-pass kernels run where they measured faster than cupy:
     #: above cupy's 200. With the default matmul precision (16-bit inputs split their float32
     #: operands, ``launch._dot_mode``): forward-only calls with K <= 64, 16-bit forward-only
-    #: calls with K <= 128, and training calls with K, V <= 64 (float32 inputs: on sequences
-    #: over ``SINGLE_SEGMENT_MAX_T`` only). H100,
+    #: calls with K <= 128, training calls with K, V <= 64 (float32 inputs: on sequences over
+    #: ``SINGLE_SEGMENT_MAX_T`` only), and 16-bit training calls on such long sequences
+    #: with 64 < K, V <= 128 (below). H100,
     #: bf16, CUDA-graph GPU time (`python benchmarks/triton_configs_gpu.py --shapes
     #: vigT_224,vigB_224,vigT_1024 --variants= [--backward]`, NOTES.md session 8, three runs),
     #: triton / cupy µs: forward vigT_224 94 / 109, vigT_1024 175 / 297; forward+backward
@@ -49,7 +50,12 @@ class TritonBackend(Backend):
     #: 415 / 468, vigB_224 824 / 915, vigT_1024 676 / 1125 (session 6: lm_4k, K = 128,
     #: forward 2160 / 1964, so cupy kept 64 < K <= 128 until the ratio chunk math of session
     #: 18: lm_4k forward 1181 / 1974 in session 19, `python -m glakernels.backends.cupy.tune
-    #: --backends triton,cupy`, where triton leads at every DESIGN §7 shape).
+    #: --backends triton,cupy`, where triton leads at every DESIGN §7 shape). Also 16-bit
+    #: training calls with 64 < K, V <= 128 on sequences over ``SINGLE_SEGMENT_MAX_T``, where
+    #: the two-phase backward runs with the ratio math since session 19: forward+backward
+    #: lm_4k 6251 / 7669 (`python benchmarks/triton_configs_gpu.py --backward --shapes
+    #: lm_4k,32x196x8x128x128,64x256x16x36x72 --variants ";two_phase_bwd_ratio=False"`;
+    #: cupy stays first on the other two: 2191 / 1791 and 14370 / 4585).
     single_pass_priority = 300
     # torch.compile traces the launches on CUDA, forward and backward (not the interpreter's:
     # Dynamo records only compiled Triton kernels). H100, ViG-T under the default
@@ -79,6 +85,11 @@ class TritonBackend(Backend):
         if spec.needs_grad:
             # short-sequence training was measured with 16-bit inputs only: float32 stays with cupy
             wins = narrow and spec.head_dim_v <= SINGLE_PASS_MAX_K and (half or spec.seq_len > SINGLE_SEGMENT_MAX_T)
+            # the two-phase backward's ratio math won on long sequences with wide heads (lm_4k),
+            # not on short ones (T = 196, K = V = 128) nor with a narrow K (K = 36, V = 72)
+            wide_heads = all(SINGLE_PASS_MAX_K < d <= SINGLE_PASS_FORWARD_MAX_K
+                             for d in (spec.head_dim_k, spec.head_dim_v))
+            wins = wins or (half and wide_heads and spec.seq_len > SINGLE_SEGMENT_MAX_T)
         else:
             wins = narrow or (half and spec.head_dim_k <= SINGLE_PASS_FORWARD_MAX_K)
         return self.single_pass_priority if wins else base

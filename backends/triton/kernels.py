@@ -19,7 +19,8 @@ cancellation (a product of n factors has relative error <= n·eps whatever the s
 sums: after a -1e4 gate the factor is exactly 0 and the products restart cleanly), and no gate
 clamping. The error bound of every decay is (number of factors + 1)·eps_float32 relative,
 i.e. <= 260 · 6e-8 = 1.6e-5 for the longest product (a 256-token segment), typically sqrt of
-that; everything else is ordinary float32 accumulation.
+that; everything else is ordinary float32 accumulation. (One exception, where it is safe: the
+ratio form of the backward's intra-chunk scores, below.)
 
 **Intra-chunk scores without division: a binary hierarchy of reference points.** Time is cut
 into chunks of ``C`` tokens (C a power of two). Inside a chunk, the pair (t, s) with s < t is
@@ -36,6 +37,16 @@ suffix product within them. So the score matrix is, per level ℓ = 0 .. log2(C)
 diagonal ``q_t · k_t`` (decay 1). The reverse direction is the mirror image (upper triangle,
 ``Qr_ℓ`` = inclusive suffix, ``Kr_ℓ`` = exclusive prefix products of ``fr``), and both
 directions add into one score matrix, so ``o = (A_fwd + A_rev) v`` is one matmul.
+
+**The ratio form (backward).** Where a chunk's gates (within a K tile) are all >= -32 / C,
+the backward takes the pairs' decays as ``exp(G_t) · exp(-G_s)`` with ``G`` the gates' prefix
+sum within the chunk (``_ratio_factors``, ``_ratio_pairs``): one dot each for the scores, dq
+and dk instead of three a level. The bound keeps every inverse <= e^32, so both factors are
+finite and the split dots keep each term to ~2^-17 of its size, as in the hierarchy. Each
+chunk tests its own gates, so a strong gate sends only its chunk (and K tile) to the
+hierarchy (H100, bf16, lm_4k forward+backward 7.30 -> 6.25 ms; NOTES.md session 19). The
+forward here keeps the hierarchy: by default it runs only for K > 128, the single-pass forward (which
+has the ratio form of its own, per walk) taking everything else.
 
 **Across chunks: states.** With ``qbar = q ⊙ (prefix product of f from the chunk start)``,
 ``kbar = k ⊙ (exclusive suffix product of f to the chunk end)`` and ``Γ`` the chunk's total
@@ -227,6 +238,61 @@ def _level_mask(C: tl.constexpr, lvl, REV: tl.constexpr):
 
 
 @triton.jit
+def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """For a chunk whose gates are all >= ``_ratio_min_gate(C)``: ``Qf = exp(G)``, its inverse
+    ``exp(-G)``, ``Kf = total · inverse`` and the chunk's total decay, with ``G`` the gates'
+    inclusive prefix sum within the chunk (reverse: suffix sum). The pair (t, s) then decays
+    by ``Qf[t] · inverse[s]``. ``G`` comes from a dot with a 0/1 triangle (exact operands),
+    which adds in the same order at any warp count, like every sum of these kernels; the gate
+    bound keeps the inverse <= e^32."""
+    rows = tl.arange(0, C)
+    if REV:
+        tri = rows[:, None] <= rows[None, :]  # G[t] = sum of g[u] for u >= t
+    else:
+        tri = rows[:, None] >= rows[None, :]  # G[t] = sum of g[u] for u <= t
+    if DOT_BF16:  # (the triangle and bfloat16 gates are exact operands: one product)
+        G = _dot(tri.to(gt.dtype), gt, DOT_BF16, PRECISION)
+    else:  # float32 gates: IEEE, also where the caller allows tf32 for the other dots
+        G = tl.dot(tri.to(tl.float32), gt.to(tl.float32), input_precision="ieee")
+    Qf = tl.exp(G)
+    inv = tl.exp(-G)
+    total = _row(Qf, 0 if REV else C - 1, C)  # (a row: one non-zero term, exact)
+    return Qf, inv, total[None, :] * inv, total
+
+
+@triton.jit
+def _ratio_min_gate(C: tl.constexpr):
+    """The smallest gate ``_ratio_scores`` takes: a chunk's decay stays >= e^-32."""
+    return -32.0 / C
+
+
+@triton.jit
+def _chunk_allows_ratio(gt, C: tl.constexpr):
+    """Whether every gate of the tile is >= ``_ratio_min_gate(C)`` (a minimum: exact, the same
+    at any launch setting)."""
+    return tl.min(tl.min(gt.to(tl.float32), axis=1), axis=0) >= _ratio_min_gate(C)
+
+
+@triton.jit
+def _ratio_pairs(q, k, gt, dA, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """The pairs of a chunk whose gates are all >= ``_ratio_min_gate(C)``, by the decay ratio
+    (``_ratio_factors``): their scores and their dq, dk parts in one dot each instead of one
+    per level of the hierarchy (``kernels_single_pass_bwd._level_pairs``, and here
+    ``_scores_and_grads_one_direction``), and the chunk's factors and total decay."""
+    rows = tl.arange(0, C)
+    # the pairs without the own token, whose terms the gate gradient must not see (_chunk_grads)
+    pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
+    Qf, inv, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    qh = q * Qf
+    kh = k * inv
+    A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+    dA_pairs = tl.where(pairs, dA, 0.0)
+    dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
+    dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
+    return A, dq, dk, Qf, Kf, total
+
+
+@triton.jit
 def _sequence_rows(bh, T, H, K, V):
     """Element offsets (int64) of sequence ``bh`` (= batch · H + head) in the ``[B, T, H, K]``
     and ``[B, T, H, V]`` tensors: where its first token's q (k, g) and v rows start."""
@@ -358,17 +424,27 @@ def _level_scores_and_grads(q, k, q_fac, k_fac, mask, dA, A, dq, dk, DOT_BF16: t
 
 
 @triton.jit
-def _scores_and_grads_one_direction(q, k, f, f_shift, dA, A, C: tl.constexpr, BK: tl.constexpr,
+def _scores_and_grads_one_direction(q, k, f, f_shift, gt, dA, A, C: tl.constexpr, BK: tl.constexpr,
                                     LOG2C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr,
-                                    PRECISION: tl.constexpr):
+                                    PRECISION: tl.constexpr, RATIO: tl.constexpr):
     """Off-diagonal intra-chunk scores (added to ``A``) and their contributions to dq and dk
-    given the unmasked score gradient ``dA = dO vᵀ`` (unscaled)."""
-    dq = tl.zeros([C, BK], dtype=tl.float32)
-    dk = tl.zeros([C, BK], dtype=tl.float32)
-    for lvl in range(0, LOG2C):
-        q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
-        A, dq, dk = _level_scores_and_grads(q, k, q_fac, k_fac, _level_mask(C, lvl, REV), dA, A, dq, dk,
-                                            DOT_BF16, PRECISION, False)
+    given the unmasked score gradient ``dA = dO vᵀ`` (unscaled). ``RATIO``: a chunk whose log
+    gates ``gt`` are all >= ``_ratio_min_gate(C)`` takes ``_ratio_pairs`` (one dot each for the
+    scores, dq and dk), any other the hierarchy (three a level)."""
+    if RATIO:
+        by_ratio = _chunk_allows_ratio(gt, C)
+    else:
+        by_ratio = False
+    if by_ratio:
+        A_pairs, dq, dk, _, _, _ = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
+        A += A_pairs
+    else:
+        dq = tl.zeros([C, BK], dtype=tl.float32)
+        dk = tl.zeros([C, BK], dtype=tl.float32)
+        for lvl in range(0, LOG2C):
+            q_fac, k_fac = _level_factors_at(f, f_shift, lvl, C, BK, REV)
+            A, dq, dk = _level_scores_and_grads(q, k, q_fac, k_fac, _level_mask(C, lvl, REV), dA, A, dq, dk,
+                                                DOT_BF16, PRECISION, False)
     return A, dq, dk
 
 
@@ -495,8 +571,11 @@ def _gla_bwd_kernel(
     NKB: tl.constexpr, NVB: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     HAS_BSTATES: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    RATIO: tl.constexpr,
 ):
     """Backward, one program per (batch·head, segment); every gradient written once.
+    ``RATIO``: chunks whose gates allow it score their pairs by the decay ratio
+    (``_scores_and_grads_one_direction``).
 
     Scratch slots: 0 = F, 1 = dF, and when bidirectional 2 = R, 3 = dR. The boundary states'
     slots (``kernels_boundary_states.py``): F, (R,) dF, (dR). With ``ONE_CHUNK`` phase 2 reads
@@ -592,10 +671,11 @@ def _gla_bwd_kernel(
             diag += tl.sum(qt * kt, axis=1)
 
             # forward direction
-            f = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+            gt = _tile(g, row_qk, t0 + rows, ok, stride_qk, cols_k, K)
+            f = tl.exp(gt.to(tl.float32))  # (1 outside the chunk, as _gates)
             f_next = _gates(g, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 1)
-            A, dq_f, dk_f = _scores_and_grads_one_direction(qt, kt, f, f_next, dA, A, C, BK, LOG2C, False,
-                                                            DOT_BF16, PRECISION)
+            A, dq_f, dk_f = _scores_and_grads_one_direction(qt, kt, f, f_next, gt, dA, A, C, BK, LOG2C, False,
+                                                            DOT_BF16, PRECISION, RATIO)
             q_fac, k_fac = _level_factors(f, f_next, C, C, BK, False)
             dq_f = dq_f * scale
             dk_f = dk_f * scale
@@ -620,10 +700,11 @@ def _gla_bwd_kernel(
             dk_t = dk_f
 
             if BIDIR:
-                fr = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, 0)
+                grt = _tile(gr, row_qk, t0 + rows, ok, stride_qk, cols_k, K)
+                fr = tl.exp(grt.to(tl.float32))
                 fr_prev = _gates(gr, row_qk, t0, n_valid, stride_qk, cols_k, K, C, -1)
-                A, dq_r, dk_r = _scores_and_grads_one_direction(qt, kt, fr, fr_prev, dA, A, C, BK, LOG2C, True,
-                                                                DOT_BF16, PRECISION)
+                A, dq_r, dk_r = _scores_and_grads_one_direction(qt, kt, fr, fr_prev, grt, dA, A, C, BK, LOG2C, True,
+                                                                DOT_BF16, PRECISION, RATIO)
                 qr_fac, kr_fac = _level_factors(fr, fr_prev, C, C, BK, True)
                 dq_r = dq_r * scale
                 dk_r = dk_r * scale

@@ -67,7 +67,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask, _load_state, _row, _sequence_rows, _store_state, _tile
+from .kernels import (_chunk_allows_ratio, _dot, _level_mask, _load_state, _ratio_factors, _row, _sequence_rows,
+                      _store_state, _tile)
 
 
 @triton.jit
@@ -150,29 +151,6 @@ def _level_scores(qt, kt, gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.const
 
 
 @triton.jit
-def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """For a chunk whose gates are all >= ``_ratio_min_gate(C)``: ``Qf = exp(G)``, its inverse
-    ``exp(-G)``, ``Kf = total · inverse`` and the chunk's total decay, with ``G`` the gates'
-    inclusive prefix sum within the chunk (reverse: suffix sum). The pair (t, s) then decays
-    by ``Qf[t] · inverse[s]``. ``G`` comes from a dot with a 0/1 triangle (exact operands),
-    which adds in the same order at any warp count, like every sum of these kernels; the gate
-    bound keeps the inverse <= e^32."""
-    rows = tl.arange(0, C)
-    if REV:
-        tri = rows[:, None] <= rows[None, :]  # G[t] = sum of g[u] for u >= t
-    else:
-        tri = rows[:, None] >= rows[None, :]  # G[t] = sum of g[u] for u <= t
-    if DOT_BF16:  # (the triangle and bfloat16 gates are exact operands: one product)
-        G = _dot(tri.to(gt.dtype), gt, DOT_BF16, PRECISION)
-    else:  # float32 gates: IEEE, also where the caller allows tf32 for the other dots
-        G = tl.dot(tri.to(tl.float32), gt.to(tl.float32), input_precision="ieee")
-    Qf = tl.exp(G)
-    inv = tl.exp(-G)
-    total = _row(Qf, 0 if REV else C - 1, C)  # (a row: one non-zero term, exact)
-    return Qf, inv, total[None, :] * inv, total
-
-
-@triton.jit
 def _ratio_scores(qt, kt, gt, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr,
                   PRECISION: tl.constexpr):
     """What ``_level_scores`` returns, for a chunk whose gates are all >= ``_ratio_min_gate(C)``,
@@ -184,19 +162,6 @@ def _ratio_scores(qt, kt, gt, C: tl.constexpr, BK: tl.constexpr, REV: tl.constex
     s = _dot(qt.to(tl.float32) * Qf, tl.trans(kt.to(tl.float32) * inv), DOT_BF16, PRECISION)
     keep = (rows[:, None] <= rows[None, :]) if REV else (rows[:, None] >= rows[None, :])
     return tl.where(keep, s, 0.0), Qf, Kf, total
-
-
-@triton.jit
-def _ratio_min_gate(C: tl.constexpr):
-    """The smallest gate ``_ratio_scores`` takes: a chunk's decay stays >= e^-32."""
-    return -32.0 / C
-
-
-@triton.jit
-def _chunk_allows_ratio(gt, C: tl.constexpr):
-    """Whether every gate of the tile is >= ``_ratio_min_gate(C)`` (a minimum: exact, the same
-    at any launch setting)."""
-    return tl.min(tl.min(gt.to(tl.float32), axis=1), axis=0) >= _ratio_min_gate(C)
 
 
 @triton.jit

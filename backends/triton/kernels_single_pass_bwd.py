@@ -36,9 +36,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _level_mask, _level_scores_and_grads, _load_state, _sequence_rows
-from .kernels_single_pass import (_chunk_allows_ratio, _count, _gates_allow_ratio, _look, _next_level, _ratio_factors,
-                                 _rows_ptrs, _total_of_pair)
+from .kernels import (_chunk_allows_ratio, _dot, _level_mask, _level_scores_and_grads, _load_state, _ratio_factors,
+                      _ratio_pairs, _sequence_rows)
+from .kernels_single_pass import _count, _gates_allow_ratio, _look, _next_level, _rows_ptrs, _total_of_pair
 
 
 @triton.jit
@@ -107,23 +107,6 @@ def _level_pairs(q, k, kt, gt, dA, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.
                                             dq, dk, DOT_BF16, PRECISION, LVL == 0)
         Qf, Kf, pair = _next_level(Qf, Kf, pair, LVL, C, BK, REV)
     return A, dq, dk, Qf, Kf, _total_of_pair(pair, BK)
-
-
-@triton.jit
-def _ratio_pairs(q, k, gt, dA, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """``_level_pairs`` by the decay ratio (``kernels_single_pass._ratio_factors``; gates >=
-    the bound): the scores and their dq, dk parts in one dot each instead of one per level."""
-    rows = tl.arange(0, C)
-    # the pairs without the own token, whose terms the gate gradient must not see (_chunk_grads)
-    pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
-    Qf, inv, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-    qh = q * Qf
-    kh = k * inv
-    A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
-    dA_pairs = tl.where(pairs, dA, 0.0)
-    dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
-    dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
-    return A, dq, dk, Qf, Kf, total
 
 
 @triton.jit

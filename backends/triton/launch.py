@@ -129,6 +129,9 @@ class Config:
     # the ratio chunk math (as single_pass_ratio) in both passes. H100, bf16, forward+backward
     # (session 18): vigT_224 395.1 -> 321.2 µs, vigT_1024 612.5 -> 521.6 (the forward's already on)
     single_pass_bwd_ratio: bool = True
+    # the two-phase backward (kernels._gla_bwd_kernel: K or V > 64), tested per chunk and K
+    # tile (_scores_and_grads_one_direction): the ratio math where a chunk's gates allow it
+    two_phase_bwd_ratio: bool = True
     # matmul operands of float16 / bfloat16 inputs (``_dot_mode``): one of HALF_DOT_MODES, or
     # None for the dtype's default
     half_dots: Optional[str] = None
@@ -552,6 +555,7 @@ def backward(
             NKB=_cdiv(K, cfg.block_k), NVB=_cdiv(V, cfg.block_v),
             BIDIR=bidirectional, HAS_H0=initial_state is not None, HAS_DHT=grad_final_state is not None,
             STORE_DH0=initial_state is not None and nseg == 1, HAS_BSTATES=nseg > 1, ONE_CHUNK=one_chunk,
-            DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_BF16=dot_bf16, PRECISION=precision, RATIO=cfg.two_phase_bwd_ratio,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq, dk, dv, dg, (dgr if bidirectional else None), dh0
