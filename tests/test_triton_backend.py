@@ -261,13 +261,14 @@ def test_two_phase_backward_ratio_at_its_gate_bound(dtype, layout):
     chunk's pairs by the decay ratio where its gates are all >= -32 / chunk: gradients against
     float64 with every gate down to that bound, in one segment and in segment programs (with
     and without a walk in phase 1), bidirectional and causal with states; and the path is
-    taken (float32: dq and dk are not bit for bit the hierarchy's)."""
+    taken (float32, bidirectional: dq and dk are not bit for bit the hierarchy's)."""
     launch = _launch()
     fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    T = 70 if layout == "one-segment" else 40  # (segments of 16 or 32: 3 and 2 of them; interpreted, slow)
     with launch.override_config(**fields):
-        lowest = -32.0 / launch.choose_config(70, 20, 72).chunk
+        lowest = -32.0 / launch.choose_config(T, 20, 72).chunk
     for bidirectional in (True, False):
-        case = Case(2, 70, 1, 20, 72, dtype, bidirectional=bidirectional, states=not bidirectional)
+        case = Case(2, T, 1, 20, 72, dtype, bidirectional=bidirectional, states=not bidirectional)
         x = make_inputs(case, DEVICE, seed=33)
         for name in ("g", "g_reverse"):
             if name in x:
@@ -278,7 +279,7 @@ def test_two_phase_backward_ratio_at_its_gate_bound(dtype, layout):
         with launch.override_config(**fields):
             got, expected = backend_and_reference("triton", x, **kwargs)
             assert_close(got, expected, BACKEND.tolerance(dtype), f"{case.id()} {layout}")
-        if dtype != torch.float32:
+        if dtype != torch.float32 or not bidirectional:  # (one check of the path is enough)
             continue
         with launch.override_config(**fields):
             ratio, cot = outputs_and_grads(gated_linear_attention, x, None, **kwargs, backend="triton")
