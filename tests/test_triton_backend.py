@@ -169,6 +169,19 @@ def _gates_down_to(shape, lowest: float, seed: int) -> torch.Tensor:
     return torch.where(torch.rand(shape, generator=gen) < 0.1, torch.tensor(lowest, dtype=torch.float64), g)
 
 
+def _inputs_down_to(case: Case, lowest: float, seed: int, gate_seed: int):
+    """``case``'s inputs with its gates from ``_gates_down_to(lowest)``, and the call's
+    keyword arguments (a causal case asks for the final state)."""
+    x = make_inputs(case, DEVICE, seed=seed)
+    for name in ("g", "g_reverse"):
+        if name in x:
+            x[name] = _gates_down_to(x[name].shape, lowest, seed=len(name) + gate_seed).to(DEVICE, case.dtype)
+    kwargs = {"bidirectional": case.bidirectional}
+    if not case.bidirectional:
+        kwargs["output_final_state"] = True
+    return x, kwargs
+
+
 RATIO_DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
 
 
@@ -185,13 +198,7 @@ def test_ratio_chunks_at_their_gate_bound(dtype, layout):
     fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
     for bidirectional in (True, False):
         case = Case(2, 70, 2, 20, 24, dtype, bidirectional=bidirectional, states=not bidirectional)
-        x = make_inputs(case, DEVICE, seed=31)
-        for name in ("g", "g_reverse"):
-            if name in x:
-                x[name] = _gates_down_to(x[name].shape, lowest, seed=len(name)).to(DEVICE, dtype)
-        kwargs = {"bidirectional": bidirectional}
-        if not bidirectional:
-            kwargs["output_final_state"] = True
+        x, kwargs = _inputs_down_to(case, lowest, seed=31, gate_seed=0)
         with launch.override_config(**fields):
             got, expected = backend_and_reference("triton", x, **kwargs)
             assert_close(got, expected, BACKEND.tolerance(dtype), f"{case.id()} {layout}")
@@ -269,13 +276,7 @@ def test_two_phase_backward_ratio_at_its_gate_bound(dtype, layout):
         lowest = -32.0 / launch.choose_config(T, 20, 72).chunk
     for bidirectional in (True, False):
         case = Case(2, T, 1, 20, 72, dtype, bidirectional=bidirectional, states=not bidirectional)
-        x = make_inputs(case, DEVICE, seed=33)
-        for name in ("g", "g_reverse"):
-            if name in x:
-                x[name] = _gates_down_to(x[name].shape, lowest, seed=len(name) + 2).to(DEVICE, dtype)
-        kwargs = {"bidirectional": bidirectional}
-        if not bidirectional:
-            kwargs["output_final_state"] = True
+        x, kwargs = _inputs_down_to(case, lowest, seed=33, gate_seed=2)
         with launch.override_config(**fields):
             got, expected = backend_and_reference("triton", x, **kwargs)
             assert_close(got, expected, BACKEND.tolerance(dtype), f"{case.id()} {layout}")
