@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -289,8 +290,6 @@ def triton_overrides(text: str):
     checked against ``launch.Config`` here rather than at the first kernel launch."""
     if not text.strip():
         return contextlib.nullcontext()
-    import dataclasses
-
     try:
         from glakernels.backends.triton import launch
     except ImportError as e:

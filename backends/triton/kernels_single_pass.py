@@ -171,13 +171,12 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     entering the chunk in this direction, and the state leaving it. ``RATIO`` (``_walk``): 0,
     the hierarchy's scores; 1, ``_ratio_scores`` (the caller checked the gates); 2, either,
     by this chunk's gates."""
-    if RATIO == 1:
+    if RATIO == 2:
+        by_ratio = _chunk_allows_ratio(gt, C)
+    else:  # (a compile-time choice: one chunk math in the loop)
+        by_ratio = RATIO == 1
+    if by_ratio:
         A, Qf, Kf, total = _ratio_scores(qt, kt, gt, C, BK, REV, DOT_BF16, PRECISION)
-    elif RATIO == 2:
-        if _chunk_allows_ratio(gt, C):
-            A, Qf, Kf, total = _ratio_scores(qt, kt, gt, C, BK, REV, DOT_BF16, PRECISION)
-        else:
-            A, Qf, Kf, total = _level_scores(qt, kt, gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     else:
         A, Qf, Kf, total = _level_scores(qt, kt, gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt.to(tl.float32) * Qf, state, DOT_BF16, PRECISION)

@@ -78,13 +78,12 @@ def _level_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, R
 def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
     """Pass A's factors, by the chunk math ``RATIO`` picks (as ``_chunk_grads``)."""
-    if RATIO == 1:
+    if RATIO == 2:
+        by_ratio = _chunk_allows_ratio(gt, C)
+    else:  # (a compile-time choice: one chunk math in the loop)
+        by_ratio = RATIO == 1
+    if by_ratio:
         Qf, _, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-    elif RATIO == 2:
-        if _chunk_allows_ratio(gt, C):
-            Qf, _, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-        else:
-            Qf, Kf, total = _level_factors(gt, C, LOG2C, BK, REV)
     else:
         Qf, Kf, total = _level_factors(gt, C, LOG2C, BK, REV)
     return Qf, Kf, total
@@ -121,13 +120,12 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     q = qt.to(tl.float32)
     k = kt.to(tl.float32)
     dA = _dot(dot_, tl.trans(vt), DOT_BF16, PRECISION)  # dO vᵀ, unscaled
-    if RATIO == 1:
+    if RATIO == 2:
+        by_ratio = _chunk_allows_ratio(gt, C)
+    else:  # (a compile-time choice: one chunk math in the loop)
+        by_ratio = RATIO == 1
+    if by_ratio:
         A, dq, dk, Qf, Kf, total = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
-    elif RATIO == 2:
-        if _chunk_allows_ratio(gt, C):
-            A, dq, dk, Qf, Kf, total = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
-        else:
-            A, dq, dk, Qf, Kf, total = _level_pairs(q, k, kt, gt, dA, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     else:
         A, dq, dk, Qf, Kf, total = _level_pairs(q, k, kt, gt, dA, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
     dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
