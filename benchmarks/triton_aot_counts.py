@@ -59,7 +59,7 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
         mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass")
         fn = mod._gla_fwd_single_pass_kernel
         chunk = cfg.single_pass_chunk
-        consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False,
+        consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False, WIDE_ROWS=False,
                       RATIO=launch._ratio_mode(cfg.single_pass_ratio, cfg))
         options = dict(num_warps=cfg.single_pass_num_warps, num_stages=cfg.single_pass_num_stages)
         if cfg.single_pass_maxnreg is not None:
@@ -160,7 +160,7 @@ def loop_counts(ptx: str) -> dict[str, Counter]:
             header = re.search(r"Header=(BB\w+)", comment)
             current = "L__" + header.group(1) if header else (label.group(1) if "Loop Header" in comment else None)
             continue
-        if text.startswith("}"):
+        if line.startswith("}"):  # a function's end (inline asm's braces are indented)
             current = None
         if current and re.match(r"^\s+[@a-z]", line):
             words = text.split()

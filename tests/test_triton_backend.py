@@ -604,6 +604,32 @@ def test_unavailable_without_gpu_or_interpreter(tmp_path):
 # GPU only
 
 
+def test_chunk_rows_need_64bit_offsets_from_2_31_elements():
+    """The forward's offsets within a chunk are 32-bit below 2^31 elements a chunk (rows x H x
+    the wider head dim) and 64-bit from there."""
+    need = _launch()._chunk_rows_need_64bit
+    assert not need(16, 2**20 - 1, 128, 16) and need(16, 2**20, 128, 16)
+    assert not need(64, 2**19 - 1, 1, 64) and need(64, 2**19, 1, 64)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+def test_forward_with_64bit_chunk_offsets_is_the_same(monkeypatch, bidirectional):
+    """The forward built with 64-bit offsets within a chunk (``WIDE_ROWS``, taken for chunks
+    past 2^31 elements) gives the 32-bit build's outputs bit for bit, and is launched so."""
+    from glakernels.backends.triton import kernels_single_pass
+
+    launch = _launch()
+    x = make_inputs(Case(2, 37, 3, 16, 24, torch.bfloat16, bidirectional=bidirectional, gates="vig"), DEVICE,
+                    seed=4)
+    launches = _record_launches(monkeypatch, kernels_single_pass)
+    with torch.no_grad():
+        narrow = gated_linear_attention(**x, bidirectional=bidirectional, backend="triton")
+        monkeypatch.setattr(launch, "_chunk_rows_need_64bit", lambda *shape: True)
+        wide = gated_linear_attention(**x, bidirectional=bidirectional, backend="triton")
+    assert [args["WIDE_ROWS"] for name, args in launches if name == "_gla_fwd_single_pass_kernel"] == [False, True]
+    assert torch.equal(narrow, wide)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
@@ -739,6 +765,65 @@ def test_64bit_offsets_forward(park_all_per_sm):
             full = gated_linear_attention(**x, backend="triton")[tail]
         alone = gated_linear_attention(**{n: t[tail] for n, t in x.items()}, backend="triton")
     assert torch.equal(full, alone)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_64bit_offsets_within_a_chunk():
+    """A chunk whose rows span more than 2^31 elements (16 rows x 1.2 M heads x K = 128) gives
+    its last heads exactly as when they run alone: the forward's offsets within a chunk are
+    64-bit there (``launch._chunk_rows_need_64bit``; 32-bit below)."""
+    _needs_free_gpu_memory(28)
+    B, T, H, K, V = 1, 16, 1_200_000, 128, 16
+    assert _launch()._chunk_rows_need_64bit(16, H, K, V) and 15 * H * K >= 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = {n: torch.randn(B, T, H, V if n == "v" else K, device="cuda", dtype=torch.bfloat16, generator=gen)
+         for n in ("q", "k", "v")}
+    for n in ("g", "g_reverse"):
+        x[n] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)).to(torch.bfloat16)
+    tail = slice(H - 3, H)
+    with torch.no_grad():
+        full = gated_linear_attention(**x, backend="triton")[:, :, tail]
+        alone = gated_linear_attention(**{n: t[:, :, tail].contiguous() for n, t in x.items()}, backend="triton")
+    assert torch.equal(full, alone)
+
+
+@pytest.mark.gpu
+def test_bfloat16_split_in_ptx_is_the_portable_split():
+    """The kernels' float32 -> (hi, lo) bfloat16 split in inline PTX (``kernels._split_bf16``,
+    on NVIDIA GPUs) gives the bits of ``hi = bf16(x)``, ``lo = bf16(x - hi)`` as PyTorch
+    rounds them, for values across the float32 range, ties, subnormals, zeros, infinities
+    and NaN (NaN gives NaN in both parts)."""
+    import triton
+    import triton.language as tl
+
+    from glakernels.backends.triton import kernels
+
+    assert kernels._SPLIT_IN_PTX  # (on an NVIDIA GPU without the interpreter)
+
+    @triton.jit
+    def split(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        hi, lo = kernels._split_bf16_ptx(tl.load(x_ptr + i))
+        tl.store(hi_ptr + i, hi)
+        tl.store(lo_ptr + i, lo)
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = 1 << 16
+    x = torch.randn(n, device="cuda", generator=gen) * torch.exp2(torch.randint(-140, 128, (n,), device="cuda",
+                                                                               generator=gen).float())
+    special = torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-9, -(1.0 + 2**-9), 2**-149, 2**-130,
+                            -(2**-127), 3.3895e38, 3.3961e38, 3.4028e38, float("inf"), float("-inf"), float("nan")],
+                           device="cuda")
+    x[: special.numel()] = special
+    hi, lo = torch.empty(n, device="cuda", dtype=torch.bfloat16), torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    split[(1,)](x, hi, lo, N=n)
+    want_hi = x.to(torch.bfloat16)
+    want_lo = (x - want_hi.float()).to(torch.bfloat16)
+    for got, want in ((hi, want_hi), (lo, want_lo)):
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 # GPU memory each backward needs at this size: inputs, gradients and the output gradient

@@ -113,8 +113,16 @@ arithmetic that can pass 2³¹ is int64, and masked-out lanes carry in-range add
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+# bfloat16 splits (``_split_bf16``) in inline PTX: on NVIDIA GPUs only — not under Triton's
+# interpreter (it runs no PTX; read as Triton reads it, when the kernels are defined) or ROCm
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+_SPLIT_IN_PTX = tl.constexpr(not _INTERPRETED and torch.version.hip is None)
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -126,27 +134,71 @@ def _dot(a, b, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     (``launch._dot_mode``): bfloat16 tensor-core operands (``PRECISION`` "bf16": rounded,
     "bf16x3": split, see ``_dot_bf16x3``), or float32 operands at ``PRECISION`` ("ieee",
     "tf32", "tf32x3")."""
+    return _dot_acc(a, b, tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32), DOT_BF16, PRECISION)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``, the product as ``_dot`` makes it, into ``acc`` as the accumulator:
+    where a float32 term is added to a product (a state to its chunk's increment), the
+    addition is the tensor cores' own, not a pass over the tile afterwards."""
     if DOT_BF16:
         if PRECISION == "bf16x3":
-            out = _dot_bf16x3(a, b)
+            out = _dot_bf16x3(a, b, acc)
         else:
-            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     else:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     return out
 
 
 @triton.jit
-def _low_bf16(x, hi):
-    """What bfloat16 ``hi`` (``x`` rounded) misses of ``x``, itself as bfloat16: ``hi + lo``
-    is ``x`` to ~2^-17 relative (exactly, for a float16 ``x``)."""
-    return (x.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+def _split_bf16_ptx(x):
+    """``_split_bf16`` for float32 ``x`` on NVIDIA GPUs, two elements at a time: one packed
+    conversion for each part, the high part back to float32 by a shift and a mask (AOT sm_90,
+    the forward's ratio step at ViG-T's shape: 1,058 -> 1,006 SASS instructions, against
+    Triton's conversion per element and repacking). The same roundings of the same values:
+    bitwise the same parts (``test_bfloat16_split_in_ptx_is_the_portable_split``)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 h0, h1, l0, l1;
+        cvt.rn.bf16x2.f32 $0, $3, $2;
+        shl.b32 h0, $0, 16;
+        and.b32 h1, $0, 0xffff0000;
+        sub.f32 l0, $2, h0;
+        sub.f32 l1, $3, h1;
+        cvt.rn.bf16x2.f32 $1, l1, l0;
+        }
+        """,
+        constraints="=r,=r,r,r",
+        args=[x],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=2,
+    )
 
 
 @triton.jit
-def _dot_bf16x3(a, b):
-    """``a @ b`` on bfloat16 tensor cores to about float32 accuracy: ``hi·hi + hi·lo + lo·hi``
-    (``lo·lo`` is below 2^-16 of the product and dropped). An operand that is already
+def _split_bf16(x):
+    """``x`` as bfloat16 ``hi = bf16(x)`` and ``lo = bf16(x − hi)``: together ``x`` to ~2^-17
+    relative (exactly, for a float16 ``x``). A bfloat16 ``x`` is its own ``hi``; its ``lo``
+    is never used (``_dot_bf16x3``)."""
+    if x.dtype == tl.bfloat16:
+        hi = x
+        lo = x
+    elif _SPLIT_IN_PTX:
+        hi, lo = _split_bf16_ptx(x.to(tl.float32))
+    else:
+        hi = x.to(tl.bfloat16)
+        lo = (x.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _dot_bf16x3(a, b, acc):
+    """``acc + a @ b`` on bfloat16 tensor cores to about float32 accuracy: ``hi·hi + hi·lo +
+    lo·hi`` (``lo·lo`` is below 2^-16 of the product and dropped). An operand that is already
     bfloat16 (an input tile) is exact and has no low part, so it costs two dots or one.
     Why: the other operands are float32 intermediates (states, decayed q and k, scores), and
     rounding them to bfloat16 costs up to 2^-9 each; where the output is a small difference
@@ -154,17 +206,17 @@ def _dot_bf16x3(a, b):
     bfloat16 bound of DESIGN §3 (H100: 0.20 relative on the worst of 1,000 seeds of a
     one-token case, NOTES.md session 5, run 13). The small products go first, into the same
     float32 accumulator."""
-    a_hi = a.to(tl.bfloat16)
-    b_hi = b.to(tl.bfloat16)
+    a_hi, a_lo = _split_bf16(a)
+    b_hi, b_lo = _split_bf16(b)
     if a.dtype == tl.bfloat16:
         if b.dtype == tl.bfloat16:
-            out = tl.dot(a_hi, b_hi)
+            out = tl.dot(a_hi, b_hi, acc)
         else:
-            out = tl.dot(a_hi, b_hi, tl.dot(a_hi, _low_bf16(b, b_hi)))
+            out = tl.dot(a_hi, b_hi, tl.dot(a_hi, b_lo, acc))
     elif b.dtype == tl.bfloat16:
-        out = tl.dot(a_hi, b_hi, tl.dot(_low_bf16(a, a_hi), b_hi))
+        out = tl.dot(a_hi, b_hi, tl.dot(a_lo, b_hi, acc))
     else:
-        out = tl.dot(a_hi, b_hi, tl.dot(_low_bf16(a, a_hi), b_hi, tl.dot(a_hi, _low_bf16(b, b_hi))))
+        out = tl.dot(a_hi, b_hi, tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, acc)))
     return out
 
 

@@ -67,8 +67,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (_chunk_allows_ratio, _dot, _level_mask, _load_state, _ratio_factors, _row, _sequence_rows,
-                      _store_state, _tile)
+from .kernels import (_chunk_allows_ratio, _dot, _dot_acc, _level_mask, _load_state, _ratio_factors, _row,
+                      _sequence_rows, _store_state, _tile)
 
 
 @triton.jit
@@ -112,19 +112,6 @@ def _total_of_pair(pair, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(q, k, v, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, K, V,
-                C: tl.constexpr):
-    """A chunk's q, k, v and log-gate tiles, as stored (rows past ``n_valid`` read as 0)."""
-    rows = tl.arange(0, C)
-    ok = rows < n_valid
-    qt = _tile(q, row_qk, t0 + rows, ok, stride_qk, cols_k, K)
-    kt = _tile(k, row_qk, t0 + rows, ok, stride_qk, cols_k, K)
-    vt = _tile(v, row_v, t0 + rows, ok, stride_v, cols_v, V)
-    gt = _tile(g, row_qk, t0 + rows, ok, stride_qk, cols_k, K)
-    return qt, kt, vt, gt
-
-
-@triton.jit
 def _level_scores(qt, kt, gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                   DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """A chunk's scores ``A`` (masked to this direction's pairs and the own token), its
@@ -151,17 +138,19 @@ def _level_scores(qt, kt, gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.const
 
 
 @triton.jit
-def _ratio_scores(qt, kt, gt, C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """What ``_level_scores`` returns, for a chunk whose gates are all >= ``_ratio_min_gate(C)``,
-    in one score dot: ``(q ⊙ Qf) · (k ⊙ Qf⁻¹)ᵀ``, masked (``_ratio_factors``). Each term of a
-    score is the exact term to the same relative error as in the hierarchy (the split dot
-    keeps ~2^-17 of each operand, whatever its size), so nothing is lost to the inverses."""
+def _ratio_scores(qt, kt, gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """What ``_level_scores`` gives, for a chunk whose gates are all >= ``_ratio_min_gate(C)``,
+    in one score dot: ``A = (q ⊙ Qf) · (k ⊙ Qf⁻¹)ᵀ``, masked (``_ratio_factors``), returned
+    with its two operands ``qh = q ⊙ Qf`` and ``kh = k ⊙ Qf⁻¹`` and the chunk's total
+    decay. Each term of a score is the exact term to the same relative error as in the
+    hierarchy (the split dot keeps ~2^-17 of each operand, whatever its size), so nothing is
+    lost to the inverses."""
     rows = tl.arange(0, C)
-    Qf, inv, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
-    s = _dot(qt.to(tl.float32) * Qf, tl.trans(kt.to(tl.float32) * inv), DOT_BF16, PRECISION)
+    Qf, inv, _, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    qh = qt.to(tl.float32) * Qf
+    kh = kt.to(tl.float32) * inv
     keep = (rows[:, None] <= rows[None, :]) if REV else (rows[:, None] >= rows[None, :])
-    return tl.where(keep, s, 0.0), Qf, Kf, total
+    return tl.where(keep, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0), qh, kh, total
 
 
 @triton.jit
@@ -176,11 +165,17 @@ def _chunk_math(qt, kt, vt, gt, state, C: tl.constexpr, LOG2C: tl.constexpr, BK:
     else:  # (a compile-time choice: one chunk math in the loop)
         by_ratio = RATIO == 1
     if by_ratio:
-        A, Qf, Kf, total = _ratio_scores(qt, kt, gt, C, BK, REV, DOT_BF16, PRECISION)
+        A, qh, kh, total = _ratio_scores(qt, kt, gt, C, REV, DOT_BF16, PRECISION)
+        # k ⊙ Kf is kh with each column scaled by the chunk's total decay: the total scales
+        # the updated state instead, kh's operand parts serve both of its dots, and the state
+        # terms go in as the dots' accumulators (AOT sm_90, ViG-T's step: 1,177 -> 1,110
+        # SASS instructions against Kf's own product and split and additions after the dots)
+        out = _dot_acc(qh, state, _dot(A, vt, DOT_BF16, PRECISION), DOT_BF16, PRECISION)
+        state = total[:, None] * _dot_acc(tl.trans(kh), vt, state, DOT_BF16, PRECISION)
     else:
         A, Qf, Kf, total = _level_scores(qt, kt, gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
-    out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt.to(tl.float32) * Qf, state, DOT_BF16, PRECISION)
-    state = total[:, None] * state + _dot(tl.trans(kt.to(tl.float32) * Kf), vt, DOT_BF16, PRECISION)
+        out = _dot(A, vt, DOT_BF16, PRECISION) + _dot(qt.to(tl.float32) * Qf, state, DOT_BF16, PRECISION)
+        state = total[:, None] * state + _dot(tl.trans(kt.to(tl.float32) * Kf), vt, DOT_BF16, PRECISION)
     return out, state
 
 
@@ -218,17 +213,47 @@ def _rows_ptrs(base, row0, t0, n_valid, stride_t, cols, ncols, C: tl.constexpr):
 
 
 @triton.jit
+def _chunk_at(base, stride_t, cols, col_ok, t0, n_valid, C: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """Element offsets and mask of chunk rows ``t0 .. t0 + n_valid - 1`` of a tile: a 64-bit
+    scalar start and offsets within the chunk in 32 bits, unless a chunk's rows span 2^31
+    elements or more (``WIDE_ROWS``, set by the launcher). AOT sm_90, the forward's ratio
+    step: 1,048 -> 1,006 SASS instructions against 64-bit offsets, 1,058 against
+    ``_tile``'s per-row 64-bit arithmetic. Rows past ``n_valid`` point at the chunk's first
+    row (at the sequence's start for a chunk with no rows), in range as ``_tile``'s are."""
+    rows = tl.arange(0, C)
+    ok = rows < n_valid
+    start = base + tl.where(n_valid > 0, t0, 0).to(tl.int64) * stride_t
+    offs = tl.where(ok, rows, 0)[:, None].to(tl.int64 if WIDE_ROWS else tl.int32) * stride_t + cols[None, :]
+    return start + offs, ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _load_chunk(q, k, v, g, row_qk, row_v, t0, n_valid, stride_qk, stride_v, cols_k, cols_v, ok_k, ok_v,
+                C: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """A chunk's q, k, v and log-gate tiles, as stored (rows past ``n_valid`` read as 0)."""
+    at, mask = _chunk_at(row_qk, stride_qk, cols_k, ok_k, t0, n_valid, C, WIDE_ROWS)
+    qt = tl.load(q + at, mask=mask, other=0.0)
+    kt = tl.load(k + at, mask=mask, other=0.0)
+    gt = tl.load(g + at, mask=mask, other=0.0)
+    at, mask = _chunk_at(row_v, stride_v, cols_v, ok_v, t0, n_valid, C, WIDE_ROWS)
+    return qt, kt, tl.load(v + at, mask=mask, other=0.0), gt
+
+
+@triton.jit
 def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags, T, K, V, scale,
                     stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                     HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
-                    RATIO: tl.constexpr):
+                    RATIO: tl.constexpr, WIDE_ROWS: tl.constexpr):
     """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order, writing each chunk's part
-    (``HANDOFF`` 0, causal), handing it over per chunk (1) or parking it (2)."""
+    (``HANDOFF`` 0, causal), handing it over per chunk (1) or parking it (2). Every tile's
+    element offsets within a chunk are formed once, before the walk (``_chunk_at``)."""
     n_chunks = c_hi - c_lo
     first = c_hi - 1 if REV else c_lo
+    ok_k = cols_k < K
+    ok_v = cols_v < V
     nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, first * C, tl.minimum(C, T - first * C), stride_qk,
-                                 stride_v, cols_k, cols_v, K, V, C)
+                                 stride_v, cols_k, cols_v, ok_k, ok_v, C, WIDE_ROWS)
     for i in range(0, n_chunks):
         c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * C
@@ -239,24 +264,24 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
         c_next = c - 1 if REV else c + 1
         n_next = tl.where(i + 1 < n_chunks, tl.minimum(C, T - c_next * C), 0)
         nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, c_next * C, n_next, stride_qk, stride_v,
-                                     cols_k, cols_v, K, V, C)
+                                     cols_k, cols_v, ok_k, ok_v, C, WIDE_ROWS)
         out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
-        o_ptrs, o_mask = _rows_ptrs(o, row_v, t0, n0, stride_v, cols_v, V, C)
+        o_at, o_mask = _chunk_at(row_v, stride_v, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
         if HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
-            p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
-            tl.store(p_ptrs, out, mask=p_mask)
+            p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+            tl.store(part + p_at, out, mask=p_mask)
         elif HANDOFF == 1:
             arrived = _look(flags + row_flags + c, i, n_chunks)
             if arrived == 0:  # park this direction's part, then count
-                p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, V, cols_v, V, C)
-                tl.store(p_ptrs, out, mask=p_mask)
+                p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+                tl.store(part + p_at, out, mask=p_mask)
                 arrived = _count(flags + row_flags + c)
             if arrived == 1:
-                q_ptrs, q_mask = _rows_ptrs(other_part, row_part, t0, n0, V, cols_v, V, C)
-                out += tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
-                tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
+                p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+                out += tl.load(other_part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg")
+                tl.store(o + o_at, (scale * out).to(o.dtype.element_ty), mask=o_mask)
         else:
-            tl.store(o_ptrs, (scale * out).to(o.dtype.element_ty), mask=o_mask)
+            tl.store(o + o_at, (scale * out).to(o.dtype.element_ty), mask=o_mask)
     return state
 
 
@@ -278,7 +303,8 @@ def _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C: tl.con
 def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags, T, K, V, scale,
           stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
           C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
-          HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+          HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr,
+          WIDE_ROWS: tl.constexpr):
     """``_direction_walk`` with the chunk math ``RATIO`` asks for: 0, the hierarchy; 1, the
     ratio math where every gate of the walk allows it (checked first, one test per program,
     so that each of the two walks compiles with only its own chunk math in its loop); 2, a
@@ -288,15 +314,15 @@ def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_f
         if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
             state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
                                     T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 1)
+                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 1, WIDE_ROWS)
         else:
             state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
                                     T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 0)
+                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 0, WIDE_ROWS)
     else:
         state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
                                 T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, RATIO)
+                                C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS)
     return state
 
 
@@ -307,7 +333,7 @@ def _gla_fwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PARK_ALL: tl.constexpr = False,
-    RATIO: tl.constexpr = 0,
+    RATIO: tl.constexpr = 0, WIDE_ROWS: tl.constexpr = False,
 ):
     """Forward with one program per (batch·head, direction, V block, segment): each walks one
     direction only, so its dependency chain is half as long as when one program walks both. A
@@ -353,7 +379,7 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
         state = _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, part + part_size, row_flags,
                       T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                      C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION, RATIO)
+                      C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS)
         if STORE_HT:
             _store_state(ht + bh.to(tl.int64) * kv, state, cols_k, cols_v, K, V)
     else:
@@ -361,7 +387,7 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(bst + BH.to(tl.int64) * (NSEG + 1) * kv + (seg + 1) * kv, cols_k, cols_v, K, V)
         _walk(q, k, v, gr, o, part + part_size, flags, row_qk, row_v, row_part, part, row_flags,
               T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-              C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION, RATIO)
+              C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS)
 
 
 @triton.jit

@@ -36,8 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (_chunk_allows_ratio, _dot, _level_mask, _level_scores_and_grads, _load_state, _ratio_factors,
-                      _ratio_pairs, _sequence_rows)
+from .kernels import (_chunk_allows_ratio, _dot, _dot_acc, _level_mask, _level_scores_and_grads, _load_state,
+                      _ratio_factors, _sequence_rows)
 from .kernels_single_pass import _count, _gates_allow_ratio, _look, _next_level, _rows_ptrs, _total_of_pair
 
 
@@ -113,7 +113,7 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
                  BK: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
                  RATIO: tl.constexpr):
     """One direction's dq, dk, dv and gate gradient for one chunk, and the state leaving it.
-    ``RATIO`` (``_direction_bwd``): 0, the hierarchy's pairs; 1, ``_ratio_pairs`` (the
+    ``RATIO`` (``_direction_bwd``): 0, the hierarchy's pairs; 1, the decay ratio's (the
     caller checked the gates); 2, either, by this chunk's gates."""
     rows = tl.arange(0, C)
     eye = rows[:, None] == rows[None, :]
@@ -125,12 +125,30 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     else:  # (a compile-time choice: one chunk math in the loop)
         by_ratio = RATIO == 1
     if by_ratio:
-        A, dq, dk, Qf, Kf, total = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
+        # the pairs by the decay ratio (``_ratio_factors``, as ``kernels._ratio_pairs``), kh =
+        # k ⊙ exp(-G): one dot each for the scores and their dq, dk parts. k ⊙ Kf is kh with
+        # its columns scaled by the chunk's total, so the total scales the state (and dS)
+        # instead, kh's operand parts serve the scores, the state's update and dv alike, and
+        # the state terms go in as the dots' accumulators (AOT sm_90, ViG-T's pass B step:
+        # 1,217 -> 1,102 SASS instructions with the split of kernels._split_bf16_ptx)
+        pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
+        Qf, inv, _, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+        qh = q * Qf
+        kh = k * inv
+        A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
+        dA_s = scale * tl.where(pairs, dA, 0.0)
+        dS_total = total[:, None] * dS_out
+        dq = Qf * _dot_acc(dA_s, kh, scale * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION), DOT_BF16, PRECISION)
+        dk = inv * _dot_acc(tl.trans(dA_s), qh, _dot(vt, tl.trans(dS_total), DOT_BF16, PRECISION), DOT_BF16,
+                            PRECISION)
+        S_out = total[:, None] * _dot_acc(tl.trans(kh), vt, S_in, DOT_BF16, PRECISION)
+        dv_states = _dot(kh, dS_total, DOT_BF16, PRECISION)
     else:
         A, dq, dk, Qf, Kf, total = _level_pairs(q, k, kt, gt, dA, C, LOG2C, BK, REV, DOT_BF16, PRECISION)
-    dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
-    dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
-    S_out = total[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
+        dq = scale * (dq + Qf * _dot(dot_, tl.trans(S_in), DOT_BF16, PRECISION))
+        dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
+        S_out = total[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
+        dv_states = _dot(k * Kf, dS_out, DOT_BF16, PRECISION)
     # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term
     carry = tl.sum(S_out * dS_out, axis=1)
     dg = tl.cumsum(q * dq - k * dk, axis=0, reverse=not REV) + carry[None, :]
@@ -139,7 +157,7 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
     dq += scale * dA_diag[:, None] * k
     dk += scale * dA_diag[:, None] * q
     A += tl.where(eye, tl.sum(q * k, axis=1)[:, None], 0.0)
-    dv = scale * _dot(tl.trans(A), dot_, DOT_BF16, PRECISION) + _dot(k * Kf, dS_out, DOT_BF16, PRECISION)
+    dv = _dot_acc(tl.trans(scale * A), dot_, dv_states, DOT_BF16, PRECISION)
     return dq, dk, dv, dg, S_out
 
 
@@ -170,8 +188,8 @@ def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, strid
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
         Qf, Kf, total = _chunk_factors(gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
-        qbar = qt.to(tl.float32) * Qf
-        dS = total[:, None] * dS + scale * _dot(tl.trans(qbar), dot_, DOT_BF16, PRECISION)
+        # (the decayed state as the dot's accumulator, the scale on the smaller operand)
+        dS = _dot_acc(tl.trans(qt.to(tl.float32) * (scale * Qf)), dot_, total[:, None] * dS, DOT_BF16, PRECISION)
     return dS
 
 

@@ -409,6 +409,13 @@ def _sm_count(device_index: int) -> int:
 _sm_count._dynamo_marked_constant = True  # what torch.compiler.assume_constant_result sets
 
 
+def _chunk_rows_need_64bit(C: int, H: int, K: int, V: int) -> bool:
+    """Whether a chunk's rows of one sequence span 2^31 elements or more in the ``[B, T, H,
+    K]`` / ``[B, T, H, V]`` tensors, so that the single-pass forward's offsets within a chunk
+    (``kernels_single_pass._chunk_at``, 32-bit by default) must be 64-bit."""
+    return C * H * max(K, V) >= 2**31
+
+
 def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
                          dot_bf16, precision):
     B, T, H, K = q.shape
@@ -446,8 +453,8 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
             BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
             HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all,
-            RATIO=_ratio_mode(cfg.single_pass_ratio, cfg), num_warps=warps,
-            num_stages=cfg.single_pass_num_stages, **extra,
+            RATIO=_ratio_mode(cfg.single_pass_ratio, cfg), WIDE_ROWS=_chunk_rows_need_64bit(C, H, K, V),
+            num_warps=warps, num_stages=cfg.single_pass_num_stages, **extra,
         )
         if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
             rows, bv_sum = 32, min(64, _pow2(max(16, V)))
