@@ -4,7 +4,7 @@ by opcode.
 
     python benchmarks/triton_aot_counts.py [--kernel fwd|bwd] [--k 32] [--v 64]
         [--dtype bf16] [--precision bf16x3|bf16] [--module glakernels.backends.triton.kernels_single_pass]
-        [--arch 90]
+        [--arch 90] [--sass]
 
 Why: on the GPU these kernels are bound by the instruction count of a chunk step (NOTES.md
 session 8), and this counts it in seconds on a CPU-only machine; ``--module`` takes an edited
@@ -23,7 +23,8 @@ the forward the two directions' walks; for the backward pass A and pass B of eac
 each of them twice, once per chunk math (tell them apart by their ``mma`` counts: the
 hierarchy's has more than the ratio's; ``kernels_single_pass``' docstring).
 PTX is not SASS — ptxas removes most ``mov``s and splits some operations — so use the counts
-to compare variants, not as cycle counts.
+to compare variants, not as cycle counts; ``--sass`` also counts each loop of the compiled
+machine code (``sass_loop_counts``), which tracked GPU time better in session 20.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
 
 
 def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> str:
+    return compile_asm(fn, consts, options, dtype, shape, arch)["ptx"]
+
+
+def compile_asm(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> dict:
+    """The launch's compiled forms by stage (``ptx``, ``cubin``, ...), as Triton returns them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,7 +110,7 @@ def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: 
             if shape.get(name, 1) % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
 
 
 def ptxas_report(ptx: str, arch: int) -> str:
@@ -169,6 +175,38 @@ def loop_counts(ptx: str) -> dict[str, Counter]:
     return loops
 
 
+def sass_loop_counts(cubin: bytes) -> dict[str, Counter]:
+    """Opcode counts of each loop of the machine code (SASS, from the cuobjdump that ships with
+    Triton), keyed by the loop's address range: a loop is the span from a branch target back
+    to the branch that jumps there. What runs, unlike PTX: ptxas drops most moves, and where
+    PTX and SASS disagreed on a change, GPU time followed SASS (session 20: the state as an
+    accumulator cut the forward step's PTX by 12 %, its SASS by 6 %, its time by ~5 %).
+    ``STL``/``LDL`` are register spills and their reloads. The cubin is this machine's Triton
+    and ptxas's; a GPU host with another Triton (3.6 on the device image) compiles within a
+    few percent of it, so compare variants here, not counts across machines."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        tool = shutil.which("cuobjdump") or tool
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    code = []  # (address, opcode, branch target or None)
+    for line in text.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", line)
+        if m:
+            target = re.search(r"0x([0-9a-f]+)", m.group(3)) if m.group(2) == "BRA" else None
+            code.append((int(m.group(1), 16), m.group(2), int(target.group(1), 16) if target else None))
+    loops = {}
+    for addr, _, target in code:
+        if target is not None and target < addr:
+            loops[f"0x{target:x}-0x{addr:x}"] = Counter(op for a, op, _ in code if target <= a <= addr)
+    return loops
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", choices=["fwd", "bwd"], default="fwd")
@@ -185,6 +223,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--top", type=int, default=12, help="opcodes listed per loop")
     parser.add_argument("--ptx", help="also write the PTX to this file")
+    parser.add_argument("--sass", action="store_true",
+                        help="count each loop's machine code (SASS) too: what runs; PTX overstates moves")
     args = parser.parse_args(argv)
     # compiled, not interpreted: the kernels are decorated at their first import, below
     os.environ.pop("TRITON_INTERPRET", None)
@@ -196,7 +236,8 @@ def main(argv=None) -> int:
     ptxs = []
     for label, fn, consts, options in kernel_launches(args.kernel, args.module, args.t, args.k, args.v,
                                                       args.precision):
-        ptx = compile_ptx(fn, consts, options, args.dtype, shape, args.arch)
+        asm = compile_asm(fn, consts, options, args.dtype, shape, args.arch)
+        ptx = asm["ptx"]
         ptxs.append(ptx)
         print(f"{label} {args.module or 'default module'}, sm_{args.arch}, {args.dtype}, {args.precision}, "
               f"K={args.k} V={args.v}, {options}: {ptxas_report(ptx, args.arch)}")
@@ -207,6 +248,11 @@ def main(argv=None) -> int:
         for name, ops in loops.items():
             top = " ".join(f"{op}:{n}" for op, n in ops.most_common(args.top))
             print(f"loop {name}: {sum(ops.values())} instructions; {top}")
+        if args.sass:
+            for name, ops in sass_loop_counts(asm["cubin"]).items():
+                top = " ".join(f"{op}:{n}" for op, n in ops.most_common(args.top))
+                print(f"sass loop {name}: {sum(ops.values())} instructions, spills STL {ops['STL']} LDL {ops['LDL']}; "
+                      f"{top}")
     if args.ptx:  # the launches' PTX one after the other
         with open(args.ptx, "w") as fh:
             fh.write("\n".join(ptxs))

@@ -51,3 +51,15 @@ def test_finds_each_directions_chunk_loops(tmp_path, kind, n_loops):
     for total, ops in loops:
         mma = re.search(r"\bmma:(\d+)", ops)
         assert int(total) > 100 and mma and int(mma.group(1)) > 0, report
+
+
+def test_counts_the_machine_code_of_each_walk(tmp_path):
+    """``--sass``: the cubin's loops, from Triton's own cuobjdump: the forward's four walks
+    (two directions, two chunk maths) each with tensor-core instructions (HMMA) in the loop,
+    and the gate pre-pass loops without."""
+    report, _ = _run(tmp_path, "--sass", "--top", "60")
+    loops = re.findall(r"^sass loop \S+: (\d+) instructions, spills STL (\d+) LDL (\d+); (.*)$", report, re.M)
+    walks = [(int(total), ops) for total, _, _, ops in loops if re.search(r"\bHMMA:\d+", ops)]
+    assert len(walks) == 4, report
+    assert all(total > 500 for total, _ in walks), report
+    assert any("HMMA" not in ops for _, _, _, ops in loops), report
