@@ -2,7 +2,7 @@
 chunk step costs: registers and spills (ptxas), and the PTX instructions inside each loop,
 by opcode.
 
-    python benchmarks/triton_aot_counts.py [--kernel fwd|bwd] [--k 32] [--v 64]
+    python benchmarks/triton_aot_counts.py [--kernel fwd|bwd|bwd2] [--k 32] [--v 64]
         [--dtype bf16] [--precision bf16x3|bf16] [--module glakernels.backends.triton.kernels_single_pass]
         [--arch 90] [--sass]
 
@@ -56,6 +56,14 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
     from glakernels.backends.triton import launch
 
     cfg = launch.choose_config(t, k, v)
+    if kind == "bwd2":  # the two-phase backward (kernels._gla_bwd_kernel), as launch makes it
+        mod = importlib.import_module(module or "glakernels.backends.triton.kernels")
+        nseg = -(-t // cfg.segment)
+        consts = dict(C=cfg.chunk, LOG2C=cfg.chunk.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v,
+                      NKB=-(-k // cfg.block_k), NVB=-(-v // cfg.block_v), BIDIR=True, HAS_H0=False, HAS_DHT=False,
+                      STORE_DH0=False, HAS_BSTATES=nseg > 1, ONE_CHUNK=nseg > 1 and cfg.segment == cfg.chunk,
+                      DOT_BF16=precision in ("bf16", "bf16x3"), PRECISION=precision, RATIO=cfg.two_phase_bwd_ratio)
+        return [("bwd2", mod._gla_bwd_kernel, consts, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))]
     if kind == "fwd":
         mod = importlib.import_module(module or "glakernels.backends.triton.kernels_single_pass")
         fn = mod._gla_fwd_single_pass_kernel
@@ -209,7 +217,8 @@ def sass_loop_counts(cubin: bytes) -> dict[str, Counter]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", choices=["fwd", "bwd"], default="fwd")
+    parser.add_argument("--kernel", choices=["fwd", "bwd", "bwd2"], default="fwd",
+                        help="the single-pass forward or backward, or the two-phase backward (K or V > 64)")
     parser.add_argument("--module", help="the module with the kernel: an edited copy saved beside the original "
                         "(its relative imports), e.g. glakernels.backends.triton.variant")
     parser.add_argument("--k", type=int, default=32, help="head dim K (ViG-T: 32)")
@@ -230,8 +239,10 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    if args.k > 64 or args.v > 64:
-        parser.error("--k and --v: the counted settings are the single-pass ones for K, V <= 64")
+    if args.kernel == "bwd2" and args.sass:  # (cuobjdump shows its warp-collective branches as loops too)
+        parser.error("--sass: the two-phase backward's machine code has branches the loop finder takes for loops")
+    if args.kernel != "bwd2" and (args.k > 64 or args.v > 64):
+        parser.error("--k and --v: the single-pass settings are counted for K, V <= 64 (--kernel bwd2: any)")
     shape = dict(T=args.t, H=args.heads, K=args.k, V=args.v)
     ptxs = []
     for label, fn, consts, options in kernel_launches(args.kernel, args.module, args.t, args.k, args.v,

@@ -63,3 +63,11 @@ def test_counts_the_machine_code_of_each_walk(tmp_path):
     assert len(walks) == 4, report
     assert all(total > 500 for total, _ in walks), report
     assert any("HMMA" not in ops for _, _, _, ops in loops), report
+
+
+def test_counts_the_two_phase_backward(tmp_path):
+    """``--kernel bwd2``: the two-phase backward (K or V > 64) at lm_4k's shape compiles as
+    ``launch`` launches it, and its chunk loops do tensor-core work."""
+    report, _ = _run(tmp_path, "--kernel", "bwd2", "--t", "4096", "--k", "128", "--v", "128", "--heads", "8")
+    loops = re.findall(r"^loop \S+: (\d+) instructions; (.*)$", report, re.M)
+    assert sum(bool(re.search(r"\bmma:\d+", ops)) for _, ops in loops) >= 2, report

@@ -149,9 +149,16 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
         dk = scale * dk + Kf * _dot(vt, tl.trans(dS_out), DOT_BF16, PRECISION)
         S_out = total[:, None] * S_in + _dot(tl.trans(k * Kf), vt, DOT_BF16, PRECISION)
         dv_states = _dot(k * Kf, dS_out, DOT_BF16, PRECISION)
-    # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term
+    # gate gradient: in-chunk cumulative sum, plus everything beyond the chunk in one term.
+    # The sum (suffix sum; reverse: prefix) is a dot with a 0/1 triangle, not tl.cumsum's
+    # scan across lanes (AOT sm_90, ViG-T's pass B step: 1,102 -> 1,042 SASS instructions);
+    # its terms enter split (~2^-17 each) or as IEEE float32, whatever the other dots' mode
+    # (a rounded bfloat16 or tf32 term would cost the sum 2^-9 or 2^-11), and a dot adds in
+    # a fixed order
     carry = tl.sum(S_out * dS_out, axis=1)
-    dg = tl.cumsum(q * dq - k * dk, axis=0, reverse=not REV) + carry[None, :]
+    tri = (rows[None, :] <= rows[:, None]) if REV else (rows[None, :] >= rows[:, None])
+    dg = _dot_acc(tri.to(tl.bfloat16 if DOT_BF16 else tl.float32), q * dq - k * dk,
+                  tl.zeros([C, BK], dtype=tl.float32) + carry[None, :], DOT_BF16, "bf16x3" if DOT_BF16 else "ieee")
     # the own token (decay 1); its gate terms cancel, so it is added after the gate gradient
     dA_diag = tl.sum(tl.where(eye, dA, 0.0), axis=1)
     dq += scale * dA_diag[:, None] * k
