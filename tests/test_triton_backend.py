@@ -600,10 +600,6 @@ def test_unavailable_without_gpu_or_interpreter(tmp_path):
     assert "False" in result.stdout and "no CUDA GPU" in result.stdout, result.stdout
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU only
-
-
 def test_chunk_rows_need_64bit_offsets_from_2_31_elements():
     """The forward's offsets within a chunk are 32-bit below 2^31 elements a chunk (rows x H x
     the wider head dim) and 64-bit from there."""
@@ -628,6 +624,10 @@ def test_forward_with_64bit_chunk_offsets_is_the_same(monkeypatch, bidirectional
         wide = gated_linear_attention(**x, bidirectional=bidirectional, backend="triton")
     assert [args["WIDE_ROWS"] for name, args in launches if name == "_gla_fwd_single_pass_kernel"] == [False, True]
     assert torch.equal(narrow, wide)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
 
 
 @pytest.mark.gpu

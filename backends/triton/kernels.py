@@ -107,8 +107,9 @@ tensor-core operands for float16 and bfloat16 inputs, where every float32 interm
 split into a high and a low bfloat16 part (``_dot_bf16x3``, about float32 accuracy; a single
 rounded bfloat16 dot only under PyTorch's "medium" matmul precision). Never float16
 operands: the states could overflow it. States and scratch are float32. All index
-arithmetic that can pass 2³¹ is int64, and masked-out lanes carry in-range addresses (see
-``_tile``).
+arithmetic that can pass 2³¹ is int64 (the single-pass forward's offsets within a chunk are
+32-bit where the launcher knows a chunk spans fewer elements: ``kernels_single_pass._chunk_at``),
+and masked-out lanes carry in-range addresses (see ``_tile``).
 """
 
 from __future__ import annotations
