@@ -94,10 +94,6 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
     return [(label, fn, {**c, **common}, o) for label, c, o in launches]
 
 
-def compile_ptx(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> str:
-    return compile_asm(fn, consts, options, dtype, shape, arch)["ptx"]
-
-
 def compile_asm(fn, consts: dict, options: dict, dtype: str, shape: dict, arch: int) -> dict:
     """The launch's compiled forms by stage (``ptx``, ``cubin``, ...), as Triton returns them."""
     import triton

@@ -114,16 +114,15 @@ and masked-out lanes carry in-range addresses (see ``_tile``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreter_enabled
+
 # bfloat16 splits (``_split_bf16``) in inline PTX: on NVIDIA GPUs only — not under Triton's
 # interpreter (it runs no PTX; read as Triton reads it, when the kernels are defined) or ROCm
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
-_SPLIT_IN_PTX = tl.constexpr(not _INTERPRETED and torch.version.hip is None)
+_SPLIT_IN_PTX = tl.constexpr(not interpreter_enabled() and torch.version.hip is None)
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -293,9 +292,10 @@ def _level_mask(C: tl.constexpr, lvl, REV: tl.constexpr):
 @triton.jit
 def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """For a chunk whose gates are all >= ``_ratio_min_gate(C)``: ``Qf = exp(G)``, its inverse
-    ``exp(-G)``, ``Kf = total · inverse`` and the chunk's total decay, with ``G`` the gates'
-    inclusive prefix sum within the chunk (reverse: suffix sum). The pair (t, s) then decays
-    by ``Qf[t] · inverse[s]``. ``G`` comes from a dot with a 0/1 triangle (exact operands),
+    ``exp(-G)`` and the chunk's total decay, with ``G`` the gates' inclusive prefix sum within
+    the chunk (reverse: suffix sum). The pair (t, s) then decays by ``Qf[t] · inverse[s]``,
+    and the key-side factor ``Kf`` is ``total · inverse`` (callers fold ``total`` in where it
+    is cheaper: into the state). ``G`` comes from a dot with a 0/1 triangle (exact operands),
     which adds in the same order at any warp count, like every sum of these kernels; the gate
     bound keeps the inverse <= e^32."""
     rows = tl.arange(0, C)
@@ -310,7 +310,7 @@ def _ratio_factors(gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.constexp
     Qf = tl.exp(G)
     inv = tl.exp(-G)
     total = _row(Qf, 0 if REV else C - 1, C)  # (a row: one non-zero term, exact)
-    return Qf, inv, total[None, :] * inv, total
+    return Qf, inv, total
 
 
 @triton.jit
@@ -331,18 +331,18 @@ def _ratio_pairs(q, k, gt, dA, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.
     """The pairs of a chunk whose gates are all >= ``_ratio_min_gate(C)``, by the decay ratio
     (``_ratio_factors``): their scores and their dq, dk parts in one dot each instead of one
     per level of the hierarchy (``kernels_single_pass_bwd._level_pairs``, and here
-    ``_scores_and_grads_one_direction``), and the chunk's factors and total decay."""
+    ``_scores_and_grads_one_direction``)."""
     rows = tl.arange(0, C)
     # the pairs without the own token, whose terms the gate gradient must not see (_chunk_grads)
     pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
-    Qf, inv, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    Qf, inv, _ = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
     qh = q * Qf
     kh = k * inv
     A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
     dA_pairs = tl.where(pairs, dA, 0.0)
     dq = Qf * _dot(dA_pairs, kh, DOT_BF16, PRECISION)
     dk = inv * _dot(tl.trans(dA_pairs), qh, DOT_BF16, PRECISION)
-    return A, dq, dk, Qf, Kf, total
+    return A, dq, dk
 
 
 @triton.jit
@@ -489,7 +489,7 @@ def _scores_and_grads_one_direction(q, k, f, f_shift, gt, dA, A, C: tl.constexpr
     else:
         by_ratio = False
     if by_ratio:
-        A_pairs, dq, dk, _, _, _ = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
+        A_pairs, dq, dk = _ratio_pairs(q, k, gt, dA, C, REV, DOT_BF16, PRECISION)
         A += A_pairs
     else:
         dq = tl.zeros([C, BK], dtype=tl.float32)

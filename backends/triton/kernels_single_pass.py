@@ -146,7 +146,7 @@ def _ratio_scores(qt, kt, gt, C: tl.constexpr, REV: tl.constexpr, DOT_BF16: tl.c
     hierarchy (the split dot keeps ~2^-17 of each operand, whatever its size), so nothing is
     lost to the inverses."""
     rows = tl.arange(0, C)
-    Qf, inv, _, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+    Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
     qh = qt.to(tl.float32) * Qf
     kh = kt.to(tl.float32) * inv
     keep = (rows[:, None] <= rows[None, :]) if REV else (rows[:, None] >= rows[None, :])

@@ -77,16 +77,17 @@ def _level_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, R
 @triton.jit
 def _chunk_factors(gt, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                    DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
-    """Pass A's factors, by the chunk math ``RATIO`` picks (as ``_chunk_grads``)."""
+    """Pass A's query-side factors and the chunk's total decay, by the chunk math ``RATIO``
+    picks (as ``_chunk_grads``)."""
     if RATIO == 2:
         by_ratio = _chunk_allows_ratio(gt, C)
     else:  # (a compile-time choice: one chunk math in the loop)
         by_ratio = RATIO == 1
     if by_ratio:
-        Qf, _, Kf, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+        Qf, _, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
     else:
-        Qf, Kf, total = _level_factors(gt, C, LOG2C, BK, REV)
-    return Qf, Kf, total
+        Qf, _, total = _level_factors(gt, C, LOG2C, BK, REV)
+    return Qf, total
 
 
 @triton.jit
@@ -132,7 +133,7 @@ def _chunk_grads(qt, kt, vt, gt, dot_, S_in, dS_out, scale, C: tl.constexpr, LOG
         # the state terms go in as the dots' accumulators (AOT sm_90, ViG-T's pass B step:
         # 1,217 -> 1,102 SASS instructions with the split of kernels._split_bf16_ptx)
         pairs = (rows[:, None] < rows[None, :]) if REV else (rows[:, None] > rows[None, :])
-        Qf, inv, _, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
+        Qf, inv, total = _ratio_factors(gt, C, REV, DOT_BF16, PRECISION)
         qh = q * Qf
         kh = k * inv
         A = tl.where(pairs, _dot(qh, tl.trans(kh), DOT_BF16, PRECISION), 0.0)
@@ -194,7 +195,7 @@ def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, strid
         qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
                                             cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
-        Qf, Kf, total = _chunk_factors(gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
+        Qf, total = _chunk_factors(gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
         # (the decayed state as the dot's accumulator, the scale on the smaller operand)
         dS = _dot_acc(tl.trans(qt.to(tl.float32) * (scale * Qf)), dot_, total[:, None] * dS, DOT_BF16, PRECISION)
     return dS
