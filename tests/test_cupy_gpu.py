@@ -136,3 +136,65 @@ def test_compiled_kernels_are_cached_on_disk(cupy_backend, tmp_path):
                                           env=env, check=True).stdout.split()[-1]) for _ in range(2))
     print(f"first-call compile {first:.2f}s, cached {second:.2f}s")
     assert second < first
+
+
+# the tensor-core forward (kernels/gla_chunk_forward.cu) on the GPU: the shapes of its
+# emulated tests, ViG's, and gates that send chunks down its exact path
+CHUNK_FORWARD_CASES = [
+    Case(2, 1, 1, 32, 64, torch.bfloat16),
+    Case(1, 17, 2, 16, 16, torch.bfloat16),
+    Case(1, 33, 2, 32, 48, torch.bfloat16),
+    Case(3, 100, 2, 32, 64, torch.bfloat16),
+    Case(4, 196, 3, 32, 64, torch.bfloat16),
+    Case(2, 512, 1, 32, 64, torch.bfloat16),
+    Case(2, 77, 2, 16, 32, torch.bfloat16, bidirectional=False),
+    Case(2, 196, 3, 32, 64, torch.bfloat16, gates="strong"),
+    Case(2, 196, 3, 32, 64, torch.bfloat16, gates="extreme"),
+    Case(2, 60, 1, 32, 64, torch.bfloat16, bidirectional=False, gates="extreme"),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_FORWARD_CASES, ids=lambda c: c.id())
+def test_tensor_core_forward_matches_reference(cupy_backend, case):
+    from glakernels.backends.cupy import CupyBackend, _driver
+    from glakernels.backends.cupy._runtime import CupyLauncher
+
+    names = []
+
+    class Recording(CupyLauncher):
+        def __call__(self, file, name, *rest):
+            names.append(name)
+            return super().__call__(file, name, *rest)
+
+    class Spied(CupyBackend):
+        name = "cupy-recorded"
+        auto_priority = {}
+
+        def forward(self, inputs):
+            return _driver.forward(inputs, Recording(inputs.q.device))
+
+    if not Recording(torch.device("cuda")).tensor_cores:
+        pytest.skip("the tensor-core forward needs compute capability 8.0")
+    with temporary_backend(Spied()) as backend:
+        check_against_reference(backend.name, case, "cuda", seed=17)
+    assert any(n.startswith("gla::gla_chunk_forward") for n in names), names
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_tensor_core_forward_launches_agree_bitwise(cupy_backend, bidirectional):
+    """The plan picks the tensor-core forward's launch by grid size; every launch must give
+    the same bits (a sequence's result may not depend on the rest of the batch)."""
+    from glakernels._custom_op import _inputs
+    from glakernels.backends.cupy import _driver, _plan
+    from glakernels.backends.cupy._runtime import CupyLauncher
+
+    launcher = CupyLauncher(torch.device("cuda"))
+    if not launcher.tensor_cores:
+        pytest.skip("the tensor-core forward needs compute capability 8.0")
+    x = make_inputs(Case(64, 196, 3, 32, 64, torch.bfloat16, bidirectional, gates="extreme"), "cuda", seed=4)
+    inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+    launches = [_plan.ChunkForwardLaunch(w, p, m) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)
+                for m in (1, 3)]
+    outs = [_driver.forward(inputs, launcher, chunk_forward_launch=launch)[0] for launch in launches]
+    for launch, o in zip(launches[1:], outs[1:]):
+        assert torch.equal(o, outs[0]), launch

@@ -31,6 +31,25 @@ class CupyBackend(Backend):
     # forward+backward, on an H100 (bf16; benchmarks/gpu_session.sh, 2026-11-25, NOTES.md)
     auto_priority = {"cuda": 200}
 
+    #: Rank of the calls the tensor-core forward (kernels/gla_chunk_forward.cu) takes where it
+    #: measured faster than triton's: forward-only bidirectional bfloat16 calls with K <= 32,
+    #: V <= 64 (multiples of 16) and T <= 512, above triton's 300 for its single-pass forward.
+    #: H100, CUDA-graph GPU time, cupy / triton µs (`python benchmarks/cupy_chunk_forward_gpu.py`,
+    #: NOTES.md run 21b): vigT_224 36.8 / 53.9, vigB_224 69.9 / 102.7, 32 x 512 x 3 42.4 /
+    #: 52.3, 8 x 196 x 3 17.2 / 17.6. Causal calls tied or lost (0.95-1.25x): triton keeps them.
+    chunk_forward_priority = 400
+
+    def priority_for_problem(self, spec) -> Optional[int]:
+        base = self.priority_for(spec.device_type)
+        if base is None or spec.device_type != "cuda" or spec.needs_grad or not spec.bidirectional:
+            return base
+        from ._plan import chunk_forward_fits
+
+        fits = chunk_forward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states)
+        if fits and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+            return self.chunk_forward_priority
+        return base
+
     def unavailable_reasons(self) -> list[str]:
         reasons = []
         try:

@@ -7,7 +7,8 @@ emulator of the kernels. Nothing here reads tensor values or synchronises.
 
 Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_MAX):
 
-    forward:   [chunk_state, state_scan]  forward_output
+    forward:   chunk_forward (tensor cores: bfloat16, K <= 32, V <= 64, T <= 512, no states)
+               or [chunk_state, state_scan]  forward_output
     backward:  [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
                [gate_grad_fixup]
 """
@@ -22,7 +23,7 @@ import torch
 from glakernels._problem import GLAGradients, GLAInputs
 
 from . import _plan as plan
-from ._sources import SCAN_FILE, SWEEP_FILE, kernel_args
+from ._sources import CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_args
 
 Launcher = Callable[[str, str, tuple, int, int, tuple], None]
 
@@ -84,11 +85,33 @@ class _Call:
         return enter
 
 
-def forward(inputs: GLAInputs, launcher: Launcher, *, chunk_len: Optional[int] = None, tiles=None):
-    """``(o, final_state or None)`` as :meth:`Backend.forward` returns them."""
+def _takes_chunk_forward(inputs: GLAInputs, launcher: Launcher, o: torch.Tensor) -> bool:
+    spec = inputs.spec
+    if not getattr(launcher, "tensor_cores", False):
+        return False
+    states = inputs.initial_state is not None or spec.output_final_state
+    if not plan.chunk_forward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, states):
+        return False
+    tensors = (inputs.q, inputs.k, inputs.v, inputs.g, o) + ((inputs.g_reverse,) if spec.bidirectional else ())
+    return all(x.data_ptr() % plan.CHUNK_FORWARD_ALIGN == 0 for x in tensors)
+
+
+def forward(inputs: GLAInputs, launcher: Launcher, *, chunk_len: Optional[int] = None, tiles=None,
+            chunk_forward: bool = True, chunk_forward_launch: Optional[plan.ChunkForwardLaunch] = None):
+    """``(o, final_state or None)`` as :meth:`Backend.forward` returns them. ``chunk_forward=False``
+    keeps the recurrent sweep where the tensor-core forward would run, ``chunk_forward_launch``
+    overrides its launch (comparisons, tests)."""
     call = _Call(inputs, launcher, chunk_len, tiles)
     spec = inputs.spec
     o = torch.empty(call.B, call.T, call.H, call.V, dtype=spec.dtype, device=call.device)
+    if chunk_forward and chunk_len is None and _takes_chunk_forward(inputs, launcher, o):
+        bi = spec.bidirectional
+        launch = chunk_forward_launch or plan.chunk_forward_launch(
+            call.B * call.H, call.V, bi, getattr(launcher, "sm_count", 1))
+        launcher(CHUNK_FORWARD_FILE, plan.chunk_forward_name(call.K, call.V, bi, launch), (call.B * call.H, 1, 1),
+                 plan.chunk_forward_block(bi, launch), plan.chunk_forward_smem_bytes(call.T, call.V, bi),
+                 kernel_args(dict(o=o.data_ptr()), call.base_args))
+        return o, None
     final = (torch.empty(call.B, call.H, call.K, call.V, dtype=torch.float32, device=call.device)
              if spec.output_final_state else None)
     # scratch tensors are referenced until every launch that uses them is queued (on a GPU the

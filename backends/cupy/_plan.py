@@ -122,9 +122,91 @@ def scan_family() -> tuple[str, ...]:
     return (SCAN_NAME,) + tuple(fixup_name(d) for d in C_TYPES)
 
 
+#: The tensor-core forward (``kernels/gla_chunk_forward.cu``): bfloat16 inputs, head dims that
+#: are multiples of 16 up to these (the warp holds the whole [V, K] state as accumulators),
+#: sequences up to CHUNK_FORWARD_MAX_T tokens (a bidirectional call parks [T, V] float32
+#: outputs in shared memory), no initial or final state; a GPU of compute capability >= 8.0.
+CHUNK_FORWARD_MAX_K = 32
+CHUNK_FORWARD_MAX_V = 64
+CHUNK_FORWARD_MAX_T = SINGLE_CHUNK_MAX
+#: the 16-byte loads need every tensor's start 16-byte aligned (rows then are: K, V % 16 == 0)
+CHUNK_FORWARD_ALIGN = 16
+
+
+def chunk_forward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_dim_v: int, states: bool) -> bool:
+    """Whether the tensor-core forward takes a call of this kind (alignment checked apart)."""
+    return (dtype == torch.bfloat16 and not states and 1 <= seq_len <= CHUNK_FORWARD_MAX_T
+            and head_dim_k % 16 == 0 and head_dim_k <= CHUNK_FORWARD_MAX_K
+            and head_dim_v % 16 == 0 and head_dim_v <= CHUNK_FORWARD_MAX_V)
+
+
+#: warps per direction that split V between them (each holds V / warps columns of the state)
+CHUNK_FORWARD_WARPS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class ChunkForwardLaunch:
+    """Mirror of ``gla_chunk_forward``'s launch template parameters other than the shape."""
+
+    warps: int = 2  # warps per direction (V split between them)
+    prefetch: bool = True  # the next chunk's loads in flight during this one
+    min_blocks: int = 1  # blocks per SM the register allocation must allow
+
+
+def chunk_forward_launch(batch_heads: int, head_dim_v: int, bidirectional: bool, sm_count: int) -> ChunkForwardLaunch:
+    """The launch for a grid of ``batch_heads`` blocks. H100, bf16, K = 32, V = 64, CUDA-graph
+    GPU time (``python benchmarks/cupy_chunk_forward_gpu.py --launches ...``, NOTES.md run 21b):
+    prefetching always won (1.1-1.5x); bidirectional calls run 2 warps a direction, at least 3
+    blocks per SM (168 registers) once the grid needs more than the 2 per SM that 255
+    registers allow (vigT_224, 384 blocks: 36.8 against 45.2 µs), else uncapped; causal calls
+    the most warps (4, 2, 1: V split in 16, 32 or 64 columns) whose uncapped blocks still fit
+    the grid in one wave (8 x 196 x 3: 12.4 against 13.5 µs with 2; 64 x 196 x 12: 37.4 with
+    one warp against 47.5 with 2). Bits of o do not depend on the choice: each V column's
+    arithmetic is the same in every launch (tests/test_cupy_gpu.py checks it bit for bit)."""
+    tiles = head_dim_v // 16
+    if bidirectional:
+        warps = 2 if tiles % 2 == 0 else 1
+        uncapped_blocks_per_sm = 65536 // (255 * 64 * warps)
+        return ChunkForwardLaunch(warps, True, 3 if batch_heads > uncapped_blocks_per_sm * sm_count else 1)
+    for warps in (4, 2, 1):
+        if tiles % warps == 0 and batch_heads <= 65536 // (256 * 32 * warps) * sm_count:
+            return ChunkForwardLaunch(warps, True, 1)
+    return ChunkForwardLaunch(1, True, 1)
+
+
+def chunk_forward_name(head_dim_k: int, head_dim_v: int, bidirectional: bool,
+                       launch: ChunkForwardLaunch = ChunkForwardLaunch(warps=1)) -> str:
+    """``gla_chunk_forward<KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS>``: K tiles of 16, V tiles
+    of 16 per warp, warps per direction."""
+    bidir = "true" if bidirectional else "false"
+    prefetch = "true" if launch.prefetch else "false"
+    return (f"gla::gla_chunk_forward<{head_dim_k // 16}, {head_dim_v // 16 // launch.warps}, {launch.warps}, "
+            f"{bidir}, {prefetch}, {launch.min_blocks}>")
+
+
+def chunk_forward_block(bidirectional: bool, launch: ChunkForwardLaunch) -> int:
+    return 32 * launch.warps * (2 if bidirectional else 1)
+
+
+def chunk_forward_smem_bytes(seq_len: int, head_dim_v: int, bidirectional: bool) -> int:
+    return 4 * seq_len * head_dim_v if bidirectional else 0
+
+
+def chunk_forward_names() -> tuple[str, ...]:
+    """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
+    names = []
+    for k in range(16, CHUNK_FORWARD_MAX_K + 1, 16):
+        for v in range(16, CHUNK_FORWARD_MAX_V + 1, 16):
+            for bi in (True, False):
+                for grid in (1, 10**6):  # a lone block, and a grid past every one-wave limit
+                    for sm_count in (1, 132):
+                        names.append(chunk_forward_name(k, v, bi, chunk_forward_launch(grid, v, bi, sm_count)))
+    return tuple(dict.fromkeys(names))
+
+
 def every_name_expression() -> dict[str, tuple[str, ...]]:
     """Every kernel the launcher can ask for, by source file (for the nvcc check in CI)."""
-    from ._sources import SCAN_FILE, SWEEP_FILE
+    from ._sources import CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE
 
     sweeps = tuple(name for dtype in C_TYPES for tile in all_tiles() for name in sweep_family(dtype, tile))
-    return {SWEEP_FILE: sweeps, SCAN_FILE: scan_family()}
+    return {SWEEP_FILE: sweeps, SCAN_FILE: scan_family(), CHUNK_FORWARD_FILE: chunk_forward_names()}

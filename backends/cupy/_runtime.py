@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import _plan as plan
-from ._sources import SCAN_FILE, SWEEP_FILE, kernel_source, source_digest
+from ._sources import CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_source, source_digest
 
 #: NVRTC options; part of the cache key (CuPy adds the architecture and ``-ftz=true``).
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -38,6 +38,8 @@ def _family_of(file: str, name: str) -> tuple[str, ...]:
     """The name expressions compiled together with ``name`` (one NVRTC call)."""
     if file == SCAN_FILE:
         return plan.scan_family()
+    if file == CHUNK_FORWARD_FILE:  # one kernel a module: a call needs one shape
+        return (name,)
     # gla::gla_sweep<dtype, tile, role>: every role of that dtype and tile
     prefix = name[: name.rindex(",")]
     return tuple(f"{prefix}, {role}>" for role in plan.ROLES)
@@ -82,6 +84,26 @@ def _stream(device_index: int):
     return stream
 
 
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device_index: int) -> tuple[int, int]:
+    found = _capabilities.get(device_index)
+    if found is None:
+        found = _capabilities[device_index] = torch.cuda.get_device_capability(device_index)
+    return found
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device_index: int) -> int:
+    found = _sm_counts.get(device_index)
+    if found is None:
+        found = _sm_counts[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return found
+
+
 class CupyLauncher:
     """Launches kernels on ``device``'s current PyTorch stream.
 
@@ -91,6 +113,9 @@ class CupyLauncher:
 
     def __init__(self, device: torch.device):
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+        # the tensor-core forward's mma.sync / movmatrix need sm_80 or newer
+        self.tensor_cores = _capability(self.device_index) >= (8, 0)
+        self.sm_count = _sm_count(self.device_index)  # the tensor-core forward's launch depends on it
 
     def __call__(self, file: str, name: str, grid: tuple, block: int, smem: int, args: tuple) -> None:
         import cupy
@@ -126,5 +151,9 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim_k: int, head_dim_
     for inner in {head_dim_k, head_dim_v}:
         tile = plan.tile_for(inner)
         _kernel(index, SWEEP_FILE, plan.sweep_name(dtype, tile, plan.FORWARD_OUTPUT))
+    if plan.chunk_forward_fits(dtype, 1, head_dim_k, head_dim_v, False) and _capability(index) >= (8, 0):
+        for bidirectional in (True, False):  # the launches of a full grid (ViG's batches)
+            launch = plan.chunk_forward_launch(10**6, head_dim_v, bidirectional, _sm_count(index))
+            _kernel(index, CHUNK_FORWARD_FILE, plan.chunk_forward_name(head_dim_k, head_dim_v, bidirectional, launch))
     _kernel(index, SCAN_FILE, plan.SCAN_NAME)
     return time.perf_counter() - start

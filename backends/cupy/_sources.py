@@ -20,6 +20,7 @@ KERNEL_DIR = pathlib.Path(__file__).resolve().with_name("kernels")
 #: kernel file -> what it holds
 SWEEP_FILE = "gla_sweep.cu"
 SCAN_FILE = "gla_scan.cu"
+CHUNK_FORWARD_FILE = "gla_chunk_forward.cu"
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 

@@ -66,6 +66,9 @@ class Emulator:
     """A launcher running kernels on the CPU; ``names_by_file`` as in
     :func:`glakernels.backends.cupy._plan.every_name_expression`."""
 
+    #: the tensor-core kernels' warp-matrix functions are emulated too (gla_emulation.h)
+    tensor_cores = True
+
     def __init__(self, names_by_file: dict[str, tuple[str, ...]], build_dir: pathlib.Path):
         cxx = compiler()
         if cxx is None:

@@ -54,8 +54,83 @@ template <> inline f16 from_float<f16>(float x) {  // round to nearest even
 
 void group_sync(int id, int count);
 float shfl_xor(float x, int lane_mask);
+// every lane's `words` words, lane by lane (a warp-collective call, like a shuffle)
+void warp_exchange(const uint32_t* mine, int words, uint32_t* all);
 unsigned char* dynamic_smem();
 unsigned dynamic_smem_bytes();
 [[noreturn]] void fail_launch();
 
+
+// The warp-matrix functions of gla_warp_matrix.cuh, with the PTX fragment layouts (lane =
+// 4 r + c). The product sums in float32 in column order; the tensor cores' accumulation
+// order differs, which the tests' bounds absorb.
+typedef unsigned int u32;
+
+inline float u32_as_float(u32 x) { return bits_to_float(x); }
+
+inline float bf16_half(u32 word, int half) { return bits_to_float(half ? (word & 0xffff0000u) : (word << 16)); }
+
+inline void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  const u32 mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  u32 all[32 * 6];
+  warp_exchange(mine, 6, all);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int r = l / 4, c = l % 4;
+    const u32* w = all + 6 * l;
+    for (int e = 0; e < 2; ++e) {
+      A[r][2 * c + e] = bf16_half(w[0], e);
+      A[r + 8][2 * c + e] = bf16_half(w[1], e);
+      A[r][2 * c + 8 + e] = bf16_half(w[2], e);
+      A[r + 8][2 * c + 8 + e] = bf16_half(w[3], e);
+      B[2 * c + e][r] = bf16_half(w[4], e);
+      B[2 * c + 8 + e][r] = bf16_half(w[5], e);
+    }
+  }
+  const int lane = int(threadIdx.x % 32), r = lane / 4, c = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = r + 8 * (e / 2), col = 2 * c + e % 2;
+    float sum = 0.0f;
+    for (int i = 0; i < 16; ++i) sum += A[row][i] * B[i][col];
+    d[e] += sum;
+  }
+}
+
+inline u32 transpose8x8(u32 x) {
+  u32 all[32];
+  warp_exchange(&x, 1, all);
+  const int lane = int(threadIdx.x % 32), r = lane / 4, c = lane % 4;
+  // element (row, col) of the 8 x 8 matrix sits in lane 4 row + col / 2, half col % 2
+  auto element = [&](int row, int col) -> u32 {
+    const u32 w = all[4 * row + col / 2];
+    return (col % 2) ? (w >> 16) : (w & 0xffffu);
+  };
+  return element(2 * c, r) | (element(2 * c + 1, r) << 16);
+}
+
+inline u32 pack_bf16x2(float first, float second) {
+  return u32(from_float<bf16>(first).bits) | (u32(from_float<bf16>(second).bits) << 16);
+}
+
+inline float shfl_idx(float x, int src_lane) {
+  u32 mine = float_to_bits(x), all[32];
+  warp_exchange(&mine, 1, all);
+  return bits_to_float(all[src_lane & 31]);
+}
+
+inline bool warp_any(bool predicate) {
+  u32 mine = predicate ? 1u : 0u, all[32];
+  warp_exchange(&mine, 1, all);
+  for (u32 x : all)
+    if (x) return true;
+  return false;
+}
+
+inline float exp2_approx(float x) { return exp2f(x); }
+
+inline void shared_add(float* address, float x) { *address += x; }  // fibers switch only at barriers
+
+inline void block_sync() { group_sync(0, int(blockDim.x)); }
+
 }  // namespace gla
+

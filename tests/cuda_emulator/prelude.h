@@ -22,3 +22,12 @@ extern gla_emu_dim3 threadIdx;
 extern gla_emu_dim3 blockIdx;
 extern gla_emu_dim3 blockDim;
 extern gla_emu_dim3 gridDim;
+// CUDA's built-in vector types used by the kernels
+struct uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }

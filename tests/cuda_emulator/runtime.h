@@ -103,6 +103,8 @@ struct Launch {
   std::vector<Barrier> warps;
   std::vector<std::array<float, 64>> shuffle;  // two exchange buffers per warp
   std::vector<int> shuffle_round;
+  std::vector<std::array<uint32_t, 2 * 32 * 8>> exchange;  // warp_exchange's two buffers per warp
+  std::vector<int> exchange_round;
 };
 
 Launch* launch_state = nullptr;
@@ -177,6 +179,18 @@ float shfl_xor(float x, int lane_mask) {
   return s.shuffle[warp][base + (lane ^ unsigned(lane_mask))];
 }
 
+void warp_exchange(const uint32_t* mine, int words, uint32_t* all) {
+  gla_emu::Launch& s = *gla_emu::launch_state;
+  if (words > 8) gla_emu::die("warp_exchange of more than 8 words");
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // alternating buffers, as in shfl_xor
+  const unsigned base = 32u * 8u * unsigned(s.exchange_round[threadIdx.x]++ & 1);
+  for (int i = 0; i < words; ++i) s.exchange[warp][base + 8u * lane + unsigned(i)] = mine[i];
+  gla_emu::arrive_and_wait(s.warps[warp]);
+  for (unsigned l = 0; l < 32; ++l)
+    for (int i = 0; i < words; ++i) all[l * unsigned(words) + unsigned(i)] = s.exchange[warp][base + 8u * l + unsigned(i)];
+}
+
 unsigned char* dynamic_smem() {  // 16-byte aligned, like CUDA's
   auto address = reinterpret_cast<uintptr_t>(gla_emu::launch_state->memory.data());
   return reinterpret_cast<unsigned char*>((address + 15) & ~uintptr_t(15));
@@ -222,6 +236,8 @@ int launch(const Entry* entries, size_t n_entries, const char* name, unsigned gx
   for (auto& w : s.warps) w.expected = 32;
   s.shuffle.resize(threads / 32);
   s.shuffle_round.assign(threads, 0);
+  s.exchange.resize(threads / 32);
+  s.exchange_round.assign(threads, 0);
   for (unsigned t = 0; t < threads; ++t) s.stacks.push_back(static_cast<char*>(std::malloc(kStackBytes)));
   launch_state = &s;
   blockDim = {threads, 1, 1};
@@ -234,6 +250,7 @@ int launch(const Entry* entries, size_t n_entries, const char* name, unsigned gx
         std::fill(s.memory.begin(), s.memory.end(), (unsigned char)0xff);  // NaN poison
         for (auto& b : s.named) b = Barrier{};
         std::fill(s.shuffle_round.begin(), s.shuffle_round.end(), 0);
+        std::fill(s.exchange_round.begin(), s.exchange_round.end(), 0);
         s.runnable.clear();
         for (unsigned t = 0; t < threads; ++t) {
           s.done[t] = false;

@@ -1,0 +1,421 @@
+// The forward on tensor cores: a chunked walk, 16 tokens a step, for bfloat16 inputs with
+// K, V <= 64 (multiples of 16), T <= 512, no states — ViG's calls. The recurrent sweep
+// (gla_sweep.cu) runs everything else.
+//
+// One block per (batch, head); NW warps per direction, each owning V / NW columns of the
+// state and the output; a bidirectional call runs the reverse direction's warps in the same
+// block, walking the flipped sequence. A warp keeps its state transposed, S^T [V/NW x K], as
+// float32 mma accumulators, and per 16-token chunk (gates' in-chunk cumulative sums G_t,
+// chunk total G_15; all per K column):
+//
+//   o_t  = scale * (q_t * e^{G_t}) . S  +  sum_{s <= t} A_ts v_s
+//   A_ts = sum_k (q_t * e^{G_t})_k (k_s * e^{-G_s})_k                     (the decay ratio)
+//   S'   = diag(e^{G_15}) (S + sum_s (k_s * e^{-G_s}) v_s^T)
+//
+// with every float32 operand split into two bfloat16 parts (three products: hi*hi + hi*lo +
+// lo*hi, ~float32 accuracy; the loaded v is exact as it is). The ratio needs |G| <= 32 in
+// the chunk; a chunk with stronger gates (any finite gate down to -1e4 must work) takes the
+// exact path instead: scores as float32 sums of q_t k_s e^{G_t - G_s} <= |q_t k_s|, and the
+// state update with the decayed keys k_s e^{G_15 - G_s} <= |k_s|.
+//
+// Layouts are chosen so that no value goes through shared memory: loads put q, k, g, v
+// straight into A-fragment order (K and V columns permuted so that each lane reads
+// contiguous 8- or 16-byte pieces: lane c holds columns [4 KT c, 4 KT c + 4 KT)), the
+// in-chunk cumulative gate sums are one product with a lower-triangular matrix of ones, the
+// scores' C tiles are the A fragment of A.v, S^T's C tiles are the B fragments of q.S, and
+// the transposes that remain (k and v over time) are movmatrix instructions.
+//
+// Bidirectional output: o_t = o_fwd,t + o_rev,t, each already scaled by scale / 2. The
+// walks meet halfway: before the midpoint barrier each direction parks its float32 outputs
+// in shared memory (the forward direction tokens [0, 16 M), the reverse one [T - 16 M, T),
+// M = floor(T / 32)); after it, each adds the other's parked values and writes o. The < 32
+// tokens in between, which both directions reach after the barrier, are summed into
+// zeroed shared memory by atomic additions — of two terms onto zero, so in either order the
+// same bits — and written at the end.
+#include "gla_common.cuh"
+#include "gla_warp_matrix.cuh"
+
+namespace gla {
+
+// a chunk takes the decay ratio when every in-chunk cumulative gate sum lies in [-32, 32]:
+// e^{±G} then stays within float32 (and bfloat16) range with room for |q|, |k| up to ~1e24
+constexpr float kRatioMaxLogDecay = 32.0f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// `words` 32-bit words (2 bfloat16 each) of one row from `from` (16-byte aligned when
+// words % 4 == 0, else 8-byte aligned), or zeros for a row past the sequence's end
+template <int words>
+__device__ __forceinline__ void load_row(const bf16* from, bool valid, u32 (&w)[words]) {
+  if (!valid) {
+#pragma unroll
+    for (int i = 0; i < words; ++i) w[i] = 0u;
+    return;
+  }
+  if constexpr (words % 4 == 0) {
+    const uint4* p = reinterpret_cast<const uint4*>(from);
+#pragma unroll
+    for (int i = 0; i < words / 4; ++i) {
+      const uint4 x = p[i];
+      w[4 * i] = x.x, w[4 * i + 1] = x.y, w[4 * i + 2] = x.z, w[4 * i + 3] = x.w;
+    }
+  } else {
+    const uint2* p = reinterpret_cast<const uint2*>(from);
+#pragma unroll
+    for (int i = 0; i < words / 2; ++i) {
+      const uint2 x = p[i];
+      w[2 * i] = x.x, w[2 * i + 1] = x.y;
+    }
+  }
+}
+
+template <int words>
+__device__ __forceinline__ void store_row(bf16* to, const u32 (&w)[words]) {
+  if constexpr (words % 4 == 0) {
+    uint4* p = reinterpret_cast<uint4*>(to);
+#pragma unroll
+    for (int i = 0; i < words / 4; ++i) p[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+  } else {
+    uint2* p = reinterpret_cast<uint2*>(to);
+#pragma unroll
+    for (int i = 0; i < words / 2; ++i) p[i] = make_uint2(w[2 * i], w[2 * i + 1]);
+  }
+}
+
+// One chunk's inputs as loaded: [row half (token r, r + 8)][words]
+template <int KT, int VT>
+struct ChunkInputs {
+  u32 q[2][2 * KT], k[2][2 * KT], g[2][2 * KT], v[2][2 * VT];
+};
+
+// A-fragment element e (0..7) of K tile j: word e / 2 of {a0, a1, a2, a3}, half e % 2; row
+// half (e / 2) % 2, column pair e / 4. From loaded row words: a0 = row 0 word 2j, a1 = row 1
+// word 2j, a2 = row 0 word 2j + 1, a3 = row 1 word 2j + 1.
+template <int KT>
+__device__ __forceinline__ u32 fragment_word(const u32 (&rows)[2][2 * KT], int j, int word) {
+  return rows[word & 1][2 * j + (word >> 1)];
+}
+
+template <int KT>
+__device__ __forceinline__ void unpack(const u32 (&rows)[2][2 * KT], float (&x)[KT][8]) {
+#pragma unroll
+  for (int j = 0; j < KT; ++j)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const u32 word = fragment_word<KT>(rows, j, w);
+      x[j][2 * w] = low_bf16(word), x[j][2 * w + 1] = high_bf16(word);
+    }
+}
+
+template <int KT>
+__device__ __forceinline__ void split(const float (&x)[KT][8], u32 (&hi)[KT][4], u32 (&lo)[KT][4]) {
+#pragma unroll
+  for (int j = 0; j < KT; ++j)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) split_bf16x2(x[j][2 * w], x[j][2 * w + 1], hi[j][w], lo[j][w]);
+}
+
+// KT, VT: K and V tiles of 16 (V per warp); NW: warps per direction, splitting V; BIDIR;
+// PREFETCH: load the next chunk while computing this one (registers for latency);
+// MIN_BLOCKS: blocks per SM the register allocation must allow (launch bounds)
+template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS>
+__global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
+gla_chunk_forward(GLA_KERNEL_PARAMS) {
+  GLA_COLLECT_PARAMS;
+  constexpr int KW = 2 * KT, VW = 2 * VT;  // words per row and lane
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int dir = warp / NW, wv = warp % NW;
+  const i64 T = p.T, b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const i64 row_k = p.H * p.K, row_v = p.H * p.V;  // elements from one token to the next
+  const i64 k_off = b * T * row_k + h * p.K + 4 * KT * c;
+  const i64 v_off = b * T * row_v + h * p.V + wv * 16 * VT + 4 * VT * c;
+  const bf16* q = in_ptr<bf16>(p.q) + k_off;
+  const bf16* k = in_ptr<bf16>(p.k) + k_off;
+  const bf16* g = in_ptr<bf16>(dir == 0 ? p.g : p.g_rev) + k_off;
+  const bf16* v = in_ptr<bf16>(p.v) + v_off;
+  bf16* o = out_ptr<bf16>(p.o) + v_off;
+  const float scale = p.scale;
+  const int n_chunks = int((T + 15) / 16);
+
+  // the parked outputs of a bidirectional call: [T][V] float32
+  float* park = reinterpret_cast<float*>(dynamic_smem());
+  const i64 V = p.V;
+  const i64 first_met = BIDIR ? 16 * (T / 32) : T;  // [first_met, last_met): met after the barrier
+  const i64 last_met = BIDIR ? T - first_met : T;
+  const int steps_before_barrier = int(T / 32);
+  if (BIDIR) {
+    for (i64 i = threadIdx.x; i < (last_met - first_met) * V; i += blockDim.x) park[first_met * V + i] = 0.0f;
+  }
+
+  // the lower triangle of ones (t >= s) as an A fragment, for the in-chunk cumulative sums
+  const u32 one = 0x3f80u;  // bfloat16 1.0
+  const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
+  const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
+
+  float state[VT][2 * KT][4];  // S^T: [V tile][K column octet][C tile]
+#pragma unroll
+  for (int a = 0; a < VT; ++a)
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) state[a][n][e] = 0.0f;
+
+  auto load = [&](int chunk, ChunkInputs<KT, VT>& in) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const i64 t = 16 * i64(chunk) + r + 8 * half;
+      const bool valid = t < T;
+      const i64 row = dir == 0 ? t : T - 1 - t;
+      load_row<KW>(q + row * row_k, valid, in.q[half]);
+      load_row<KW>(k + row * row_k, valid, in.k[half]);
+      load_row<KW>(g + row * row_k, valid, in.g[half]);
+      load_row<VW>(v + row * row_v, valid, in.v[half]);
+    }
+  };
+
+  ChunkInputs<KT, VT> next;
+  if (PREFETCH) load(0, next);
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    ChunkInputs<KT, VT> in;
+    if (PREFETCH) {
+      in = next;
+      if (chunk + 1 < n_chunks) load(chunk + 1, next);
+    } else {
+      load(chunk, in);
+    }
+    if (BIDIR && chunk == steps_before_barrier) block_sync();  // the other direction has parked
+
+    // in-chunk cumulative gate sums G (A-fragment order) and the chunk totals of this lane's
+    // columns (row 15 lives in lanes 28-31)
+    float G[KT][8], total[2 * KT][2];
+    bool ratio_ok = true;
+#pragma unroll
+    for (int j = 0; j < KT; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // B = g over (time, column): the transposes of the words of column octet `half`
+        mma_bf16(acc, tri, transpose8x8(fragment_word<KT>(in.g, j, 2 * half)),
+                 transpose8x8(fragment_word<KT>(in.g, j, 2 * half + 1)));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          G[j][4 * half + e] = acc[e];
+          ratio_ok = ratio_ok && acc[e] >= -kRatioMaxLogDecay && acc[e] <= kRatioMaxLogDecay;
+        }
+        total[2 * j + half][0] = shfl_idx(acc[2], 28 + c);
+        total[2 * j + half][1] = shfl_idx(acc[3], 28 + c);
+      }
+    }
+    const bool exact = warp_any(!ratio_ok);
+
+    float qf[KT][8], kf[KT][8];
+    unpack<KT>(in.q, qf);
+    unpack<KT>(in.k, kf);
+    float qh[KT][8], kx[KT][8];  // q * scale * e^G; the state update's keys (kh or kd)
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qh[j][e] = qf[j][e] * scale * exp2_approx(G[j][e] * kLog2e);
+    u32 qh_hi[KT][4], qh_lo[KT][4];
+    split<KT>(qh, qh_hi, qh_lo);
+
+    float scores[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // [s octet][C tile]
+    u32 kx_hi[KT][4], kx_lo[KT][4];
+    if (!exact) {
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kx[j][e] = kf[j][e] * exp2_approx(-G[j][e] * kLog2e);
+      split<KT>(kx, kx_hi, kx_lo);
+      // B = kh^T over (column, token s): for s in octet 0 the words a0, a2; octet 1: a1, a3
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma_bf16(scores[half], qh_lo[j], kx_hi[j][half], kx_hi[j][half + 2]);
+          mma_bf16(scores[half], qh_hi[j], kx_lo[j][half], kx_lo[j][half + 2]);
+          mma_bf16(scores[half], qh_hi[j], kx_hi[j][half], kx_hi[j][half + 2]);
+        }
+    } else {
+      // exact: scores as float32 sums over this lane's columns, token s's values fetched from
+      // the lane holding its row (lane 4 (s % 8) + c), then summed over the four lanes c
+      float part[2][16];
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int s = 0; s < 16; ++s) part[t][s] = 0.0f;
+#pragma unroll
+      for (int s8 = 0; s8 < 8; ++s8) {
+#pragma unroll
+        for (int j = 0; j < KT; ++j)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float ks = shfl_idx(kf[j][e], 4 * s8 + c), gs = shfl_idx(G[j][e], 4 * s8 + c);
+            const int s = s8 + 8 * ((e >> 1) & 1);  // the row half of element e
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+              const int mine = (e & ~2) | (2 * t);  // the same column in this lane's row half t
+              if (s <= r + 8 * t)  // pairs past the diagonal are masked below (and could overflow)
+                part[t][s] += qf[j][mine] * scale * ks * exp2_approx((G[j][mine] - gs) * kLog2e);
+            }
+          }
+      }
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int s = 0; s < 16; ++s) {
+          part[t][s] += shfl_xor(part[t][s], 1);
+          part[t][s] += shfl_xor(part[t][s], 2);
+        }
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        if (s == 2 * c) {
+          scores[0][0] = part[0][s], scores[0][2] = part[1][s];
+          scores[1][2] = part[1][s + 8];
+        }
+        if (s == 2 * c + 1) {
+          scores[0][1] = part[0][s], scores[0][3] = part[1][s];
+          scores[1][3] = part[1][s + 8];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float to_end = total[2 * j + (e >> 2)][e & 1] - G[j][e];  // <= 0 for gates <= 0
+          kx[j][e] = kf[j][e] * exp2_approx(to_end * kLog2e);
+        }
+      split<KT>(kx, kx_hi, kx_lo);
+    }
+    // causal mask within the chunk (s <= t): the C tiles' rows are t = r, r + 8
+    if (2 * c > r) scores[0][0] = 0.0f;
+    if (2 * c + 1 > r) scores[0][1] = 0.0f;
+    scores[1][0] = scores[1][1] = 0.0f;
+    if (2 * c > r) scores[1][2] = 0.0f;
+    if (2 * c + 1 > r) scores[1][3] = 0.0f;
+    u32 a_hi[4], a_lo[4];
+    split_bf16x2(scores[0][0], scores[0][1], a_hi[0], a_lo[0]);
+    split_bf16x2(scores[0][2], scores[0][3], a_hi[1], a_lo[1]);
+    a_hi[2] = a_lo[2] = 0u;
+    split_bf16x2(scores[1][2], scores[1][3], a_hi[3], a_lo[3]);
+
+    // v over time: per V tile the transposed words; as the B operand of A.v (columns octet 0:
+    // vt[0], vt[1]; octet 1: vt[2], vt[3]) and as the A operand of v^T.k (vt[0], vt[2], vt[1], vt[3])
+    u32 vt[VT][4];
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) vt[a][w] = transpose8x8(fragment_word<VT>(in.v, a, w));
+
+    // o = A.v + qh.S (the state as it entered the chunk)
+    float out[2 * VT][4];
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float (&acc)[4] = out[2 * a + half];
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+        mma_bf16(acc, a_lo, vt[a][2 * half], vt[a][2 * half + 1]);
+        mma_bf16(acc, a_hi, vt[a][2 * half], vt[a][2 * half + 1]);
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+          // B = S over (K column, V column): S^T's C tiles of column octets 2j, 2j + 1, rows of `half`
+          u32 s_hi[2], s_lo[2];
+          split_bf16x2(state[a][2 * j][2 * half], state[a][2 * j][2 * half + 1], s_hi[0], s_lo[0]);
+          split_bf16x2(state[a][2 * j + 1][2 * half], state[a][2 * j + 1][2 * half + 1], s_hi[1], s_lo[1]);
+          mma_bf16(acc, qh_lo[j], s_hi[0], s_hi[1]);
+          mma_bf16(acc, qh_hi[j], s_lo[0], s_lo[1]);
+          mma_bf16(acc, qh_hi[j], s_hi[0], s_hi[1]);
+        }
+      }
+
+    // the state: S' = diag(e^{G_15}) (S + kh^T v)  or, exact,  diag(e^{G_15}) S + kd^T v
+    float decay[2 * KT][2];
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) decay[n][e] = exp2_approx(total[n][e] * kLog2e);
+    if (exact) {
+#pragma unroll
+      for (int a = 0; a < VT; ++a)
+#pragma unroll
+        for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) state[a][n][e] *= decay[n][e & 1];
+    }
+    {
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          // B = kx over (token, K column) for column octet 2j + half: transposed words
+          const u32 hi0 = transpose8x8(kx_hi[j][2 * half]), hi1 = transpose8x8(kx_hi[j][2 * half + 1]);
+          const u32 lo0 = transpose8x8(kx_lo[j][2 * half]), lo1 = transpose8x8(kx_lo[j][2 * half + 1]);
+#pragma unroll
+          for (int a = 0; a < VT; ++a) {
+            const u32 vA[4] = {vt[a][0], vt[a][2], vt[a][1], vt[a][3]};
+            mma_bf16(state[a][2 * j + half], vA, lo0, lo1);
+            mma_bf16(state[a][2 * j + half], vA, hi0, hi1);
+          }
+        }
+    }
+    if (!exact) {
+#pragma unroll
+      for (int a = 0; a < VT; ++a)
+#pragma unroll
+        for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) state[a][n][e] *= decay[n][e & 1];
+    }
+
+    // write: this lane's 4 VT columns of rows r and r + 8 are contiguous (the load order)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const i64 t = 16 * i64(chunk) + r + 8 * half;
+      if (t >= T) continue;
+      const i64 row = dir == 0 ? t : T - 1 - t;
+      float x[4 * VT];
+#pragma unroll
+      for (int a = 0; a < VT; ++a)
+#pragma unroll
+        for (int oct = 0; oct < 2; ++oct)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) x[4 * a + 2 * oct + e] = out[2 * a + oct][2 * half + e];
+      if (BIDIR) {
+        float* parked = park + row * V + wv * 16 * VT + 4 * VT * c;
+        if (chunk < steps_before_barrier) {
+#pragma unroll
+          for (int i = 0; i < VT; ++i)
+            reinterpret_cast<Float4*>(parked)[i] = Float4{x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]};
+          continue;
+        }
+        if (row >= first_met && row < last_met) {
+#pragma unroll
+          for (int i = 0; i < 4 * VT; ++i) shared_add(parked + i, x[i]);
+          continue;
+        }
+#pragma unroll
+        for (int i = 0; i < VT; ++i) {
+          const Float4 other = reinterpret_cast<const Float4*>(parked)[i];
+          x[4 * i] += other.x, x[4 * i + 1] += other.y, x[4 * i + 2] += other.z, x[4 * i + 3] += other.w;
+        }
+      }
+      u32 w[VW];
+#pragma unroll
+      for (int i = 0; i < VW; ++i) w[i] = pack_bf16x2(x[2 * i], x[2 * i + 1]);
+      store_row<VW>(o + row * row_v, w);
+    }
+  }
+  if (BIDIR) {
+    // (the midpoint barrier ran inside the loop: T / 32 < ceil(T / 16) for every T >= 1)
+    block_sync();  // both directions' additions to the tokens met after the barrier are in
+    const i64 columns = 16 * VT * NW;  // == V
+    for (i64 i = threadIdx.x; i < (last_met - first_met) * columns; i += blockDim.x) {
+      const i64 row = first_met + i / columns, col = i % columns;
+      const float x = park[row * V + col];
+      out_ptr<bf16>(p.o)[b * T * row_v + row * row_v + h * p.V + col] = from_float<bf16>(x);
+    }
+  }
+}
+
+}  // namespace gla

@@ -1,0 +1,144 @@
+"""The cupy backend's tensor-core forward (``kernels/gla_chunk_forward.cu``) on the CPU
+emulator: the warp-matrix functions (mma, movmatrix, shuffles) are emulated with the PTX
+fragment layouts, so what is checked here is the kernel's bookkeeping — fragment orders,
+the column permutation of the loads, the in-chunk sums, the exact path for strong gates,
+the midpoint hand-over of a bidirectional call — against the float64 reference. Speed and
+the tensor cores' own rounding are the GPU suite's (``tests/test_cupy_gpu.py``)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from cuda_emulator import Emulator, compiler
+from gla_testing import Case, check_against_reference, make_inputs, temporary_backend
+from glakernels import gated_linear_attention
+from glakernels.backends.cupy import CupyBackend, _driver, _plan
+from glakernels.backends.cupy._sources import CHUNK_FORWARD_FILE
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
+
+NAME = "cupy-emulated-chunk-forward"
+
+
+class Recording:
+    """A launcher that records the kernels it runs, then runs them on the emulator."""
+
+    tensor_cores = True
+
+    def __init__(self, emulator):
+        self.emulator, self.names = emulator, []
+
+    def __call__(self, file, name, grid, block, smem, args):
+        self.names.append(name)
+        self.emulator(file, name, grid, block, smem, args)
+
+
+class EmulatedChunkForward(CupyBackend):
+    description = "cupy kernels with the tensor-core forward on the CPU emulator (tests only)"
+    device_types = frozenset({"cpu"})
+    auto_priority = {}
+
+    def __init__(self, launcher):
+        self.name, self.launcher = NAME, launcher
+
+    def unavailable_reasons(self):
+        return []
+
+    def forward(self, inputs):
+        return _driver.forward(inputs, self.launcher)
+
+    def backward(self, inputs, grad_output, grad_final_state):
+        return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, self.launcher)
+
+
+# launches beyond the plan's (every split of V = 64, without prefetching), for the bitwise check
+LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    names = dict(_plan.every_name_expression())
+    names[CHUNK_FORWARD_FILE] = tuple(dict.fromkeys(names[CHUNK_FORWARD_FILE] + tuple(
+        _plan.chunk_forward_name(32, 64, bi, launch) for launch in LAUNCHES for bi in (True, False))))
+    recording = Recording(Emulator(names, tmp_path_factory.mktemp("emulator")))
+    with temporary_backend(EmulatedChunkForward(recording)):
+        yield recording
+
+
+def _ran_chunk_forward(launcher) -> bool:
+    return any(name.startswith("gla::gla_chunk_forward") for name in launcher.names)
+
+
+# T around the chunk (16) and midpoint (32) boundaries; every K, V the kernel takes
+CASES = [
+    Case(2, 1, 1, 32, 64, torch.bfloat16),
+    Case(1, 15, 2, 16, 16, torch.bfloat16),
+    Case(1, 16, 1, 32, 48, torch.bfloat16),
+    Case(1, 17, 1, 32, 32, torch.bfloat16),
+    Case(1, 31, 1, 16, 64, torch.bfloat16),
+    Case(1, 32, 1, 32, 64, torch.bfloat16),
+    Case(1, 33, 2, 32, 16, torch.bfloat16),
+    Case(1, 50, 1, 16, 32, torch.bfloat16),
+    Case(1, 70, 1, 32, 64, torch.bfloat16),
+    Case(1, 1, 1, 16, 16, torch.bfloat16, bidirectional=False),
+    Case(2, 37, 1, 32, 64, torch.bfloat16, bidirectional=False),
+    Case(1, 64, 1, 16, 48, torch.bfloat16, bidirectional=False),
+]
+# gates that leave the decay ratio's range (|in-chunk sum| > 32): the exact per-chunk path
+HOSTILE = [Case(1, 40, 1, 32, 64, torch.bfloat16, gates=g) for g in ("strong", "extreme")] + [
+    Case(1, 23, 2, 16, 32, torch.bfloat16, bidirectional=False, gates="extreme"),
+]
+
+
+@pytest.mark.parametrize("case", CASES + HOSTILE, ids=lambda c: c.id())
+def test_matches_reference(launcher, case):
+    launcher.names.clear()
+    check_against_reference(NAME, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
+    assert _ran_chunk_forward(launcher), launcher.names
+
+
+def test_hard_reset_mid_chunk(launcher):
+    """A gate of -1e4 (a hard reset) in the middle of a chunk, in one direction's gates and
+    elsewhere in the other's: the exact path, finite and within the bfloat16 bound."""
+    x = make_inputs(Case(1, 40, 1, 32, 64, torch.bfloat16), "cpu", seed=5)
+    x["g"][:, 21] = -1e4
+    x["g_reverse"][:, 6] = -1e4
+    launcher.names.clear()
+    o = gated_linear_attention(x["q"], x["k"], x["v"], x["g"], g_reverse=x["g_reverse"], backend=NAME)
+    assert _ran_chunk_forward(launcher)
+    assert torch.isfinite(o).all()
+    ref = gated_linear_attention(*(x[n].double() for n in ("q", "k", "v", "g")),
+                                 g_reverse=x["g_reverse"].double(), backend="torch")
+    err = ((o.double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, err
+
+
+def test_not_taken_where_it_does_not_apply(launcher):
+    """float32, K = 48, states, T > 512: the recurrent sweep runs, not the tensor-core forward."""
+    for case, kwargs in [
+        (Case(1, 20, 1, 32, 64, torch.float32), {}),
+        (Case(1, 20, 1, 48, 64, torch.bfloat16), {}),
+        (Case(1, 20, 1, 32, 64, torch.bfloat16, bidirectional=False), {"output_final_state": True}),
+    ]:
+        x = make_inputs(case, "cpu", seed=1)
+        launcher.names.clear()
+        gated_linear_attention(x["q"], x["k"], x["v"], x["g"], bidirectional=case.bidirectional, backend=NAME,
+                               **kwargs)
+        assert not _ran_chunk_forward(launcher), (case, launcher.names)
+    assert not _plan.chunk_forward_fits(torch.bfloat16, _plan.CHUNK_FORWARD_MAX_T + 1, 32, 64, False)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_every_launch_gives_the_same_bits(launcher, bidirectional):
+    """Warps per direction (how V is split) and prefetching change who computes what, not the
+    arithmetic of any output column: the plan may choose by grid size (batch invariance)."""
+    from glakernels._custom_op import _inputs
+
+    x = make_inputs(Case(2, 45, 1, 32, 64, torch.bfloat16, bidirectional), "cpu", seed=8)
+    inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+    outs = [_driver.forward(inputs, launcher, chunk_forward_launch=launch)[0] for launch in LAUNCHES]
+    for launch, o in zip(LAUNCHES[1:], outs[1:]):
+        assert torch.equal(o, outs[0]), launch
