@@ -2,14 +2,15 @@
 on one GPU, in one run.
 
     python benchmarks/cupy_chunk_forward_gpu.py [--shapes vigT_224,vigB_224,8x196x3x32x64]
-        [--modes bi,causal] [--gates vig,strong,extreme] [--launches "2,1,1;4,0,2"]
+        [--modes bi,causal] [--gates vig,strong,extreme] [--launches "2,1,1;4,0,2"] [--segments 128,512]
 
 For every shape and mode: the relative error of ``o`` against the float64 torch backend on
 the same GPU (for each gate regime; ``strong`` and ``extreme`` send chunks down the kernel's
 exact path), then the GPU time of each forward as ``triton_configs_gpu.graph_time`` measures
 it (CUDA-graph replay, three input sets). ``--launches`` adds launches of the tensor-core
-forward other than the plan's (warps per direction, prefetch 0/1, minimum blocks per SM), each
-checked on ViG gates and timed. The table is printed last, with the ratios to triton's time
+forward other than the plan's (warps per direction, prefetch 0/1, minimum blocks per SM), and
+``--segments`` other segment lengths for sequences cut into segments (the plan's: 256 tokens
+for sequences over 512), each checked on ViG gates and timed. The table is printed last, with the ratios to triton's time
 measured in the same run.
 """
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from gla_testing import Case, make_inputs  # noqa: E402
 
 
-def cupy_forward(chunk_forward: bool, launch=None):
+def cupy_forward(chunk_forward: bool, launch=None, segment=None):
     from glakernels._custom_op import _inputs
     from glakernels.backends.cupy import _driver
     from glakernels.backends.cupy._runtime import CupyLauncher
@@ -40,7 +41,7 @@ def cupy_forward(chunk_forward: bool, launch=None):
         inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, x["q"].shape[-1] ** -0.5,
                          bidirectional, False)
         return _driver.forward(inputs, CupyLauncher(x["q"].device), chunk_forward=chunk_forward,
-                               chunk_forward_launch=launch)[0]
+                               chunk_forward_launch=launch, chunk_len=segment)[0]
 
     return run
 
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="bi,causal")
     parser.add_argument("--gates", default="vig,strong,extreme")
     parser.add_argument("--launches", default="")
+    parser.add_argument("--segments", default="")
     args = parser.parse_args(argv)
     from glakernels.backends.cupy._plan import ChunkForwardLaunch
 
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     for text in filter(None, args.launches.split(";")):
         warps, prefetch, min_blocks = (int(n) for n in text.split(","))
         runs[f"cupy tc {warps},{prefetch},{min_blocks}"] = cupy_forward(True, ChunkForwardLaunch(warps, bool(prefetch), min_blocks))
+    for text in filter(None, args.segments.split(",")):
+        runs[f"cupy tc segment {text}"] = cupy_forward(True, segment=int(text))
     rows = []
     for name in args.shapes.split(","):
         shape = shape_from(name)

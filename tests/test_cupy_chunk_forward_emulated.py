@@ -21,6 +21,8 @@ from glakernels.backends.cupy._sources import CHUNK_FORWARD_FILE
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
 
 NAME = "cupy-emulated-chunk-forward"
+#: the same with sequences cut into segments of 32 tokens (the path of sequences over 512)
+SEGMENTED, SEGMENT = "cupy-emulated-chunk-forward-segments", 32
 
 
 class Recording:
@@ -41,14 +43,14 @@ class EmulatedChunkForward(CupyBackend):
     device_types = frozenset({"cpu"})
     auto_priority = {}
 
-    def __init__(self, launcher):
-        self.name, self.launcher = NAME, launcher
+    def __init__(self, launcher, name=NAME, chunk_len=None):
+        self.name, self.launcher, self.chunk_len = name, launcher, chunk_len
 
     def unavailable_reasons(self):
         return []
 
     def forward(self, inputs):
-        return _driver.forward(inputs, self.launcher)
+        return _driver.forward(inputs, self.launcher, chunk_len=self.chunk_len)
 
     def backward(self, inputs, grad_output, grad_final_state):
         return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, self.launcher)
@@ -64,7 +66,8 @@ def launcher(tmp_path_factory):
     names[CHUNK_FORWARD_FILE] = tuple(dict.fromkeys(names[CHUNK_FORWARD_FILE] + tuple(
         _plan.chunk_forward_name(32, 64, bi, launch) for launch in LAUNCHES for bi in (True, False))))
     recording = Recording(Emulator(names, tmp_path_factory.mktemp("emulator")))
-    with temporary_backend(EmulatedChunkForward(recording)):
+    with temporary_backend(EmulatedChunkForward(recording)), \
+            temporary_backend(EmulatedChunkForward(recording, SEGMENTED, SEGMENT)):
         yield recording
 
 
@@ -117,7 +120,7 @@ def test_hard_reset_mid_chunk(launcher):
 
 
 def test_not_taken_where_it_does_not_apply(launcher):
-    """float32, K = 48, states, T > 512: the recurrent sweep runs, not the tensor-core forward."""
+    """float32, K = 48, states: the recurrent sweep runs, not the tensor-core forward."""
     for case, kwargs in [
         (Case(1, 20, 1, 32, 64, torch.float32), {}),
         (Case(1, 20, 1, 48, 64, torch.bfloat16), {}),
@@ -128,7 +131,6 @@ def test_not_taken_where_it_does_not_apply(launcher):
         gated_linear_attention(x["q"], x["k"], x["v"], x["g"], bidirectional=case.bidirectional, backend=NAME,
                                **kwargs)
         assert not _ran_chunk_forward(launcher), (case, launcher.names)
-    assert not _plan.chunk_forward_fits(torch.bfloat16, _plan.CHUNK_FORWARD_MAX_T + 1, 32, 64, False)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -142,3 +144,44 @@ def test_every_launch_gives_the_same_bits(launcher, bidirectional):
     outs = [_driver.forward(inputs, launcher, chunk_forward_launch=launch)[0] for launch in LAUNCHES]
     for launch, o in zip(LAUNCHES[1:], outs[1:]):
         assert torch.equal(o, outs[0]), launch
+
+
+SEGMENTED_CASES = [
+    Case(1, 33, 1, 32, 64, torch.bfloat16),
+    Case(2, 100, 1, 32, 64, torch.bfloat16),
+    Case(1, 70, 2, 16, 32, torch.bfloat16, gates="extreme"),
+    Case(1, 96, 1, 32, 48, torch.bfloat16, bidirectional=False),
+    Case(1, 45, 1, 16, 16, torch.bfloat16, bidirectional=False, gates="strong"),
+]
+
+
+@pytest.mark.parametrize("case", SEGMENTED_CASES, ids=lambda c: c.id())
+def test_segments_match_reference(launcher, case):
+    """Segments of 32 tokens (the last one partial): local end states, the scan, then every
+    segment from its entering state, in both directions."""
+    launcher.names.clear()
+    check_against_reference(SEGMENTED, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
+    assert any(n.endswith("false>") and "chunk_forward" in n for n in launcher.names), launcher.names
+    assert "gla::gla_state_scan" in launcher.names
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_segment_states_match_the_sweeps(launcher, bidirectional):
+    """The states entering each segment, from the tensor-core kernel's local states and the
+    scan, against the recurrent sweep's (the same [B*H, 2, N, K, V] layout), element by element:
+    catches a state written in the wrong K or V order, which the outputs alone may not (the
+    kernel reads the state back in the order it wrote it)."""
+    from glakernels._custom_op import _inputs
+
+    x = make_inputs(Case(2, 90, 1, 32, 64, torch.bfloat16, bidirectional), "cpu", seed=6)
+    # gates that differ a lot between K columns, so that a column mix-up changes the scan's decays
+    x["g"] = (x["g"].float() * torch.linspace(0.0, 8.0, 32)).to(torch.bfloat16)
+    inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+    call = _driver._Call(inputs, launcher, SEGMENT, None)
+    launch = _plan.chunk_forward_launch(call.B * call.H * call.n_chunks, call.V, bidirectional, 1)
+    got = _driver._chunk_forward_entering_states(call, launch)
+    expected = call.chunk_entering_states(adjoint=False)
+    directions = 2 if bidirectional else 1
+    got, expected = got[:, :directions].double(), expected[:, :directions].double()
+    assert torch.isfinite(got).all()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4

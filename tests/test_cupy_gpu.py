@@ -151,6 +151,10 @@ CHUNK_FORWARD_CASES = [
     Case(2, 196, 3, 32, 64, torch.bfloat16, gates="strong"),
     Case(2, 196, 3, 32, 64, torch.bfloat16, gates="extreme"),
     Case(2, 60, 1, 32, 64, torch.bfloat16, bidirectional=False, gates="extreme"),
+    # segments of 256 tokens (the last one partial): local states, scan, outputs
+    Case(2, 1100, 3, 32, 64, torch.bfloat16),
+    Case(1, 777, 2, 16, 48, torch.bfloat16, gates="extreme"),
+    Case(2, 600, 2, 32, 32, torch.bfloat16, bidirectional=False),
 ]
 
 

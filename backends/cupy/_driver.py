@@ -7,7 +7,8 @@ emulator of the kernels. Nothing here reads tensor values or synchronises.
 
 Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_MAX):
 
-    forward:   chunk_forward (tensor cores: bfloat16, K <= 32, V <= 64, T <= 512, no states)
+    forward:   [chunk_forward states, state_scan]  chunk_forward
+               (tensor cores: bfloat16, K <= 32, V <= 64 in multiples of 16, no states)
                or [chunk_state, state_scan]  forward_output
     backward:  [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
                [gate_grad_fixup]
@@ -96,21 +97,39 @@ def _takes_chunk_forward(inputs: GLAInputs, launcher: Launcher, o: torch.Tensor)
     return all(x.data_ptr() % plan.CHUNK_FORWARD_ALIGN == 0 for x in tensors)
 
 
+def _chunk_forward_entering_states(call: _Call, launch: plan.ChunkForwardLaunch) -> torch.Tensor:
+    """The state entering every segment, ``[B*H, 2, N, K, V]`` float32 (the layout of
+    ``_Call.chunk_entering_states``), from the tensor-core kernel's local end states."""
+    bi, n = call.bidirectional, call.n_chunks
+    enter = call.scratch(call.B * call.H, 2, n, call.K, call.V)
+    decay = call.scratch(call.B * call.H, 2, n, call.K)
+    extra = dict(enter=enter.data_ptr(), decay=decay.data_ptr())
+    call.launch(CHUNK_FORWARD_FILE, plan.chunk_forward_name(call.K, call.V, bi, launch, output=False),
+                (call.B * call.H, n, 1), plan.chunk_forward_block(bi, launch), 0, kernel_args(extra, call.base_args))
+    call.state_scan(False, **extra)
+    return enter
+
+
 def forward(inputs: GLAInputs, launcher: Launcher, *, chunk_len: Optional[int] = None, tiles=None,
             chunk_forward: bool = True, chunk_forward_launch: Optional[plan.ChunkForwardLaunch] = None):
     """``(o, final_state or None)`` as :meth:`Backend.forward` returns them. ``chunk_forward=False``
     keeps the recurrent sweep where the tensor-core forward would run, ``chunk_forward_launch``
-    overrides its launch (comparisons, tests)."""
+    overrides its launch (comparisons, tests). A ``chunk_len`` that is not a multiple of 16
+    (its chunks) keeps the sweep too."""
     call = _Call(inputs, launcher, chunk_len, tiles)
     spec = inputs.spec
     o = torch.empty(call.B, call.T, call.H, call.V, dtype=spec.dtype, device=call.device)
-    if chunk_forward and chunk_len is None and _takes_chunk_forward(inputs, launcher, o):
-        bi = spec.bidirectional
+    if chunk_forward and (chunk_len is None or chunk_len % 16 == 0) and _takes_chunk_forward(inputs, launcher, o):
+        bi, n = spec.bidirectional, call.n_chunks
+        grid = (call.B * call.H, n, 1)
         launch = chunk_forward_launch or plan.chunk_forward_launch(
-            call.B * call.H, call.V, bi, getattr(launcher, "sm_count", 1))
-        launcher(CHUNK_FORWARD_FILE, plan.chunk_forward_name(call.K, call.V, bi, launch), (call.B * call.H, 1, 1),
-                 plan.chunk_forward_block(bi, launch), plan.chunk_forward_smem_bytes(call.T, call.V, bi),
-                 kernel_args(dict(o=o.data_ptr()), call.base_args))
+            call.B * call.H * n, call.V, bi, getattr(launcher, "sm_count", 1))
+        block = plan.chunk_forward_block(bi, launch)
+        # segments: their local end states and the scan first, then each from its entering state
+        enter = _chunk_forward_entering_states(call, launch) if n > 1 else None
+        launcher(CHUNK_FORWARD_FILE, plan.chunk_forward_name(call.K, call.V, bi, launch), grid, block,
+                 plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi),
+                 kernel_args(dict(o=o.data_ptr(), enter=_address(enter)), call.base_args))
         return o, None
     final = (torch.empty(call.B, call.H, call.K, call.V, dtype=torch.float32, device=call.device)
              if spec.output_final_state else None)

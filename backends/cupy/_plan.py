@@ -123,19 +123,20 @@ def scan_family() -> tuple[str, ...]:
 
 
 #: The tensor-core forward (``kernels/gla_chunk_forward.cu``): bfloat16 inputs, head dims that
-#: are multiples of 16 up to these (the warp holds the whole [V, K] state as accumulators),
-#: sequences up to CHUNK_FORWARD_MAX_T tokens (a bidirectional call parks [T, V] float32
-#: outputs in shared memory), no initial or final state; a GPU of compute capability >= 8.0.
+#: are multiples of 16 up to these (the warp holds the whole [V, K] state as accumulators), no
+#: initial or final state; a GPU of compute capability >= 8.0. Sequences longer than
+#: SINGLE_CHUNK_MAX run as segments of CHUNK_LEN tokens: the segments' local end states (the
+#: same kernel without outputs), gla_state_scan, then every segment from its entering state.
+#: A bidirectional block parks [segment, V] float32 outputs in shared memory.
 CHUNK_FORWARD_MAX_K = 32
 CHUNK_FORWARD_MAX_V = 64
-CHUNK_FORWARD_MAX_T = SINGLE_CHUNK_MAX
 #: the 16-byte loads need every tensor's start 16-byte aligned (rows then are: K, V % 16 == 0)
 CHUNK_FORWARD_ALIGN = 16
 
 
 def chunk_forward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_dim_v: int, states: bool) -> bool:
     """Whether the tensor-core forward takes a call of this kind (alignment checked apart)."""
-    return (dtype == torch.bfloat16 and not states and 1 <= seq_len <= CHUNK_FORWARD_MAX_T
+    return (dtype == torch.bfloat16 and not states and seq_len >= 1
             and head_dim_k % 16 == 0 and head_dim_k <= CHUNK_FORWARD_MAX_K
             and head_dim_v % 16 == 0 and head_dim_v <= CHUNK_FORWARD_MAX_V)
 
@@ -175,21 +176,20 @@ def chunk_forward_launch(batch_heads: int, head_dim_v: int, bidirectional: bool,
 
 
 def chunk_forward_name(head_dim_k: int, head_dim_v: int, bidirectional: bool,
-                       launch: ChunkForwardLaunch = ChunkForwardLaunch(warps=1)) -> str:
-    """``gla_chunk_forward<KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS>``: K tiles of 16, V tiles
-    of 16 per warp, warps per direction."""
-    bidir = "true" if bidirectional else "false"
-    prefetch = "true" if launch.prefetch else "false"
+                       launch: ChunkForwardLaunch = ChunkForwardLaunch(warps=1), output: bool = True) -> str:
+    """``gla_chunk_forward<KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS, OUTPUT>``: K tiles of 16, V
+    tiles of 16 per warp, warps per direction; ``output=False``: the segments' local states."""
+    flag = lambda x: "true" if x else "false"  # noqa: E731
     return (f"gla::gla_chunk_forward<{head_dim_k // 16}, {head_dim_v // 16 // launch.warps}, {launch.warps}, "
-            f"{bidir}, {prefetch}, {launch.min_blocks}>")
+            f"{flag(bidirectional)}, {flag(launch.prefetch)}, {launch.min_blocks}, {flag(output)}>")
 
 
 def chunk_forward_block(bidirectional: bool, launch: ChunkForwardLaunch) -> int:
     return 32 * launch.warps * (2 if bidirectional else 1)
 
 
-def chunk_forward_smem_bytes(seq_len: int, head_dim_v: int, bidirectional: bool) -> int:
-    return 4 * seq_len * head_dim_v if bidirectional else 0
+def chunk_forward_smem_bytes(segment_len: int, head_dim_v: int, bidirectional: bool, output: bool = True) -> int:
+    return 4 * segment_len * head_dim_v if bidirectional and output else 0
 
 
 def chunk_forward_names() -> tuple[str, ...]:
@@ -200,7 +200,9 @@ def chunk_forward_names() -> tuple[str, ...]:
             for bi in (True, False):
                 for grid in (1, 10**6):  # a lone block, and a grid past every one-wave limit
                     for sm_count in (1, 132):
-                        names.append(chunk_forward_name(k, v, bi, chunk_forward_launch(grid, v, bi, sm_count)))
+                        for output in (True, False):
+                            launch = chunk_forward_launch(grid, v, bi, sm_count)
+                            names.append(chunk_forward_name(k, v, bi, launch, output))
     return tuple(dict.fromkeys(names))
 
 

@@ -116,8 +116,13 @@ __device__ __forceinline__ void split(const float (&x)[KT][8], u32 (&hi)[KT][4],
 
 // KT, VT: K and V tiles of 16 (V per warp); NW: warps per direction, splitting V; BIDIR;
 // PREFETCH: load the next chunk while computing this one (registers for latency);
-// MIN_BLOCKS: blocks per SM the register allocation must allow (launch bounds)
-template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS>
+// MIN_BLOCKS: blocks per SM the register allocation must allow (launch bounds);
+// OUTPUT: o (from the entering states in `enter` when there are several segments), or else
+// each segment's local end state and total decay, into `enter` and `decay` (gla_scan.cu's
+// input: [B*H, 2, N, K, V] and [B*H, 2, N, K], segments in time order, the state swept from
+// zero in the direction's own order).
+// Grid: (B * H, N segments of chunk_len tokens); a block walks one segment, both directions.
+template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS, bool OUTPUT>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_forward(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
@@ -125,10 +130,14 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
   const int dir = warp / NW, wv = warp % NW;
-  const i64 T = p.T, b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const int segment = blockIdx.y, n_segments = gridDim.y;
+  const i64 t0 = i64(segment) * p.chunk_len;
+  // this block's tokens [t0, t0 + T): the walks below see the segment as their sequence
+  const i64 T = p.T - t0 < p.chunk_len ? p.T - t0 : p.chunk_len;
   const i64 row_k = p.H * p.K, row_v = p.H * p.V;  // elements from one token to the next
-  const i64 k_off = b * T * row_k + h * p.K + 4 * KT * c;
-  const i64 v_off = b * T * row_v + h * p.V + wv * 16 * VT + 4 * VT * c;
+  const i64 k_off = (b * p.T + t0) * row_k + h * p.K + 4 * KT * c;
+  const i64 v_off = (b * p.T + t0) * row_v + h * p.V + wv * 16 * VT + 4 * VT * c;
   const bf16* q = in_ptr<bf16>(p.q) + k_off;
   const bf16* k = in_ptr<bf16>(p.k) + k_off;
   const bf16* g = in_ptr<bf16>(dir == 0 ? p.g : p.g_rev) + k_off;
@@ -143,7 +152,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
   const i64 first_met = BIDIR ? 16 * (T / 32) : T;  // [first_met, last_met): met after the barrier
   const i64 last_met = BIDIR ? T - first_met : T;
   const int steps_before_barrier = int(T / 32);
-  if (BIDIR) {
+  if (BIDIR && OUTPUT) {
     for (i64 i = threadIdx.x; i < (last_met - first_met) * V; i += blockDim.x) park[first_met * V + i] = 0.0f;
   }
 
@@ -159,6 +168,27 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     for (int n = 0; n < 2 * KT; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) state[a][n][e] = 0.0f;
+  // S^T's C-tile element (a, n, e) is S[k][v] of the state in memory ([K][V] row major) with
+  // k and v undoing the load order's column permutation (lane c's K columns [4 KT c, 4 KT c + 4 KT))
+  const i64 kv = p.K * p.V;
+  auto state_offset = [&](int a, int n, int e) -> i64 {
+    const int j = n >> 1, octet = n & 1;
+    const int k_col = 4 * KT * c + 4 * j + 2 * octet + (e & 1);
+    const int l = r + 8 * (e >> 1);  // the V column within tile a, in fragment order
+    const int v_col = wv * 16 * VT + 4 * VT * ((l & 7) >> 1) + 4 * a + 2 * (l >> 3) + (l & 1);
+    return i64(k_col) * p.V + v_col;
+  };
+  const i64 state_base = ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * kv;
+  if (OUTPUT && n_segments > 1) {
+    const float* entering = in_ptr<float>(p.enter) + state_base;
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) state[a][n][e] = entering[state_offset(a, n, e)];
+  }
+  float log_decay[2 * KT][2] = {};  // the segment's sum of gates, this lane's K columns
 
   auto load = [&](int chunk, ChunkInputs<KT, VT>& in) {
 #pragma unroll
@@ -166,7 +196,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       const i64 t = 16 * i64(chunk) + r + 8 * half;
       const bool valid = t < T;
       const i64 row = dir == 0 ? t : T - 1 - t;
-      load_row<KW>(q + row * row_k, valid, in.q[half]);
+      if (OUTPUT) load_row<KW>(q + row * row_k, valid, in.q[half]);
       load_row<KW>(k + row * row_k, valid, in.k[half]);
       load_row<KW>(g + row * row_k, valid, in.g[half]);
       load_row<VW>(v + row * row_v, valid, in.v[half]);
@@ -183,7 +213,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     } else {
       load(chunk, in);
     }
-    if (BIDIR && chunk == steps_before_barrier) block_sync();  // the other direction has parked
+    if (BIDIR && OUTPUT && chunk == steps_before_barrier) block_sync();  // the other direction has parked
 
     // in-chunk cumulative gate sums G (A-fragment order) and the chunk totals of this lane's
     // columns (row 15 lives in lanes 28-31)
@@ -207,17 +237,22 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       }
     }
     const bool exact = warp_any(!ratio_ok);
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n) log_decay[n][0] += total[n][0], log_decay[n][1] += total[n][1];
 
     float qf[KT][8], kf[KT][8];
-    unpack<KT>(in.q, qf);
     unpack<KT>(in.k, kf);
-    float qh[KT][8], kx[KT][8];  // q * scale * e^G; the state update's keys (kh or kd)
+    float kx[KT][8];  // the state update's keys (kh or kd)
+    u32 qh_hi[KT][4], qh_lo[KT][4];  // q * scale * e^G, split
+    if constexpr (OUTPUT) {
+      unpack<KT>(in.q, qf);
+      float qh[KT][8];
 #pragma unroll
-    for (int j = 0; j < KT; ++j)
+      for (int j = 0; j < KT; ++j)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) qh[j][e] = qf[j][e] * scale * exp2_approx(G[j][e] * kLog2e);
-    u32 qh_hi[KT][4], qh_lo[KT][4];
-    split<KT>(qh, qh_hi, qh_lo);
+        for (int e = 0; e < 8; ++e) qh[j][e] = qf[j][e] * scale * exp2_approx(G[j][e] * kLog2e);
+      split<KT>(qh, qh_hi, qh_lo);
+    }
 
     float scores[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // [s octet][C tile]
     u32 kx_hi[KT][4], kx_lo[KT][4];
@@ -229,7 +264,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       split<KT>(kx, kx_hi, kx_lo);
       // B = kh^T over (column, token s): for s in octet 0 the words a0, a2; octet 1: a1, a3
 #pragma unroll
-      for (int j = 0; j < KT; ++j)
+      for (int j = 0; j < KT && OUTPUT; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           mma_bf16(scores[half], qh_lo[j], kx_hi[j][half], kx_hi[j][half + 2]);
@@ -239,6 +274,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     } else {
       // exact: scores as float32 sums over this lane's columns, token s's values fetched from
       // the lane holding its row (lane 4 (s % 8) + c), then summed over the four lanes c
+      if constexpr (OUTPUT) {
       float part[2][16];
 #pragma unroll
       for (int t = 0; t < 2; ++t)
@@ -278,6 +314,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
           scores[1][3] = part[1][s + 8];
         }
       }
+      }  // OUTPUT
 #pragma unroll
       for (int j = 0; j < KT; ++j)
 #pragma unroll
@@ -287,6 +324,16 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
         }
       split<KT>(kx, kx_hi, kx_lo);
     }
+    // v over time: per V tile the transposed words; as the B operand of A.v (columns octet 0:
+    // vt[0], vt[1]; octet 1: vt[2], vt[3]) and as the A operand of v^T.k (vt[0], vt[2], vt[1], vt[3])
+    u32 vt[VT][4];
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) vt[a][w] = transpose8x8(fragment_word<VT>(in.v, a, w));
+
+    float out[2 * VT][4];
+    if constexpr (OUTPUT) {
     // causal mask within the chunk (s <= t): the C tiles' rows are t = r, r + 8
     if (2 * c > r) scores[0][0] = 0.0f;
     if (2 * c + 1 > r) scores[0][1] = 0.0f;
@@ -299,16 +346,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     a_hi[2] = a_lo[2] = 0u;
     split_bf16x2(scores[1][2], scores[1][3], a_hi[3], a_lo[3]);
 
-    // v over time: per V tile the transposed words; as the B operand of A.v (columns octet 0:
-    // vt[0], vt[1]; octet 1: vt[2], vt[3]) and as the A operand of v^T.k (vt[0], vt[2], vt[1], vt[3])
-    u32 vt[VT][4];
-#pragma unroll
-    for (int a = 0; a < VT; ++a)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) vt[a][w] = transpose8x8(fragment_word<VT>(in.v, a, w));
-
     // o = A.v + qh.S (the state as it entered the chunk)
-    float out[2 * VT][4];
 #pragma unroll
     for (int a = 0; a < VT; ++a)
 #pragma unroll
@@ -328,6 +366,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
           mma_bf16(acc, qh_hi[j], s_hi[0], s_hi[1]);
         }
       }
+    }  // OUTPUT
 
     // the state: S' = diag(e^{G_15}) (S + kh^T v)  or, exact,  diag(e^{G_15}) S + kd^T v
     float decay[2 * KT][2];
@@ -370,7 +409,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
 
     // write: this lane's 4 VT columns of rows r and r + 8 are contiguous (the load order)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; half < 2 && OUTPUT; ++half) {
       const i64 t = 16 * i64(chunk) + r + 8 * half;
       if (t >= T) continue;
       const i64 row = dir == 0 ? t : T - 1 - t;
@@ -406,14 +445,30 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       store_row<VW>(o + row * row_v, w);
     }
   }
-  if (BIDIR) {
+  if (BIDIR && OUTPUT) {
     // (the midpoint barrier ran inside the loop: T / 32 < ceil(T / 16) for every T >= 1)
     block_sync();  // both directions' additions to the tokens met after the barrier are in
     const i64 columns = 16 * VT * NW;  // == V
     for (i64 i = threadIdx.x; i < (last_met - first_met) * columns; i += blockDim.x) {
       const i64 row = first_met + i / columns, col = i % columns;
       const float x = park[row * V + col];
-      out_ptr<bf16>(p.o)[b * T * row_v + row * row_v + h * p.V + col] = from_float<bf16>(x);
+      out_ptr<bf16>(p.o)[(b * p.T + t0 + row) * row_v + h * p.V + col] = from_float<bf16>(x);
+    }
+  }
+  if (!OUTPUT) {  // the segment's local end state and its total decay, for gla_state_scan
+    float* local = out_ptr<float>(p.enter) + state_base;
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) local[state_offset(a, n, e)] = state[a][n][e];
+    if (wv == 0 && r == 0) {  // lanes 0-3 hold every K column once (the same totals in every row)
+      float* decay = out_ptr<float>(p.decay) + ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K;
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) decay[4 * KT * c + 4 * (n >> 1) + 2 * (n & 1) + e] = exp2_approx(log_decay[n][e] * kLog2e);
     }
   }
 }
