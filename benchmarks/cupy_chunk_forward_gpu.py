@@ -3,6 +3,7 @@ on one GPU, in one run.
 
     python benchmarks/cupy_chunk_forward_gpu.py [--shapes vigT_224,vigB_224,8x196x3x32x64]
         [--modes bi,causal] [--gates vig,strong,extreme] [--launches "2,1,1;4,0,2"] [--segments 128,512]
+        [--dtype bfloat16|float16]
 
 For every shape and mode: the relative error of ``o`` against the float64 torch backend on
 the same GPU (for each gate regime; ``strong`` and ``extreme`` send chunks down the kernel's
@@ -58,10 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gates", default="vig,strong,extreme")
     parser.add_argument("--launches", default="")
     parser.add_argument("--segments", default="")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = parser.parse_args(argv)
     from glakernels.backends.cupy._plan import ChunkForwardLaunch
 
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     runs = {"cupy (tensor cores)": cupy_forward(True), "cupy (sweep)": cupy_forward(False), "triton": triton_forward}
     for text in filter(None, args.launches.split(";")):
         warps, prefetch, min_blocks = (int(n) for n in text.split(","))
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
                 rows.append((name, mode, run_name, times[run_name], times[run_name] / times["triton"],
                              times[run_name] / floor, errors[run_name]))
                 print(rows[-1], flush=True)
-    print(f"\n{torch.cuda.get_device_name()}; bf16 forward, ms per call (CUDA-graph replay); error: worst over gates "
+    print(f"\n{torch.cuda.get_device_name()}; {args.dtype} forward, ms per call (CUDA-graph replay); error: worst over gates "
           f"{args.gates} against the float64 torch backend (bound {BOUNDS[dtype]})")
     print(f"{'shape':<18} {'mode':<7} {'backend':<20} {'ms':>8} {'÷ triton':>9} {'× floor':>8} {'error':>9}")
     for name, mode, run_name, ms, ratio, floor_ratio, err in rows:

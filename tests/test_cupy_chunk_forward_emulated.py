@@ -64,7 +64,8 @@ LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS
 def launcher(tmp_path_factory):
     names = dict(_plan.every_name_expression())
     names[CHUNK_FORWARD_FILE] = tuple(dict.fromkeys(names[CHUNK_FORWARD_FILE] + tuple(
-        _plan.chunk_forward_name(32, 64, bi, launch) for launch in LAUNCHES for bi in (True, False))))
+        _plan.chunk_forward_name(dtype, 32, 64, bi, launch) for launch in LAUNCHES for bi in (True, False)
+        for dtype in (torch.bfloat16, torch.float16))))
     recording = Recording(Emulator(names, tmp_path_factory.mktemp("emulator")))
     with temporary_backend(EmulatedChunkForward(recording)), \
             temporary_backend(EmulatedChunkForward(recording, SEGMENTED, SEGMENT)):
@@ -89,9 +90,13 @@ CASES = [
     Case(1, 1, 1, 16, 16, torch.bfloat16, bidirectional=False),
     Case(2, 37, 1, 32, 64, torch.bfloat16, bidirectional=False),
     Case(1, 64, 1, 16, 48, torch.bfloat16, bidirectional=False),
+    # float16: v as two bfloat16 parts, gates summed by a float16 product
+    Case(2, 37, 2, 32, 64, torch.float16),
+    Case(1, 17, 1, 16, 48, torch.float16, bidirectional=False),
 ]
 # gates that leave the decay ratio's range (|in-chunk sum| > 32): the exact per-chunk path
-HOSTILE = [Case(1, 40, 1, 32, 64, torch.bfloat16, gates=g) for g in ("strong", "extreme")] + [
+HOSTILE = [Case(1, 40, 1, 32, 64, dtype, gates=g) for g in ("strong", "extreme")
+           for dtype in (torch.bfloat16, torch.float16)] + [
     Case(1, 23, 2, 16, 32, torch.bfloat16, bidirectional=False, gates="extreme"),
 ]
 
@@ -152,6 +157,7 @@ SEGMENTED_CASES = [
     Case(1, 70, 2, 16, 32, torch.bfloat16, gates="extreme"),
     Case(1, 96, 1, 32, 48, torch.bfloat16, bidirectional=False),
     Case(1, 45, 1, 16, 16, torch.bfloat16, bidirectional=False, gates="strong"),
+    Case(1, 80, 1, 32, 64, torch.float16, gates="extreme"),
 ]
 
 
@@ -185,3 +191,23 @@ def test_segment_states_match_the_sweeps(launcher, bidirectional):
     got, expected = got[:, :directions].double(), expected[:, :directions].double()
     assert torch.isfinite(got).all()
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_as_accurate_as_the_float32_sweep(launcher, dtype):
+    """The split products (float32 operands as two bfloat16 parts; a float16 v as two exact
+    parts) make the tensor cores as accurate as the recurrent sweep's float32 arithmetic: both
+    errors are the output's own rounding. One bfloat16 part of a float16 v would be ~7x that."""
+    from glakernels._custom_op import _inputs
+
+    for bidirectional in (True, False):
+        x = make_inputs(Case(2, 50, 2, 32, 64, dtype, bidirectional), "cpu", seed=2)
+        inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+        ref = gated_linear_attention(*(x[n].double() for n in ("q", "k", "v", "g")), bidirectional,
+                                     g_reverse=x["g_reverse"].double() if bidirectional else None, backend="torch")
+        launcher.names.clear()
+        tensor_cores = _driver.forward(inputs, launcher)[0]
+        assert _ran_chunk_forward(launcher)
+        sweep = _driver.forward(inputs, launcher, chunk_forward=False)[0]
+        err = lambda o: ((o.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(tensor_cores) <= 1.5 * err(sweep), (bidirectional, err(tensor_cores), err(sweep))

@@ -155,6 +155,9 @@ CHUNK_FORWARD_CASES = [
     Case(2, 1100, 3, 32, 64, torch.bfloat16),
     Case(1, 777, 2, 16, 48, torch.bfloat16, gates="extreme"),
     Case(2, 600, 2, 32, 32, torch.bfloat16, bidirectional=False),
+    Case(4, 196, 3, 32, 64, torch.float16),
+    Case(2, 1100, 3, 32, 64, torch.float16, gates="extreme"),
+    Case(2, 77, 2, 16, 32, torch.float16, bidirectional=False),
 ]
 
 

@@ -32,12 +32,14 @@ class CupyBackend(Backend):
     auto_priority = {"cuda": 200}
 
     #: Rank of the calls the tensor-core forward (kernels/gla_chunk_forward.cu) takes where it
-    #: measured faster than triton's: forward-only bidirectional bfloat16 calls with K <= 32 and
+    #: measured faster than triton's: forward-only bidirectional 16-bit calls with K <= 32 and
     #: V <= 64 (multiples of 16), above triton's 300 for its single-pass forward. H100, CUDA-graph
-    #: GPU time, cupy / triton µs (`python benchmarks/cupy_chunk_forward_gpu.py`, NOTES.md runs
-    #: 21c-d): vigT_224 36.9 / 54.3, vigB_224 69.8 / 102.6, 8 x 196 x 3 17.1 / 17.5, 32 x 512 x 3
-    #: 42.5 / 52.7, vigT_1024 74.7 / 114.8, vigT_2048 78.1 / 118.4. Causal calls tied or lost
-    #: on short sequences (0.95-1.15x): triton keeps them.
+    #: GPU time, cupy / triton µs (`python benchmarks/cupy_chunk_forward_gpu.py [--dtype
+    #: float16]`, NOTES.md runs 21c-d, h): bfloat16 vigT_224 36.9 / 54.3, vigB_224 69.8 /
+    #: 102.6, 8 x 196 x 3 17.1 / 17.5, 32 x 512 x 3 42.5 / 52.7, vigT_1024 74.7 / 114.8,
+    #: vigT_2048 78.1 / 118.4; float16 vigT_224 43.3 / 58.0, vigB_224 83.1 / 111.0, vigT_1024
+    #: 83.4 / 128.3, 8 x 196 x 3 18.0 / 17.7. Causal calls tied or lost on short sequences
+    #: (0.89-1.15x): triton keeps them.
     chunk_forward_priority = 400
 
     def priority_for_problem(self, spec) -> Optional[int]:

@@ -104,8 +104,9 @@ def _chunk_forward_entering_states(call: _Call, launch: plan.ChunkForwardLaunch)
     enter = call.scratch(call.B * call.H, 2, n, call.K, call.V)
     decay = call.scratch(call.B * call.H, 2, n, call.K)
     extra = dict(enter=enter.data_ptr(), decay=decay.data_ptr())
-    call.launch(CHUNK_FORWARD_FILE, plan.chunk_forward_name(call.K, call.V, bi, launch, output=False),
-                (call.B * call.H, n, 1), plan.chunk_forward_block(bi, launch), 0, kernel_args(extra, call.base_args))
+    name = plan.chunk_forward_name(call.spec.dtype, call.K, call.V, bi, launch, output=False)
+    call.launch(CHUNK_FORWARD_FILE, name, (call.B * call.H, n, 1), plan.chunk_forward_block(bi, launch), 0,
+                kernel_args(extra, call.base_args))
     call.state_scan(False, **extra)
     return enter
 
@@ -127,8 +128,8 @@ def forward(inputs: GLAInputs, launcher: Launcher, *, chunk_len: Optional[int] =
         block = plan.chunk_forward_block(bi, launch)
         # segments: their local end states and the scan first, then each from its entering state
         enter = _chunk_forward_entering_states(call, launch) if n > 1 else None
-        launcher(CHUNK_FORWARD_FILE, plan.chunk_forward_name(call.K, call.V, bi, launch), grid, block,
-                 plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi),
+        name = plan.chunk_forward_name(spec.dtype, call.K, call.V, bi, launch)
+        launcher(CHUNK_FORWARD_FILE, name, grid, block, plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi),
                  kernel_args(dict(o=o.data_ptr(), enter=_address(enter)), call.base_args))
         return o, None
     final = (torch.empty(call.B, call.H, call.K, call.V, dtype=torch.float32, device=call.device)

@@ -7,6 +7,7 @@ plan). Mirrors of constants in ``kernels/gla_sweep.cu`` are marked as such.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -122,7 +123,7 @@ def scan_family() -> tuple[str, ...]:
     return (SCAN_NAME,) + tuple(fixup_name(d) for d in C_TYPES)
 
 
-#: The tensor-core forward (``kernels/gla_chunk_forward.cu``): bfloat16 inputs, head dims that
+#: The tensor-core forward (``kernels/gla_chunk_forward.cu``): 16-bit inputs, head dims that
 #: are multiples of 16 up to these (the warp holds the whole [V, K] state as accumulators), no
 #: initial or final state; a GPU of compute capability >= 8.0. Sequences longer than
 #: SINGLE_CHUNK_MAX run as segments of CHUNK_LEN tokens: the segments' local end states (the
@@ -136,7 +137,7 @@ CHUNK_FORWARD_ALIGN = 16
 
 def chunk_forward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_dim_v: int, states: bool) -> bool:
     """Whether the tensor-core forward takes a call of this kind (alignment checked apart)."""
-    return (dtype == torch.bfloat16 and not states and seq_len >= 1
+    return (dtype in (torch.bfloat16, torch.float16) and not states and seq_len >= 1
             and head_dim_k % 16 == 0 and head_dim_k <= CHUNK_FORWARD_MAX_K
             and head_dim_v % 16 == 0 and head_dim_v <= CHUNK_FORWARD_MAX_V)
 
@@ -175,13 +176,13 @@ def chunk_forward_launch(batch_heads: int, head_dim_v: int, bidirectional: bool,
     return ChunkForwardLaunch(1, True, 1)
 
 
-def chunk_forward_name(head_dim_k: int, head_dim_v: int, bidirectional: bool,
+def chunk_forward_name(dtype: torch.dtype, head_dim_k: int, head_dim_v: int, bidirectional: bool,
                        launch: ChunkForwardLaunch = ChunkForwardLaunch(warps=1), output: bool = True) -> str:
-    """``gla_chunk_forward<KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS, OUTPUT>``: K tiles of 16, V
-    tiles of 16 per warp, warps per direction; ``output=False``: the segments' local states."""
+    """``gla_chunk_forward<E, KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS, OUTPUT>``: K tiles of 16,
+    V tiles of 16 per warp, warps per direction; ``output=False``: the segments' local states."""
     flag = lambda x: "true" if x else "false"  # noqa: E731
-    return (f"gla::gla_chunk_forward<{head_dim_k // 16}, {head_dim_v // 16 // launch.warps}, {launch.warps}, "
-            f"{flag(bidirectional)}, {flag(launch.prefetch)}, {launch.min_blocks}, {flag(output)}>")
+    return (f"gla::gla_chunk_forward<{C_TYPES[dtype]}, {head_dim_k // 16}, {head_dim_v // 16 // launch.warps}, "
+            f"{launch.warps}, {flag(bidirectional)}, {flag(launch.prefetch)}, {launch.min_blocks}, {flag(output)}>")
 
 
 def chunk_forward_block(bidirectional: bool, launch: ChunkForwardLaunch) -> int:
@@ -195,14 +196,13 @@ def chunk_forward_smem_bytes(segment_len: int, head_dim_v: int, bidirectional: b
 def chunk_forward_names() -> tuple[str, ...]:
     """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
     names = []
-    for k in range(16, CHUNK_FORWARD_MAX_K + 1, 16):
-        for v in range(16, CHUNK_FORWARD_MAX_V + 1, 16):
-            for bi in (True, False):
-                for grid in (1, 10**6):  # a lone block, and a grid past every one-wave limit
-                    for sm_count in (1, 132):
-                        for output in (True, False):
-                            launch = chunk_forward_launch(grid, v, bi, sm_count)
-                            names.append(chunk_forward_name(k, v, bi, launch, output))
+    shapes = itertools.product((torch.bfloat16, torch.float16), range(16, CHUNK_FORWARD_MAX_K + 1, 16),
+                               range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False))
+    for dtype, k, v, bi in shapes:
+        # on a one-SM GPU, grids of 1, 3 and 5 blocks cross every threshold of the plan
+        for grid, output in itertools.product((1, 3, 5), (True, False)):
+            launch = chunk_forward_launch(grid, v, bi, 1)
+            names.append(chunk_forward_name(dtype, k, v, bi, launch, output))
     return tuple(dict.fromkeys(names))
 
 

@@ -155,7 +155,7 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim_k: int, head_dim_
         for bidirectional in (True, False):  # the launches of a full grid (ViG's batches)
             launch = plan.chunk_forward_launch(10**6, head_dim_v, bidirectional, _sm_count(index))
             for output in (True, False):
-                name = plan.chunk_forward_name(head_dim_k, head_dim_v, bidirectional, launch, output)
+                name = plan.chunk_forward_name(dtype, head_dim_k, head_dim_v, bidirectional, launch, output)
                 _kernel(index, CHUNK_FORWARD_FILE, name)
     _kernel(index, SCAN_FILE, plan.SCAN_NAME)
     return time.perf_counter() - start

@@ -70,7 +70,16 @@ inline float u32_as_float(u32 x) { return bits_to_float(x); }
 
 inline float bf16_half(u32 word, int half) { return bits_to_float(half ? (word & 0xffff0000u) : (word << 16)); }
 
-inline void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+inline float f16_half(u32 word, int half) { return to_float(f16{uint16_t(half ? (word >> 16) : (word & 0xffffu))}); }
+
+template <class Decode>
+inline void mma_16x8x16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, Decode decode);
+
+inline void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_16x8x16(d, a, b0, b1, bf16_half); }
+inline void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_16x8x16(d, a, b0, b1, f16_half); }
+
+template <class Decode>
+inline void mma_16x8x16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, Decode bf16_half) {
   const u32 mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
   u32 all[32 * 6];
   warp_exchange(mine, 6, all);
@@ -111,6 +120,12 @@ inline u32 transpose8x8(u32 x) {
 inline u32 pack_bf16x2(float first, float second) {
   return u32(from_float<bf16>(first).bits) | (u32(from_float<bf16>(second).bits) << 16);
 }
+
+inline u32 pack_f16x2(float first, float second) {
+  return u32(from_float<f16>(first).bits) | (u32(from_float<f16>(second).bits) << 16);
+}
+inline float low_f16(u32 w) { return f16_half(w, 0); }
+inline float high_f16(u32 w) { return f16_half(w, 1); }
 
 inline float shfl_idx(float x, int src_lane) {
   u32 mine = float_to_bits(x), all[32];

@@ -1,6 +1,6 @@
-// The forward on tensor cores: a chunked walk, 16 tokens a step, for bfloat16 inputs with
-// K, V <= 64 (multiples of 16), T <= 512, no states — ViG's calls. The recurrent sweep
-// (gla_sweep.cu) runs everything else.
+// The forward on tensor cores: a chunked walk, 16 tokens a step, for bfloat16 and float16
+// inputs with K <= 32 and V <= 64 (multiples of 16) and no states — ViG's calls. The
+// recurrent sweep (gla_sweep.cu) runs everything else.
 //
 // One block per (batch, head); NW warps per direction, each owning V / NW columns of the
 // state and the output; a bidirectional call runs the reverse direction's warps in the same
@@ -13,7 +13,8 @@
 //   S'   = diag(e^{G_15}) (S + sum_s (k_s * e^{-G_s}) v_s^T)
 //
 // with every float32 operand split into two bfloat16 parts (three products: hi*hi + hi*lo +
-// lo*hi, ~float32 accuracy; the loaded v is exact as it is). The ratio needs |G| <= 32 in
+// lo*hi, ~float32 accuracy; a loaded bfloat16 v is exact as it is, a float16 one is two
+// bfloat16 parts; float16 gates are summed by a float16 product). The ratio needs |G| <= 32 in
 // the chunk; a chunk with stronger gates (any finite gate down to -1e4 must work) takes the
 // exact path instead: scores as float32 sums of q_t k_s e^{G_t - G_s} <= |q_t k_s|, and the
 // state update with the decayed keys k_s e^{G_15 - G_s} <= |k_s|.
@@ -44,8 +45,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // `words` 32-bit words (2 bfloat16 each) of one row from `from` (16-byte aligned when
 // words % 4 == 0, else 8-byte aligned), or zeros for a row past the sequence's end
-template <int words>
-__device__ __forceinline__ void load_row(const bf16* from, bool valid, u32 (&w)[words]) {
+template <int words, class E>
+__device__ __forceinline__ void load_row(const E* from, bool valid, u32 (&w)[words]) {
   if (!valid) {
 #pragma unroll
     for (int i = 0; i < words; ++i) w[i] = 0u;
@@ -68,8 +69,8 @@ __device__ __forceinline__ void load_row(const bf16* from, bool valid, u32 (&w)[
   }
 }
 
-template <int words>
-__device__ __forceinline__ void store_row(bf16* to, const u32 (&w)[words]) {
+template <int words, class E>
+__device__ __forceinline__ void store_row(E* to, const u32 (&w)[words]) {
   if constexpr (words % 4 == 0) {
     uint4* p = reinterpret_cast<uint4*>(to);
 #pragma unroll
@@ -95,14 +96,14 @@ __device__ __forceinline__ u32 fragment_word(const u32 (&rows)[2][2 * KT], int j
   return rows[word & 1][2 * j + (word >> 1)];
 }
 
-template <int KT>
+template <class E, int KT>
 __device__ __forceinline__ void unpack(const u32 (&rows)[2][2 * KT], float (&x)[KT][8]) {
 #pragma unroll
   for (int j = 0; j < KT; ++j)
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const u32 word = fragment_word<KT>(rows, j, w);
-      x[j][2 * w] = low_bf16(word), x[j][2 * w + 1] = high_bf16(word);
+      x[j][2 * w] = Half16<E>::low(word), x[j][2 * w + 1] = Half16<E>::high(word);
     }
 }
 
@@ -114,7 +115,7 @@ __device__ __forceinline__ void split(const float (&x)[KT][8], u32 (&hi)[KT][4],
     for (int w = 0; w < 4; ++w) split_bf16x2(x[j][2 * w], x[j][2 * w + 1], hi[j][w], lo[j][w]);
 }
 
-// KT, VT: K and V tiles of 16 (V per warp); NW: warps per direction, splitting V; BIDIR;
+// E: bf16 or f16 inputs and output; KT, VT: K and V tiles of 16 (V per warp); NW: warps per direction, splitting V; BIDIR;
 // PREFETCH: load the next chunk while computing this one (registers for latency);
 // MIN_BLOCKS: blocks per SM the register allocation must allow (launch bounds);
 // OUTPUT: o (from the entering states in `enter` when there are several segments), or else
@@ -122,7 +123,7 @@ __device__ __forceinline__ void split(const float (&x)[KT][8], u32 (&hi)[KT][4],
 // input: [B*H, 2, N, K, V] and [B*H, 2, N, K], segments in time order, the state swept from
 // zero in the direction's own order).
 // Grid: (B * H, N segments of chunk_len tokens); a block walks one segment, both directions.
-template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS, bool OUTPUT>
+template <class E, int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS, bool OUTPUT>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_forward(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
@@ -138,11 +139,11 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
   const i64 row_k = p.H * p.K, row_v = p.H * p.V;  // elements from one token to the next
   const i64 k_off = (b * p.T + t0) * row_k + h * p.K + 4 * KT * c;
   const i64 v_off = (b * p.T + t0) * row_v + h * p.V + wv * 16 * VT + 4 * VT * c;
-  const bf16* q = in_ptr<bf16>(p.q) + k_off;
-  const bf16* k = in_ptr<bf16>(p.k) + k_off;
-  const bf16* g = in_ptr<bf16>(dir == 0 ? p.g : p.g_rev) + k_off;
-  const bf16* v = in_ptr<bf16>(p.v) + v_off;
-  bf16* o = out_ptr<bf16>(p.o) + v_off;
+  const E* q = in_ptr<E>(p.q) + k_off;
+  const E* k = in_ptr<E>(p.k) + k_off;
+  const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
+  const E* v = in_ptr<E>(p.v) + v_off;
+  E* o = out_ptr<E>(p.o) + v_off;
   const float scale = p.scale;
   const int n_chunks = int((T + 15) / 16);
 
@@ -157,7 +158,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
   }
 
   // the lower triangle of ones (t >= s) as an A fragment, for the in-chunk cumulative sums
-  const u32 one = 0x3f80u;  // bfloat16 1.0
+  const u32 one = Half16<E>::kOne;
   const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
   const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
 
@@ -225,7 +226,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       for (int half = 0; half < 2; ++half) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         // B = g over (time, column): the transposes of the words of column octet `half`
-        mma_bf16(acc, tri, transpose8x8(fragment_word<KT>(in.g, j, 2 * half)),
+        Half16<E>::mma(acc, tri, transpose8x8(fragment_word<KT>(in.g, j, 2 * half)),
                  transpose8x8(fragment_word<KT>(in.g, j, 2 * half + 1)));
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -241,11 +242,11 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     for (int n = 0; n < 2 * KT; ++n) log_decay[n][0] += total[n][0], log_decay[n][1] += total[n][1];
 
     float qf[KT][8], kf[KT][8];
-    unpack<KT>(in.k, kf);
+    unpack<E, KT>(in.k, kf);
     float kx[KT][8];  // the state update's keys (kh or kd)
     u32 qh_hi[KT][4], qh_lo[KT][4];  // q * scale * e^G, split
     if constexpr (OUTPUT) {
-      unpack<KT>(in.q, qf);
+      unpack<E, KT>(in.q, qf);
       float qh[KT][8];
 #pragma unroll
       for (int j = 0; j < KT; ++j)
@@ -325,12 +326,22 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       split<KT>(kx, kx_hi, kx_lo);
     }
     // v over time: per V tile the transposed words; as the B operand of A.v (columns octet 0:
-    // vt[0], vt[1]; octet 1: vt[2], vt[3]) and as the A operand of v^T.k (vt[0], vt[2], vt[1], vt[3])
-    u32 vt[VT][4];
+    // vt[0], vt[1]; octet 1: vt[2], vt[3]) and as the A operand of v^T.k (vt[0], vt[2], vt[1], vt[3]).
+    // A float16 v is two bfloat16 parts (exactly: 11 significant bits in 8 + 8), vt and vt_lo.
+    constexpr bool kSplitV = Half16<E>::kIsF16;
+    u32 vt[VT][4], vt_lo[VT][4];
 #pragma unroll
     for (int a = 0; a < VT; ++a)
 #pragma unroll
-      for (int w = 0; w < 4; ++w) vt[a][w] = transpose8x8(fragment_word<VT>(in.v, a, w));
+      for (int w = 0; w < 4; ++w) {
+        u32 word = fragment_word<VT>(in.v, a, w);
+        if constexpr (kSplitV) {
+          u32 lo;
+          split_bf16x2(Half16<E>::low(word), Half16<E>::high(word), word, lo);
+          vt_lo[a][w] = transpose8x8(lo);
+        }
+        vt[a][w] = transpose8x8(word);
+      }
 
     float out[2 * VT][4];
     if constexpr (OUTPUT) {
@@ -353,6 +364,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       for (int half = 0; half < 2; ++half) {
         float (&acc)[4] = out[2 * a + half];
         acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+        if constexpr (kSplitV) mma_bf16(acc, a_hi, vt_lo[a][2 * half], vt_lo[a][2 * half + 1]);
         mma_bf16(acc, a_lo, vt[a][2 * half], vt[a][2 * half + 1]);
         mma_bf16(acc, a_hi, vt[a][2 * half], vt[a][2 * half + 1]);
 #pragma unroll
@@ -393,6 +405,10 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
 #pragma unroll
           for (int a = 0; a < VT; ++a) {
             const u32 vA[4] = {vt[a][0], vt[a][2], vt[a][1], vt[a][3]};
+            if constexpr (kSplitV) {
+              const u32 vA_lo[4] = {vt_lo[a][0], vt_lo[a][2], vt_lo[a][1], vt_lo[a][3]};
+              mma_bf16(state[a][2 * j + half], vA_lo, hi0, hi1);
+            }
             mma_bf16(state[a][2 * j + half], vA, lo0, lo1);
             mma_bf16(state[a][2 * j + half], vA, hi0, hi1);
           }
@@ -441,7 +457,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
       }
       u32 w[VW];
 #pragma unroll
-      for (int i = 0; i < VW; ++i) w[i] = pack_bf16x2(x[2 * i], x[2 * i + 1]);
+      for (int i = 0; i < VW; ++i) w[i] = Half16<E>::pack(x[2 * i], x[2 * i + 1]);
       store_row<VW>(o + row * row_v, w);
     }
   }
@@ -452,7 +468,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     for (i64 i = threadIdx.x; i < (last_met - first_met) * columns; i += blockDim.x) {
       const i64 row = first_met + i / columns, col = i % columns;
       const float x = park[row * V + col];
-      out_ptr<bf16>(p.o)[(b * p.T + t0 + row) * row_v + h * p.V + col] = from_float<bf16>(x);
+      out_ptr<E>(p.o)[(b * p.T + t0 + row) * row_v + h * p.V + col] = from_float<E>(x);
     }
   }
   if (!OUTPUT) {  // the segment's local end state and its total decay, for gla_state_scan

@@ -32,7 +32,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// the word this lane holds of the transposed 8 x 8 bfloat16 matrix (same lane layout)
+// d += a * b (float16 operands, float32 accumulation)
+__device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// the word this lane holds of the transposed 8 x 8 16-bit matrix (same lane layout)
 __device__ __forceinline__ u32 transpose8x8(u32 x) {
   u32 r;
   asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
@@ -45,6 +53,17 @@ __device__ __forceinline__ u32 pack_bf16x2(float first, float second) {
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
   return r;
 }
+
+// {f16(first) in the low half, f16(second) in the high half}, rounded to nearest even
+__device__ __forceinline__ u32 pack_f16x2(float first, float second) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+  return r;
+}
+
+// the two float16 halves of a packed word, as floats
+__device__ __forceinline__ float low_f16(u32 w) { return to_float(f16{(unsigned short)(w & 0xffffu)}); }
+__device__ __forceinline__ float high_f16(u32 w) { return to_float(f16{(unsigned short)(w >> 16)}); }
 
 __device__ __forceinline__ float shfl_idx(float x, int src_lane) { return __shfl_sync(0xffffffffu, x, src_lane); }
 
@@ -73,5 +92,27 @@ __device__ __forceinline__ void split_bf16x2(float first, float second, u32& hi,
   hi = pack_bf16x2(first, second);
   lo = pack_bf16x2(first - low_bf16(hi), second - high_bf16(hi));
 }
+
+// What the tensor-core kernels need to know of a 16-bit input type
+template <class E>
+struct Half16;
+template <>
+struct Half16<bf16> {
+  static constexpr bool kIsF16 = false;
+  static constexpr u32 kOne = 0x3f80u;  // 1.0
+  __device__ __forceinline__ static float low(u32 w) { return low_bf16(w); }
+  __device__ __forceinline__ static float high(u32 w) { return high_bf16(w); }
+  __device__ __forceinline__ static u32 pack(float first, float second) { return pack_bf16x2(first, second); }
+  __device__ __forceinline__ static void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_bf16(d, a, b0, b1); }
+};
+template <>
+struct Half16<f16> {
+  static constexpr bool kIsF16 = true;
+  static constexpr u32 kOne = 0x3c00u;  // 1.0
+  __device__ __forceinline__ static float low(u32 w) { return low_f16(w); }
+  __device__ __forceinline__ static float high(u32 w) { return high_f16(w); }
+  __device__ __forceinline__ static u32 pack(float first, float second) { return pack_f16x2(first, second); }
+  __device__ __forceinline__ static void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma_f16(d, a, b0, b1); }
+};
 
 }  // namespace gla
