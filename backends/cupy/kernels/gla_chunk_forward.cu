@@ -386,14 +386,15 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     for (int n = 0; n < 2 * KT; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) decay[n][e] = exp2_approx(total[n][e] * kLog2e);
-    if (exact) {
+    auto decay_state = [&] {
 #pragma unroll
       for (int a = 0; a < VT; ++a)
 #pragma unroll
         for (int n = 0; n < 2 * KT; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) state[a][n][e] *= decay[n][e & 1];
-    }
+    };
+    if (exact) decay_state();
     {
 #pragma unroll
       for (int j = 0; j < KT; ++j)
@@ -414,14 +415,7 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
           }
         }
     }
-    if (!exact) {
-#pragma unroll
-      for (int a = 0; a < VT; ++a)
-#pragma unroll
-        for (int n = 0; n < 2 * KT; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) state[a][n][e] *= decay[n][e & 1];
-    }
+    if (!exact) decay_state();
 
     // write: this lane's 4 VT columns of rows r and r + 8 are contiguous (the load order)
 #pragma unroll
