@@ -2,9 +2,11 @@
 // inputs with K <= 32 and V <= 64 (multiples of 16) and no states — ViG's calls. The
 // recurrent sweep (gla_sweep.cu) runs everything else.
 //
-// One block per (batch, head); NW warps per direction, each owning V / NW columns of the
-// state and the output; a bidirectional call runs the reverse direction's warps in the same
-// block, walking the flipped sequence. A warp keeps its state transposed, S^T [V/NW x K], as
+// One block per (batch, head) and segment of the sequence (one segment up to 512 tokens, else
+// 256-token ones entered with the states gla_state_scan gives); NW warps per direction, each
+// owning V / NW columns of the state and the output; a bidirectional call runs the reverse
+// direction's warps in the same block, walking the flipped segment. A warp keeps its state
+// transposed, S^T [V/NW x K], as
 // float32 mma accumulators, and per 16-token chunk (gates' in-chunk cumulative sums G_t,
 // chunk total G_15; all per K column):
 //
