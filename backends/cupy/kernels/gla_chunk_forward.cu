@@ -182,6 +182,8 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
     return i64(k_col) * p.V + v_col;
   };
   const i64 state_base = ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * kv;
+  // the scan reads no local state of a direction's last segment (its end is the sequence's)
+  if (!OUTPUT && segment == (dir == 0 ? n_segments - 1 : 0)) return;
   if (OUTPUT && n_segments > 1) {
     const float* entering = in_ptr<float>(p.enter) + state_base;
 #pragma unroll
