@@ -1,8 +1,9 @@
 """The ``cupy`` backend: raw CUDA C++ kernels compiled by CuPy (NVRTC) on first use.
 
 Sources: ``kernels/gla_sweep.cu`` (every recurrent sweep, forward and backward, both
-directions in one launch) and ``kernels/gla_scan.cu`` (stitching time chunks together);
-the algorithm is described at the top of ``gla_sweep.cu``. Kernels run on PyTorch's
+directions in one launch), ``kernels/gla_scan.cu`` (stitching time chunks together) and
+``kernels/gla_chunk_forward.cu`` (the tensor-core forward of 16-bit calls with K <= 32,
+V <= 64 and no states, on sm_80 and newer); each algorithm is described at the top of its file. Kernels run on PyTorch's
 current CUDA stream with the tensors' device addresses as arguments: no copies, no
 synchronisation, so the op can be captured in a CUDA graph.
 """
