@@ -87,6 +87,8 @@ class _Call:
 
 
 def _takes_chunk_forward(inputs: GLAInputs, launcher: Launcher, o: torch.Tensor) -> bool:
+    """Whether the tensor-core forward runs this call: a launcher that has tensor cores (sm_80
+    or newer, or the emulator), a call of the kind it takes, every tensor 16-byte aligned."""
     spec = inputs.spec
     if not getattr(launcher, "tensor_cores", False):
         return False

@@ -1,8 +1,11 @@
 """How a call is cut into kernel launches: tiles, chunking, shared memory, kernel names.
 
-Everything here depends only on K, V, T and the dtype — never on B or H — so a sequence's
-result cannot depend on what else is in the batch (the kernels are deterministic given the
-plan). Mirrors of constants in ``kernels/gla_sweep.cu`` are marked as such.
+Everything that decides a result's bits depends only on K, V, T and the dtype — never on B
+or H — so a sequence's result cannot depend on what else is in the batch (the kernels are
+deterministic given the plan). The one choice by grid size, the tensor-core forward's launch
+(``chunk_forward_launch``: how many warps split V, registers), moves work between warps
+without changing any column's arithmetic; the tests compare its launches bit for bit.
+Mirrors of constants in ``kernels/gla_sweep.cu`` are marked as such.
 """
 
 from __future__ import annotations
@@ -155,8 +158,8 @@ class ChunkForwardLaunch:
     min_blocks: int = 1  # blocks per SM the register allocation must allow
 
 
-def chunk_forward_launch(batch_heads: int, head_dim_v: int, bidirectional: bool, sm_count: int) -> ChunkForwardLaunch:
-    """The launch for a grid of ``batch_heads`` blocks. H100, bf16, K = 32, V = 64, CUDA-graph
+def chunk_forward_launch(blocks: int, head_dim_v: int, bidirectional: bool, sm_count: int) -> ChunkForwardLaunch:
+    """The launch for a grid of ``blocks`` blocks (B * H * segments). H100, bf16, K = 32, V = 64, CUDA-graph
     GPU time (``python benchmarks/cupy_chunk_forward_gpu.py --launches ...``, NOTES.md run 21b):
     prefetching always won (1.1-1.5x); bidirectional calls run 2 warps a direction, at least 3
     blocks per SM (168 registers) once the grid needs more than the 2 per SM that 255
@@ -169,9 +172,9 @@ def chunk_forward_launch(batch_heads: int, head_dim_v: int, bidirectional: bool,
     if bidirectional:
         warps = 2 if tiles % 2 == 0 else 1
         uncapped_blocks_per_sm = 65536 // (255 * 64 * warps)
-        return ChunkForwardLaunch(warps, True, 3 if batch_heads > uncapped_blocks_per_sm * sm_count else 1)
+        return ChunkForwardLaunch(warps, True, 3 if blocks > uncapped_blocks_per_sm * sm_count else 1)
     for warps in (4, 2, 1):
-        if tiles % warps == 0 and batch_heads <= 65536 // (256 * 32 * warps) * sm_count:
+        if tiles % warps == 0 and blocks <= 65536 // (256 * 32 * warps) * sm_count:
             return ChunkForwardLaunch(warps, True, 1)
     return ChunkForwardLaunch(1, True, 1)
 
