@@ -278,47 +278,45 @@ gla_chunk_forward(GLA_KERNEL_PARAMS) {
         }
     } else {
       // exact: scores as float32 sums over this lane's columns, token s's values fetched from
-      // the lane holding its row (lane 4 (s % 8) + c), then summed over the four lanes c
+      // the lane holding its row (lane 4 (s % 8) + c), then summed over the four lanes c. One
+      // pair of tokens (s8, s8 + 8) at a time in a loop that is not unrolled, keeping two sums
+      // live: the fully unrolled form's 32 sums cost the common path ~16 % (NOTES.md run 21l)
       if constexpr (OUTPUT) {
-      float part[2][16];
+#pragma unroll 1
+        for (int s8 = 0; s8 < 8; ++s8) {
 #pragma unroll
-      for (int t = 0; t < 2; ++t)
+          for (int sh = 0; sh < 2; ++sh) {  // token s = s8 + 8 sh: the elements of row half sh
+            float part[2] = {0.0f, 0.0f};  // this lane's rows t = r, r + 8
 #pragma unroll
-        for (int s = 0; s < 16; ++s) part[t][s] = 0.0f;
+            for (int j = 0; j < KT; ++j)
 #pragma unroll
-      for (int s8 = 0; s8 < 8; ++s8) {
+              for (int e = 0; e < 8; ++e) {
+                if (((e >> 1) & 1) != sh) continue;
+                const float ks = shfl_idx(kf[j][e], 4 * s8 + c), gs = shfl_idx(G[j][e], 4 * s8 + c);
 #pragma unroll
-        for (int j = 0; j < KT; ++j)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float ks = shfl_idx(kf[j][e], 4 * s8 + c), gs = shfl_idx(G[j][e], 4 * s8 + c);
-            const int s = s8 + 8 * ((e >> 1) & 1);  // the row half of element e
+                for (int t = 0; t < 2; ++t) {
+                  const int mine = (e & ~2) | (2 * t);  // the same column in this lane's row half t
+                  if (s8 + 8 * sh <= r + 8 * t)  // pairs past the diagonal are masked below (and could overflow)
+                    part[t] += qf[j][mine] * scale * ks * exp2_approx((G[j][mine] - gs) * kLog2e);
+                }
+              }
 #pragma unroll
             for (int t = 0; t < 2; ++t) {
-              const int mine = (e & ~2) | (2 * t);  // the same column in this lane's row half t
-              if (s <= r + 8 * t)  // pairs past the diagonal are masked below (and could overflow)
-                part[t][s] += qf[j][mine] * scale * ks * exp2_approx((G[j][mine] - gs) * kLog2e);
+              part[t] += shfl_xor(part[t], 1);
+              part[t] += shfl_xor(part[t], 2);
+            }
+            // this lane's C-tile entries: tile 0 (s = 2c, 2c + 1) rows r and r + 8, tile 1
+            // (s = 2c + 8, 2c + 9) row r + 8 (its row r is past the diagonal)
+            const int s_tok = s8 + 8 * sh;
+            if (sh == 0) {
+              if (s_tok == 2 * c) scores[0][0] = part[0], scores[0][2] = part[1];
+              if (s_tok == 2 * c + 1) scores[0][1] = part[0], scores[0][3] = part[1];
+            } else {
+              if (s_tok == 2 * c + 8) scores[1][2] = part[1];
+              if (s_tok == 2 * c + 9) scores[1][3] = part[1];
             }
           }
-      }
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int s = 0; s < 16; ++s) {
-          part[t][s] += shfl_xor(part[t][s], 1);
-          part[t][s] += shfl_xor(part[t][s], 2);
         }
-#pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        if (s == 2 * c) {
-          scores[0][0] = part[0][s], scores[0][2] = part[1][s];
-          scores[1][2] = part[1][s + 8];
-        }
-        if (s == 2 * c + 1) {
-          scores[0][1] = part[0][s], scores[0][3] = part[1][s];
-          scores[1][3] = part[1][s + 8];
-        }
-      }
       }  // OUTPUT
 #pragma unroll
       for (int j = 0; j < KT; ++j)
