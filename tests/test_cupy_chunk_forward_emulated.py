@@ -14,8 +14,9 @@ import torch
 
 from cuda_emulator import Emulator, compiler
 from gla_testing import Case, check_against_reference, make_inputs, temporary_backend
+from test_cupy_emulated import EmulatedCupy
 from glakernels import gated_linear_attention
-from glakernels.backends.cupy import CupyBackend, _driver, _plan
+from glakernels.backends.cupy import _driver, _plan
 from glakernels.backends.cupy._sources import CHUNK_FORWARD_FILE
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
@@ -38,24 +39,6 @@ class Recording:
         self.emulator(file, name, grid, block, smem, args)
 
 
-class EmulatedChunkForward(CupyBackend):
-    description = "cupy kernels with the tensor-core forward on the CPU emulator (tests only)"
-    device_types = frozenset({"cpu"})
-    auto_priority = {}
-
-    def __init__(self, launcher, name=NAME, chunk_len=None):
-        self.name, self.launcher, self.chunk_len = name, launcher, chunk_len
-
-    def unavailable_reasons(self):
-        return []
-
-    def forward(self, inputs):
-        return _driver.forward(inputs, self.launcher, chunk_len=self.chunk_len)
-
-    def backward(self, inputs, grad_output, grad_final_state):
-        return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, self.launcher)
-
-
 # launches beyond the plan's (every split of V = 64, without prefetching), for the bitwise check
 LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)]
 
@@ -67,8 +50,8 @@ def launcher(tmp_path_factory):
         _plan.chunk_forward_name(dtype, 32, 64, bi, launch) for launch in LAUNCHES for bi in (True, False)
         for dtype in (torch.bfloat16, torch.float16))))
     recording = Recording(Emulator(names, tmp_path_factory.mktemp("emulator")))
-    with temporary_backend(EmulatedChunkForward(recording)), \
-            temporary_backend(EmulatedChunkForward(recording, SEGMENTED, SEGMENT)):
+    with temporary_backend(EmulatedCupy(NAME, recording)), \
+            temporary_backend(EmulatedCupy(SEGMENTED, recording, SEGMENT)):
         yield recording
 
 

@@ -48,9 +48,10 @@ class CupyBackend(Backend):
         if base is None or spec.device_type != "cuda" or spec.needs_grad or not spec.bidirectional:
             return base
         from ._plan import chunk_forward_fits
+        from ._runtime import device_capability
 
         fits = chunk_forward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states)
-        if fits and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        if fits and device_capability(torch.cuda.current_device()) >= (8, 0):
             return self.chunk_forward_priority
         return base
 

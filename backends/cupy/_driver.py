@@ -92,8 +92,7 @@ def _takes_chunk_forward(inputs: GLAInputs, launcher: Launcher, o: torch.Tensor)
     spec = inputs.spec
     if not getattr(launcher, "tensor_cores", False):
         return False
-    states = inputs.initial_state is not None or spec.output_final_state
-    if not plan.chunk_forward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, states):
+    if not plan.chunk_forward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states):
         return False
     tensors = (inputs.q, inputs.k, inputs.v, inputs.g, o) + ((inputs.g_reverse,) if spec.bidirectional else ())
     return all(x.data_ptr() % plan.CHUNK_FORWARD_ALIGN == 0 for x in tensors)
@@ -107,8 +106,8 @@ def _chunk_forward_entering_states(call: _Call, launch: plan.ChunkForwardLaunch)
     decay = call.scratch(call.B * call.H, 2, n, call.K)
     extra = dict(enter=enter.data_ptr(), decay=decay.data_ptr())
     name = plan.chunk_forward_name(call.spec.dtype, call.K, call.V, bi, launch, output=False)
-    call.launch(CHUNK_FORWARD_FILE, name, (call.B * call.H, n, 1), plan.chunk_forward_block(bi, launch), 0,
-                kernel_args(extra, call.base_args))
+    call.launch(CHUNK_FORWARD_FILE, name, (call.B * call.H, n, 1), plan.chunk_forward_block(bi, launch),
+                plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi, output=False), kernel_args(extra, call.base_args))
     call.state_scan(False, **extra)
     return enter
 

@@ -10,6 +10,7 @@ copy, no DLPack round trip, no synchronisation.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
@@ -84,24 +85,15 @@ def _stream(device_index: int):
     return stream
 
 
-_capabilities: dict[int, tuple[int, int]] = {}
+@functools.lru_cache(maxsize=None)
+def device_capability(device_index: int) -> tuple[int, int]:
+    """The device's compute capability, read once per process (dispatch asks on every call)."""
+    return torch.cuda.get_device_capability(device_index)
 
 
-def _capability(device_index: int) -> tuple[int, int]:
-    found = _capabilities.get(device_index)
-    if found is None:
-        found = _capabilities[device_index] = torch.cuda.get_device_capability(device_index)
-    return found
-
-
-_sm_counts: dict[int, int] = {}
-
-
-def _sm_count(device_index: int) -> int:
-    found = _sm_counts.get(device_index)
-    if found is None:
-        found = _sm_counts[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
-    return found
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 class CupyLauncher:
@@ -114,8 +106,8 @@ class CupyLauncher:
     def __init__(self, device: torch.device):
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         # the tensor-core forward's mma.sync / movmatrix need sm_80 or newer
-        self.tensor_cores = _capability(self.device_index) >= (8, 0)
-        self.sm_count = _sm_count(self.device_index)  # the tensor-core forward's launch depends on it
+        self.tensor_cores = device_capability(self.device_index) >= (8, 0)
+        self.sm_count = sm_count(self.device_index)  # the tensor-core forward's launch depends on it
 
     def __call__(self, file: str, name: str, grid: tuple, block: int, smem: int, args: tuple) -> None:
         import cupy
@@ -151,9 +143,9 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim_k: int, head_dim_
     for inner in {head_dim_k, head_dim_v}:
         tile = plan.tile_for(inner)
         _kernel(index, SWEEP_FILE, plan.sweep_name(dtype, tile, plan.FORWARD_OUTPUT))
-    if plan.chunk_forward_fits(dtype, 1, head_dim_k, head_dim_v, False) and _capability(index) >= (8, 0):
+    if plan.chunk_forward_fits(dtype, 1, head_dim_k, head_dim_v, False) and device_capability(index) >= (8, 0):
         for bidirectional in (True, False):  # the launches of a full grid (ViG's batches)
-            launch = plan.chunk_forward_launch(10**6, head_dim_v, bidirectional, _sm_count(index))
+            launch = plan.chunk_forward_launch(10**6, head_dim_v, bidirectional, sm_count(index))
             for output in (True, False):
                 name = plan.chunk_forward_name(dtype, head_dim_k, head_dim_v, bidirectional, launch, output)
                 _kernel(index, CHUNK_FORWARD_FILE, name)
