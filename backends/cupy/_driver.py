@@ -10,7 +10,11 @@ Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_M
     forward:   [chunk_forward states, state_scan]  chunk_forward
                (tensor cores: bfloat16, K <= 32, V <= 64 in multiples of 16, no states)
                or [chunk_state, state_scan]  forward_output
-    backward:  [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
+    backward:  chunk_backward_dq  chunk_backward_dkv  backward_dq  backward_dk  backward_dv
+               (tensor cores: bfloat16, the forward's head dims, T <= 512, no states; the three
+               sweeps then run only the sequences the dq kernel flagged: gates too strong for
+               the decay ratio)
+               or [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
                [gate_grad_fixup]
 """
 
@@ -24,7 +28,7 @@ import torch
 from glakernels._problem import GLAGradients, GLAInputs
 
 from . import _plan as plan
-from ._sources import CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_args
+from ._sources import CHUNK_BACKWARD_FILE, CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_args
 
 Launcher = Callable[[str, str, tuple, int, int, tuple], None]
 
@@ -98,6 +102,33 @@ def _takes_chunk_forward(inputs: GLAInputs, launcher: Launcher, o: torch.Tensor)
     return all(x.data_ptr() % plan.CHUNK_FORWARD_ALIGN == 0 for x in tensors)
 
 
+def _takes_chunk_backward(call: "_Call", inputs: GLAInputs, launcher: Launcher, tensors) -> bool:
+    """Whether the tensor-core backward runs this call: as ``_takes_chunk_forward``, for the
+    backward's kinds of call (one segment: ``call.n_chunks == 1``)."""
+    spec = inputs.spec
+    if not getattr(launcher, "tensor_cores", False) or call.n_chunks != 1:
+        return False
+    if not plan.chunk_backward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states):
+        return False
+    return all(x.data_ptr() % plan.CHUNK_FORWARD_ALIGN == 0 for x in tensors if x is not None)
+
+
+def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.ChunkBackwardLaunch) -> torch.Tensor:
+    """The tensor-core backward's two launches; returns the flags of the sequences it left to
+    the sweeps (``[B*H, 4]`` int32, written by the dq kernel)."""
+    flags = torch.empty(call.B * call.H, 4, dtype=torch.int32, device=call.device)
+    bi = call.bidirectional
+    dq_block, dkv_block = plan.chunk_backward_blocks(bi, launch)
+    dq_smem, dkv_smem = plan.chunk_backward_smem_bytes(call.T, call.K, call.V, bi)
+    args = kernel_args(dict(common, flags=flags.data_ptr(), **outputs), call.base_args)
+    grid = (call.B * call.H, 1, 1)
+    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(call.K, call.V, bi, launch), grid, dq_block,
+                dq_smem, args)
+    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dkv_name(call.K, call.V, bi, launch), grid, dkv_block,
+                dkv_smem, args)
+    return flags
+
+
 def _chunk_forward_entering_states(call: _Call, launch: plan.ChunkForwardLaunch) -> torch.Tensor:
     """The state entering every segment, ``[B*H, 2, N, K, V]`` float32 (the layout of
     ``_Call.chunk_entering_states``), from the tensor-core kernel's local end states."""
@@ -150,7 +181,11 @@ def backward(
     *,
     chunk_len: Optional[int] = None,
     tiles=None,
+    chunk_backward: bool = True,
+    chunk_backward_launch: Optional[plan.ChunkBackwardLaunch] = None,
 ) -> GLAGradients:
+    """:meth:`Backend.backward`'s gradients. ``chunk_backward=False`` keeps the recurrent sweeps
+    where the tensor-core backward would run, ``chunk_backward_launch`` overrides its launch."""
     call = _Call(inputs, launcher, chunk_len, tiles)
     spec = inputs.spec
     like_k = lambda: torch.empty(call.B, call.T, call.H, call.K, dtype=spec.dtype, device=call.device)  # noqa: E731
@@ -165,6 +200,17 @@ def backward(
 
     common = dict(dout=grad_output.data_ptr(), ds_final=_address(ds_final), a_ws=q_dq.data_ptr(),
                   final_term=_address(final_term))
+    outputs = dict(dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev))
+    if chunk_backward and _takes_chunk_backward(call, inputs, launcher, (
+            inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, grad_output, dq, dk, dv, dg, dg_rev)):
+        launch = chunk_backward_launch or plan.chunk_backward_launch(call.K)
+        flags = _chunk_backward(call, common, outputs, launch)
+        # the sequences whose gates left the decay ratio's range, exactly (the rest return at once)
+        common["flags"] = flags.data_ptr()
+        call.sweep(plan.BACKWARD_DQ, dq=dq.data_ptr(), **common)
+        call.sweep(plan.BACKWARD_DK, dk=dk.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev), **common)
+        call.sweep(plan.BACKWARD_DV, dv=dv.data_ptr(), **common)
+        return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)
     enter_state = enter_adjoint = None
     chunked = call.n_chunks > 1
     if chunked:

@@ -209,9 +209,75 @@ def chunk_forward_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+#: The tensor-core backward (``kernels/gla_chunk_backward.cu``): bfloat16 inputs, head dims
+#: as the forward's, one segment (T <= SINGLE_CHUNK_MAX), no states. Sequences whose gates
+#: leave the decay ratio's range are flagged by the dq kernel and redone by the sweeps.
+CHUNK_BACKWARD_DTYPES = (torch.bfloat16,)
+
+
+def chunk_backward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_dim_v: int, states: bool) -> bool:
+    """Whether the tensor-core backward takes a call of this kind (alignment checked apart)."""
+    return (dtype in CHUNK_BACKWARD_DTYPES and seq_len <= SINGLE_CHUNK_MAX
+            and chunk_forward_fits(dtype, seq_len, head_dim_k, head_dim_v, states))
+
+
+@dataclass(frozen=True)
+class ChunkBackwardLaunch:
+    """Mirror of the tensor-core backward kernels' launch template parameters."""
+
+    dq_warps: int = 2  # warps per direction of the dq walk (K split between them)
+    dq_min_blocks: int = 1  # blocks per SM the dq kernel's register allocation must allow
+    dkv_min_blocks: int = 1  # the same for the dk, dv kernel (two warps a direction)
+
+
+def chunk_backward_launch(head_dim_k: int) -> ChunkBackwardLaunch:
+    """The launch: K split over two warps where it has two tiles (196 registers, no spills;
+    one warp holding K = 32 spills). Bits do not depend on the split (each K column's
+    arithmetic is the same)."""
+    return ChunkBackwardLaunch(dq_warps=2 if head_dim_k // 16 % 2 == 0 else 1)
+
+
+def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
+    """``gla_chunk_backward_dq<KT, VT, NW, BIDIR, MIN_BLOCKS>``: K tiles of 16 per warp."""
+    bi = "true" if bidirectional else "false"
+    return (f"gla::gla_chunk_backward_dq<{head_dim_k // 16 // launch.dq_warps}, {head_dim_v // 16}, "
+            f"{launch.dq_warps}, {bi}, {launch.dq_min_blocks}>")
+
+
+def chunk_backward_dkv_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
+    """``gla_chunk_backward_dkv<KT, VT, BIDIR, MIN_BLOCKS>``."""
+    bi = "true" if bidirectional else "false"
+    return f"gla::gla_chunk_backward_dkv<{head_dim_k // 16}, {head_dim_v // 16}, {bi}, {launch.dkv_min_blocks}>"
+
+
+def chunk_backward_blocks(bidirectional: bool, launch: ChunkBackwardLaunch) -> tuple[int, int]:
+    """Threads per block of the dq and the dkv kernel."""
+    directions = 2 if bidirectional else 1
+    return 32 * launch.dq_warps * directions, 64 * directions
+
+
+def chunk_backward_smem_bytes(seq_len: int, head_dim_k: int, head_dim_v: int, bidirectional: bool) -> tuple[int, int]:
+    """Dynamic shared memory of the dq and the dkv kernel: a bidirectional block parks
+    [T, K] (dq) or [T, K + V] (dk, dv) float32 outputs."""
+    if not bidirectional:
+        return 0, 0
+    return 4 * seq_len * head_dim_k, 4 * seq_len * (head_dim_k + head_dim_v)
+
+
+def chunk_backward_names() -> tuple[str, ...]:
+    """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
+    names = []
+    for k, v, bi in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16), range(16, CHUNK_FORWARD_MAX_V + 1, 16),
+                                      (True, False)):
+        launch = chunk_backward_launch(k)
+        names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_dkv_name(k, v, bi, launch)]
+    return tuple(dict.fromkeys(names))
+
+
 def every_name_expression() -> dict[str, tuple[str, ...]]:
     """Every kernel the launcher can ask for, by source file (for the nvcc check in CI)."""
-    from ._sources import CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE
+    from ._sources import CHUNK_BACKWARD_FILE, CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE
 
     sweeps = tuple(name for dtype in C_TYPES for tile in all_tiles() for name in sweep_family(dtype, tile))
-    return {SWEEP_FILE: sweeps, SCAN_FILE: scan_family(), CHUNK_FORWARD_FILE: chunk_forward_names()}
+    return {SWEEP_FILE: sweeps, SCAN_FILE: scan_family(), CHUNK_FORWARD_FILE: chunk_forward_names(),
+            CHUNK_BACKWARD_FILE: chunk_backward_names()}

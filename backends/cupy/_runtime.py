@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from . import _plan as plan
-from ._sources import CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_source, source_digest
+from ._sources import CHUNK_BACKWARD_FILE, CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_source, source_digest
 
 #: NVRTC options; part of the cache key (CuPy adds the architecture and ``-ftz=true``).
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -39,7 +39,7 @@ def _family_of(file: str, name: str) -> tuple[str, ...]:
     """The name expressions compiled together with ``name`` (one NVRTC call)."""
     if file == SCAN_FILE:
         return plan.scan_family()
-    if file == CHUNK_FORWARD_FILE:  # one kernel a module: a call needs one shape
+    if file in (CHUNK_FORWARD_FILE, CHUNK_BACKWARD_FILE):  # one kernel a module: a call needs one shape
         return (name,)
     # gla::gla_sweep<dtype, tile, role>: every role of that dtype and tile
     prefix = name[: name.rindex(",")]

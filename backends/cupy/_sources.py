@@ -21,6 +21,7 @@ KERNEL_DIR = pathlib.Path(__file__).resolve().with_name("kernels")
 SWEEP_FILE = "gla_sweep.cu"
 SCAN_FILE = "gla_scan.cu"
 CHUNK_FORWARD_FILE = "gla_chunk_forward.cu"
+CHUNK_BACKWARD_FILE = "gla_chunk_backward.cu"
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 

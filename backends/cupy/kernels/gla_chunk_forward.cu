@@ -35,87 +35,15 @@
 // tokens in between, which both directions reach after the barrier, are summed into
 // zeroed shared memory by atomic additions — of two terms onto zero, so in either order the
 // same bits — and written at the end.
-#include "gla_common.cuh"
-#include "gla_warp_matrix.cuh"
+#include "gla_chunk_tiles.cuh"
 
 namespace gla {
-
-// a chunk takes the decay ratio when every in-chunk cumulative gate sum lies in [-32, 32]:
-// e^{±G} then stays within float32 (and bfloat16) range with room for |q|, |k| up to ~1e24
-constexpr float kRatioMaxLogDecay = 32.0f;
-constexpr float kLog2e = 1.4426950408889634f;
-
-// `words` 32-bit words (2 bfloat16 each) of one row from `from` (16-byte aligned when
-// words % 4 == 0, else 8-byte aligned), or zeros for a row past the sequence's end
-template <int words, class E>
-__device__ __forceinline__ void load_row(const E* from, bool valid, u32 (&w)[words]) {
-  if (!valid) {
-#pragma unroll
-    for (int i = 0; i < words; ++i) w[i] = 0u;
-    return;
-  }
-  if constexpr (words % 4 == 0) {
-    const uint4* p = reinterpret_cast<const uint4*>(from);
-#pragma unroll
-    for (int i = 0; i < words / 4; ++i) {
-      const uint4 x = p[i];
-      w[4 * i] = x.x, w[4 * i + 1] = x.y, w[4 * i + 2] = x.z, w[4 * i + 3] = x.w;
-    }
-  } else {
-    const uint2* p = reinterpret_cast<const uint2*>(from);
-#pragma unroll
-    for (int i = 0; i < words / 2; ++i) {
-      const uint2 x = p[i];
-      w[2 * i] = x.x, w[2 * i + 1] = x.y;
-    }
-  }
-}
-
-template <int words, class E>
-__device__ __forceinline__ void store_row(E* to, const u32 (&w)[words]) {
-  if constexpr (words % 4 == 0) {
-    uint4* p = reinterpret_cast<uint4*>(to);
-#pragma unroll
-    for (int i = 0; i < words / 4; ++i) p[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
-  } else {
-    uint2* p = reinterpret_cast<uint2*>(to);
-#pragma unroll
-    for (int i = 0; i < words / 2; ++i) p[i] = make_uint2(w[2 * i], w[2 * i + 1]);
-  }
-}
 
 // One chunk's inputs as loaded: [row half (token r, r + 8)][words]
 template <int KT, int VT>
 struct ChunkInputs {
   u32 q[2][2 * KT], k[2][2 * KT], g[2][2 * KT], v[2][2 * VT];
 };
-
-// A-fragment element e (0..7) of K tile j: word e / 2 of {a0, a1, a2, a3}, half e % 2; row
-// half (e / 2) % 2, column pair e / 4. From loaded row words: a0 = row 0 word 2j, a1 = row 1
-// word 2j, a2 = row 0 word 2j + 1, a3 = row 1 word 2j + 1.
-template <int KT>
-__device__ __forceinline__ u32 fragment_word(const u32 (&rows)[2][2 * KT], int j, int word) {
-  return rows[word & 1][2 * j + (word >> 1)];
-}
-
-template <class E, int KT>
-__device__ __forceinline__ void unpack(const u32 (&rows)[2][2 * KT], float (&x)[KT][8]) {
-#pragma unroll
-  for (int j = 0; j < KT; ++j)
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const u32 word = fragment_word<KT>(rows, j, w);
-      x[j][2 * w] = Half16<E>::low(word), x[j][2 * w + 1] = Half16<E>::high(word);
-    }
-}
-
-template <int KT>
-__device__ __forceinline__ void split(const float (&x)[KT][8], u32 (&hi)[KT][4], u32 (&lo)[KT][4]) {
-#pragma unroll
-  for (int j = 0; j < KT; ++j)
-#pragma unroll
-    for (int w = 0; w < 4; ++w) split_bf16x2(x[j][2 * w], x[j][2 * w + 1], hi[j][w], lo[j][w]);
-}
 
 // E: bf16 or f16 inputs and output; KT, VT: K and V tiles of 16 (V per warp); NW: warps per direction, splitting V; BIDIR;
 // PREFETCH: load the next chunk while computing this one (registers for latency);

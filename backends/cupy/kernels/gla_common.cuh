@@ -26,6 +26,9 @@ struct f16 { unsigned short bits; };
 //   scratch  a_ws, dg_ws: [directions, B, T, H, K]; final_term: [B, H, K];
 //            enter: [B*H, 2, N, K, V]; decay: [B*H, 2, N, K]; dg_total: [B*H, 2, N, K]
 //
+//   flags    [B*H][kFlagSlots] int32: sequences the tensor-core backward leaves to the sweeps
+//            (gla_chunk_backward.cu); a sweep given flags runs only the flagged ones
+//
 // `scale` arrives already halved for bidirectional calls (the two directions are averaged).
 // `chunk_len` / `n_chunks` cut time into N chunks that separate blocks sweep in parallel
 // (N = 1: one block walks the whole sequence). `lambda_scan` selects, in the state scan,
@@ -35,7 +38,7 @@ struct f16 { unsigned short bits; };
   X(u64, o) X(u64, dq) X(u64, dk) X(u64, dv) X(u64, dg) X(u64, dg_rev)            \
   X(u64, s0) X(u64, ds_final) X(u64, s_final) X(u64, ds0)                         \
   X(u64, a_ws) X(u64, dg_ws) X(u64, final_term) X(u64, enter) X(u64, decay)       \
-  X(u64, dg_total)                                                                \
+  X(u64, dg_total) X(u64, flags)                                                  \
   X(i64, B) X(i64, T) X(i64, H) X(i64, K) X(i64, V)                               \
   X(i64, chunk_len) X(i64, n_chunks) X(i64, bidirectional) X(i64, lambda_scan)   \
   X(float, scale)
@@ -59,6 +62,8 @@ struct Params {
     GLA_PARAM_FIELDS(GLA_COPY_FIELD)                                \
     return params_;                                                 \
   }()
+
+constexpr int kFlagSlots = 4;  // per (batch, head): one per warp of gla_chunk_backward_dq
 
 // 16 bytes, 16-byte aligned: shared-memory rows are read four floats at a time
 struct alignas(16) Float4 { float x, y, z, w; };

@@ -1,0 +1,567 @@
+// The backward on tensor cores: bfloat16 inputs with K <= 32 and V <= 64 (multiples of 16),
+// sequences of up to 512 tokens, no states — ViG's training calls. Two launches, each a
+// chunked walk of 16 tokens a step with both directions of a bidirectional call in one block
+// (the forward's layouts and midpoint hand-over, gla_chunk_forward.cu):
+//
+//   gla_chunk_backward_dq   walks each direction's own order with the state S [K x V]:
+//                           dq, and q * dq per direction (float32, for the gate gradients)
+//   gla_chunk_backward_dkv  walks each direction's reversed order with the adjoint
+//                           dS [K x V]: dk, dv and the gate gradients dg (dg_rev)
+//
+// Per direction, in its walk order, with the in-chunk cumulative gate sums G_t, the chunk
+// total G_15, s = scale (halved for a bidirectional call), qh = s q e^{G}, kh = k e^{-G}
+// (the decay ratio, |G| <= 32), B_ts = dout_t . v_s and A_ts = qh_t . kh_s (s <= t):
+//
+//   dq_t = s e^{G_t} (S dout_t + sum_s B_ts kh_s)          S' = e^{G_15} (S + kh^T v)
+//   dk_s = e^{-G_s} (sum_t B_ts qh_t + (D dS) v_s)          D = diag(e^{G_15})
+//   dv_s = sum_t A_ts dout_t + (D dS)^T kh_s                dS' = D dS + qh^T dout
+//   dg_u = sum_{t >= u} (q_t dq_t - k_t dk_t)               (Yang et al. 2023)
+//
+// where S enters the chunk from the earlier ones and dS from the later ones (dS' leaves the
+// chunk towards the earlier ones). dq, B and the state terms take the forward's fragment
+// layouts: dout and v are exact bfloat16 operands (B in one product), float32 operands are
+// split in two bfloat16 parts. The gate gradients' in-chunk suffix sums are a product with an
+// upper triangle of ones (each term then carries ~2^-17 of relative error, as the triton
+// backend's), plus a float32 carry from the later chunks.
+//
+// Chunks whose in-chunk sums leave the ratio's range (any gate down to -1e4 must work) have
+// no exact path here: the dq kernel records, per (batch, head), whether its walks met one
+// (`flags`, [B*H][4] int32, one slot per warp), the dkv kernel skips those sequences, and the
+// recurrent sweeps (gla_sweep.cu, which read the same flags) redo them exactly.
+#include "gla_chunk_tiles.cuh"
+
+namespace gla {
+
+template <int KW, int VW>
+struct BackwardInputs {
+  u32 q[2][KW], k[2][KW], g[2][KW], v[2][VW], dout[2][VW];
+};
+
+// the A-fragment words of a [16 x 16] tile held as two C tiles (column octets 0-7, 8-15),
+// split into bfloat16 parts; the tile is lower triangular, so word a2 (rows 0-7, columns
+// 8-15) is zero
+__device__ __forceinline__ void split_lower_tile(const float (&x)[2][4], u32 (&hi)[4], u32 (&lo)[4]) {
+  split_bf16x2(x[0][0], x[0][1], hi[0], lo[0]);
+  split_bf16x2(x[0][2], x[0][3], hi[1], lo[1]);
+  hi[2] = lo[2] = 0u;
+  split_bf16x2(x[1][2], x[1][3], hi[3], lo[3]);
+}
+
+// the transpose's A fragment from a tile's A-fragment words: {T(a0), T(a2), T(a1), T(a3)}
+__device__ __forceinline__ void transpose_tile(const u32 (&a)[4], u32 (&t)[4]) {
+  t[0] = transpose8x8(a[0]), t[1] = transpose8x8(a[2]), t[2] = transpose8x8(a[1]), t[3] = transpose8x8(a[3]);
+}
+
+// keep s <= t: C tiles of a [16 t x 16 s] tile, rows r and r + 8, columns 2c + e (+ 8)
+__device__ __forceinline__ void mask_causal(float (&x)[2][4], int r, int c) {
+  if (2 * c > r) x[0][0] = 0.0f;
+  if (2 * c + 1 > r) x[0][1] = 0.0f;
+  x[1][0] = x[1][1] = 0.0f;
+  if (2 * c > r) x[1][2] = 0.0f;
+  if (2 * c + 1 > r) x[1][3] = 0.0f;
+}
+
+// B = dout . v^T over one chunk (exact products of bfloat16 values, float32 sums)
+template <int VT, int VW>
+__device__ __forceinline__ void dout_v_scores(const u32 (&dout)[2][VW], const u32 (&v)[2][VW], float (&x)[2][4]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) x[half][0] = x[half][1] = x[half][2] = x[half][3] = 0.0f;
+#pragma unroll
+  for (int a = 0; a < VT; ++a) {
+    const u32 d[4] = {fragment_word<VT>(dout, a, 0), fragment_word<VT>(dout, a, 1),
+                      fragment_word<VT>(dout, a, 2), fragment_word<VT>(dout, a, 3)};
+#pragma unroll
+    for (int half = 0; half < 2; ++half)  // B = v^T over (column, token s)
+      mma_bf16(x[half], d, fragment_word<VT>(v, a, half), fragment_word<VT>(v, a, half + 2));
+  }
+}
+
+// The dq walk. KT: K tiles of 16 per warp (NW warps per direction split K); VT: V tiles of
+// 16 (every warp holds all of V). Each warp keeps S [its K columns x V] as C tiles (rows K,
+// columns V): they are the B fragments of dout . S^T as they stand.
+// Grid: (B * H); block: NW warps per direction.
+template <int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS>
+__global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
+gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
+  GLA_COLLECT_PARAMS;
+  using E = bf16;
+  constexpr int KW = 2 * KT, VW = 2 * VT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int dir = warp / NW, wk = warp % NW;
+  const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  const i64 T = p.T;
+  const i64 row_k = p.H * p.K, row_v = p.H * p.V;
+  const i64 k_col = wk * 16 * KT + 4 * KT * c;  // this lane's first K column (load order)
+  const i64 k_off = b * T * row_k + h * p.K + k_col;
+  const i64 v_off = b * T * row_v + h * p.V + 4 * VT * c;
+  const E* q = in_ptr<E>(p.q) + k_off;
+  const E* k = in_ptr<E>(p.k) + k_off;
+  const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
+  const E* v = in_ptr<E>(p.v) + v_off;
+  const E* dout = in_ptr<E>(p.dout) + v_off;
+  E* dq = out_ptr<E>(p.dq) + k_off;
+  float* q_dq = out_ptr<float>(p.a_ws) + dir * p.B * T * row_k + k_off;
+  const float scale = p.scale;
+  const int n_chunks = int((T + 15) / 16);
+
+  float* park = reinterpret_cast<float*>(dynamic_smem());  // [T][K] float32 (bidirectional)
+  const i64 K = p.K;
+  const Midpoint mid = Midpoint::ascending(T);
+  if (BIDIR) {
+    for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * K; i += blockDim.x) park[mid.met_begin * K + i] = 0.0f;
+  }
+
+  const u32 one = Half16<E>::kOne;
+  const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
+  const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
+
+  float S[KT][2 * VT][4];  // [K tile][V octet][C tile]: rows K (r, r + 8), columns V
+#pragma unroll
+  for (int j = 0; j < KT; ++j)
+#pragma unroll
+    for (int o = 0; o < 2 * VT; ++o)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[j][o][e] = 0.0f;
+  bool strong = false;  // a chunk left the ratio's range: the sweeps redo this sequence
+
+  auto load = [&](int chunk, BackwardInputs<KW, VW>& in) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const i64 t = 16 * i64(chunk) + r + 8 * half;
+      const bool valid = t < T;
+      const i64 row = dir == 0 ? t : T - 1 - t;
+      load_row<KW>(q + row * row_k, valid, in.q[half]);
+      load_row<KW>(k + row * row_k, valid, in.k[half]);
+      load_row<KW>(g + row * row_k, valid, in.g[half]);
+      load_row<VW>(v + row * row_v, valid, in.v[half]);
+      load_row<VW>(dout + row * row_v, valid, in.dout[half]);
+    }
+  };
+
+  BackwardInputs<KW, VW> next;
+  load(0, next);
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    BackwardInputs<KW, VW> in = next;
+    if (chunk + 1 < n_chunks) load(chunk + 1, next);
+    if (BIDIR && chunk == mid.steps_before) block_sync();  // the other direction has parked
+
+    float G[KT][8], col_total[KT][2][2], row_total[KT][2];
+    bool ratio_ok = true;
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+      ratio_ok = chunk_gate_sums<E>(tri, fragment_word<KT>(in.g, j, 0), fragment_word<KT>(in.g, j, 1),
+                                    fragment_word<KT>(in.g, j, 2), fragment_word<KT>(in.g, j, 3), r, c,
+                                    G[j], col_total[j], row_total[j]) && ratio_ok;
+    strong = warp_any(!ratio_ok) || strong;
+
+    // kh = k e^{-G}, split; its transposed words are the B operand of B.kh (column octet
+    // 2j + half: khT[2 half], khT[2 half + 1]) and, reordered, the A operand of kh^T v
+    u32 khT_hi[KT][4], khT_lo[KT][4];
+#pragma unroll
+    for (int j = 0; j < KT; ++j) {
+      float kf[8];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const u32 word = fragment_word<KT>(in.k, j, w);
+        kf[2 * w] = low_bf16(word) * exp2_approx(-G[j][2 * w] * kLog2e);
+        kf[2 * w + 1] = high_bf16(word) * exp2_approx(-G[j][2 * w + 1] * kLog2e);
+      }
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        u32 hi, lo;
+        split_bf16x2(kf[2 * w], kf[2 * w + 1], hi, lo);
+        khT_hi[j][w] = transpose8x8(hi), khT_lo[j][w] = transpose8x8(lo);
+      }
+    }
+
+    float bs[2][4];
+    dout_v_scores<VT, VW>(in.dout, in.v, bs);
+    mask_causal(bs, r, c);
+    u32 b_hi[4], b_lo[4];
+    split_lower_tile(bs, b_hi, b_lo);
+
+    // dq (before e^{G} and the scale): B.kh + dout.S^T, C tiles [K octet][rows t]
+    float acc[KT][2][4];
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float (&x)[4] = acc[j][half];
+        x[0] = x[1] = x[2] = x[3] = 0.0f;
+        mma_bf16(x, b_lo, khT_hi[j][2 * half], khT_hi[j][2 * half + 1]);
+        mma_bf16(x, b_hi, khT_lo[j][2 * half], khT_lo[j][2 * half + 1]);
+        mma_bf16(x, b_hi, khT_hi[j][2 * half], khT_hi[j][2 * half + 1]);
+#pragma unroll
+        for (int a = 0; a < VT; ++a) {
+          const u32 d[4] = {fragment_word<VT>(in.dout, a, 0), fragment_word<VT>(in.dout, a, 1),
+                            fragment_word<VT>(in.dout, a, 2), fragment_word<VT>(in.dout, a, 3)};
+          // B = S^T over (V column, K column): S's C tiles of V octets 2a, 2a + 1, rows of `half`
+          u32 s_hi[2], s_lo[2];
+          split_bf16x2(S[j][2 * a][2 * half], S[j][2 * a][2 * half + 1], s_hi[0], s_lo[0]);
+          split_bf16x2(S[j][2 * a + 1][2 * half], S[j][2 * a + 1][2 * half + 1], s_hi[1], s_lo[1]);
+          mma_bf16(x, d, s_lo[0], s_lo[1]);
+          mma_bf16(x, d, s_hi[0], s_hi[1]);
+        }
+      }
+
+    // the state: S' = diag(e^{G_15}) (S + kh^T v), v's transposed words as the B operand
+#pragma unroll
+    for (int a = 0; a < VT; ++a) {
+      u32 vt[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) vt[w] = transpose8x8(fragment_word<VT>(in.v, a, w));
+#pragma unroll
+      for (int j = 0; j < KT; ++j) {
+        const u32 A_hi[4] = {khT_hi[j][0], khT_hi[j][2], khT_hi[j][1], khT_hi[j][3]};
+        const u32 A_lo[4] = {khT_lo[j][0], khT_lo[j][2], khT_lo[j][1], khT_lo[j][3]};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma_bf16(S[j][2 * a + half], A_lo, vt[2 * half], vt[2 * half + 1]);
+          mma_bf16(S[j][2 * a + half], A_hi, vt[2 * half], vt[2 * half + 1]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < KT; ++j) {
+      const float d0 = exp2_approx(row_total[j][0] * kLog2e), d1 = exp2_approx(row_total[j][1] * kLog2e);
+#pragma unroll
+      for (int o = 0; o < 2 * VT; ++o) S[j][o][0] *= d0, S[j][o][1] *= d0, S[j][o][2] *= d1, S[j][o][3] *= d1;
+    }
+
+    // write dq (handed over at the midpoint) and q * dq; this lane's 4 KT columns of rows
+    // r and r + 8 are contiguous (the load order)
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const i64 t = 16 * i64(chunk) + r + 8 * rh;
+      if (t >= T) continue;
+      const i64 row = dir == 0 ? t : T - 1 - t;
+      Float4 x[KT], qx[KT];
+#pragma unroll
+      for (int j = 0; j < KT; ++j) {
+        float y[4], z[4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int ge = 4 * half + 2 * rh + e;  // the A-fragment element of (row half rh, column 8 half + 2c + e)
+            y[2 * half + e] = acc[j][half][2 * rh + e] * scale * exp2_approx(G[j][ge] * kLog2e);
+            const u32 qw = fragment_word<KT>(in.q, j, ge >> 1);
+            z[2 * half + e] = (e ? high_bf16(qw) : low_bf16(qw)) * y[2 * half + e];
+          }
+        x[j] = Float4{y[0], y[1], y[2], y[3]}, qx[j] = Float4{z[0], z[1], z[2], z[3]};
+      }
+#pragma unroll
+      for (int j = 0; j < KT; ++j) reinterpret_cast<Float4*>(q_dq + row * row_k)[j] = qx[j];
+      if (BIDIR && !hand_over<KT>(mid, chunk, row, park + row * K + k_col, x)) continue;
+      store_outputs<E, KT>(dq + row * row_k, x);
+    }
+  }
+  if (lane == 0) {
+    int* flags = out_ptr<int>(p.flags) + i64(blockIdx.x) * kFlagSlots;
+    flags[warp] = strong ? 1 : 0;
+    if (warp == 0)
+      for (int i = blockDim.x / 32; i < kFlagSlots; ++i) flags[i] = 0;
+  }
+  if (BIDIR) {
+    block_sync();  // both directions' additions to the rows met after the barrier are in
+    for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * K; i += blockDim.x) {
+      const i64 row = mid.met_begin + i / K, col = i % K;
+      out_ptr<E>(p.dq)[(b * T + row) * row_k + h * K + col] = from_float<E>(park[row * K + col]);
+    }
+  }
+}
+
+// The dk, dv and gate-gradient walk: two warps per direction, each keeping the whole adjoint
+// transposed, dS^T [V x K], as C tiles (rows V, columns K; the forward's S^T layout): warp 0
+// of a direction computes dv (A^T dout + kh (D dS)), warp 1 dk and the direction's gate
+// gradients ((D dS) v through movmatrix transposes of dS^T's split words). Both apply the
+// same decay and update to their copies of dS, so the copies agree bit for bit.
+// Grid: (B * H); block: 2 warps per direction.
+template <int KT, int VT, bool BIDIR, int MIN_BLOCKS>
+__global__ void __launch_bounds__(64 * (BIDIR ? 2 : 1), MIN_BLOCKS)
+gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
+  GLA_COLLECT_PARAMS;
+  using E = bf16;
+  constexpr int KW = 2 * KT, VW = 2 * VT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int dir = warp >> 1;
+  const bool dv_warp = (warp & 1) == 0;
+  const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  {
+    const int* flags = in_ptr<int>(p.flags) + i64(blockIdx.x) * kFlagSlots;
+    if (flags[0] | flags[1] | flags[2] | flags[3]) return;  // the sweeps redo this sequence
+  }
+  const i64 T = p.T;
+  const i64 row_k = p.H * p.K, row_v = p.H * p.V;
+  const i64 k_off = b * T * row_k + h * p.K + 4 * KT * c;
+  const i64 v_off = b * T * row_v + h * p.V + 4 * VT * c;
+  const E* q = in_ptr<E>(p.q) + k_off;
+  const E* k = in_ptr<E>(p.k) + k_off;
+  const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
+  const E* v = in_ptr<E>(p.v) + v_off;
+  const E* dout = in_ptr<E>(p.dout) + v_off;
+  const float* q_dq = in_ptr<float>(p.a_ws) + dir * p.B * T * row_k + k_off;
+  E* dg = out_ptr<E>(dir == 0 ? p.dg : p.dg_rev) + k_off;
+  const float scale = p.scale;
+  const int n_chunks = int((T + 15) / 16);
+
+  // parked outputs of a bidirectional call: [T][K + V] float32 (dk, then dv)
+  float* park = reinterpret_cast<float*>(dynamic_smem());
+  const i64 K = p.K, V = p.V, KV = p.K + p.V;
+  const Midpoint mid = Midpoint::descending(T);
+  if (BIDIR) {
+    for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * KV; i += blockDim.x) park[mid.met_begin * KV + i] = 0.0f;
+  }
+
+  const u32 one = Half16<E>::kOne;
+  const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
+  const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
+  // the upper triangle (t >= u) for the suffix sums
+  const u32 tri_up = ((2 * c >= r) ? one : 0u) | ((2 * c + 1 >= r) ? one << 16 : 0u);
+  const u32 upper[4] = {tri_up, 0u, one | (one << 16), tri_up};
+
+  float dS[VT][2 * KT][4];  // dS^T: [V tile][K octet][C tile]
+#pragma unroll
+  for (int a = 0; a < VT; ++a)
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dS[a][n][e] = 0.0f;
+  float carry[2 * KT][2] = {};  // the gate gradient summed over the later chunks (dk warps)
+
+  auto load = [&](int chunk, BackwardInputs<KW, VW>& in) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const i64 t = 16 * i64(chunk) + r + 8 * half;
+      const bool valid = t < T;
+      const i64 row = dir == 0 ? t : T - 1 - t;
+      load_row<KW>(q + row * row_k, valid, in.q[half]);
+      load_row<KW>(k + row * row_k, valid, in.k[half]);
+      load_row<KW>(g + row * row_k, valid, in.g[half]);
+      if (!dv_warp) load_row<VW>(v + row * row_v, valid, in.v[half]);
+      load_row<VW>(dout + row * row_v, valid, in.dout[half]);
+    }
+  };
+
+  BackwardInputs<KW, VW> next = {};  // (the dv warps never load v)
+  load(n_chunks - 1, next);
+  for (int step = 0; step < n_chunks; ++step) {
+    const int chunk = n_chunks - 1 - step;
+    BackwardInputs<KW, VW> in = next;
+    if (chunk > 0) load(chunk - 1, next);
+    if (BIDIR && step == mid.steps_before) block_sync();  // the other direction has parked
+
+    float G[KT][8], col_total[KT][2][2], row_total[KT][2];
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+      chunk_gate_sums<E>(tri, fragment_word<KT>(in.g, j, 0), fragment_word<KT>(in.g, j, 1),
+                         fragment_word<KT>(in.g, j, 2), fragment_word<KT>(in.g, j, 3), r, c,
+                         G[j], col_total[j], row_total[j]);
+
+    // qh = s q e^{G}, split (A-fragment order), and its transposed words (B operand over
+    // (token, K column): column octet 2j + half is qhT[j][2 half], qhT[j][2 half + 1])
+    u32 qh_hi[KT][4], qh_lo[KT][4], qhT_hi[KT][4], qhT_lo[KT][4];
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const u32 word = fragment_word<KT>(in.q, j, w);
+        split_bf16x2(low_bf16(word) * scale * exp2_approx(G[j][2 * w] * kLog2e),
+                     high_bf16(word) * scale * exp2_approx(G[j][2 * w + 1] * kLog2e), qh_hi[j][w], qh_lo[j][w]);
+        qhT_hi[j][w] = transpose8x8(qh_hi[j][w]), qhT_lo[j][w] = transpose8x8(qh_lo[j][w]);
+      }
+    // dout's transposed words: B operand over (token, V column) and, reordered, A of dout^T
+    u32 dT[VT][4];
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) dT[a][w] = transpose8x8(fragment_word<VT>(in.dout, a, w));
+
+    // D dS: the adjoint from the later chunks, decayed across this one (per K column)
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n) {
+      const float d0 = exp2_approx(col_total[n >> 1][n & 1][0] * kLog2e);
+      const float d1 = exp2_approx(col_total[n >> 1][n & 1][1] * kLog2e);
+#pragma unroll
+      for (int a = 0; a < VT; ++a) dS[a][n][0] *= d0, dS[a][n][1] *= d1, dS[a][n][2] *= d0, dS[a][n][3] *= d1;
+    }
+
+    const int rows_valid = int(T - 16 * i64(chunk));  // rows of this chunk inside the sequence
+    if (dv_warp) {
+      // kh = k e^{-G}, split (A-fragment order)
+      u32 kh_hi[KT][4], kh_lo[KT][4];
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const u32 word = fragment_word<KT>(in.k, j, w);
+          split_bf16x2(low_bf16(word) * exp2_approx(-G[j][2 * w] * kLog2e),
+                       high_bf16(word) * exp2_approx(-G[j][2 * w + 1] * kLog2e), kh_hi[j][w], kh_lo[j][w]);
+        }
+      // A = qh kh^T (scores, [t][s]); B = kh^T over (column, token s): octet 0 words a0, a2
+      float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma_bf16(sc[half], qh_lo[j], kh_hi[j][half], kh_hi[j][half + 2]);
+          mma_bf16(sc[half], qh_hi[j], kh_lo[j][half], kh_lo[j][half + 2]);
+          mma_bf16(sc[half], qh_hi[j], kh_hi[j][half], kh_hi[j][half + 2]);
+        }
+      mask_causal(sc, r, c);
+      u32 a_hi[4], a_lo[4], at_hi[4], at_lo[4];
+      split_lower_tile(sc, a_hi, a_lo);
+      transpose_tile(a_hi, at_hi);
+      transpose_tile(a_lo, at_lo);
+      // dv = A^T dout + kh (D dS): C tiles [V octet][rows s]
+      float dv[VT][2][4];
+#pragma unroll
+      for (int a = 0; a < VT; ++a)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float (&x)[4] = dv[a][half];
+          x[0] = x[1] = x[2] = x[3] = 0.0f;
+          mma_bf16(x, at_lo, dT[a][2 * half], dT[a][2 * half + 1]);
+          mma_bf16(x, at_hi, dT[a][2 * half], dT[a][2 * half + 1]);
+#pragma unroll
+          for (int j = 0; j < KT; ++j) {
+            // B = dS over (K column, V column): dS^T's C tiles of K octets 2j, 2j + 1, rows of `half`
+            u32 s_hi[2], s_lo[2];
+            split_bf16x2(dS[a][2 * j][2 * half], dS[a][2 * j][2 * half + 1], s_hi[0], s_lo[0]);
+            split_bf16x2(dS[a][2 * j + 1][2 * half], dS[a][2 * j + 1][2 * half + 1], s_hi[1], s_lo[1]);
+            mma_bf16(x, kh_lo[j], s_hi[0], s_hi[1]);
+            mma_bf16(x, kh_hi[j], s_lo[0], s_lo[1]);
+            mma_bf16(x, kh_hi[j], s_hi[0], s_hi[1]);
+          }
+        }
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        if (r + 8 * rh >= rows_valid) continue;
+        const i64 t = 16 * i64(chunk) + r + 8 * rh;
+        const i64 row = dir == 0 ? t : T - 1 - t;
+        Float4 x[VT];
+#pragma unroll
+        for (int a = 0; a < VT; ++a)
+          x[a] = Float4{dv[a][0][2 * rh], dv[a][0][2 * rh + 1], dv[a][1][2 * rh], dv[a][1][2 * rh + 1]};
+        if (BIDIR && !hand_over<VT>(mid, step, row, park + row * KV + K + 4 * VT * c, x)) continue;
+        store_outputs<E, VT>(out_ptr<E>(p.dv) + v_off + row * row_v, x);
+      }
+    } else {
+      // B = dout v^T (scores, [t][s]), its transpose's A fragment
+      float bs[2][4];
+      dout_v_scores<VT, VW>(in.dout, in.v, bs);
+      mask_causal(bs, r, c);
+      u32 b_hi[4], b_lo[4], bt_hi[4], bt_lo[4];
+      split_lower_tile(bs, b_hi, b_lo);
+      transpose_tile(b_hi, bt_hi);
+      transpose_tile(b_lo, bt_lo);
+      // dk before e^{-G}: B^T qh + (D dS) v, C tiles [K octet][rows s]
+      float dk[KT][2][4];
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float (&x)[4] = dk[j][half];
+          x[0] = x[1] = x[2] = x[3] = 0.0f;
+          mma_bf16(x, bt_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+          mma_bf16(x, bt_hi, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
+          mma_bf16(x, bt_hi, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+          const int n = 2 * j + half;
+#pragma unroll
+          for (int a = 0; a < VT; ++a) {
+            const u32 va[4] = {fragment_word<VT>(in.v, a, 0), fragment_word<VT>(in.v, a, 1),
+                               fragment_word<VT>(in.v, a, 2), fragment_word<VT>(in.v, a, 3)};
+            // B = dS^T over (V column, K column): the transposes of dS^T's split words
+            u32 hi0, lo0, hi1, lo1;
+            split_bf16x2(dS[a][n][0], dS[a][n][1], hi0, lo0);
+            split_bf16x2(dS[a][n][2], dS[a][n][3], hi1, lo1);
+            mma_bf16(x, va, transpose8x8(lo0), transpose8x8(lo1));
+            mma_bf16(x, va, transpose8x8(hi0), transpose8x8(hi1));
+          }
+        }
+      // dk = e^{-G} (...); the gate terms q dq - k dk of this direction
+      float dG[KT][2][4];
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const i64 t = 16 * i64(chunk) + r + 8 * rh;
+        const bool valid = r + 8 * rh < rows_valid;
+        const i64 row = dir == 0 ? t : T - 1 - t;
+        Float4 qdq[KT];
+        load_floats<KT>(q_dq + row * row_k, valid, qdq);
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+          const float qx[4] = {qdq[j].x, qdq[j].y, qdq[j].z, qdq[j].w};
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int ge = 4 * half + 2 * rh + e;
+              float& x = dk[j][half][2 * rh + e];
+              x *= exp2_approx(-G[j][ge] * kLog2e);
+              const u32 kw = fragment_word<KT>(in.k, j, ge >> 1);
+              dG[j][half][2 * rh + e] = qx[2 * half + e] - (e ? high_bf16(kw) : low_bf16(kw)) * x;
+            }
+        }
+      }
+      // suffix sums over the chunk (upper triangle times dG: B = dG over (token, K column),
+      // the transposes of its split row words) plus the carry from the later chunks
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float (&x)[4] = dG[j][half];
+          u32 hi0, lo0, hi1, lo1;
+          split_bf16x2(x[0], x[1], hi0, lo0);
+          split_bf16x2(x[2], x[3], hi1, lo1);
+          float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mma_bf16(s, upper, transpose8x8(lo0), transpose8x8(lo1));
+          mma_bf16(s, upper, transpose8x8(hi0), transpose8x8(hi1));
+          float (&cy)[2] = carry[2 * j + half];
+          x[0] = s[0] + cy[0], x[1] = s[1] + cy[1], x[2] = s[2] + cy[0], x[3] = s[3] + cy[1];
+          // row 0 (lanes 0-3) holds the chunk's whole sum
+          cy[0] = shfl_idx(x[0], c), cy[1] = shfl_idx(x[1], c);
+        }
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        if (r + 8 * rh >= rows_valid) continue;
+        const i64 t = 16 * i64(chunk) + r + 8 * rh;
+        const i64 row = dir == 0 ? t : T - 1 - t;
+        Float4 gx[KT], x[KT];
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+          gx[j] = Float4{dG[j][0][2 * rh], dG[j][0][2 * rh + 1], dG[j][1][2 * rh], dG[j][1][2 * rh + 1]};
+          x[j] = Float4{dk[j][0][2 * rh], dk[j][0][2 * rh + 1], dk[j][1][2 * rh], dk[j][1][2 * rh + 1]};
+        }
+        store_outputs<E, KT>(dg + row * row_k, gx);
+        if (BIDIR && !hand_over<KT>(mid, step, row, park + row * KV + 4 * KT * c, x)) continue;
+        store_outputs<E, KT>(out_ptr<E>(p.dk) + k_off + row * row_k, x);
+      }
+    }
+
+    // dS' = D dS + qh^T dout: A = dout^T (rows V), B = qh over (token, K column)
+#pragma unroll
+    for (int a = 0; a < VT; ++a) {
+      const u32 dA[4] = {dT[a][0], dT[a][2], dT[a][1], dT[a][3]};
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma_bf16(dS[a][2 * j + half], dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
+          mma_bf16(dS[a][2 * j + half], dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+        }
+    }
+  }
+  if (BIDIR) {
+    block_sync();  // both directions' additions to the rows met after the barrier are in
+    for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * KV; i += blockDim.x) {
+      const i64 row = mid.met_begin + i / KV, col = i % KV;
+      const E x = from_float<E>(park[row * KV + col]);
+      if (col < K) out_ptr<E>(p.dk)[(b * T + row) * row_k + h * K + col] = x;
+      else out_ptr<E>(p.dv)[(b * T + row) * row_v + h * V + col - K] = x;
+    }
+  }
+}
+
+}  // namespace gla

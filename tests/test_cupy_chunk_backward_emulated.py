@@ -1,0 +1,136 @@
+"""The cupy backend's tensor-core backward (``kernels/gla_chunk_backward.cu``) on the CPU
+emulator, as ``test_cupy_chunk_forward_emulated.py`` checks the forward: fragment orders, the
+reversed walk of the adjoint, the gate gradients' suffix sums, the midpoint hand-over of
+dq, dk and dv, and the hand-off of sequences with strong gates to the recurrent sweeps —
+every gradient against the float64 reference."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from cuda_emulator import compiler
+from gla_testing import Case, check_against_reference, make_inputs
+from glakernels import gated_linear_attention
+from glakernels.backends.cupy import _driver, _plan
+from test_cupy_chunk_forward_emulated import NAME, launcher  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
+
+
+def _ran(launcher, kernel: str) -> bool:
+    return any(name.startswith(f"gla::{kernel}") for name in launcher.names)
+
+
+def _sweeps_filtered(launcher) -> bool:
+    return _ran(launcher, "gla_sweep")
+
+
+# T around the chunk (16) and midpoint (32) boundaries, every K and V the kernels take, and the
+# largest sequence they take (512)
+CASES = [
+    Case(2, 1, 1, 32, 64, torch.bfloat16),
+    Case(1, 15, 2, 16, 16, torch.bfloat16),
+    Case(1, 17, 1, 32, 48, torch.bfloat16),
+    Case(1, 32, 1, 32, 64, torch.bfloat16),
+    Case(1, 33, 2, 16, 32, torch.bfloat16),
+    Case(2, 70, 1, 32, 64, torch.bfloat16),
+    Case(1, 100, 1, 16, 64, torch.bfloat16),
+    Case(1, 1, 1, 16, 16, torch.bfloat16, bidirectional=False),
+    Case(2, 37, 1, 32, 64, torch.bfloat16, bidirectional=False),
+    Case(1, 64, 1, 16, 48, torch.bfloat16, bidirectional=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
+def test_matches_reference(launcher, case):  # noqa: F811
+    launcher.names.clear()
+    check_against_reference(NAME, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
+    assert _ran(launcher, "gla_chunk_backward_dq") and _ran(launcher, "gla_chunk_backward_dkv"), launcher.names
+
+
+# gates whose in-chunk sums leave the decay ratio's range: the sweeps redo those sequences
+HOSTILE = [
+    Case(1, 40, 1, 32, 64, torch.bfloat16, gates="strong"),
+    Case(2, 40, 1, 32, 64, torch.bfloat16, gates="extreme"),
+    Case(1, 23, 2, 16, 32, torch.bfloat16, bidirectional=False, gates="extreme"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=lambda c: c.id())
+def test_strong_gates_go_to_the_sweeps(launcher, case):  # noqa: F811
+    launcher.names.clear()
+    check_against_reference(NAME, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
+    assert _ran(launcher, "gla_chunk_backward_dq") and _sweeps_filtered(launcher), launcher.names
+
+
+def _grads(x: dict, backend: str, bidirectional: bool = True) -> dict:
+    """Gradients of ``<o, x["dout"]>`` for every input in ``x``."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if n != "dout"}
+    o = gated_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], bidirectional,
+                               g_reverse=leaves.get("g_reverse"), backend=backend)
+    o.backward(x["dout"])
+    return {n: t.grad for n, t in leaves.items()}
+
+
+def test_one_strong_sequence_leaves_the_others_alone(launcher):  # noqa: F811
+    """A batch where one (batch, head) has a hard reset mid-chunk: that sequence's gradients
+    come from the sweeps, the others' from the tensor cores — each bitwise what it gets alone
+    (batch invariance), all within the bound."""
+    x = make_inputs(Case(2, 40, 2, 32, 64, torch.bfloat16), "cpu", seed=3)
+    x["g"][1, 21, 0] = -1e4
+    x["dout"] = torch.randn_like(x["v"])
+    launcher.names.clear()
+    together = _grads(x, NAME)
+    assert _ran(launcher, "gla_chunk_backward_dkv") and _sweeps_filtered(launcher)
+    for b in range(2):
+        alone = _grads({n: t[b:b + 1] for n, t in x.items()}, NAME)
+        for n in together:
+            assert torch.equal(together[n][b:b + 1], alone[n]), (b, n)
+    reference = _grads({n: t.double() for n, t in x.items()}, "torch")
+    for n in together:
+        assert torch.isfinite(together[n]).all(), n
+        err = ((together[n].double() - reference[n]).norm() / reference[n].norm()).item()
+        assert err < 2e-2, (n, err)
+
+
+def test_longest_sequence_it_takes(launcher):  # noqa: F811
+    """T = 512 (the largest single segment): the dk, dv hand-over parks [512, K + V] floats."""
+    case = Case(1, _plan.SINGLE_CHUNK_MAX, 1, 16, 16, torch.bfloat16)
+    launcher.names.clear()
+    check_against_reference(NAME, case, "cpu", seed=4)
+    assert _ran(launcher, "gla_chunk_backward_dkv")
+
+
+def test_not_taken_where_it_does_not_apply(launcher):  # noqa: F811
+    """float16, T over one segment, K = 48: the sweeps run the backward."""
+    for case in [Case(1, 20, 1, 32, 64, torch.float16), Case(1, 600, 1, 16, 16, torch.bfloat16),
+                 Case(1, 20, 1, 48, 64, torch.bfloat16)]:
+        x = make_inputs(case, "cpu", seed=1)
+        x["dout"] = torch.randn_like(x["v"])
+        launcher.names.clear()
+        _grads(x, NAME)
+        assert not _ran(launcher, "gla_chunk_backward"), (case, launcher.names)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_as_accurate_as_the_float32_sweeps(launcher, bidirectional):  # noqa: F811
+    """The split products keep the tensor-core gradients about as accurate as the sweeps'
+    float32 arithmetic (both are dominated by rounding the bfloat16 outputs)."""
+    from glakernels._custom_op import _inputs
+
+    x = make_inputs(Case(2, 50, 2, 32, 64, torch.bfloat16, bidirectional), "cpu", seed=2)
+    dout = torch.randn_like(x["v"])
+    inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+    reference = _grads({**{n: t.double() for n, t in x.items()}, "dout": dout.double()}, "torch", bidirectional)
+    launcher.names.clear()
+    tensor_cores = _driver.backward(inputs, dout, None, launcher)
+    assert _ran(launcher, "gla_chunk_backward_dkv")
+    sweeps = _driver.backward(inputs, dout, None, launcher, chunk_backward=False)
+    fields = dict(q="dq", k="dk", v="dv", g="dg", g_reverse="dg_reverse")
+    for n in reference:
+        err = lambda d: ((d.double() - reference[n]).norm() / reference[n].norm()).item()  # noqa: E731
+        got, base = err(getattr(tensor_cores, fields[n])), err(getattr(sweeps, fields[n]))
+        assert got <= 1.5 * base + 1e-4, (n, got, base)
