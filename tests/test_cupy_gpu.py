@@ -205,3 +205,77 @@ def test_tensor_core_forward_launches_agree_bitwise(cupy_backend, bidirectional)
     outs = [_driver.forward(inputs, launcher, chunk_forward_launch=launch)[0] for launch in launches]
     for launch, o in zip(launches[1:], outs[1:]):
         assert torch.equal(o, outs[0]), launch
+
+
+# the tensor-core backward (kernels/gla_chunk_backward.cu): bfloat16, one segment; strong and
+# extreme gates flag sequences for the sweeps
+CHUNK_BACKWARD_CASES = [
+    Case(2, 1, 1, 32, 64, torch.bfloat16),
+    Case(1, 17, 2, 16, 16, torch.bfloat16),
+    Case(1, 33, 2, 32, 48, torch.bfloat16),
+    Case(3, 100, 2, 32, 64, torch.bfloat16),
+    Case(4, 196, 3, 32, 64, torch.bfloat16),
+    Case(2, 512, 1, 32, 64, torch.bfloat16),
+    Case(2, 77, 2, 16, 32, torch.bfloat16, bidirectional=False),
+    Case(2, 196, 3, 32, 64, torch.bfloat16, gates="strong"),
+    Case(2, 196, 3, 32, 64, torch.bfloat16, gates="extreme"),
+    Case(2, 60, 1, 32, 64, torch.bfloat16, bidirectional=False, gates="extreme"),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_BACKWARD_CASES, ids=lambda c: c.id())
+def test_tensor_core_backward_matches_reference(cupy_backend, case):
+    from glakernels.backends.cupy import CupyBackend, _driver
+    from glakernels.backends.cupy._runtime import CupyLauncher
+
+    names = []
+
+    class Recording(CupyLauncher):
+        def __call__(self, file, name, *rest):
+            names.append(name)
+            return super().__call__(file, name, *rest)
+
+    class Spied(CupyBackend):
+        name = "cupy-recorded-backward"
+        auto_priority = {}
+
+        def backward(self, inputs, grad_output, grad_final_state):
+            return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, Recording(inputs.q.device))
+
+    if not Recording(torch.device("cuda")).tensor_cores:
+        pytest.skip("the tensor-core backward needs compute capability 8.0")
+    with temporary_backend(Spied()) as backend:
+        check_against_reference(backend.name, case, "cuda", seed=19)
+    assert any(n.startswith("gla::gla_chunk_backward_dkv") for n in names), names
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_tensor_core_backward_launches_agree_bitwise(cupy_backend, bidirectional):
+    """Every launch of the tensor-core backward gives the same bits, and a sequence's gradients
+    do not depend on the batch (one sequence with a hard reset goes to the sweeps)."""
+    from glakernels._custom_op import _inputs
+    from glakernels.backends.cupy import _driver, _plan
+    from glakernels.backends.cupy._runtime import CupyLauncher
+
+    launcher = CupyLauncher(torch.device("cuda"))
+    if not launcher.tensor_cores:
+        pytest.skip("the tensor-core backward needs compute capability 8.0")
+    x = make_inputs(Case(64, 196, 3, 32, 64, torch.bfloat16, bidirectional), "cuda", seed=4)
+    x["g"][5, 100, 1] = -1e4
+    dout = torch.randn_like(x["v"])
+
+    def grads(x, dout, launch=None):
+        inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+        return _driver.backward(inputs, dout, None, launcher, chunk_backward_launch=launch)
+
+    launches = [_plan.ChunkBackwardLaunch(w, m, w, m) for w in (1, 2) for m in (1, 3)]
+    outs = [grads(x, dout, launch) for launch in launches]
+    for launch, got in zip(launches[1:], outs[1:]):
+        for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
+            if getattr(got, field) is not None:
+                assert torch.equal(getattr(got, field), getattr(outs[0], field)), (launch, field)
+    for b in (0, 5, 63):
+        alone = grads({n: t[b:b + 1] for n, t in x.items()}, dout[b:b + 1])
+        for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
+            if getattr(alone, field) is not None:
+                assert torch.equal(getattr(alone, field), getattr(outs[0], field)[b:b + 1]), (b, field)

@@ -10,7 +10,7 @@ Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_M
     forward:   [chunk_forward states, state_scan]  chunk_forward
                (tensor cores: bfloat16, K <= 32, V <= 64 in multiples of 16, no states)
                or [chunk_state, state_scan]  forward_output
-    backward:  chunk_backward_dq  chunk_backward_dkv  backward_dq  backward_dk  backward_dv
+    backward:  chunk_backward_dq  chunk_backward_dkv (dv)  chunk_backward_dkv (dk)  backward_dq  backward_dk  backward_dv
                (tensor cores: bfloat16, the forward's head dims, T <= 512, no states; the three
                sweeps then run only the sequences the dq kernel flagged: gates too strong for
                the decay ratio)
@@ -114,18 +114,18 @@ def _takes_chunk_backward(call: "_Call", inputs: GLAInputs, launcher: Launcher, 
 
 
 def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.ChunkBackwardLaunch) -> torch.Tensor:
-    """The tensor-core backward's two launches; returns the flags of the sequences it left to
-    the sweeps (``[B*H, 4]`` int32, written by the dq kernel)."""
+    """The tensor-core backward's launches (dq, dv, dk); returns the flags of the sequences
+    it left to the sweeps (``[B*H, 4]`` int32, written by the dq kernel)."""
     flags = torch.empty(call.B * call.H, 4, dtype=torch.int32, device=call.device)
-    bi = call.bidirectional
-    dq_block, dkv_block = plan.chunk_backward_blocks(bi, launch)
-    dq_smem, dkv_smem = plan.chunk_backward_smem_bytes(call.T, call.K, call.V, bi)
+    bi, K, V = call.bidirectional, call.K, call.V
+    dq_block, adjoint_block = plan.chunk_backward_blocks(bi, launch)
     args = kernel_args(dict(common, flags=flags.data_ptr(), **outputs), call.base_args)
     grid = (call.B * call.H, 1, 1)
-    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(call.K, call.V, bi, launch), grid, dq_block,
-                dq_smem, args)
-    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dkv_name(call.K, call.V, bi, launch), grid, dkv_block,
-                dkv_smem, args)
+    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(K, V, bi, launch), grid, dq_block,
+                plan.chunk_backward_smem_bytes(call.T, K, bi), args)
+    for dv, columns in ((True, V), (False, K)):
+        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dv, K, V, bi, launch), grid, adjoint_block,
+                    plan.chunk_backward_smem_bytes(call.T, columns, bi), args)
     return flags
 
 
@@ -203,7 +203,7 @@ def backward(
     outputs = dict(dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev))
     if chunk_backward and _takes_chunk_backward(call, inputs, launcher, (
             inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, grad_output, dq, dk, dv, dg, dg_rev)):
-        launch = chunk_backward_launch or plan.chunk_backward_launch(call.K)
+        launch = chunk_backward_launch or plan.chunk_backward_launch(call.K, call.V)
         flags = _chunk_backward(call, common, outputs, launch)
         # the sequences whose gates left the decay ratio's range, exactly (the rest return at once)
         common["flags"] = flags.data_ptr()

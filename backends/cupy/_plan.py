@@ -223,18 +223,23 @@ def chunk_backward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_
 
 @dataclass(frozen=True)
 class ChunkBackwardLaunch:
-    """Mirror of the tensor-core backward kernels' launch template parameters."""
+    """Mirror of the tensor-core backward kernels' launch template parameters: warps per
+    direction of the dq walk and the dk walk (K split between them) and of the dv walk (V
+    split), and the blocks per SM their register allocations must allow."""
 
-    dq_warps: int = 2  # warps per direction of the dq walk (K split between them)
-    dq_min_blocks: int = 1  # blocks per SM the dq kernel's register allocation must allow
-    dkv_min_blocks: int = 1  # the same for the dk, dv kernel (two warps a direction)
+    dq_warps: int = 2
+    dq_min_blocks: int = 1
+    adjoint_warps: int = 2  # the dv and the dk walk
+    adjoint_min_blocks: int = 1
 
 
-def chunk_backward_launch(head_dim_k: int) -> ChunkBackwardLaunch:
-    """The launch: K split over two warps where it has two tiles (196 registers, no spills;
-    one warp holding K = 32 spills). Bits do not depend on the split (each K column's
-    arithmetic is the same)."""
-    return ChunkBackwardLaunch(dq_warps=2 if head_dim_k // 16 % 2 == 0 else 1)
+def chunk_backward_launch(head_dim_k: int, head_dim_v: int) -> ChunkBackwardLaunch:
+    """The launch: two warps a direction wherever the split axis has an even number of 16-wide
+    tiles (each holds half of the state; one warp holding K = 32 x V = 64 spills). Bits do not
+    depend on the split (each column's arithmetic is the same)."""
+    k_tiles, v_tiles = head_dim_k // 16, head_dim_v // 16
+    even = k_tiles % 2 == 0 and v_tiles % 2 == 0
+    return ChunkBackwardLaunch(dq_warps=2 if k_tiles % 2 == 0 else 1, adjoint_warps=2 if even else 1)
 
 
 def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
@@ -244,24 +249,27 @@ def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool
             f"{launch.dq_warps}, {bi}, {launch.dq_min_blocks}>")
 
 
-def chunk_backward_dkv_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
-    """``gla_chunk_backward_dkv<KT, VT, BIDIR, MIN_BLOCKS>``."""
-    bi = "true" if bidirectional else "false"
-    return f"gla::gla_chunk_backward_dkv<{head_dim_k // 16}, {head_dim_v // 16}, {bi}, {launch.dkv_min_blocks}>"
+def chunk_backward_adjoint_name(dv: bool, head_dim_k: int, head_dim_v: int, bidirectional: bool,
+                                launch: ChunkBackwardLaunch) -> str:
+    """``gla_chunk_backward_dkv<DV, KT, VT, NW, BIDIR, MIN_BLOCKS>``: the dv walk (V split
+    between the warps) or the dk walk (K split); KT, VT per warp."""
+    w = launch.adjoint_warps
+    k_tiles, v_tiles = (head_dim_k // 16, head_dim_v // 16 // w) if dv else (head_dim_k // 16 // w, head_dim_v // 16)
+    flag = lambda x: "true" if x else "false"  # noqa: E731
+    return (f"gla::gla_chunk_backward_dkv<{flag(dv)}, {k_tiles}, {v_tiles}, {w}, {flag(bidirectional)}, "
+            f"{launch.adjoint_min_blocks}>")
 
 
 def chunk_backward_blocks(bidirectional: bool, launch: ChunkBackwardLaunch) -> tuple[int, int]:
-    """Threads per block of the dq and the dkv kernel."""
+    """Threads per block of the dq and of the dv and dk kernels."""
     directions = 2 if bidirectional else 1
-    return 32 * launch.dq_warps * directions, 64 * directions
+    return 32 * launch.dq_warps * directions, 32 * launch.adjoint_warps * directions
 
 
-def chunk_backward_smem_bytes(seq_len: int, head_dim_k: int, head_dim_v: int, bidirectional: bool) -> tuple[int, int]:
-    """Dynamic shared memory of the dq and the dkv kernel: a bidirectional block parks
-    [T, K] (dq) or [T, K + V] (dk, dv) float32 outputs."""
-    if not bidirectional:
-        return 0, 0
-    return 4 * seq_len * head_dim_k, 4 * seq_len * (head_dim_k + head_dim_v)
+def chunk_backward_smem_bytes(seq_len: int, head_dim: int, bidirectional: bool) -> int:
+    """Dynamic shared memory of a backward walk whose output has ``head_dim`` columns: a
+    bidirectional block parks [T, head_dim] float32 outputs."""
+    return 4 * seq_len * head_dim if bidirectional else 0
 
 
 def chunk_backward_names() -> tuple[str, ...]:
@@ -269,8 +277,9 @@ def chunk_backward_names() -> tuple[str, ...]:
     names = []
     for k, v, bi in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16), range(16, CHUNK_FORWARD_MAX_V + 1, 16),
                                       (True, False)):
-        launch = chunk_backward_launch(k)
-        names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_dkv_name(k, v, bi, launch)]
+        launch = chunk_backward_launch(k, v)
+        names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(True, k, v, bi, launch),
+                  chunk_backward_adjoint_name(False, k, v, bi, launch)]
     return tuple(dict.fromkeys(names))
 
 

@@ -6,7 +6,8 @@
 //   gla_chunk_backward_dq   walks each direction's own order with the state S [K x V]:
 //                           dq, and q * dq per direction (float32, for the gate gradients)
 //   gla_chunk_backward_dkv  walks each direction's reversed order with the adjoint
-//                           dS [K x V]: dk, dv and the gate gradients dg (dg_rev)
+//                           dS [K x V], launched twice: dv; then dk and the gate
+//                           gradients dg (dg_rev)
 //
 // Per direction, in its walk order, with the in-chunk cumulative gate sums G_t, the chunk
 // total G_15, s = scale (halved for a bidirectional call), qh = s q e^{G}, kh = k e^{-G}
@@ -26,7 +27,7 @@
 //
 // Chunks whose in-chunk sums leave the ratio's range (any gate down to -1e4 must work) have
 // no exact path here: the dq kernel records, per (batch, head), whether its walks met one
-// (`flags`, [B*H][4] int32, one slot per warp), the dkv kernel skips those sequences, and the
+// (`flags`, [B*H][4] int32, one slot per warp), the dkv kernels skip those sequences, and the
 // recurrent sweeps (gla_sweep.cu, which read the same flags) redo them exactly.
 #include "gla_chunk_tiles.cuh"
 
@@ -272,22 +273,22 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
   }
 }
 
-// The dk, dv and gate-gradient walk: two warps per direction, each keeping the whole adjoint
-// transposed, dS^T [V x K], as C tiles (rows V, columns K; the forward's S^T layout): warp 0
-// of a direction computes dv (A^T dout + kh (D dS)), warp 1 dk and the direction's gate
-// gradients ((D dS) v through movmatrix transposes of dS^T's split words). Both apply the
-// same decay and update to their copies of dS, so the copies agree bit for bit.
-// Grid: (B * H); block: 2 warps per direction.
-template <int KT, int VT, bool BIDIR, int MIN_BLOCKS>
-__global__ void __launch_bounds__(64 * (BIDIR ? 2 : 1), MIN_BLOCKS)
+// The adjoint walk, launched twice: DV computes dv = A^T dout + kh (D dS), NW warps per
+// direction splitting V; otherwise dk = e^{-G} (B^T qh + (D dS) v) and the direction's gate
+// gradients, NW warps per direction splitting K (the gate gradients are per K column). KT, VT:
+// the K and V tiles of 16 a warp holds. Each warp keeps its part of the adjoint transposed,
+// dS^T [V x K], as C tiles (rows V, columns K; the forward's S^T layout); for (D dS) v the
+// B fragments are movmatrix transposes of its split words.
+// Grid: (B * H); block: NW warps per direction.
+template <bool DV, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS>
+__global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
   using E = bf16;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
-  const int dir = warp >> 1;
-  const bool dv_warp = (warp & 1) == 0;
+  const int dir = warp / NW, part = warp % NW;
   const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
   {
     const int* flags = in_ptr<int>(p.flags) + i64(blockIdx.x) * kFlagSlots;
@@ -295,8 +296,10 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   }
   const i64 T = p.T;
   const i64 row_k = p.H * p.K, row_v = p.H * p.V;
-  const i64 k_off = b * T * row_k + h * p.K + 4 * KT * c;
-  const i64 v_off = b * T * row_v + h * p.V + 4 * VT * c;
+  const i64 k_col = (DV ? 0 : part * 16 * KT) + 4 * KT * c;  // this lane's first K and V columns
+  const i64 v_col = (DV ? part * 16 * VT : 0) + 4 * VT * c;
+  const i64 k_off = b * T * row_k + h * p.K + k_col;
+  const i64 v_off = b * T * row_v + h * p.V + v_col;
   const E* q = in_ptr<E>(p.q) + k_off;
   const E* k = in_ptr<E>(p.k) + k_off;
   const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
@@ -307,9 +310,9 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   const float scale = p.scale;
   const int n_chunks = int((T + 15) / 16);
 
-  // parked outputs of a bidirectional call: [T][K + V] float32 (dk, then dv)
+  // parked outputs of a bidirectional call: [T][V] (dv) or [T][K] (dk) float32
   float* park = reinterpret_cast<float*>(dynamic_smem());
-  const i64 K = p.K, V = p.V, KV = p.K + p.V;
+  const i64 K = p.K, V = p.V, KV = DV ? p.V : p.K;
   const Midpoint mid = Midpoint::descending(T);
   if (BIDIR) {
     for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * KV; i += blockDim.x) park[mid.met_begin * KV + i] = 0.0f;
@@ -340,7 +343,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
       load_row<KW>(q + row * row_k, valid, in.q[half]);
       load_row<KW>(k + row * row_k, valid, in.k[half]);
       load_row<KW>(g + row * row_k, valid, in.g[half]);
-      if (!dv_warp) load_row<VW>(v + row * row_v, valid, in.v[half]);
+      if (!DV) load_row<VW>(v + row * row_v, valid, in.v[half]);
       load_row<VW>(dout + row * row_v, valid, in.dout[half]);
     }
   };
@@ -389,7 +392,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
     }
 
     const int rows_valid = int(T - 16 * i64(chunk));  // rows of this chunk inside the sequence
-    if (dv_warp) {
+    if constexpr (DV) {
       // kh = k e^{-G}, split (A-fragment order)
       u32 kh_hi[KT][4], kh_lo[KT][4];
 #pragma unroll
@@ -445,7 +448,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
         for (int a = 0; a < VT; ++a)
           x[a] = Float4{dv[a][0][2 * rh], dv[a][0][2 * rh + 1], dv[a][1][2 * rh], dv[a][1][2 * rh + 1]};
-        if (BIDIR && !hand_over<VT>(mid, step, row, park + row * KV + K + 4 * VT * c, x)) continue;
+        if (BIDIR && !hand_over<VT>(mid, step, row, park + row * KV + v_col, x)) continue;
         store_outputs<E, VT>(out_ptr<E>(p.dv) + v_off + row * row_v, x);
       }
     } else {
@@ -535,7 +538,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
           x[j] = Float4{dk[j][0][2 * rh], dk[j][0][2 * rh + 1], dk[j][1][2 * rh], dk[j][1][2 * rh + 1]};
         }
         store_outputs<E, KT>(dg + row * row_k, gx);
-        if (BIDIR && !hand_over<KT>(mid, step, row, park + row * KV + 4 * KT * c, x)) continue;
+        if (BIDIR && !hand_over<KT>(mid, step, row, park + row * KV + k_col, x)) continue;
         store_outputs<E, KT>(out_ptr<E>(p.dk) + k_off + row * row_k, x);
       }
     }
@@ -558,8 +561,8 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
     for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * KV; i += blockDim.x) {
       const i64 row = mid.met_begin + i / KV, col = i % KV;
       const E x = from_float<E>(park[row * KV + col]);
-      if (col < K) out_ptr<E>(p.dk)[(b * T + row) * row_k + h * K + col] = x;
-      else out_ptr<E>(p.dv)[(b * T + row) * row_v + h * V + col - K] = x;
+      if (DV) out_ptr<E>(p.dv)[(b * T + row) * row_v + h * V + col] = x;
+      else out_ptr<E>(p.dk)[(b * T + row) * row_k + h * K + col] = x;
     }
   }
 }
