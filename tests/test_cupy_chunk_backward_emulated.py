@@ -134,3 +134,35 @@ def test_as_accurate_as_the_float32_sweeps(launcher, bidirectional):  # noqa: F8
         err = lambda d: ((d.double() - reference[n]).norm() / reference[n].norm()).item()  # noqa: E731
         got, base = err(getattr(tensor_cores, fields[n])), err(getattr(sweeps, fields[n]))
         assert got <= 1.5 * base + 1e-4, (n, got, base)
+
+
+def test_ranking_takes_the_calls_the_tensor_core_kernels_take(monkeypatch):
+    """Automatic selection on an sm_80+ GPU: cupy above triton's single-pass rank (300) for
+    forward-only bidirectional calls the tensor-core forward takes, and for training calls the
+    tensor-core backward takes (bfloat16, T <= 512, either mode); its base rank otherwise —
+    never by B or H, so a sequence's bits do not depend on the batch."""
+    from glakernels._problem import ProblemSpec
+    from glakernels._dispatch import registry
+    from glakernels.backends.cupy import _runtime
+
+    monkeypatch.setattr(_runtime, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cupy = registry.get("cupy")
+    vig = dict(batch=128, seq_len=196, heads=3, head_dim_k=32, head_dim_v=64, dtype=torch.bfloat16,
+               device_type="cuda", bidirectional=True)
+    # (spec, needs_grad): ranked above triton's single-pass kernels?
+    expected = [
+        (vig, False, True), (vig, True, True),
+        (dict(vig, batch=1, heads=1), True, True),
+        (dict(vig, bidirectional=False), False, False), (dict(vig, bidirectional=False), True, True),
+        (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX), True, True),
+        (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX + 1), True, False),
+        (dict(vig, seq_len=4096), False, True),
+        (dict(vig, dtype=torch.float16), False, True), (dict(vig, dtype=torch.float16), True, False),
+        (dict(vig, dtype=torch.float32), True, False),
+        (dict(vig, head_dim_k=48), True, False), (dict(vig, head_dim_v=72), False, False),
+    ]
+    got = [cupy.priority_for_problem(ProblemSpec(**spec, needs_grad=grad)) > 300 for spec, grad, _ in expected]
+    assert got == [row[-1] for row in expected]
+    monkeypatch.setattr(_runtime, "device_capability", lambda index: (7, 5))
+    assert cupy.priority_for_problem(ProblemSpec(**vig, needs_grad=True)) == cupy.priority_for("cuda")

@@ -3,7 +3,9 @@
 Sources: ``kernels/gla_sweep.cu`` (every recurrent sweep, forward and backward, both
 directions in one launch), ``kernels/gla_scan.cu`` (stitching time chunks together) and
 ``kernels/gla_chunk_forward.cu`` (the tensor-core forward of 16-bit calls with K <= 32,
-V <= 64 and no states, on sm_80 and newer); each algorithm is described at the top of its file. Kernels run on PyTorch's
+V <= 64 and no states, on sm_80 and newer) and ``kernels/gla_chunk_backward.cu`` (the
+tensor-core backward of such bfloat16 calls up to 512 tokens); each algorithm is described at
+the top of its file. Kernels run on PyTorch's
 current CUDA stream with the tensors' device addresses as arguments: no copies, no
 synchronisation, so the op can be captured in a CUDA graph.
 """
@@ -32,27 +34,35 @@ class CupyBackend(Backend):
     # forward+backward, on an H100 (bf16; benchmarks/gpu_session.sh, 2026-11-25, NOTES.md)
     auto_priority = {"cuda": 200}
 
-    #: Rank of the calls the tensor-core forward (kernels/gla_chunk_forward.cu) takes where it
-    #: measured faster than triton's: forward-only bidirectional 16-bit calls with K <= 32 and
-    #: V <= 64 (multiples of 16), above triton's 300 for its single-pass forward. H100, CUDA-graph
-    #: GPU time, cupy / triton µs (`python benchmarks/cupy_chunk_forward_gpu.py [--dtype
-    #: float16]`, NOTES.md runs 21c-d, h): bfloat16 vigT_224 36.9 / 54.3, vigB_224 69.8 /
-    #: 102.6, 8 x 196 x 3 17.1 / 17.5, 32 x 512 x 3 42.5 / 52.7, vigT_1024 74.7 / 114.8,
+    #: Rank of the calls the tensor-core kernels take where they measured faster than triton's,
+    #: above triton's 300 for its single-pass kernels. H100, CUDA-graph GPU time, cupy / triton.
+    #: Forward-only bidirectional 16-bit calls with K <= 32 and V <= 64 (multiples of 16), the
+    #: tensor-core forward (kernels/gla_chunk_forward.cu; `python benchmarks/cupy_chunk_forward_gpu.py
+    #: [--dtype float16]`, NOTES.md runs 21c-d, h), µs: bfloat16 vigT_224 36.9 / 54.3, vigB_224
+    #: 69.8 / 102.6, 8 x 196 x 3 17.1 / 17.5, 32 x 512 x 3 42.5 / 52.7, vigT_1024 74.7 / 114.8,
     #: vigT_2048 78.1 / 118.4; float16 vigT_224 43.3 / 58.0, vigB_224 83.1 / 111.0, vigT_1024
-    #: 83.4 / 128.3, 8 x 196 x 3 18.0 / 17.7. Causal calls tied or lost on short sequences
-    #: (0.89-1.15x): triton keeps them.
-    chunk_forward_priority = 400
+    #: 83.4 / 128.3, 8 x 196 x 3 18.0 / 17.7. Forward-only causal calls tied or lost on short
+    #: sequences (0.89-1.15x): triton keeps them.
+    #: Training calls (forward + backward) in bfloat16 with those head dims and T <= 512, both
+    #: modes, the tensor-core forward and backward (kernels/gla_chunk_backward.cu; `python
+    #: benchmarks/cupy_chunk_backward_gpu.py`, NOTES.md run 22c), forward + backward µs:
+    #: bidirectional vigT_224 163 / 297, vigB_224 331 / 579, 32 x 512 x 3 151 / 259, but
+    #: 8 x 196 x 3 89 / 77 (24 sequences: too few blocks); causal vigT_224 96 / 144, 8 x 196 x
+    #: 3 54 / 57. The choice may not depend on B or H (a sequence's bits would then depend on the
+    #: batch), so small batches pay the 1.2x.
+    chunk_kernels_priority = 400
 
     def priority_for_problem(self, spec) -> Optional[int]:
         base = self.priority_for(spec.device_type)
-        if base is None or spec.device_type != "cuda" or spec.needs_grad or not spec.bidirectional:
+        if base is None or spec.device_type != "cuda":
             return base
-        from ._plan import chunk_forward_fits
+        from ._plan import chunk_backward_fits, chunk_forward_fits
         from ._runtime import device_capability
 
-        fits = chunk_forward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states)
+        shape = (spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states)
+        fits = chunk_backward_fits(*shape) if spec.needs_grad else spec.bidirectional and chunk_forward_fits(*shape)
         if fits and device_capability(torch.cuda.current_device()) >= (8, 0):
-            return self.chunk_forward_priority
+            return self.chunk_kernels_priority
         return base
 
     def unavailable_reasons(self) -> list[str]:

@@ -203,7 +203,8 @@ def backward(
     outputs = dict(dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev))
     if chunk_backward and _takes_chunk_backward(call, inputs, launcher, (
             inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, grad_output, dq, dk, dv, dg, dg_rev)):
-        launch = chunk_backward_launch or plan.chunk_backward_launch(call.K, call.V)
+        launch = chunk_backward_launch or plan.chunk_backward_launch(
+            call.B * call.H, call.K, call.V, getattr(launcher, "sm_count", 1))
         flags = _chunk_backward(call, common, outputs, launch)
         # the sequences whose gates left the decay ratio's range, exactly (the rest return at once)
         common["flags"] = flags.data_ptr()

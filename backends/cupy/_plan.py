@@ -233,13 +233,21 @@ class ChunkBackwardLaunch:
     adjoint_min_blocks: int = 1
 
 
-def chunk_backward_launch(head_dim_k: int, head_dim_v: int) -> ChunkBackwardLaunch:
-    """The launch: two warps a direction wherever the split axis has an even number of 16-wide
-    tiles (each holds half of the state; one warp holding K = 32 x V = 64 spills). Bits do not
-    depend on the split (each column's arithmetic is the same)."""
+def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, sm_count: int) -> ChunkBackwardLaunch:
+    """The launch for a grid of ``blocks`` blocks (B * H). Two warps a direction wherever the
+    split axis has an even number of 16-wide tiles (each holds half of the state; one warp
+    holding K = 32 x V = 64 spills, and the halves ran 1.3-2x faster). At least 3 blocks per
+    SM (162-168 registers) once the grid needs more than the 2 per SM the uncapped kernels
+    (180-218 registers at 128 threads) allow, else uncapped. H100, bf16, bidirectional,
+    CUDA-graph GPU time of the backward (``python benchmarks/cupy_chunk_backward_gpu.py
+    --launches ...``, NOTES.md run 22b): vigT_224 (384 blocks) 130.6 µs capped against 185.2
+    uncapped; 8 x 196 x 3 (24 blocks) 71.3 uncapped against 77.1; 32 x 512 x 3 121.1
+    against 135.3. Bits do not depend on the launch (each column's arithmetic is the same;
+    tests/test_cupy_gpu.py checks it bit for bit)."""
     k_tiles, v_tiles = head_dim_k // 16, head_dim_v // 16
     even = k_tiles % 2 == 0 and v_tiles % 2 == 0
-    return ChunkBackwardLaunch(dq_warps=2 if k_tiles % 2 == 0 else 1, adjoint_warps=2 if even else 1)
+    min_blocks = 3 if blocks > 2 * sm_count else 1
+    return ChunkBackwardLaunch(2 if k_tiles % 2 == 0 else 1, min_blocks, 2 if even else 1, min_blocks)
 
 
 def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
@@ -275,9 +283,9 @@ def chunk_backward_smem_bytes(seq_len: int, head_dim: int, bidirectional: bool) 
 def chunk_backward_names() -> tuple[str, ...]:
     """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
     names = []
-    for k, v, bi in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16), range(16, CHUNK_FORWARD_MAX_V + 1, 16),
-                                      (True, False)):
-        launch = chunk_backward_launch(k, v)
+    for k, v, bi, blocks in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16),
+                                              range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3)):
+        launch = chunk_backward_launch(blocks, k, v, 1)  # one SM: 1 and 3 blocks cross the threshold
         names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(True, k, v, bi, launch),
                   chunk_backward_adjoint_name(False, k, v, bi, launch)]
     return tuple(dict.fromkeys(names))
