@@ -15,7 +15,7 @@ from cuda_emulator import compiler
 from gla_testing import Case, check_against_reference, make_inputs
 from glakernels import gated_linear_attention
 from glakernels.backends.cupy import _driver, _plan
-from test_cupy_chunk_forward_emulated import NAME, launcher  # noqa: F401 (the fixture)
+from test_cupy_chunk_forward_emulated import NAME, SEGMENTED, launcher  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
 
@@ -104,9 +104,47 @@ def test_longest_sequence_it_takes(launcher):  # noqa: F811
     assert _ran(launcher, "gla_chunk_backward_dkv")
 
 
+# sequences cut into segments of 32 tokens (the path of sequences over 512): the forward's
+# segment states enter the dq walk, the adjoint walk's local states and the adjoint scan the
+# dv and dk walks, the gate gradients' segment sums go through gla_gate_grad_fixup
+SEGMENTED_CASES = [
+    Case(1, 33, 1, 32, 64, torch.bfloat16),
+    Case(2, 100, 1, 32, 64, torch.bfloat16),
+    Case(1, 96, 2, 16, 48, torch.bfloat16, bidirectional=False),
+    Case(1, 70, 2, 16, 32, torch.bfloat16, gates="extreme"),
+    Case(1, 45, 1, 16, 16, torch.bfloat16, bidirectional=False, gates="strong"),
+]
+
+
+@pytest.mark.parametrize("case", SEGMENTED_CASES, ids=lambda c: c.id())
+def test_segments_match_reference(launcher, case):  # noqa: F811
+    launcher.names.clear()
+    check_against_reference(SEGMENTED, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
+    assert _ran(launcher, "gla_chunk_backward_dq") and any(n.endswith("true>") and "backward_dkv" in n
+                                                            for n in launcher.names), launcher.names
+    assert "gla::gla_gate_grad_fixup<gla::bf16>" in launcher.names
+
+
+def test_segmented_batch_with_one_strong_sequence(launcher):  # noqa: F811
+    """Segments, and one sequence with a hard reset in its second segment: the flags (shared by
+    a sequence's segments) send it, and only it, through the sweeps' own segmented path."""
+    x = make_inputs(Case(2, 80, 1, 16, 32, torch.bfloat16), "cpu", seed=9)
+    x["g_reverse"][0, 40, 0] = -1e4
+    x["dout"] = torch.randn_like(x["v"])
+    together = _grads(x, SEGMENTED)
+    reference = _grads({n: t.double() for n, t in x.items()}, "torch")
+    for b in range(2):
+        alone = _grads({n: t[b:b + 1] for n, t in x.items()}, SEGMENTED)
+        for n in together:
+            assert torch.equal(together[n][b:b + 1], alone[n]), (b, n)
+    for n in together:
+        err = ((together[n].double() - reference[n]).norm() / reference[n].norm()).item()
+        assert err < 2e-2, (n, err)
+
+
 def test_not_taken_where_it_does_not_apply(launcher):  # noqa: F811
-    """float16, T over one segment, K = 48: the sweeps run the backward."""
-    for case in [Case(1, 20, 1, 32, 64, torch.float16), Case(1, 600, 1, 16, 16, torch.bfloat16),
+    """float16, K = 48, V = 72: the sweeps run the backward."""
+    for case in [Case(1, 20, 1, 32, 64, torch.float16), Case(1, 20, 1, 16, 72, torch.bfloat16),
                  Case(1, 20, 1, 48, 64, torch.bfloat16)]:
         x = make_inputs(case, "cpu", seed=1)
         x["dout"] = torch.randn_like(x["v"])
@@ -139,7 +177,7 @@ def test_as_accurate_as_the_float32_sweeps(launcher, bidirectional):  # noqa: F8
 def test_ranking_takes_the_calls_the_tensor_core_kernels_take(monkeypatch):
     """Automatic selection on an sm_80+ GPU: cupy above triton's single-pass rank (300) for
     forward-only bidirectional calls the tensor-core forward takes, and for training calls the
-    tensor-core backward takes (bfloat16, T <= 512, either mode); its base rank otherwise —
+    tensor-core backward takes (bfloat16, either mode); its base rank otherwise —
     never by B or H, so a sequence's bits do not depend on the batch."""
     from glakernels._problem import ProblemSpec
     from glakernels._dispatch import registry
@@ -156,8 +194,8 @@ def test_ranking_takes_the_calls_the_tensor_core_kernels_take(monkeypatch):
         (dict(vig, batch=1, heads=1), True, True),
         (dict(vig, bidirectional=False), False, False), (dict(vig, bidirectional=False), True, True),
         (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX), True, True),
-        (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX + 1), True, False),
-        (dict(vig, seq_len=4096), False, True),
+        (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX + 1), True, True),
+        (dict(vig, seq_len=4096), False, True), (dict(vig, seq_len=4096), True, True),
         (dict(vig, dtype=torch.float16), False, True), (dict(vig, dtype=torch.float16), True, False),
         (dict(vig, dtype=torch.float32), True, False),
         (dict(vig, head_dim_k=48), True, False), (dict(vig, head_dim_v=72), False, False),

@@ -220,6 +220,10 @@ CHUNK_BACKWARD_CASES = [
     Case(2, 196, 3, 32, 64, torch.bfloat16, gates="strong"),
     Case(2, 196, 3, 32, 64, torch.bfloat16, gates="extreme"),
     Case(2, 60, 1, 32, 64, torch.bfloat16, bidirectional=False, gates="extreme"),
+    # segments of 256 tokens: entering states and adjoints, the gate gradients' fixup
+    Case(2, 1100, 3, 32, 64, torch.bfloat16),
+    Case(1, 777, 2, 16, 48, torch.bfloat16, gates="extreme"),
+    Case(2, 600, 2, 32, 32, torch.bfloat16, bidirectional=False),
 ]
 
 

@@ -10,12 +10,14 @@ Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_M
     forward:   [chunk_forward states, state_scan]  chunk_forward
                (tensor cores: bfloat16, K <= 32, V <= 64 in multiples of 16, no states)
                or [chunk_state, state_scan]  forward_output
-    backward:  chunk_backward_dq  chunk_backward_dkv (dv)  chunk_backward_dkv (dk)  backward_dq  backward_dk  backward_dv
-               (tensor cores: bfloat16, the forward's head dims, T <= 512, no states; the three
-               sweeps then run only the sequences the dq kernel flagged: gates too strong for
-               the decay ratio)
-               or [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
+    backward:  [chunk_forward states, state_scan]  chunk_backward_dq
+               [chunk_backward adjoint states, state_scan]  chunk_backward (dv)  chunk_backward (dk)
+               (tensor cores: bfloat16, the forward's head dims, no states), then
+               [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
                [gate_grad_fixup]
+               (after the tensor-core launches the sweeps run only the sequences the dq kernel
+               flagged: gates too strong for the decay ratio; every sweep returns at once for
+               the others)
 """
 
 from __future__ import annotations
@@ -104,9 +106,9 @@ def _takes_chunk_forward(inputs: GLAInputs, launcher: Launcher, o: torch.Tensor)
 
 def _takes_chunk_backward(call: "_Call", inputs: GLAInputs, launcher: Launcher, tensors) -> bool:
     """Whether the tensor-core backward runs this call: as ``_takes_chunk_forward``, for the
-    backward's kinds of call (one segment: ``call.n_chunks == 1``)."""
+    backward's kinds of call (segments a multiple of its 16-token chunks)."""
     spec = inputs.spec
-    if not getattr(launcher, "tensor_cores", False) or call.n_chunks != 1:
+    if not getattr(launcher, "tensor_cores", False) or call.chunk_len % 16 and call.n_chunks > 1:
         return False
     if not plan.chunk_backward_fits(spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states):
         return False
@@ -114,18 +116,37 @@ def _takes_chunk_backward(call: "_Call", inputs: GLAInputs, launcher: Launcher, 
 
 
 def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.ChunkBackwardLaunch) -> torch.Tensor:
-    """The tensor-core backward's launches (dq, dv, dk); returns the flags of the sequences
-    it left to the sweeps (``[B*H, 4]`` int32, written by the dq kernel)."""
-    flags = torch.empty(call.B * call.H, 4, dtype=torch.int32, device=call.device)
-    bi, K, V = call.bidirectional, call.K, call.V
+    """The tensor-core backward's launches; returns the flags of the sequences it left to the
+    sweeps (``[B*H, 4]`` int32, written by the dq kernel). Several segments: the forward's
+    segment states and the scan first (the dq walk's entering states), and after the dq walk
+    the adjoint walk's local end states and the adjoint scan (the dv and dk walks' entering
+    adjoints); the dk walk then leaves the gate gradients' in-segment sums in ``common``'s
+    ``dg_ws`` and ``dg_total`` for ``gla_gate_grad_fixup``."""
+    segmented = call.n_chunks > 1
+    flags = (torch.zeros if segmented else torch.empty)(call.B * call.H, 4, dtype=torch.int32, device=call.device)
+    bi, K, V, n = call.bidirectional, call.K, call.V, call.n_chunks
     dq_block, adjoint_block = plan.chunk_backward_blocks(bi, launch)
-    args = kernel_args(dict(common, flags=flags.data_ptr(), **outputs), call.base_args)
-    grid = (call.B * call.H, 1, 1)
+    grid = (call.B * call.H, n, 1)
+    extra = dict(common, flags=flags.data_ptr(), **outputs)
+    scratch = []  # referenced until every launch that uses it is queued (see forward)
+    if segmented:
+        forward_launch = plan.chunk_forward_launch(call.B * call.H * n, V, bi, getattr(call.launch, "sm_count", 1))
+        scratch.append(_chunk_forward_entering_states(call, forward_launch))
+        extra["enter"] = scratch[-1].data_ptr()
     call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(K, V, bi, launch), grid, dq_block,
-                plan.chunk_backward_smem_bytes(call.T, K, bi), args)
+                plan.chunk_backward_smem_bytes(call.chunk_len, K, bi), kernel_args(extra, call.base_args))
+    if segmented:
+        enter = call.scratch(call.B * call.H, 2, n, K, V)
+        decay = call.scratch(call.B * call.H, 2, n, K)
+        scratch += [enter, decay]
+        states = dict(extra, enter=enter.data_ptr(), decay=decay.data_ptr())
+        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(False, K, V, bi, launch, local=True), grid,
+                    adjoint_block, 0, kernel_args(states, call.base_args))
+        call.state_scan(True, enter=enter.data_ptr(), decay=decay.data_ptr())
+        extra["enter"] = enter.data_ptr()
     for dv, columns in ((True, V), (False, K)):
         call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dv, K, V, bi, launch), grid, adjoint_block,
-                    plan.chunk_backward_smem_bytes(call.T, columns, bi), args)
+                    plan.chunk_backward_smem_bytes(call.chunk_len, columns, bi), kernel_args(extra, call.base_args))
     return flags
 
 
@@ -200,26 +221,24 @@ def backward(
 
     common = dict(dout=grad_output.data_ptr(), ds_final=_address(ds_final), a_ws=q_dq.data_ptr(),
                   final_term=_address(final_term))
+    chunked = call.n_chunks > 1
+    if chunked:  # the gate gradients' sums within each chunk, and each chunk's total, for the fixup
+        dg_local = call.scratch(call.groups, call.B, call.T, call.H, call.K)
+        dg_total = call.scratch(call.B * call.H, 2, call.n_chunks, call.K)
+        common.update(dg_ws=dg_local.data_ptr(), dg_total=dg_total.data_ptr())
     outputs = dict(dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev))
     if chunk_backward and _takes_chunk_backward(call, inputs, launcher, (
             inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, grad_output, dq, dk, dv, dg, dg_rev)):
         launch = chunk_backward_launch or plan.chunk_backward_launch(
-            call.B * call.H, call.K, call.V, getattr(launcher, "sm_count", 1))
+            call.B * call.H * call.n_chunks, call.K, call.V, getattr(launcher, "sm_count", 1))
         flags = _chunk_backward(call, common, outputs, launch)
-        # the sequences whose gates left the decay ratio's range, exactly (the rest return at once)
+        # the sweeps below then redo, exactly, only the sequences whose gates left the decay
+        # ratio's range (every sweep returns at once for the others)
         common["flags"] = flags.data_ptr()
-        call.sweep(plan.BACKWARD_DQ, dq=dq.data_ptr(), **common)
-        call.sweep(plan.BACKWARD_DK, dk=dk.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev), **common)
-        call.sweep(plan.BACKWARD_DV, dv=dv.data_ptr(), **common)
-        return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)
     enter_state = enter_adjoint = None
-    chunked = call.n_chunks > 1
     if chunked:
         enter_state = call.chunk_entering_states(adjoint=False, **common)
         enter_adjoint = call.chunk_entering_states(adjoint=True, **common)
-        dg_local = call.scratch(call.groups, call.B, call.T, call.H, call.K)
-        dg_total = call.scratch(call.B * call.H, 2, call.n_chunks, call.K)
-        common.update(dg_ws=dg_local.data_ptr(), dg_total=dg_total.data_ptr())
 
     call.sweep(plan.BACKWARD_DQ, dq=dq.data_ptr(), enter=_address(enter_state), **common)
     call.sweep(plan.BACKWARD_DK, dk=dk.data_ptr(), dg=dg.data_ptr(), dg_rev=_address(dg_rev),

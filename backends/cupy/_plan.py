@@ -210,15 +210,14 @@ def chunk_forward_names() -> tuple[str, ...]:
 
 
 #: The tensor-core backward (``kernels/gla_chunk_backward.cu``): bfloat16 inputs, head dims
-#: as the forward's, one segment (T <= SINGLE_CHUNK_MAX), no states. Sequences whose gates
-#: leave the decay ratio's range are flagged by the dq kernel and redone by the sweeps.
+#: and segments as the forward's, no states. Sequences whose gates leave the decay ratio's
+#: range are flagged by the dq kernel and redone by the sweeps.
 CHUNK_BACKWARD_DTYPES = (torch.bfloat16,)
 
 
 def chunk_backward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_dim_v: int, states: bool) -> bool:
     """Whether the tensor-core backward takes a call of this kind (alignment checked apart)."""
-    return (dtype in CHUNK_BACKWARD_DTYPES and seq_len <= SINGLE_CHUNK_MAX
-            and chunk_forward_fits(dtype, seq_len, head_dim_k, head_dim_v, states))
+    return dtype in CHUNK_BACKWARD_DTYPES and chunk_forward_fits(dtype, seq_len, head_dim_k, head_dim_v, states)
 
 
 @dataclass(frozen=True)
@@ -258,14 +257,15 @@ def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool
 
 
 def chunk_backward_adjoint_name(dv: bool, head_dim_k: int, head_dim_v: int, bidirectional: bool,
-                                launch: ChunkBackwardLaunch) -> str:
-    """``gla_chunk_backward_dkv<DV, KT, VT, NW, BIDIR, MIN_BLOCKS>``: the dv walk (V split
-    between the warps) or the dk walk (K split); KT, VT per warp."""
+                                launch: ChunkBackwardLaunch, local: bool = False) -> str:
+    """``gla_chunk_backward_dkv<DV, KT, VT, NW, BIDIR, MIN_BLOCKS, LOCAL>``: the dv walk (V
+    split between the warps) or the dk walk (K split); KT, VT per warp; ``local``: the dk
+    walk's layout without outputs, each segment's local adjoint for the scan."""
     w = launch.adjoint_warps
     k_tiles, v_tiles = (head_dim_k // 16, head_dim_v // 16 // w) if dv else (head_dim_k // 16 // w, head_dim_v // 16)
     flag = lambda x: "true" if x else "false"  # noqa: E731
     return (f"gla::gla_chunk_backward_dkv<{flag(dv)}, {k_tiles}, {v_tiles}, {w}, {flag(bidirectional)}, "
-            f"{launch.adjoint_min_blocks}>")
+            f"{launch.adjoint_min_blocks}, {flag(local)}>")
 
 
 def chunk_backward_blocks(bidirectional: bool, launch: ChunkBackwardLaunch) -> tuple[int, int]:
@@ -287,7 +287,8 @@ def chunk_backward_names() -> tuple[str, ...]:
                                               range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3)):
         launch = chunk_backward_launch(blocks, k, v, 1)  # one SM: 1 and 3 blocks cross the threshold
         names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(True, k, v, bi, launch),
-                  chunk_backward_adjoint_name(False, k, v, bi, launch)]
+                  chunk_backward_adjoint_name(False, k, v, bi, launch),
+                  chunk_backward_adjoint_name(False, k, v, bi, launch, local=True)]
     return tuple(dict.fromkeys(names))
 
 

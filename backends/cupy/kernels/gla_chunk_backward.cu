@@ -91,18 +91,20 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
   const int r = lane >> 2, c = lane & 3;
   const int dir = warp / NW, wk = warp % NW;
   const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const i64 T = p.T;
+  const int segment = blockIdx.y, n_segments = gridDim.y;
+  const i64 t0 = i64(segment) * p.chunk_len;
+  const i64 T = p.T - t0 < p.chunk_len ? p.T - t0 : p.chunk_len;  // this block's tokens [t0, t0 + T)
   const i64 row_k = p.H * p.K, row_v = p.H * p.V;
   const i64 k_col = wk * 16 * KT + 4 * KT * c;  // this lane's first K column (load order)
-  const i64 k_off = b * T * row_k + h * p.K + k_col;
-  const i64 v_off = b * T * row_v + h * p.V + 4 * VT * c;
+  const i64 k_off = (b * p.T + t0) * row_k + h * p.K + k_col;
+  const i64 v_off = (b * p.T + t0) * row_v + h * p.V + 4 * VT * c;
   const E* q = in_ptr<E>(p.q) + k_off;
   const E* k = in_ptr<E>(p.k) + k_off;
   const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
   const E* v = in_ptr<E>(p.v) + v_off;
   const E* dout = in_ptr<E>(p.dout) + v_off;
   E* dq = out_ptr<E>(p.dq) + k_off;
-  float* q_dq = out_ptr<float>(p.a_ws) + dir * p.B * T * row_k + k_off;
+  float* q_dq = out_ptr<float>(p.a_ws) + dir * p.B * p.T * row_k + k_off;
   const float scale = p.scale;
   const int n_chunks = int((T + 15) / 16);
 
@@ -124,6 +126,18 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
     for (int o = 0; o < 2 * VT; ++o)
 #pragma unroll
       for (int e = 0; e < 4; ++e) S[j][o][e] = 0.0f;
+  if (n_segments > 1) {  // the state entering the segment (the forward's segment states)
+    const float* entering = in_ptr<float>(p.enter) + ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K * p.V;
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+#pragma unroll
+      for (int o = 0; o < 2 * VT; ++o)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int k_at = wk * 16 * KT + permuted_column(KT, j, r + 8 * (e >> 1));
+          S[j][o][e] = entering[i64(k_at) * p.V + permuted_column(VT, o >> 1, 8 * (o & 1) + 2 * c + (e & 1))];
+        }
+  }
   bool strong = false;  // a chunk left the ratio's range: the sweeps redo this sequence
 
   auto load = [&](int chunk, BackwardInputs<KW, VW>& in) {
@@ -259,16 +273,22 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
     }
   }
   if (lane == 0) {
+    // one segment: every slot written; several: the flags arrive zeroed and only flagging
+    // blocks write (the segments of a sequence share its slots)
     int* flags = out_ptr<int>(p.flags) + i64(blockIdx.x) * kFlagSlots;
-    flags[warp] = strong ? 1 : 0;
-    if (warp == 0)
-      for (int i = blockDim.x / 32; i < kFlagSlots; ++i) flags[i] = 0;
+    if (n_segments == 1) {
+      flags[warp] = strong ? 1 : 0;
+      if (warp == 0)
+        for (int i = blockDim.x / 32; i < kFlagSlots; ++i) flags[i] = 0;
+    } else if (strong) {
+      flags[warp] = 1;
+    }
   }
   if (BIDIR) {
     block_sync();  // both directions' additions to the rows met after the barrier are in
     for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * K; i += blockDim.x) {
       const i64 row = mid.met_begin + i / K, col = i % K;
-      out_ptr<E>(p.dq)[(b * T + row) * row_k + h * K + col] = from_float<E>(park[row * K + col]);
+      out_ptr<E>(p.dq)[(b * p.T + t0 + row) * row_k + h * K + col] = from_float<E>(park[row * K + col]);
     }
   }
 }
@@ -280,7 +300,7 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
 // dS^T [V x K], as C tiles (rows V, columns K; the forward's S^T layout); for (D dS) v the
 // B fragments are movmatrix transposes of its split words.
 // Grid: (B * H); block: NW warps per direction.
-template <bool DV, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS>
+template <bool DV, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS, bool LOCAL>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
@@ -294,18 +314,30 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
     const int* flags = in_ptr<int>(p.flags) + i64(blockIdx.x) * kFlagSlots;
     if (flags[0] | flags[1] | flags[2] | flags[3]) return;  // the sweeps redo this sequence
   }
-  const i64 T = p.T;
+  const int segment = blockIdx.y, n_segments = gridDim.y;
+  // the scan reads no local adjoint of a direction's last segment in its walk order
+  if (LOCAL && segment == (dir == 0 ? 0 : n_segments - 1)) return;
+  const i64 t0 = i64(segment) * p.chunk_len;
+  const i64 T = p.T - t0 < p.chunk_len ? p.T - t0 : p.chunk_len;  // this block's tokens [t0, t0 + T)
   const i64 row_k = p.H * p.K, row_v = p.H * p.V;
-  const i64 k_col = (DV ? 0 : part * 16 * KT) + 4 * KT * c;  // this lane's first K and V columns
-  const i64 v_col = (DV ? part * 16 * VT : 0) + 4 * VT * c;
-  const i64 k_off = b * T * row_k + h * p.K + k_col;
-  const i64 v_off = b * T * row_v + h * p.V + v_col;
+  const i64 k_base = DV ? 0 : part * 16 * KT, v_base = DV ? part * 16 * VT : 0;  // this warp's columns
+  const i64 k_col = k_base + 4 * KT * c, v_col = v_base + 4 * VT * c;  // this lane's first ones
+  const i64 k_off = (b * p.T + t0) * row_k + h * p.K + k_col;
+  const i64 v_off = (b * p.T + t0) * row_v + h * p.V + v_col;
   const E* q = in_ptr<E>(p.q) + k_off;
   const E* k = in_ptr<E>(p.k) + k_off;
   const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
   const E* v = in_ptr<E>(p.v) + v_off;
   const E* dout = in_ptr<E>(p.dout) + v_off;
-  const float* q_dq = in_ptr<float>(p.a_ws) + dir * p.B * T * row_k + k_off;
+  const float* q_dq = in_ptr<float>(p.a_ws) + dir * p.B * p.T * row_k + k_off;
+  // several segments: the gate gradients' sums within the segment, for gla_gate_grad_fixup
+  float* dg_local = out_ptr<float>(p.dg_ws) + dir * p.B * p.T * row_k + k_off;
+  const i64 state_base = ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K * p.V;
+  // dS^T's C-tile element (a, n, e) in a [K][V] row-major state
+  auto state_offset = [&](int a, int n, int e) -> i64 {
+    const i64 k_at = k_base + permuted_column(KT, n >> 1, 8 * (n & 1) + 2 * c + (e & 1));
+    return k_at * p.V + v_base + permuted_column(VT, a, r + 8 * (e >> 1));
+  };
   E* dg = out_ptr<E>(dir == 0 ? p.dg : p.dg_rev) + k_off;
   const float scale = p.scale;
   const int n_chunks = int((T + 15) / 16);
@@ -314,7 +346,8 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   float* park = reinterpret_cast<float*>(dynamic_smem());
   const i64 K = p.K, V = p.V, KV = DV ? p.V : p.K;
   const Midpoint mid = Midpoint::descending(T);
-  if (BIDIR) {
+  constexpr bool HANDOVER = BIDIR && !LOCAL;  // outputs of both directions meet at the midpoint
+  if (HANDOVER) {
     for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * KV; i += blockDim.x) park[mid.met_begin * KV + i] = 0.0f;
   }
 
@@ -332,6 +365,16 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
     for (int n = 0; n < 2 * KT; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dS[a][n][e] = 0.0f;
+  if (!LOCAL && n_segments > 1) {  // the adjoint entering the segment from the later ones
+    const float* entering = in_ptr<float>(p.enter) + state_base;
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dS[a][n][e] = entering[state_offset(a, n, e)];
+  }
+  float log_decay[2 * KT][2] = {};  // the segment's sum of gates (LOCAL)
   float carry[2 * KT][2] = {};  // the gate gradient summed over the later chunks (dk warps)
 
   auto load = [&](int chunk, BackwardInputs<KW, VW>& in) {
@@ -341,20 +384,20 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
       const bool valid = t < T;
       const i64 row = dir == 0 ? t : T - 1 - t;
       load_row<KW>(q + row * row_k, valid, in.q[half]);
-      load_row<KW>(k + row * row_k, valid, in.k[half]);
+      if (!LOCAL) load_row<KW>(k + row * row_k, valid, in.k[half]);
       load_row<KW>(g + row * row_k, valid, in.g[half]);
-      if (!DV) load_row<VW>(v + row * row_v, valid, in.v[half]);
+      if (!DV && !LOCAL) load_row<VW>(v + row * row_v, valid, in.v[half]);
       load_row<VW>(dout + row * row_v, valid, in.dout[half]);
     }
   };
 
-  BackwardInputs<KW, VW> next = {};  // (the dv warps never load v)
+  BackwardInputs<KW, VW> next = {};  // (the dv warps never load v, the local walk neither k)
   load(n_chunks - 1, next);
   for (int step = 0; step < n_chunks; ++step) {
     const int chunk = n_chunks - 1 - step;
     BackwardInputs<KW, VW> in = next;
     if (chunk > 0) load(chunk - 1, next);
-    if (BIDIR && step == mid.steps_before) block_sync();  // the other direction has parked
+    if (HANDOVER && step == mid.steps_before) block_sync();  // the other direction has parked
 
     float G[KT][8], col_total[KT][2][2], row_total[KT][2];
 #pragma unroll
@@ -389,10 +432,13 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
       const float d1 = exp2_approx(col_total[n >> 1][n & 1][1] * kLog2e);
 #pragma unroll
       for (int a = 0; a < VT; ++a) dS[a][n][0] *= d0, dS[a][n][1] *= d1, dS[a][n][2] *= d0, dS[a][n][3] *= d1;
+      log_decay[n][0] += col_total[n >> 1][n & 1][0], log_decay[n][1] += col_total[n >> 1][n & 1][1];
     }
 
     const int rows_valid = int(T - 16 * i64(chunk));  // rows of this chunk inside the sequence
-    if constexpr (DV) {
+    if constexpr (LOCAL) {
+      // only the adjoint: its update below
+    } else if constexpr (DV) {
       // kh = k e^{-G}, split (A-fragment order)
       u32 kh_hi[KT][4], kh_lo[KT][4];
 #pragma unroll
@@ -448,7 +494,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
         for (int a = 0; a < VT; ++a)
           x[a] = Float4{dv[a][0][2 * rh], dv[a][0][2 * rh + 1], dv[a][1][2 * rh], dv[a][1][2 * rh + 1]};
-        if (BIDIR && !hand_over<VT>(mid, step, row, park + row * KV + v_col, x)) continue;
+        if (HANDOVER && !hand_over<VT>(mid, step, row, park + row * KV + v_col, x)) continue;
         store_outputs<E, VT>(out_ptr<E>(p.dv) + v_off + row * row_v, x);
       }
     } else {
@@ -537,8 +583,13 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
           gx[j] = Float4{dG[j][0][2 * rh], dG[j][0][2 * rh + 1], dG[j][1][2 * rh], dG[j][1][2 * rh + 1]};
           x[j] = Float4{dk[j][0][2 * rh], dk[j][0][2 * rh + 1], dk[j][1][2 * rh], dk[j][1][2 * rh + 1]};
         }
-        store_outputs<E, KT>(dg + row * row_k, gx);
-        if (BIDIR && !hand_over<KT>(mid, step, row, park + row * KV + k_col, x)) continue;
+        if (n_segments > 1) {
+#pragma unroll
+          for (int j = 0; j < KT; ++j) reinterpret_cast<Float4*>(dg_local + row * row_k)[j] = gx[j];
+        } else {
+          store_outputs<E, KT>(dg + row * row_k, gx);
+        }
+        if (HANDOVER && !hand_over<KT>(mid, step, row, park + row * KV + k_col, x)) continue;
         store_outputs<E, KT>(out_ptr<E>(p.dk) + k_off + row * row_k, x);
       }
     }
@@ -556,13 +607,39 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
         }
     }
   }
-  if (BIDIR) {
+  // this lane's K column of octet n, element e (every row holds the same column sums)
+  auto k_column = [&](int n, int e) -> i64 { return k_base + permuted_column(KT, n >> 1, 8 * (n & 1) + 2 * c + e); };
+  if (LOCAL) {  // the segment's local adjoint and its total decay, for gla_state_scan
+    float* local = out_ptr<float>(p.enter) + state_base;
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) local[state_offset(a, n, e)] = dS[a][n][e];
+    if (r == 0) {
+      float* decay = out_ptr<float>(p.decay) + ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K;
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) decay[k_column(n, e)] = exp2_approx(log_decay[n][e] * kLog2e);
+    }
+    return;
+  }
+  if (!DV && n_segments > 1 && r == 0) {  // the segment's whole gate-gradient sum, for the fixup
+    float* total = out_ptr<float>(p.dg_total) + ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K;
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) total[k_column(n, e)] = carry[n][e];
+  }
+  if (HANDOVER) {
     block_sync();  // both directions' additions to the rows met after the barrier are in
     for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * KV; i += blockDim.x) {
       const i64 row = mid.met_begin + i / KV, col = i % KV;
       const E x = from_float<E>(park[row * KV + col]);
-      if (DV) out_ptr<E>(p.dv)[(b * T + row) * row_v + h * V + col] = x;
-      else out_ptr<E>(p.dk)[(b * T + row) * row_k + h * K + col] = x;
+      if (DV) out_ptr<E>(p.dv)[(b * p.T + t0 + row) * row_v + h * V + col] = x;
+      else out_ptr<E>(p.dk)[(b * p.T + t0 + row) * row_k + h * K + col] = x;
     }
   }
 }

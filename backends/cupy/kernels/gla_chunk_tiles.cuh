@@ -81,6 +81,14 @@ __device__ __forceinline__ void split(const float (&x)[KT][8], u32 (&hi)[KT][4],
 }
 
 
+// The memory column (within a group of `tiles` 16-wide tiles loaded by one warp) of logical
+// column l (0-15) of tile j: lane c loads columns [4 tiles c, 4 tiles c + 4 tiles), and its
+// A-fragment columns 2c, 2c + 1 of tile j are memory columns 4 tiles c + 4j + {0, 1}, its
+// columns 2c + 8, 2c + 9 the next two
+__device__ __forceinline__ int permuted_column(int tiles, int j, int l) {
+  return 4 * tiles * ((l & 7) >> 1) + 4 * j + 2 * (l >> 3) + (l & 1);
+}
+
 // One lane's rows r and r + 8 of a float32 [16 x 4 KT] block (its columns of a C-tile set in
 // the load order): `n` Float4 at `from`, or zeros past the sequence's end
 template <int n>
