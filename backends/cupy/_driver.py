@@ -14,7 +14,7 @@ Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_M
                [chunk_backward adjoint states, state_scan]  chunk_backward (dv)  chunk_backward (dk)
                (tensor cores: bfloat16, the forward's head dims, no states), then
                [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
-               [gate_grad_fixup]
+               [gate_total_scan  gate_grad_fixup]
                (after the tensor-core launches the sweeps run only the sequences the dq kernel
                flagged: gates too strong for the decay ratio; every sweep returns at once for
                the others)
@@ -245,8 +245,10 @@ def backward(
                ds0=_address(ds0), enter=_address(enter_adjoint), **common)
     call.sweep(plan.BACKWARD_DV, dv=dv.data_ptr(), enter=_address(enter_adjoint), **common)
     if chunked:
+        args = kernel_args({**common, "flags": 0, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_args)
+        launcher(SCAN_FILE, plan.GATE_TOTAL_SCAN_NAME, (call.B * call.H * 2, math.ceil(call.K / plan.SCAN_THREADS), 1),
+                 plan.SCAN_THREADS, 0, args)
         total = call.groups * call.B * call.T * call.H * call.K
         grid = (math.ceil(total / plan.FIXUP_THREADS), 1, 1)
-        launcher(SCAN_FILE, plan.fixup_name(spec.dtype), grid, plan.FIXUP_THREADS, 0,
-                 kernel_args({**common, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_args))
+        launcher(SCAN_FILE, plan.fixup_name(spec.dtype), grid, plan.FIXUP_THREADS, 0, args)
     return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)

@@ -115,6 +115,7 @@ def fixup_name(dtype: torch.dtype) -> str:
 
 
 SCAN_NAME = "gla::gla_state_scan"
+GATE_TOTAL_SCAN_NAME = "gla::gla_gate_total_scan"
 
 
 def sweep_family(dtype: torch.dtype, tile: Tile) -> tuple[str, ...]:
@@ -123,7 +124,7 @@ def sweep_family(dtype: torch.dtype, tile: Tile) -> tuple[str, ...]:
 
 
 def scan_family() -> tuple[str, ...]:
-    return (SCAN_NAME,) + tuple(fixup_name(d) for d in C_TYPES)
+    return (SCAN_NAME, GATE_TOTAL_SCAN_NAME) + tuple(fixup_name(d) for d in C_TYPES)
 
 
 #: The tensor-core forward (``kernels/gla_chunk_forward.cu``): 16-bit inputs, head dims that

@@ -6,9 +6,12 @@
 // One thread per (sequence, direction, state element) walks the N chunks; loads are issued a
 // batch ahead so the walk is not N round trips to memory.
 //
-// gla_gate_grad_fixup: backward_dk sums gate gradients only within a chunk; add what the
-// chunks swept before it (in that direction's reversed time) contribute, in the same order
-// a single sequential sweep would have added them.
+// gla_gate_total_scan, then gla_gate_grad_fixup: backward_dk (and the tensor-core dk walk)
+// sum gate gradients only within a chunk; the scan replaces each chunk's total by what the
+// chunks swept before it (in that direction's reversed time) contribute, in the same order a
+// single sequential sweep would have added them, and the fixup adds that to every token.
+//
+// Given `flags` (gla_chunk_backward.cu), the state scan runs only the flagged sequences.
 #include "gla_common.cuh"
 
 namespace gla {
@@ -23,6 +26,10 @@ __global__ void gla_state_scan(GLA_KERNEL_PARAMS) {
   const i64 bh = blockIdx.x / 2;
   const int group = blockIdx.x % 2;
   if (p.bidirectional == 0 && group == 1) return;
+  if (p.flags) {
+    const int* flags = in_ptr<int>(p.flags) + bh * kFlagSlots;
+    if (!(flags[0] | flags[1] | flags[2] | flags[3])) return;
+  }
   const bool adjoint = p.lambda_scan != 0;
   const bool ascending = adjoint ? group == 1 : group == 0;
   const int N = (int)p.n_chunks;
@@ -58,6 +65,26 @@ __global__ void gla_state_scan(GLA_KERNEL_PARAMS) {
   }
 }
 
+__global__ void gla_gate_total_scan(GLA_KERNEL_PARAMS) {
+  GLA_COLLECT_PARAMS;
+  const i64 k = (i64)blockIdx.y * blockDim.x + threadIdx.x;
+  if (k >= p.K) return;
+  const i64 bh = blockIdx.x / 2;
+  const int group = blockIdx.x % 2;
+  if (p.bidirectional == 0 && group == 1) return;
+  const int N = (int)p.n_chunks;
+  float running = 0.0f;
+  if (group == 0 && p.bidirectional == 0 && p.final_term != 0) running = in_ptr<float>(p.final_term)[bh * p.K + k];
+  float* total = out_ptr<float>(p.dg_total) + (bh * 2 + group) * N * p.K + k;
+  // the forward direction's adjoint runs backwards in time, the reverse direction's forwards
+  for (int step = 0; step < N; ++step) {
+    const int n = group == 0 ? N - 1 - step : step;
+    const float own = total[n * p.K];
+    total[n * p.K] = running;
+    running += own;
+  }
+}
+
 template <class T>
 __global__ void gla_gate_grad_fixup(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
@@ -73,18 +100,9 @@ __global__ void gla_gate_grad_fixup(GLA_KERNEL_PARAMS) {
   const i64 t = (row / p.H) % p.T;
   const i64 b = row / (p.H * p.T);
   const i64 bh = b * p.H + h;
-  const int N = (int)p.n_chunks;
   const int n = (int)(t / p.chunk_len);
-
-  float offset = 0.0f;
-  if (group == 0 && p.bidirectional == 0 && p.final_term != 0) offset = in_ptr<float>(p.final_term)[bh * p.K + k];
-  const float* total = in_ptr<float>(p.dg_total) + (bh * 2 + group) * N * p.K + k;
-  // the forward direction's adjoint runs backwards in time, the reverse direction's forwards
-  if (group == 0) {
-    for (int m = N - 1; m > n; --m) offset += total[m * p.K];
-  } else {
-    for (int m = 0; m < n; ++m) offset += total[m * p.K];
-  }
+  // what the chunks before this one contribute (gla_gate_total_scan)
+  const float offset = in_ptr<float>(p.dg_total)[((bh * 2 + group) * p.n_chunks + n) * p.K + k];
   const float value = in_ptr<float>(p.dg_ws)[idx] + offset;
   out_ptr<T>(group == 0 ? p.dg : p.dg_rev)[rem] = from_float<T>(value);
 }
