@@ -248,7 +248,6 @@ def backward(
         args = kernel_args({**common, "flags": 0, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_args)
         launcher(SCAN_FILE, plan.GATE_TOTAL_SCAN_NAME, (call.B * call.H * 2, math.ceil(call.K / plan.SCAN_THREADS), 1),
                  plan.SCAN_THREADS, 0, args)
-        total = call.groups * call.B * call.T * call.H * call.K
-        grid = (math.ceil(total / plan.FIXUP_THREADS), 1, 1)
-        launcher(SCAN_FILE, plan.fixup_name(spec.dtype), grid, plan.FIXUP_THREADS, 0, args)
+        launcher(SCAN_FILE, plan.fixup_name(spec.dtype), (call.B * call.H * 2, call.n_chunks, 1),
+                 plan.FIXUP_THREADS, 0, args)
     return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)
