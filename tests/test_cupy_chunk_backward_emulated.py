@@ -177,7 +177,7 @@ def test_as_accurate_as_the_float32_sweeps(launcher, bidirectional):  # noqa: F8
 def test_ranking_takes_the_calls_the_tensor_core_kernels_take(monkeypatch):
     """Automatic selection on an sm_80+ GPU: cupy above triton's single-pass rank (300) for
     forward-only bidirectional calls the tensor-core forward takes, and for training calls the
-    tensor-core backward takes (bfloat16; causal ones up to 512 tokens); its base rank otherwise —
+    tensor-core backward takes (bfloat16, either mode); its base rank otherwise —
     never by B or H, so a sequence's bits do not depend on the batch."""
     from glakernels._problem import ProblemSpec
     from glakernels._dispatch import registry
@@ -196,7 +196,7 @@ def test_ranking_takes_the_calls_the_tensor_core_kernels_take(monkeypatch):
         (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX), True, True),
         (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX + 1), True, True),
         (dict(vig, seq_len=4096), False, True), (dict(vig, seq_len=4096), True, True),
-        (dict(vig, seq_len=4096, bidirectional=False), True, False),
+        (dict(vig, seq_len=4096, bidirectional=False), True, True),
         (dict(vig, seq_len=_plan.SINGLE_CHUNK_MAX, bidirectional=False), True, True),
         (dict(vig, dtype=torch.float16), False, True), (dict(vig, dtype=torch.float16), True, False),
         (dict(vig, dtype=torch.float32), True, False),

@@ -43,13 +43,12 @@ class CupyBackend(Backend):
     #: vigT_2048 78.1 / 118.4; float16 vigT_224 43.3 / 58.0, vigB_224 83.1 / 111.0, vigT_1024
     #: 83.4 / 128.3, 8 x 196 x 3 18.0 / 17.7. Forward-only causal calls tied or lost on short
     #: sequences (0.89-1.15x): triton keeps them.
-    #: Training calls (forward + backward) in bfloat16 with those head dims, the tensor-core
-    #: forward and backward (kernels/gla_chunk_backward.cu; `python
-    #: benchmarks/cupy_chunk_backward_gpu.py`, NOTES.md runs 22c, 22e), forward + backward µs:
+    #: Training calls (forward + backward) in bfloat16 with those head dims, both modes, the
+    #: tensor-core forward and backward (kernels/gla_chunk_backward.cu; `python
+    #: benchmarks/cupy_chunk_backward_gpu.py`, NOTES.md runs 22c, 22h), forward + backward µs:
     #: bidirectional vigT_224 162 / 297, vigB_224 332 / 572, 32 x 512 x 3 151 / 264, vigT_1024
-    #: 380 / 496, vigT_2048 427 / 497, but 8 x 196 x 3 89 / 77 (24 sequences: too few blocks);
-    #: causal up to 512 tokens vigT_224 96 / 139, 8 x 196 x 3 57 / 56. Causal calls over 512
-    #: tokens (segments) lost (vigT_1024 255 / 247, vigT_2048 282 / 252): triton keeps them.
+    #: 303 / 491, vigT_2048 325 / 499, but 8 x 196 x 3 89 / 77 (24 sequences: too few blocks);
+    #: causal vigT_224 96 / 139, 8 x 196 x 3 57 / 56, vigT_1024 222 / 247, vigT_2048 234 / 252.
     #: The choice may not depend on B or H (a sequence's bits would then depend on the batch),
     #: so small batches pay the 1.16x.
     chunk_kernels_priority = 400
@@ -58,14 +57,11 @@ class CupyBackend(Backend):
         base = self.priority_for(spec.device_type)
         if base is None or spec.device_type != "cuda":
             return base
-        from ._plan import SINGLE_CHUNK_MAX, chunk_backward_fits, chunk_forward_fits
+        from ._plan import chunk_backward_fits, chunk_forward_fits
         from ._runtime import device_capability
 
         shape = (spec.dtype, spec.seq_len, spec.head_dim_k, spec.head_dim_v, spec.uses_states)
-        if spec.needs_grad:  # causal training on segmented sequences measured slower than triton's
-            fits = chunk_backward_fits(*shape) and (spec.bidirectional or spec.seq_len <= SINGLE_CHUNK_MAX)
-        else:
-            fits = spec.bidirectional and chunk_forward_fits(*shape)
+        fits = chunk_backward_fits(*shape) if spec.needs_grad else spec.bidirectional and chunk_forward_fits(*shape)
         if fits and device_capability(torch.cuda.current_device()) >= (8, 0):
             return self.chunk_kernels_priority
         return base
