@@ -12,12 +12,11 @@ import zlib
 import pytest
 import torch
 
-from cuda_emulator import Emulator, compiler
+from cuda_emulator import compiler
 from gla_testing import Case, check_against_reference, make_inputs, temporary_backend
-from test_cupy_emulated import EmulatedCupy
+from test_cupy_emulated import FORWARD_LAUNCHES, EmulatedCupy, shared_emulator
 from glakernels import gated_linear_attention
 from glakernels.backends.cupy import _driver, _plan
-from glakernels.backends.cupy._sources import CHUNK_FORWARD_FILE
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
 
@@ -40,16 +39,12 @@ class Recording:
 
 
 # launches beyond the plan's (every split of V = 64, without prefetching), for the bitwise check
-LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)]
+LAUNCHES = FORWARD_LAUNCHES
 
 
 @pytest.fixture(scope="module")
 def launcher(tmp_path_factory):
-    names = dict(_plan.every_name_expression())
-    names[CHUNK_FORWARD_FILE] = tuple(dict.fromkeys(names[CHUNK_FORWARD_FILE] + tuple(
-        _plan.chunk_forward_name(dtype, 32, 64, bi, launch) for launch in LAUNCHES for bi in (True, False)
-        for dtype in (torch.bfloat16, torch.float16))))
-    recording = Recording(Emulator(names, tmp_path_factory.mktemp("emulator")))
+    recording = Recording(shared_emulator(tmp_path_factory))
     with temporary_backend(EmulatedCupy(NAME, recording)), \
             temporary_backend(EmulatedCupy(SEGMENTED, recording, SEGMENT)):
         yield recording

@@ -17,12 +17,32 @@ import torch
 import test_backends as shared
 from cuda_emulator import Emulator, compiler
 from gla_testing import Case, check_against_reference, temporary_backend
-from glakernels.backends.cupy import CupyBackend, _driver, _plan
+from glakernels.backends.cupy import CupyBackend, _driver, _plan, _sources
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
 
 CHUNK = 7
 NAMES = {"plan": "cupy-emulated", "chunked": "cupy-emulated-chunked"}
+
+#: the tensor-core forward's launches beyond the plan's (every split of V = 64, without
+#: prefetching), for the bitwise checks of test_cupy_chunk_forward_emulated.py
+FORWARD_LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)]
+_emulators: dict = {}
+
+
+def shared_emulator(tmp_path_factory) -> Emulator:
+    """One emulator library per test session for every module of emulated cupy tests (its
+    build, every kernel at -O1, takes tens of seconds): every kernel the plan can launch, and
+    the extra tensor-core forward launches."""
+    base = tmp_path_factory.getbasetemp()
+    if base not in _emulators:
+        names = dict(_plan.every_name_expression())
+        file = _sources.CHUNK_FORWARD_FILE
+        names[file] = tuple(dict.fromkeys(names[file] + tuple(
+            _plan.chunk_forward_name(dtype, 32, 64, bi, launch) for launch in FORWARD_LAUNCHES
+            for bi in (True, False) for dtype in (torch.bfloat16, torch.float16))))
+        _emulators[base] = Emulator(names, base / "emulator")
+    return _emulators[base]
 
 
 class EmulatedCupy(CupyBackend):
@@ -48,7 +68,7 @@ class EmulatedCupy(CupyBackend):
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    emulator = Emulator(_plan.every_name_expression(), tmp_path_factory.mktemp("emulator"))
+    emulator = shared_emulator(tmp_path_factory)
     with temporary_backend(EmulatedCupy(NAMES["plan"], emulator)), \
             temporary_backend(EmulatedCupy(NAMES["chunked"], emulator, CHUNK)):
         yield NAMES
