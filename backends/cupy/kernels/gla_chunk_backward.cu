@@ -1,7 +1,7 @@
 // The backward on tensor cores: bfloat16 inputs with K <= 32 and V <= 64 (multiples of 16),
-// sequences of up to 512 tokens, no states — ViG's training calls. Two launches, each a
-// chunked walk of 16 tokens a step with both directions of a bidirectional call in one block
-// (the forward's layouts and midpoint hand-over, gla_chunk_forward.cu):
+// no states — ViG's training calls. Each launch is a chunked walk of 16 tokens a step with
+// both directions of a bidirectional call in one block (the forward's layouts and midpoint
+// hand-over, gla_chunk_forward.cu), one block per (batch, head) and segment:
 //
 //   gla_chunk_backward_dq   walks each direction's own order with the state S [K x V]:
 //                           dq, and q * dq per direction (float32, for the gate gradients)
@@ -19,7 +19,12 @@
 //   dg_u = sum_{t >= u} (q_t dq_t - k_t dk_t)               (Yang et al. 2023)
 //
 // where S enters the chunk from the earlier ones and dS from the later ones (dS' leaves the
-// chunk towards the earlier ones). dq, B and the state terms take the forward's fragment
+// chunk towards the earlier ones). Sequences over 512 tokens run as the forward's 256-token
+// segments: S enters each from the forward's segment states (gla_chunk_forward without
+// outputs, gla_state_scan), dS from the adjoint walk's own segment-local adjoints (LOCAL: no
+// outputs) and gla_state_scan's adjoint recurrence; the dk walk then leaves the gate
+// gradients' in-segment sums in dg_ws and each segment's total in dg_total, and
+// gla_gate_total_scan + gla_gate_grad_fixup add the later segments' part. dq, B and the state terms take the forward's fragment
 // layouts: dout and v are exact bfloat16 operands (B in one product), float32 operands are
 // split in two bfloat16 parts. The gate gradients' in-chunk suffix sums are a product with an
 // upper triangle of ones (each term then carries ~2^-17 of relative error, as the triton
