@@ -24,16 +24,18 @@
 // outputs, gla_state_scan), dS from the adjoint walk's own segment-local adjoints (LOCAL: no
 // outputs) and gla_state_scan's adjoint recurrence; the dk walk then leaves the gate
 // gradients' in-segment sums in dg_ws and each segment's total in dg_total, and
-// gla_gate_total_scan + gla_gate_grad_fixup add the later segments' part. dq, B and the state terms take the forward's fragment
-// layouts: dout and v are exact bfloat16 operands (B in one product), float32 operands are
-// split in two bfloat16 parts. The gate gradients' in-chunk suffix sums are a product with an
+// gla_gate_total_scan + gla_gate_grad_fixup add the later segments' part.
+//
+// dq, B and the state terms take the forward's fragment layouts: dout and v are exact
+// bfloat16 operands (B in one product), float32 operands are split in two bfloat16 parts. The gate gradients' in-chunk suffix sums are a product with an
 // upper triangle of ones (each term then carries ~2^-17 of relative error, as the triton
 // backend's), plus a float32 carry from the later chunks.
 //
 // Chunks whose in-chunk sums leave the ratio's range (any gate down to -1e4 must work) have
 // no exact path here: the dq kernel records, per (batch, head), whether its walks met one
 // (`flags`, [B*H][4] int32, one slot per warp), the dkv kernels skip those sequences, and the
-// recurrent sweeps (gla_sweep.cu, which read the same flags) redo them exactly.
+// recurrent sweeps (gla_sweep.cu, which read the same flags) redo them exactly — with their
+// own segmented path where there are segments.
 #include "gla_chunk_tiles.cuh"
 
 namespace gla {
