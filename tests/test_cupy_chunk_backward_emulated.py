@@ -10,9 +10,11 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cuda_emulator import compiler
-from gla_testing import Case, check_against_reference, make_inputs
+from gla_testing import GATE_REGIMES, Case, check_against_reference, make_inputs
 from glakernels import gated_linear_attention
 from glakernels.backends.cupy import _driver, _plan
 from test_cupy_chunk_forward_emulated import NAME, SEGMENTED, launcher  # noqa: F401 (the fixture)
@@ -140,6 +142,26 @@ def test_segmented_batch_with_one_strong_sequence(launcher):  # noqa: F811
     for n in together:
         err = ((together[n].double() - reference[n]).norm() / reference[n].norm()).item()
         assert err < 2e-2, (n, err)
+
+
+@given(data=st.data())
+def test_matches_reference_drawn(launcher, data):  # noqa: F811
+    """Hypothesis, within the kernels' domain: batch, length (one segment or several of 32
+    tokens), heads, K and V in multiples of 16, mode and gate regime drawn; fresh inputs."""
+    segmented = data.draw(st.booleans(), label="segments of 32")
+    case = Case(
+        B=data.draw(st.integers(1, 2), label="B"),
+        T=data.draw(st.integers(1, 90), label="T"),
+        H=data.draw(st.integers(1, 2), label="H"),
+        K=data.draw(st.sampled_from([16, 32]), label="K"),
+        V=data.draw(st.sampled_from([16, 32, 48, 64]), label="V"),
+        dtype=torch.bfloat16,
+        bidirectional=data.draw(st.booleans(), label="bidirectional"),
+        gates=data.draw(st.sampled_from(GATE_REGIMES), label="gates"),
+    )
+    launcher.names.clear()
+    check_against_reference(SEGMENTED if segmented else NAME, case, "cpu", seed=data.draw(st.integers(0, 2**31 - 1)))
+    assert _ran(launcher, "gla_chunk_backward_dq"), launcher.names
 
 
 def test_not_taken_where_it_does_not_apply(launcher):  # noqa: F811
