@@ -5,9 +5,8 @@ directions in one launch), ``kernels/gla_scan.cu`` (stitching time chunks togeth
 ``kernels/gla_chunk_forward.cu`` (the tensor-core forward of 16-bit calls with K <= 32,
 V <= 64 and no states, on sm_80 and newer) and ``kernels/gla_chunk_backward.cu`` (the
 tensor-core backward of such bfloat16 calls); each algorithm is described at the top of its
-file. Kernels run on PyTorch's
-current CUDA stream with the tensors' device addresses as arguments: no copies, no
-synchronisation, so the op can be captured in a CUDA graph.
+file. Kernels run on PyTorch's current CUDA stream with the tensors' device addresses as
+arguments: no copies, no synchronisation, so the op can be captured in a CUDA graph.
 """
 
 from __future__ import annotations

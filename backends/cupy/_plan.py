@@ -2,9 +2,10 @@
 
 Everything that decides a result's bits depends only on K, V, T and the dtype — never on B
 or H — so a sequence's result cannot depend on what else is in the batch (the kernels are
-deterministic given the plan). The one choice by grid size, the tensor-core forward's launch
-(``chunk_forward_launch``: how many warps split V, registers), moves work between warps
-without changing any column's arithmetic; the tests compare its launches bit for bit.
+deterministic given the plan). The choices by grid size, the tensor-core kernels' launches
+(``chunk_forward_launch``, ``chunk_backward_launch``: how many warps split V or K, register
+targets), move work between warps without changing any column's arithmetic; the tests compare
+their launches bit for bit.
 Mirrors of constants in ``kernels/gla_sweep.cu`` are marked as such.
 """
 
@@ -234,7 +235,7 @@ class ChunkBackwardLaunch:
 
 
 def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, sm_count: int) -> ChunkBackwardLaunch:
-    """The launch for a grid of ``blocks`` blocks (B * H). Two warps a direction wherever the
+    """The launch for a grid of ``blocks`` blocks (B * H * segments). Two warps a direction wherever the
     split axis has an even number of 16-wide tiles (each holds half of the state; one warp
     holding K = 32 x V = 64 spills, and the halves ran 1.3-2x faster). At least 3 blocks per
     SM (162-168 registers) once the grid needs more than the 2 per SM the uncapped kernels
