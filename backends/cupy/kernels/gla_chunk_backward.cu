@@ -60,6 +60,30 @@ __device__ __forceinline__ void transpose_tile(const u32 (&a)[4], u32 (&t)[4]) {
   t[0] = transpose8x8(a[0]), t[1] = transpose8x8(a[2]), t[2] = transpose8x8(a[1]), t[3] = transpose8x8(a[3]);
 }
 
+// the transpose's A fragment (split) of a lower-triangular [16 x 16] tile held as C tiles
+__device__ __forceinline__ void transposed_lower_tile(const float (&x)[2][4], u32 (&t_hi)[4], u32 (&t_lo)[4]) {
+  u32 hi[4], lo[4];
+  split_lower_tile(x, hi, lo);
+  transpose_tile(hi, t_hi);
+  transpose_tile(lo, t_lo);
+}
+
+// d += a * b with both operands split in two bfloat16 parts: lo*hi + hi*lo + hi*hi (the
+// lo*lo term is below float32 rounding), always in this order
+__device__ __forceinline__ void mma_split(float (&d)[4], const u32 (&a_hi)[4], const u32 (&a_lo)[4], u32 b_hi0,
+                                          u32 b_hi1, u32 b_lo0, u32 b_lo1) {
+  mma_bf16(d, a_lo, b_hi0, b_hi1);
+  mma_bf16(d, a_hi, b_lo0, b_lo1);
+  mma_bf16(d, a_hi, b_hi0, b_hi1);
+}
+
+// the four A-fragment words of 16-wide tile a of loaded rows
+template <int T, int W>
+__device__ __forceinline__ void fragment(const u32 (&rows)[2][W], int a, u32 (&words)[4]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) words[w] = fragment_word<T>(rows, a, w);
+}
+
 // keep s <= t: C tiles of a [16 t x 16 s] tile, rows r and r + 8, columns 2c + e (+ 8)
 __device__ __forceinline__ void mask_causal(float (&x)[2][4], int r, int c) {
   if (2 * c > r) x[0][0] = 0.0f;
@@ -76,8 +100,8 @@ __device__ __forceinline__ void dout_v_scores(const u32 (&dout)[2][VW], const u3
   for (int half = 0; half < 2; ++half) x[half][0] = x[half][1] = x[half][2] = x[half][3] = 0.0f;
 #pragma unroll
   for (int a = 0; a < VT; ++a) {
-    const u32 d[4] = {fragment_word<VT>(dout, a, 0), fragment_word<VT>(dout, a, 1),
-                      fragment_word<VT>(dout, a, 2), fragment_word<VT>(dout, a, 3)};
+    u32 d[4];
+    fragment<VT>(dout, a, d);
 #pragma unroll
     for (int half = 0; half < 2; ++half)  // B = v^T over (column, token s)
       mma_bf16(x[half], d, fragment_word<VT>(v, a, half), fragment_word<VT>(v, a, half + 2));
@@ -211,13 +235,12 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
       for (int half = 0; half < 2; ++half) {
         float (&x)[4] = acc[j][half];
         x[0] = x[1] = x[2] = x[3] = 0.0f;
-        mma_bf16(x, b_lo, khT_hi[j][2 * half], khT_hi[j][2 * half + 1]);
-        mma_bf16(x, b_hi, khT_lo[j][2 * half], khT_lo[j][2 * half + 1]);
-        mma_bf16(x, b_hi, khT_hi[j][2 * half], khT_hi[j][2 * half + 1]);
+        mma_split(x, b_hi, b_lo, khT_hi[j][2 * half], khT_hi[j][2 * half + 1], khT_lo[j][2 * half],
+                  khT_lo[j][2 * half + 1]);
 #pragma unroll
         for (int a = 0; a < VT; ++a) {
-          const u32 d[4] = {fragment_word<VT>(in.dout, a, 0), fragment_word<VT>(in.dout, a, 1),
-                            fragment_word<VT>(in.dout, a, 2), fragment_word<VT>(in.dout, a, 3)};
+          u32 d[4];
+          fragment<VT>(in.dout, a, d);
           // B = S^T over (V column, K column): S's C tiles of V octets 2a, 2a + 1, rows of `half`
           u32 s_hi[2], s_lo[2];
           split_bf16x2(S[j][2 * a][2 * half], S[j][2 * a][2 * half + 1], s_hi[0], s_lo[0]);
@@ -462,15 +485,12 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
       for (int j = 0; j < KT; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          mma_bf16(sc[half], qh_lo[j], kh_hi[j][half], kh_hi[j][half + 2]);
-          mma_bf16(sc[half], qh_hi[j], kh_lo[j][half], kh_lo[j][half + 2]);
-          mma_bf16(sc[half], qh_hi[j], kh_hi[j][half], kh_hi[j][half + 2]);
+          mma_split(sc[half], qh_hi[j], qh_lo[j], kh_hi[j][half], kh_hi[j][half + 2], kh_lo[j][half],
+                    kh_lo[j][half + 2]);
         }
       mask_causal(sc, r, c);
-      u32 a_hi[4], a_lo[4], at_hi[4], at_lo[4];
-      split_lower_tile(sc, a_hi, a_lo);
-      transpose_tile(a_hi, at_hi);
-      transpose_tile(a_lo, at_lo);
+      u32 at_hi[4], at_lo[4];
+      transposed_lower_tile(sc, at_hi, at_lo);
       // dv = A^T dout + kh (D dS): C tiles [V octet][rows s]
       float dv[VT][2][4];
 #pragma unroll
@@ -487,9 +507,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
             u32 s_hi[2], s_lo[2];
             split_bf16x2(dS[a][2 * j][2 * half], dS[a][2 * j][2 * half + 1], s_hi[0], s_lo[0]);
             split_bf16x2(dS[a][2 * j + 1][2 * half], dS[a][2 * j + 1][2 * half + 1], s_hi[1], s_lo[1]);
-            mma_bf16(x, kh_lo[j], s_hi[0], s_hi[1]);
-            mma_bf16(x, kh_hi[j], s_lo[0], s_lo[1]);
-            mma_bf16(x, kh_hi[j], s_hi[0], s_hi[1]);
+            mma_split(x, kh_hi[j], kh_lo[j], s_hi[0], s_hi[1], s_lo[0], s_lo[1]);
           }
         }
 #pragma unroll
@@ -509,10 +527,8 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
       float bs[2][4];
       dout_v_scores<VT, VW>(in.dout, in.v, bs);
       mask_causal(bs, r, c);
-      u32 b_hi[4], b_lo[4], bt_hi[4], bt_lo[4];
-      split_lower_tile(bs, b_hi, b_lo);
-      transpose_tile(b_hi, bt_hi);
-      transpose_tile(b_lo, bt_lo);
+      u32 bt_hi[4], bt_lo[4];
+      transposed_lower_tile(bs, bt_hi, bt_lo);
       // dk before e^{-G}: B^T qh + (D dS) v, C tiles [K octet][rows s]
       float dk[KT][2][4];
 #pragma unroll
@@ -521,14 +537,13 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
         for (int half = 0; half < 2; ++half) {
           float (&x)[4] = dk[j][half];
           x[0] = x[1] = x[2] = x[3] = 0.0f;
-          mma_bf16(x, bt_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
-          mma_bf16(x, bt_hi, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
-          mma_bf16(x, bt_hi, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+          mma_split(x, bt_hi, bt_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1], qhT_lo[j][2 * half],
+                    qhT_lo[j][2 * half + 1]);
           const int n = 2 * j + half;
 #pragma unroll
           for (int a = 0; a < VT; ++a) {
-            const u32 va[4] = {fragment_word<VT>(in.v, a, 0), fragment_word<VT>(in.v, a, 1),
-                               fragment_word<VT>(in.v, a, 2), fragment_word<VT>(in.v, a, 3)};
+            u32 va[4];
+            fragment<VT>(in.v, a, va);
             // B = dS^T over (V column, K column): the transposes of dS^T's split words
             u32 hi0, lo0, hi1, lo1;
             split_bf16x2(dS[a][n][0], dS[a][n][1], hi0, lo0);
