@@ -161,8 +161,9 @@ CHUNK_FORWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CHUNK_FORWARD_CASES, ids=lambda c: c.id())
-def test_tensor_core_forward_matches_reference(cupy_backend, case):
+def _check_recording(case: Case, seed: int) -> list[str]:
+    """check_against_reference through the cupy backend's drivers with a launcher that records
+    every kernel's name; returns the names (skips below compute capability 8.0)."""
     from glakernels.backends.cupy import CupyBackend, _driver
     from glakernels.backends.cupy._runtime import CupyLauncher
 
@@ -180,10 +181,19 @@ def test_tensor_core_forward_matches_reference(cupy_backend, case):
         def forward(self, inputs):
             return _driver.forward(inputs, Recording(inputs.q.device))
 
+        def backward(self, inputs, grad_output, grad_final_state):
+            return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, Recording(inputs.q.device))
+
     if not Recording(torch.device("cuda")).tensor_cores:
-        pytest.skip("the tensor-core forward needs compute capability 8.0")
+        pytest.skip("the tensor-core kernels need compute capability 8.0")
     with temporary_backend(Spied()) as backend:
-        check_against_reference(backend.name, case, "cuda", seed=17)
+        check_against_reference(backend.name, case, "cuda", seed=seed)
+    return names
+
+
+@pytest.mark.parametrize("case", CHUNK_FORWARD_CASES, ids=lambda c: c.id())
+def test_tensor_core_forward_matches_reference(cupy_backend, case):
+    names = _check_recording(case, seed=17)
     assert any(n.startswith("gla::gla_chunk_forward") for n in names), names
 
 
@@ -229,27 +239,7 @@ CHUNK_BACKWARD_CASES = [
 
 @pytest.mark.parametrize("case", CHUNK_BACKWARD_CASES, ids=lambda c: c.id())
 def test_tensor_core_backward_matches_reference(cupy_backend, case):
-    from glakernels.backends.cupy import CupyBackend, _driver
-    from glakernels.backends.cupy._runtime import CupyLauncher
-
-    names = []
-
-    class Recording(CupyLauncher):
-        def __call__(self, file, name, *rest):
-            names.append(name)
-            return super().__call__(file, name, *rest)
-
-    class Spied(CupyBackend):
-        name = "cupy-recorded-backward"
-        auto_priority = {}
-
-        def backward(self, inputs, grad_output, grad_final_state):
-            return _driver.backward(inputs, grad_output.contiguous(), grad_final_state, Recording(inputs.q.device))
-
-    if not Recording(torch.device("cuda")).tensor_cores:
-        pytest.skip("the tensor-core backward needs compute capability 8.0")
-    with temporary_backend(Spied()) as backend:
-        check_against_reference(backend.name, case, "cuda", seed=19)
+    names = _check_recording(case, seed=19)
     assert any(n.startswith("gla::gla_chunk_backward_dkv") for n in names), names
 
 
