@@ -117,13 +117,14 @@ def _takes_chunk_backward(call: "_Call", inputs: GLAInputs, launcher: Launcher, 
 
 def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.ChunkBackwardLaunch) -> torch.Tensor:
     """The tensor-core backward's launches; returns the flags of the sequences it left to the
-    sweeps (``[B*H, 4]`` int32, written by the dq kernel). Several segments: the forward's
+    sweeps (``[B*H, FLAG_SLOTS]`` int32, written by the dq kernel). Several segments: the forward's
     segment states and the scan first (the dq walk's entering states), and after the dq walk
     the adjoint walk's local end states and the adjoint scan (the dv and dk walks' entering
     adjoints); the dk walk then leaves the gate gradients' in-segment sums in ``common``'s
     ``dg_ws`` and ``dg_total`` for ``gla_gate_grad_fixup``."""
     segmented = call.n_chunks > 1
-    flags = (torch.zeros if segmented else torch.empty)(call.B * call.H, 4, dtype=torch.int32, device=call.device)
+    flags = (torch.zeros if segmented else torch.empty)(call.B * call.H, plan.FLAG_SLOTS, dtype=torch.int32,
+                                                        device=call.device)
     bi, K, V, n = call.bidirectional, call.K, call.V, call.n_chunks
     dq_block, adjoint_block = plan.chunk_backward_blocks(bi, launch)
     grid = (call.B * call.H, n, 1)

@@ -215,6 +215,8 @@ def chunk_forward_names() -> tuple[str, ...]:
 #: and segments as the forward's, no states. Sequences whose gates leave the decay ratio's
 #: range are flagged by the dq kernel and redone by the sweeps.
 CHUNK_BACKWARD_DTYPES = (torch.bfloat16,)
+#: int32 flags per (batch, head) (mirror of ``kFlagSlots`` in ``kernels/gla_common.cuh``)
+FLAG_SLOTS = 4
 
 
 def chunk_backward_fits(dtype: torch.dtype, seq_len: int, head_dim_k: int, head_dim_v: int, states: bool) -> bool:

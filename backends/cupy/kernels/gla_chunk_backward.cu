@@ -340,10 +340,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   const int r = lane >> 2, c = lane & 3;
   const int dir = warp / NW, part = warp % NW;
   const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  {
-    const int* flags = in_ptr<int>(p.flags) + i64(blockIdx.x) * kFlagSlots;
-    if (flags[0] | flags[1] | flags[2] | flags[3]) return;  // the sweeps redo this sequence
-  }
+  if (flagged(p.flags, blockIdx.x)) return;  // the sweeps redo this sequence
   const int segment = blockIdx.y, n_segments = gridDim.y;
   // the scan reads no local adjoint of a direction's last segment in its walk order
   if (LOCAL && segment == (dir == 0 ? 0 : n_segments - 1)) return;

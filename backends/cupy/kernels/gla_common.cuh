@@ -65,6 +65,12 @@ struct Params {
 
 constexpr int kFlagSlots = 4;  // per (batch, head): one per warp of gla_chunk_backward_dq
 
+// whether the tensor-core backward flagged sequence bh (`flags` as in Params)
+__device__ __forceinline__ bool flagged(u64 flags, long long bh) {
+  const int* f = reinterpret_cast<const int*>(flags) + bh * kFlagSlots;
+  return (f[0] | f[1] | f[2] | f[3]) != 0;
+}
+
 // 16 bytes, 16-byte aligned: shared-memory rows are read four floats at a time
 struct alignas(16) Float4 { float x, y, z, w; };
 

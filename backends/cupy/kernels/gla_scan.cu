@@ -26,10 +26,7 @@ __global__ void gla_state_scan(GLA_KERNEL_PARAMS) {
   const i64 bh = blockIdx.x / 2;
   const int group = blockIdx.x % 2;
   if (p.bidirectional == 0 && group == 1) return;
-  if (p.flags) {
-    const int* flags = in_ptr<int>(p.flags) + bh * kFlagSlots;
-    if (!(flags[0] | flags[1] | flags[2] | flags[3])) return;
-  }
+  if (p.flags && !flagged(p.flags, bh)) return;
   const bool adjoint = p.lambda_scan != 0;
   const bool ascending = adjoint ? group == 1 : group == 0;
   const int N = (int)p.n_chunks;

@@ -151,10 +151,8 @@ __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS
   const int d_inner = (int)(R::OWN_IS_V ? p.K : p.V);
   const bool ascending = R::ADJOINT ? group == 1 : group == 0;
 
-  if (p.flags) {  // only the sequences the tensor-core backward left (gla_chunk_backward.cu)
-    const int* flags = in_ptr<int>(p.flags) + bh * kFlagSlots;
-    if (!(flags[0] | flags[1] | flags[2] | flags[3])) return;
-  }
+  // only the sequences the tensor-core backward left (gla_chunk_backward.cu)
+  if (p.flags && !flagged(p.flags, bh)) return;
   const unsigned smem_needed =
       4u * (unsigned)(groups * GROUP_FLOATS + (midpoint ? (int)p.chunk_len * OWN_TILE : 0));
   if ((int)blockDim.x != groups * THREADS || dynamic_smem_bytes() < smem_needed) fail_launch();
