@@ -30,6 +30,14 @@ def _sweeps_filtered(launcher) -> bool:
     return _ran(launcher, "gla_sweep")
 
 
+def _ran_adjoint(launcher, head_dim_k: int = 32, head_dim_v: int = 64, bidirectional: bool = True) -> bool:
+    """Whether the adjoint walks the plan chooses for this kind of call ran: the fused walk, or
+    the dv and the dk walk."""
+    if _plan.chunk_backward_launch(1, head_dim_k, head_dim_v, bidirectional, 1).fused:
+        return _ran(launcher, "gla_chunk_backward_adjoint") and not _ran(launcher, "gla_chunk_backward_dkv<true")
+    return _ran(launcher, "gla_chunk_backward_dkv<true") and _ran(launcher, "gla_chunk_backward_dkv<false")
+
+
 # T around the chunk (16) and midpoint (32) boundaries, every K and V the kernels take, and the
 # largest sequence they take (512)
 CASES = [
@@ -50,7 +58,8 @@ CASES = [
 def test_matches_reference(launcher, case):  # noqa: F811
     launcher.names.clear()
     check_against_reference(NAME, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
-    assert _ran(launcher, "gla_chunk_backward_dq") and _ran(launcher, "gla_chunk_backward_dkv"), launcher.names
+    assert _ran(launcher, "gla_chunk_backward_dq"), launcher.names
+    assert _ran_adjoint(launcher, case.K, case.V, case.bidirectional), launcher.names
 
 
 # gates whose in-chunk sums leave the decay ratio's range: the sweeps redo those sequences
@@ -58,6 +67,7 @@ HOSTILE = [
     Case(1, 40, 1, 32, 64, torch.bfloat16, gates="strong"),
     Case(2, 40, 1, 32, 64, torch.bfloat16, gates="extreme"),
     Case(1, 23, 2, 16, 32, torch.bfloat16, bidirectional=False, gates="extreme"),
+    Case(2, 50, 1, 32, 64, torch.bfloat16, bidirectional=False, gates="extreme"),  # the fused adjoint walk
 ]
 
 
@@ -86,7 +96,7 @@ def test_one_strong_sequence_leaves_the_others_alone(launcher):  # noqa: F811
     x["dout"] = torch.randn_like(x["v"])
     launcher.names.clear()
     together = _grads(x, NAME)
-    assert _ran(launcher, "gla_chunk_backward_dkv") and _sweeps_filtered(launcher)
+    assert _ran_adjoint(launcher) and _sweeps_filtered(launcher)
     for b in range(2):
         alone = _grads({n: t[b:b + 1] for n, t in x.items()}, NAME)
         for n in together:
@@ -103,7 +113,7 @@ def test_longest_sequence_it_takes(launcher):  # noqa: F811
     case = Case(1, _plan.SINGLE_CHUNK_MAX, 1, 16, 16, torch.bfloat16)
     launcher.names.clear()
     check_against_reference(NAME, case, "cpu", seed=4)
-    assert _ran(launcher, "gla_chunk_backward_dkv")
+    assert _ran_adjoint(launcher, case.K, case.V, case.bidirectional)
 
 
 # sequences cut into segments of 32 tokens (the path of sequences over 512): the forward's
@@ -115,6 +125,7 @@ SEGMENTED_CASES = [
     Case(1, 96, 2, 16, 48, torch.bfloat16, bidirectional=False),
     Case(1, 70, 2, 16, 32, torch.bfloat16, gates="extreme"),
     Case(1, 45, 1, 16, 16, torch.bfloat16, bidirectional=False, gates="strong"),
+    Case(2, 90, 1, 32, 32, torch.bfloat16, bidirectional=False),
 ]
 
 
@@ -122,8 +133,9 @@ SEGMENTED_CASES = [
 def test_segments_match_reference(launcher, case):  # noqa: F811
     launcher.names.clear()
     check_against_reference(SEGMENTED, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
-    assert _ran(launcher, "gla_chunk_backward_dq") and any(n.endswith("true>") and "backward_dkv" in n
-                                                            for n in launcher.names), launcher.names
+    assert _ran(launcher, "gla_chunk_backward_dq"), launcher.names
+    assert _ran_adjoint(launcher, case.K, case.V, case.bidirectional), launcher.names
+    assert any(n.endswith("true>") and "backward_dkv" in n for n in launcher.names), launcher.names  # local adjoints
     assert "gla::gla_gate_grad_fixup<gla::bf16>" in launcher.names
 
 
@@ -187,13 +199,47 @@ def test_as_accurate_as_the_float32_sweeps(launcher, bidirectional):  # noqa: F8
     reference = _grads({**{n: t.double() for n, t in x.items()}, "dout": dout.double()}, "torch", bidirectional)
     launcher.names.clear()
     tensor_cores = _driver.backward(inputs, dout, None, launcher)
-    assert _ran(launcher, "gla_chunk_backward_dkv")
+    assert _ran_adjoint(launcher, bidirectional=bidirectional)
     sweeps = _driver.backward(inputs, dout, None, launcher, chunk_backward=False)
     fields = dict(q="dq", k="dk", v="dv", g="dg", g_reverse="dg_reverse")
     for n in reference:
         err = lambda d: ((d.double() - reference[n]).norm() / reference[n].norm()).item()  # noqa: E731
         got, base = err(getattr(tensor_cores, fields[n])), err(getattr(sweeps, fields[n]))
         assert got <= 1.5 * base + 1e-4, (n, got, base)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_fused_adjoint_walk_against_the_separate_walks(launcher, bidirectional, segmented):  # noqa: F811
+    """The fused adjoint walk (dv, dk and the gate gradients in one pass, dk's V halves swapped
+    between warps) against the dv and dk walks it replaces: dv's arithmetic is the dv walk's,
+    so dv is bitwise the same; dk and the gate gradients sum their V halves in another order,
+    so they are held to the reference. With and without prefetching: bitwise the same."""
+    from glakernels._custom_op import _inputs
+
+    x = make_inputs(Case(2, 70, 2, 32, 64, torch.bfloat16, bidirectional), "cpu", seed=5)
+    dout = torch.randn_like(x["v"])
+    inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
+    chunk_len = 32 if segmented else None
+    run = lambda launch: _driver.backward(inputs, dout, None, launcher, chunk_len=chunk_len,  # noqa: E731
+                                          chunk_backward_launch=launch)
+    launcher.names.clear()
+    separate, fused, fused_direct = (run(launch) for launch in (
+        _plan.ChunkBackwardLaunch(fused=False), _plan.ChunkBackwardLaunch(fused=True),
+        _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False)))
+    assert _ran(launcher, "gla_chunk_backward_adjoint") and _ran(launcher, "gla_chunk_backward_dkv<true")
+    assert torch.equal(fused.dv, separate.dv)
+    for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
+        assert torch.equal(getattr(fused, field), getattr(fused_direct, field)) if getattr(fused, field) is not None \
+            else getattr(fused_direct, field) is None, field
+    reference = _grads({**{n: t.double() for n, t in x.items()}, "dout": dout.double()}, "torch", bidirectional)
+    for n, field in dict(q="dq", k="dk", v="dv", g="dg", g_reverse="dg_reverse").items():
+        if n not in reference:
+            continue
+        got, base = (getattr(r, field).double() for r in (fused, separate))
+        assert torch.isfinite(got).all(), field
+        err = lambda d: ((d - reference[n]).norm() / reference[n].norm()).item()  # noqa: E731
+        assert err(got) < 2e-2 and err(got) <= 1.5 * err(base) + 1e-4, (field, err(got), err(base))
 
 
 def test_ranking_takes_the_calls_the_tensor_core_kernels_take(monkeypatch):

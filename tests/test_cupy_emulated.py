@@ -27,6 +27,9 @@ NAMES = {"plan": "cupy-emulated", "chunked": "cupy-emulated-chunked"}
 #: the tensor-core forward's launches beyond the plan's (every split of V = 64, without
 #: prefetching), for the bitwise checks of test_cupy_chunk_forward_emulated.py
 FORWARD_LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)]
+#: the tensor-core backward's adjoint walks beyond the plan's at K = 32, V = 64: the separate
+#: dv and dk walks and the fused walk without prefetching (test_cupy_chunk_backward_emulated.py)
+BACKWARD_LAUNCHES = [_plan.ChunkBackwardLaunch(fused=False), _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False)]
 _emulators: dict = {}
 
 
@@ -41,6 +44,11 @@ def shared_emulator(tmp_path_factory) -> Emulator:
         names[file] = tuple(dict.fromkeys(names[file] + tuple(
             _plan.chunk_forward_name(dtype, 32, 64, bi, launch) for launch in FORWARD_LAUNCHES
             for bi in (True, False) for dtype in (torch.bfloat16, torch.float16))))
+        file = _sources.CHUNK_BACKWARD_FILE
+        extra = [_plan.chunk_backward_fused_name(32, 64, bi, launch) if launch.fused else
+                 _plan.chunk_backward_adjoint_name(dv, 32, 64, bi, launch)
+                 for launch in BACKWARD_LAUNCHES for bi in (True, False) for dv in (True, False)]
+        names[file] = tuple(dict.fromkeys(names[file] + tuple(extra)))
         _emulators[base] = Emulator(names, base / "emulator")
     return _emulators[base]
 

@@ -239,8 +239,12 @@ CHUNK_BACKWARD_CASES = [
 
 @pytest.mark.parametrize("case", CHUNK_BACKWARD_CASES, ids=lambda c: c.id())
 def test_tensor_core_backward_matches_reference(cupy_backend, case):
+    from glakernels.backends.cupy import _plan
+
     names = _check_recording(case, seed=19)
-    assert any(n.startswith("gla::gla_chunk_backward_dkv") for n in names), names
+    fused = _plan.chunk_backward_launch(1, case.K, case.V, case.bidirectional, 1).fused
+    walk = "gla::gla_chunk_backward_" + ("adjoint" if fused else "dkv<true")
+    assert any(n.startswith(walk) for n in names), names
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -262,14 +266,21 @@ def test_tensor_core_backward_launches_agree_bitwise(cupy_backend, bidirectional
         inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
         return _driver.backward(inputs, dout, None, launcher, chunk_backward_launch=launch)
 
-    launches = [_plan.ChunkBackwardLaunch(w, m, w, m) for w in (1, 2) for m in (1, 3)]
-    outs = [grads(x, dout, launch) for launch in launches]
-    for launch, got in zip(launches[1:], outs[1:]):
-        for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
-            if getattr(got, field) is not None:
-                assert torch.equal(getattr(got, field), getattr(outs[0], field)), (launch, field)
+    fields = ("dq", "dk", "dv", "dg", "dg_reverse")
+    separate = [_plan.ChunkBackwardLaunch(w, m, w, m) for w in (1, 2) for m in (1, 3)]
+    fused = [_plan.ChunkBackwardLaunch(2, m, 2, m, True, p) for m in (1, 2, 3) for p in (True, False)]
+    firsts = []
+    for family in (separate, fused):  # the fused walk sums dk's V halves in its own order
+        outs = [grads(x, dout, launch) for launch in family]
+        firsts.append(outs[0])
+        for launch, got in zip(family[1:], outs[1:]):
+            for field in fields:
+                if getattr(got, field) is not None:
+                    assert torch.equal(getattr(got, field), getattr(outs[0], field)), (launch, field)
+    assert torch.equal(firsts[0].dv, firsts[1].dv)  # the fused walk's dv is the dv walk's arithmetic
+    together = grads(x, dout)
     for b in (0, 5, 63):
         alone = grads({n: t[b:b + 1] for n, t in x.items()}, dout[b:b + 1])
-        for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
+        for field in fields:
             if getattr(alone, field) is not None:
-                assert torch.equal(getattr(alone, field), getattr(outs[0], field)[b:b + 1]), (b, field)
+                assert torch.equal(getattr(alone, field), getattr(together, field)[b:b + 1]), (b, field)

@@ -145,6 +145,13 @@ def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.Chu
                     adjoint_block, 0, kernel_args(states, call.base_args))
         call.state_scan(True, enter=enter.data_ptr(), decay=decay.data_ptr())
         extra["enter"] = enter.data_ptr()
+    if launch.fused:  # dk's hand-over between the directions goes through global memory
+        park = call.scratch(call.B * call.H * n, 2, call.chunk_len, K) if bi else None
+        scratch.append(park)
+        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_fused_name(K, V, bi, launch), grid, adjoint_block,
+                    plan.chunk_backward_fused_smem_bytes(call.chunk_len, V, bi),
+                    kernel_args(dict(extra, park=_address(park)), call.base_args))
+        return flags
     for dv, columns in ((True, V), (False, K)):
         call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dv, K, V, bi, launch), grid, adjoint_block,
                     plan.chunk_backward_smem_bytes(call.chunk_len, columns, bi), kernel_args(extra, call.base_args))
@@ -231,7 +238,7 @@ def backward(
     if chunk_backward and _takes_chunk_backward(call, inputs, launcher, (
             inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, grad_output, dq, dk, dv, dg, dg_rev)):
         launch = chunk_backward_launch or plan.chunk_backward_launch(
-            call.B * call.H * call.n_chunks, call.K, call.V, getattr(launcher, "sm_count", 1))
+            call.B * call.H * call.n_chunks, call.K, call.V, call.bidirectional, getattr(launcher, "sm_count", 1))
         flags = _chunk_backward(call, common, outputs, launch)
         # the sweeps below then redo, exactly, only the sequences whose gates left the decay
         # ratio's range (every sweep returns at once for the others)

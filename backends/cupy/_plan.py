@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -234,9 +234,23 @@ class ChunkBackwardLaunch:
     dq_min_blocks: int = 1
     adjoint_warps: int = 2  # the dv and the dk walk
     adjoint_min_blocks: int = 1
+    fused: bool = False  # dv and dk in one adjoint walk (K = 32, V tiles even: two warps a direction)
+    fused_prefetch: bool = True  # the fused walk's next-chunk loads in flight during a step
 
 
-def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, sm_count: int) -> ChunkBackwardLaunch:
+#: the fused adjoint walk's swap buffers: per direction, two warps x two step parities x
+#: [16 x 16] float32 (mirror of gla_chunk_backward_adjoint's `swap`)
+FUSED_SWAP_BYTES = 2 * 2 * 16 * 16 * 4
+
+
+def chunk_backward_fuses(head_dim_k: int, head_dim_v: int) -> bool:
+    """Whether the fused adjoint walk takes these head dims: one K tile of dk per warp of a
+    direction (K = 32) and V split evenly between the two."""
+    return head_dim_k == 32 and (head_dim_v // 16) % 2 == 0
+
+
+def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, bidirectional: bool,
+                          sm_count: int) -> ChunkBackwardLaunch:
     """The launch for a grid of ``blocks`` blocks (B * H * segments). Two warps a direction wherever the
     split axis has an even number of 16-wide tiles (each holds half of the state; one warp
     holding K = 32 x V = 64 spills, and the halves ran 1.3-2x faster). At least 3 blocks per
@@ -246,11 +260,18 @@ def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, sm_coun
     --launches ...``, NOTES.md run 22b): vigT_224 (384 blocks) 130.6 µs capped against 185.2
     uncapped; 8 x 196 x 3 (24 blocks) 71.3 uncapped against 77.1; 32 x 512 x 3 121.1
     against 135.3. Bits do not depend on the launch (each column's arithmetic is the same;
-    tests/test_cupy_gpu.py checks it bit for bit)."""
+    tests/test_cupy_gpu.py checks it bit for bit).
+
+    Causal calls with K = 32 take the fused adjoint walk (dv and dk in one pass; it sums dk's
+    V halves in its own order, so the choice depends on the kind of call only, never on the
+    grid): backward vigT_224 66.4 against 75.7 µs, vigT_1024 161 / 175, 8 x 196 x 3 37.1 /
+    41.6 (NOTES.md run 23b). Bidirectional calls keep the two walks: the fused one lost there
+    (vigT_224 138.5 against 133.3 µs at its best launch, vigT_1024 263 / 244; runs 23b-c)."""
     k_tiles, v_tiles = head_dim_k // 16, head_dim_v // 16
     even = k_tiles % 2 == 0 and v_tiles % 2 == 0
     min_blocks = 3 if blocks > 2 * sm_count else 1
-    return ChunkBackwardLaunch(2 if k_tiles % 2 == 0 else 1, min_blocks, 2 if even else 1, min_blocks)
+    return ChunkBackwardLaunch(2 if k_tiles % 2 == 0 else 1, min_blocks, 2 if even else 1, min_blocks,
+                               fused=not bidirectional and chunk_backward_fuses(head_dim_k, head_dim_v))
 
 
 def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
@@ -272,6 +293,21 @@ def chunk_backward_adjoint_name(dv: bool, head_dim_k: int, head_dim_v: int, bidi
             f"{launch.adjoint_min_blocks}, {flag(local)}>")
 
 
+def chunk_backward_fused_name(head_dim_k: int, head_dim_v: int, bidirectional: bool,
+                              launch: ChunkBackwardLaunch) -> str:
+    """``gla_chunk_backward_adjoint<KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS>``: the fused
+    adjoint walk, two warps a direction splitting V (VT per warp), every K tile (KT)."""
+    flag = lambda x: "true" if x else "false"  # noqa: E731
+    return (f"gla::gla_chunk_backward_adjoint<{head_dim_k // 16}, {head_dim_v // 32}, 2, {flag(bidirectional)}, "
+            f"{flag(launch.fused_prefetch)}, {launch.adjoint_min_blocks}>")
+
+
+def chunk_backward_fused_smem_bytes(segment_len: int, head_dim_v: int, bidirectional: bool) -> int:
+    """The fused walk's dynamic shared memory: the parked dv (bidirectional), then the swap
+    buffers of each direction."""
+    return chunk_backward_smem_bytes(segment_len, head_dim_v, bidirectional) + FUSED_SWAP_BYTES * (2 if bidirectional else 1)
+
+
 def chunk_backward_blocks(bidirectional: bool, launch: ChunkBackwardLaunch) -> tuple[int, int]:
     """Threads per block of the dq and of the dv and dk kernels."""
     directions = 2 if bidirectional else 1
@@ -285,14 +321,19 @@ def chunk_backward_smem_bytes(seq_len: int, head_dim: int, bidirectional: bool) 
 
 
 def chunk_backward_names() -> tuple[str, ...]:
-    """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
+    """Every launch the plan can choose for every shape (what CI compiles and emulates), and the
+    fused adjoint walk's bidirectional launches."""
     names = []
     for k, v, bi, blocks in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16),
                                               range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3)):
-        launch = chunk_backward_launch(blocks, k, v, 1)  # one SM: 1 and 3 blocks cross the threshold
-        names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(True, k, v, bi, launch),
-                  chunk_backward_adjoint_name(False, k, v, bi, launch),
-                  chunk_backward_adjoint_name(False, k, v, bi, launch, local=True)]
+        launch = chunk_backward_launch(blocks, k, v, bi, 1)  # one SM: 1 and 3 blocks cross the threshold
+        names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(False, k, v, bi, launch, local=True)]
+        if launch.fused:
+            names.append(chunk_backward_fused_name(k, v, bi, launch))
+        else:
+            names += [chunk_backward_adjoint_name(True, k, v, bi, launch), chunk_backward_adjoint_name(False, k, v, bi, launch)]
+        if bi and chunk_backward_fuses(k, v):  # not the plan's choice there, but tests and benchmarks launch it
+            names.append(chunk_backward_fused_name(k, v, bi, replace(launch, fused=True)))
     return tuple(dict.fromkeys(names))
 
 

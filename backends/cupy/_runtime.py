@@ -150,11 +150,15 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim_k: int, head_dim_
                 name = plan.chunk_forward_name(dtype, head_dim_k, head_dim_v, bidirectional, launch, output)
                 _kernel(index, CHUNK_FORWARD_FILE, name)
     if plan.chunk_backward_fits(dtype, 1, head_dim_k, head_dim_v, False) and device_capability(index) >= (8, 0):
-        launch = plan.chunk_backward_launch(10**6, head_dim_k, head_dim_v, sm_count(index))
         for bidirectional in (True, False):
+            launch = plan.chunk_backward_launch(10**6, head_dim_k, head_dim_v, bidirectional, sm_count(index))
             _kernel(index, CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(head_dim_k, head_dim_v, bidirectional, launch))
-            for dv, local in ((True, False), (False, False), (False, True)):
+            walks = ((False, True),) + (() if launch.fused else ((True, False), (False, False)))
+            for dv, local in walks:
                 name = plan.chunk_backward_adjoint_name(dv, head_dim_k, head_dim_v, bidirectional, launch, local)
+                _kernel(index, CHUNK_BACKWARD_FILE, name)
+            if launch.fused:
+                name = plan.chunk_backward_fused_name(head_dim_k, head_dim_v, bidirectional, launch)
                 _kernel(index, CHUNK_BACKWARD_FILE, name)
     _kernel(index, SCAN_FILE, plan.SCAN_NAME)
     return time.perf_counter() - start

@@ -663,4 +663,375 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   }
 }
 
+// tile `j` (runtime, uniform across the warp) of a per-tile register array, without local
+// memory: every tile is visited and the matching one kept
+template <int N, int M, class T>
+__device__ __forceinline__ void select_tile(const T (&x)[N][M], int j, T (&out)[M]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i) out[i] = x[0][i];
+#pragma unroll
+  for (int t = 1; t < N; ++t)
+#pragma unroll
+    for (int i = 0; i < M; ++i) out[i] = j == t ? x[t][i] : out[i];
+}
+
+// the same for C-tile pairs, [tile][octet][element]
+template <int N>
+__device__ __forceinline__ void select_tile(const float (&x)[N][2][4], int j, float (&out)[2][4]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      out[half][e] = x[0][half][e];
+#pragma unroll
+      for (int t = 1; t < N; ++t) out[half][e] = j == t ? x[t][half][e] : out[half][e];
+    }
+}
+
+// The fused adjoint walk: dv, dk and the gate gradients in one pass over each direction's
+// reversed order, computing the adjoint once. NW = KT = 2 warps per direction split V as the
+// dv walk does (each keeps dS^T for its V columns and every K column) and compute dv as it
+// does. dk's two products (B^T qh, with B = dout . v^T, and (D dS) v) sum over V, so each
+// warp forms its V half's share for every K column and the two swap the halves they do not
+// own through shared memory every step (double-buffered, one barrier a step); warp `part`
+// then finishes dk and the gate gradients of K tile `part` as the dk walk does. Shared
+// memory: the parked dv [T][V] float32 (bidirectional), then the swap buffers. A
+// bidirectional block's dk does not go through shared memory (that would leave room for two
+// blocks an SM, not three): each direction stores its float32 rows in its own slot of `park`
+// and the block writes slot 0 + slot 1 once both walks are done, so no step waits on a
+// global load (reading the other direction's row mid-walk instead cost ~10 % at vigT_224).
+// Grid: (B * H, segments); block: NW warps per direction.
+template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS>
+__global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
+gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
+  static_assert(NW == 2 && KT == NW, "one K tile of dk per warp of a direction");
+  GLA_COLLECT_PARAMS;
+  using E = bf16;
+  constexpr int KW = 2 * KT, VW = 2 * VT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int dir = warp / NW, part = warp % NW;
+  const i64 b = blockIdx.x / p.H, h = blockIdx.x % p.H;
+  if (flagged(p.flags, blockIdx.x)) return;  // the sweeps redo this sequence
+  const int segment = blockIdx.y, n_segments = gridDim.y;
+  const i64 t0 = i64(segment) * p.chunk_len;
+  const i64 T = p.T - t0 < p.chunk_len ? p.T - t0 : p.chunk_len;  // this block's tokens [t0, t0 + T)
+  const i64 row_k = p.H * p.K, row_v = p.H * p.V;
+  const i64 v_base = part * 16 * VT;  // this warp's V columns
+  const i64 k_col = 4 * KT * c, v_col = v_base + 4 * VT * c;  // this lane's first ones (load order)
+  const i64 own_col = k_col + 4 * part;  // this lane's 4 columns of K tile `part` (dk, dg)
+  const i64 k_off = (b * p.T + t0) * row_k + h * p.K + k_col;
+  const i64 v_off = (b * p.T + t0) * row_v + h * p.V + v_col;
+  const i64 own_off = k_off + 4 * part;
+  const E* q = in_ptr<E>(p.q) + k_off;
+  const E* k = in_ptr<E>(p.k) + k_off;
+  const E* g = in_ptr<E>(dir == 0 ? p.g : p.g_rev) + k_off;
+  const E* v = in_ptr<E>(p.v) + v_off;
+  const E* dout = in_ptr<E>(p.dout) + v_off;
+  const float* q_dq = in_ptr<float>(p.a_ws) + dir * p.B * p.T * row_k + own_off;
+  // several segments: the gate gradients' sums within the segment, for gla_gate_grad_fixup
+  float* dg_local = out_ptr<float>(p.dg_ws) + dir * p.B * p.T * row_k + own_off;
+  E* dg = out_ptr<E>(dir == 0 ? p.dg : p.dg_rev) + own_off;
+  const i64 state_base = ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K * p.V;
+  // dS^T's C-tile element (a, n, e) in a [K][V] row-major state
+  auto state_offset = [&](int a, int n, int e) -> i64 {
+    const i64 k_at = permuted_column(KT, n >> 1, 8 * (n & 1) + 2 * c + (e & 1));
+    return k_at * p.V + v_base + permuted_column(VT, a, r + 8 * (e >> 1));
+  };
+  const float scale = p.scale;
+  const int n_chunks = int((T + 15) / 16);
+  const i64 K = p.K, V = p.V;
+
+  float* park_v = reinterpret_cast<float*>(dynamic_smem());  // [T][V] (bidirectional)
+  Float4* swap = reinterpret_cast<Float4*>(park_v + (BIDIR ? p.chunk_len * V : 0));  // [dir][part][parity][2][32]
+  // [2 directions][chunk_len][K]: this block's dk hand-over slots
+  float* park_k = out_ptr<float>(p.park) + (i64(blockIdx.x) * n_segments + segment) * 2 * p.chunk_len * K;
+  const Midpoint mid = Midpoint::descending(T);
+  if (BIDIR) {
+    for (i64 i = threadIdx.x; i < (mid.met_end - mid.met_begin) * V; i += blockDim.x) park_v[mid.met_begin * V + i] = 0.0f;
+  }
+
+  const u32 one = Half16<E>::kOne;
+  const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
+  const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
+  const u32 tri_up = ((2 * c >= r) ? one : 0u) | ((2 * c + 1 >= r) ? one << 16 : 0u);
+  const u32 upper[4] = {tri_up, 0u, one | (one << 16), tri_up};
+
+  float dS[VT][2 * KT][4];  // dS^T: [V tile][K octet][C tile]
+#pragma unroll
+  for (int a = 0; a < VT; ++a)
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dS[a][n][e] = 0.0f;
+  if (n_segments > 1) {  // the adjoint entering the segment from the later ones
+    const float* entering = in_ptr<float>(p.enter) + state_base;
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int n = 0; n < 2 * KT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dS[a][n][e] = entering[state_offset(a, n, e)];
+  }
+  float carry[2][2] = {};  // the gate gradient of K tile `part` summed over the later chunks
+
+  auto load = [&](int chunk, BackwardInputs<KW, VW>& in) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const i64 t = 16 * i64(chunk) + r + 8 * half;
+      const bool valid = t < T;
+      const i64 row = dir == 0 ? t : T - 1 - t;
+      load_row<KW>(q + row * row_k, valid, in.q[half]);
+      load_row<KW>(k + row * row_k, valid, in.k[half]);
+      load_row<KW>(g + row * row_k, valid, in.g[half]);
+      load_row<VW>(v + row * row_v, valid, in.v[half]);
+      load_row<VW>(dout + row * row_v, valid, in.dout[half]);
+    }
+  };
+
+  BackwardInputs<KW, VW> next;  // PREFETCH: the next chunk's loads in flight during this one
+  if (PREFETCH) load(n_chunks - 1, next);
+  for (int step = 0; step < n_chunks; ++step) {
+    const int chunk = n_chunks - 1 - step;
+    BackwardInputs<KW, VW> in;
+    if (PREFETCH) {
+      in = next;
+      if (chunk > 0) load(chunk - 1, next);
+    } else {
+      load(chunk, in);
+    }
+    if (BIDIR && step == mid.steps_before) block_sync();  // the other direction has parked
+
+    float G[KT][8], col_total[KT][2][2], row_total[KT][2];
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+      chunk_gate_sums<E>(tri, fragment_word<KT>(in.g, j, 0), fragment_word<KT>(in.g, j, 1),
+                         fragment_word<KT>(in.g, j, 2), fragment_word<KT>(in.g, j, 3), r, c,
+                         G[j], col_total[j], row_total[j]);
+
+    // qh = s q e^{G} and kh = k e^{-G}, split (A-fragment order); qh's transposed words (B
+    // operand over (token, K column): octet 2j + half is qhT[j][2 half], qhT[j][2 half + 1])
+    u32 qh_hi[KT][4], qh_lo[KT][4], qhT_hi[KT][4], qhT_lo[KT][4], kh_hi[KT][4], kh_lo[KT][4];
+#pragma unroll
+    for (int j = 0; j < KT; ++j)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const u32 qw = fragment_word<KT>(in.q, j, w), kw = fragment_word<KT>(in.k, j, w);
+        const float e0 = exp2_approx(G[j][2 * w] * kLog2e), e1 = exp2_approx(G[j][2 * w + 1] * kLog2e);
+        split_bf16x2(low_bf16(qw) * scale * e0, high_bf16(qw) * scale * e1, qh_hi[j][w], qh_lo[j][w]);
+        qhT_hi[j][w] = transpose8x8(qh_hi[j][w]), qhT_lo[j][w] = transpose8x8(qh_lo[j][w]);
+        split_bf16x2(low_bf16(kw) * exp2_approx(-G[j][2 * w] * kLog2e),
+                     high_bf16(kw) * exp2_approx(-G[j][2 * w + 1] * kLog2e), kh_hi[j][w], kh_lo[j][w]);
+      }
+    // the gate sums and k's words of K tile `part`, for dk and the gate gradients
+    float Gp[8];
+    u32 kp[4];
+    select_tile<KT, 8>(G, part, Gp);
+    {
+      u32 kw[KT][4];
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int w = 0; w < 4; ++w) kw[j][w] = fragment_word<KT>(in.k, j, w);
+      select_tile<KT, 4>(kw, part, kp);
+    }
+    // dout's transposed words: B operand over (token, V column) and, reordered, A of dout^T
+    u32 dT[VT][4];
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) dT[a][w] = transpose8x8(fragment_word<VT>(in.dout, a, w));
+
+    // D dS: the adjoint from the later chunks, decayed across this one (per K column)
+#pragma unroll
+    for (int n = 0; n < 2 * KT; ++n) {
+      const float d0 = exp2_approx(col_total[n >> 1][n & 1][0] * kLog2e);
+      const float d1 = exp2_approx(col_total[n >> 1][n & 1][1] * kLog2e);
+#pragma unroll
+      for (int a = 0; a < VT; ++a) dS[a][n][0] *= d0, dS[a][n][1] *= d1, dS[a][n][2] *= d0, dS[a][n][3] *= d1;
+    }
+    const int rows_valid = int(T - 16 * i64(chunk));  // rows of this chunk inside the sequence
+
+    // A = qh kh^T (scores) and its transpose's A fragment, for dv below (first: qh's A-order
+    // words are dead after it; the order of the steps below keeps the live registers down)
+    u32 at_hi[4], at_lo[4];
+    {
+      float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          mma_split(sc[half], qh_hi[j], qh_lo[j], kh_hi[j][half], kh_hi[j][half + 2], kh_lo[j][half],
+                    kh_lo[j][half + 2]);
+      mask_causal(sc, r, c);
+      transposed_lower_tile(sc, at_hi, at_lo);
+    }
+
+    // dv = A^T dout + kh (D dS) over this warp's V columns, as the dv walk
+    {
+      float dv[VT][2][4];
+#pragma unroll
+      for (int a = 0; a < VT; ++a)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float (&x)[4] = dv[a][half];
+          x[0] = x[1] = x[2] = x[3] = 0.0f;
+          mma_bf16(x, at_lo, dT[a][2 * half], dT[a][2 * half + 1]);
+          mma_bf16(x, at_hi, dT[a][2 * half], dT[a][2 * half + 1]);
+#pragma unroll
+          for (int j = 0; j < KT; ++j) {
+            u32 s_hi[2], s_lo[2];
+            split_bf16x2(dS[a][2 * j][2 * half], dS[a][2 * j][2 * half + 1], s_hi[0], s_lo[0]);
+            split_bf16x2(dS[a][2 * j + 1][2 * half], dS[a][2 * j + 1][2 * half + 1], s_hi[1], s_lo[1]);
+            mma_split(x, kh_hi[j], kh_lo[j], s_hi[0], s_hi[1], s_lo[0], s_lo[1]);
+          }
+        }
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        if (r + 8 * rh >= rows_valid) continue;
+        const i64 t = 16 * i64(chunk) + r + 8 * rh;
+        const i64 row = dir == 0 ? t : T - 1 - t;
+        Float4 x[VT];
+#pragma unroll
+        for (int a = 0; a < VT; ++a)
+          x[a] = Float4{dv[a][0][2 * rh], dv[a][0][2 * rh + 1], dv[a][1][2 * rh], dv[a][1][2 * rh + 1]};
+        if (BIDIR && !hand_over<VT>(mid, step, row, park_v + row * V + v_col, x)) continue;
+        store_outputs<E, VT>(out_ptr<E>(p.dv) + v_off + row * row_v, x);
+      }
+    }
+
+    // dk before e^{-G}, this warp's V columns' share for every K column: B_h^T qh + (D dS_h) v_h
+    float dk[KT][2][4];
+    {
+      float bs[2][4];
+      dout_v_scores<VT, VW>(in.dout, in.v, bs);
+      mask_causal(bs, r, c);
+      u32 bt_hi[4], bt_lo[4];
+      transposed_lower_tile(bs, bt_hi, bt_lo);
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float (&x)[4] = dk[j][half];
+          x[0] = x[1] = x[2] = x[3] = 0.0f;
+          mma_split(x, bt_hi, bt_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1], qhT_lo[j][2 * half],
+                    qhT_lo[j][2 * half + 1]);
+          const int n = 2 * j + half;
+#pragma unroll
+          for (int a = 0; a < VT; ++a) {
+            u32 va[4];
+            fragment<VT>(in.v, a, va);
+            u32 hi0, lo0, hi1, lo1;
+            split_bf16x2(dS[a][n][0], dS[a][n][1], hi0, lo0);
+            split_bf16x2(dS[a][n][2], dS[a][n][3], hi1, lo1);
+            mma_bf16(x, va, transpose8x8(lo0), transpose8x8(lo1));
+            mma_bf16(x, va, transpose8x8(hi0), transpose8x8(hi1));
+          }
+        }
+    }
+    // swap: the other warp's K tile goes out, this warp's tile comes in (buffers alternate
+    // by step, so one barrier a step orders a write after the other warp's last read)
+    float own[2][4];
+    {
+      const int parity = step & 1;
+      Float4* out = swap + ((dir * NW + part) * 2 + parity) * 2 * 32 + lane;
+      const Float4* in_swap = swap + ((dir * NW + (1 - part)) * 2 + parity) * 2 * 32 + lane;
+      float sent[2][4];
+      select_tile<KT>(dk, 1 - part, sent);
+      select_tile<KT>(dk, part, own);
+      out[0] = Float4{sent[0][0], sent[0][1], sent[0][2], sent[0][3]};
+      out[32] = Float4{sent[1][0], sent[1][1], sent[1][2], sent[1][3]};
+      group_sync(1 + dir, 32 * NW);
+      const Float4 o0 = in_swap[0], o1 = in_swap[32];
+      own[0][0] += o0.x, own[0][1] += o0.y, own[0][2] += o0.z, own[0][3] += o0.w;
+      own[1][0] += o1.x, own[1][1] += o1.y, own[1][2] += o1.z, own[1][3] += o1.w;
+    }
+    // dk = e^{-G} (...) and the gate terms q dq - k dk of K tile `part`
+    {
+      float dG[2][4];
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const i64 t = 16 * i64(chunk) + r + 8 * rh;
+        const bool valid = r + 8 * rh < rows_valid;
+        const i64 row = dir == 0 ? t : T - 1 - t;
+        Float4 qdq[1];
+        load_floats<1>(q_dq + row * row_k, valid, qdq);
+        const float qx[4] = {qdq[0].x, qdq[0].y, qdq[0].z, qdq[0].w};
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int ge = 4 * half + 2 * rh + e;
+            float& x = own[half][2 * rh + e];
+            x *= exp2_approx(-Gp[ge] * kLog2e);
+            const u32 kw = kp[ge >> 1];
+            dG[half][2 * rh + e] = qx[2 * half + e] - (e ? high_bf16(kw) : low_bf16(kw)) * x;
+          }
+      }
+      // suffix sums over the chunk plus the carry from the later chunks (as the dk walk)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float (&x)[4] = dG[half];
+        u32 hi0, lo0, hi1, lo1;
+        split_bf16x2(x[0], x[1], hi0, lo0);
+        split_bf16x2(x[2], x[3], hi1, lo1);
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_bf16(s, upper, transpose8x8(lo0), transpose8x8(lo1));
+        mma_bf16(s, upper, transpose8x8(hi0), transpose8x8(hi1));
+        float (&cy)[2] = carry[half];
+        x[0] = s[0] + cy[0], x[1] = s[1] + cy[1], x[2] = s[2] + cy[0], x[3] = s[3] + cy[1];
+        cy[0] = shfl_idx(x[0], c), cy[1] = shfl_idx(x[1], c);
+      }
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        if (r + 8 * rh >= rows_valid) continue;
+        const i64 t = 16 * i64(chunk) + r + 8 * rh;
+        const i64 row = dir == 0 ? t : T - 1 - t;
+        Float4 gx[1] = {Float4{dG[0][2 * rh], dG[0][2 * rh + 1], dG[1][2 * rh], dG[1][2 * rh + 1]}};
+        Float4 x[1] = {Float4{own[0][2 * rh], own[0][2 * rh + 1], own[1][2 * rh], own[1][2 * rh + 1]}};
+        if (n_segments > 1) reinterpret_cast<Float4*>(dg_local + row * row_k)[0] = gx[0];
+        else store_outputs<E, 1>(dg + row * row_k, gx);
+        if (BIDIR) reinterpret_cast<Float4*>(park_k + (dir * p.chunk_len + row) * K + own_col)[0] = x[0];
+        else store_outputs<E, 1>(out_ptr<E>(p.dk) + own_off + row * row_k, x);
+      }
+    }
+
+    // dS' = D dS + qh^T dout: A = dout^T (rows V), B = qh over (token, K column)
+#pragma unroll
+    for (int a = 0; a < VT; ++a) {
+      const u32 dA[4] = {dT[a][0], dT[a][2], dT[a][1], dT[a][3]};
+#pragma unroll
+      for (int j = 0; j < KT; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma_bf16(dS[a][2 * j + half], dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
+          mma_bf16(dS[a][2 * j + half], dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+        }
+    }
+  }
+  if (n_segments > 1 && r == 0) {  // the segment's whole gate-gradient sum, for the fixup
+    float* total = out_ptr<float>(p.dg_total) + ((i64(blockIdx.x) * 2 + dir) * n_segments + segment) * p.K;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) total[permuted_column(KT, part, 8 * half + 2 * c + e)] = carry[half][e];
+  }
+  if (BIDIR) {
+    block_sync();  // both directions' additions to the rows met after the barrier are in
+    const i64 met_rows = mid.met_end - mid.met_begin;
+    for (i64 i = threadIdx.x; i < met_rows * V; i += blockDim.x) {
+      const i64 row = mid.met_begin + i / V, col = i % V;
+      out_ptr<E>(p.dv)[(b * p.T + t0 + row) * row_v + h * V + col] = from_float<E>(park_v[row * V + col]);
+    }
+    // dk: both directions' rows, slot 0 + slot 1 (four columns a thread)
+    const Float4* slots = reinterpret_cast<const Float4*>(park_k);
+    const i64 K4 = K / 4, other = p.chunk_len * K4;
+    for (i64 i = threadIdx.x; i < T * K4; i += blockDim.x) {
+      const Float4 x = slots[i], y = slots[other + i];
+      Float4 sum[1] = {Float4{x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w}};
+      store_outputs<E, 1>(out_ptr<E>(p.dk) + (b * p.T + t0 + i / K4) * row_k + h * K + 4 * (i % K4), sum);
+    }
+  }
+}
+
 }  // namespace gla

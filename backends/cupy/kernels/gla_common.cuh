@@ -28,6 +28,8 @@ struct f16 { unsigned short bits; };
 //
 //   flags    [B*H][kFlagSlots] int32: sequences the tensor-core backward leaves to the sweeps
 //            (gla_chunk_backward.cu); a sweep given flags runs only the flagged ones
+//   park     [B*H*N][2][chunk_len][K] float32: the fused adjoint walk's dk hand-over between
+//            the two directions of a bidirectional block (gla_chunk_backward.cu)
 //
 // `scale` arrives already halved for bidirectional calls (the two directions are averaged).
 // `chunk_len` / `n_chunks` cut time into N chunks that separate blocks sweep in parallel
@@ -38,7 +40,7 @@ struct f16 { unsigned short bits; };
   X(u64, o) X(u64, dq) X(u64, dk) X(u64, dv) X(u64, dg) X(u64, dg_rev)            \
   X(u64, s0) X(u64, ds_final) X(u64, s_final) X(u64, ds0)                         \
   X(u64, a_ws) X(u64, dg_ws) X(u64, final_term) X(u64, enter) X(u64, decay)       \
-  X(u64, dg_total) X(u64, flags)                                                  \
+  X(u64, dg_total) X(u64, flags) X(u64, park)                                     \
   X(i64, B) X(i64, T) X(i64, H) X(i64, K) X(i64, V)                               \
   X(i64, chunk_len) X(i64, n_chunks) X(i64, bidirectional) X(i64, lambda_scan)   \
   X(float, scale)
