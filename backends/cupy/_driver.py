@@ -14,7 +14,7 @@ Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_M
                [chunk_backward adjoint states, state_scan]  chunk_backward (dv)  chunk_backward (dk)
                (tensor cores: bfloat16, the forward's head dims, no states), then
                [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
-               [gate_total_scan  gate_grad_fixup]
+               [gate_grad_fixup]
                (after the tensor-core launches the sweeps run only the sequences the dq kernel
                flagged: gates too strong for the decay ratio; every sweep returns at once for
                the others)
@@ -254,8 +254,6 @@ def backward(
     call.sweep(plan.BACKWARD_DV, dv=dv.data_ptr(), enter=_address(enter_adjoint), **common)
     if chunked:
         args = kernel_args({**common, "flags": 0, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_args)
-        launcher(SCAN_FILE, plan.GATE_TOTAL_SCAN_NAME, (call.B * call.H * 2, math.ceil(call.K / plan.SCAN_THREADS), 1),
-                 plan.SCAN_THREADS, 0, args)
         launcher(SCAN_FILE, plan.fixup_name(spec.dtype), (call.B * call.H * 2, call.n_chunks, 1),
-                 plan.FIXUP_THREADS, 0, args)
+                 plan.FIXUP_THREADS, plan.fixup_smem_bytes(call.K), args)
     return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)

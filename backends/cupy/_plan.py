@@ -115,8 +115,12 @@ def fixup_name(dtype: torch.dtype) -> str:
     return f"gla::gla_gate_grad_fixup<{C_TYPES[dtype]}>"
 
 
+def fixup_smem_bytes(head_dim_k: int) -> int:
+    """The fixup's dynamic shared memory: the chunk's K offsets, float32."""
+    return 4 * head_dim_k
+
+
 SCAN_NAME = "gla::gla_state_scan"
-GATE_TOTAL_SCAN_NAME = "gla::gla_gate_total_scan"
 
 
 def sweep_family(dtype: torch.dtype, tile: Tile) -> tuple[str, ...]:
@@ -125,7 +129,7 @@ def sweep_family(dtype: torch.dtype, tile: Tile) -> tuple[str, ...]:
 
 
 def scan_family() -> tuple[str, ...]:
-    return (SCAN_NAME, GATE_TOTAL_SCAN_NAME) + tuple(fixup_name(d) for d in C_TYPES)
+    return (SCAN_NAME,) + tuple(fixup_name(d) for d in C_TYPES)
 
 
 #: The tensor-core forward (``kernels/gla_chunk_forward.cu``): 16-bit inputs, head dims that

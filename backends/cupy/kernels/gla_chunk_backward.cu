@@ -24,7 +24,7 @@
 // outputs, gla_state_scan), dS from the adjoint walk's own segment-local adjoints (LOCAL: no
 // outputs) and gla_state_scan's adjoint recurrence; the dk walk then leaves the gate
 // gradients' in-segment sums in dg_ws and each segment's total in dg_total, and
-// gla_gate_total_scan + gla_gate_grad_fixup add the later segments' part.
+// gla_gate_grad_fixup adds the later segments' part.
 //
 // dq, B and the state terms take the forward's fragment layouts: dout and v are exact
 // bfloat16 operands (B in one product), float32 operands are split in two bfloat16 parts. The gate gradients' in-chunk suffix sums are a product with an
@@ -1023,13 +1023,25 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
       const i64 row = mid.met_begin + i / V, col = i % V;
       out_ptr<E>(p.dv)[(b * p.T + t0 + row) * row_v + h * V + col] = from_float<E>(park_v[row * V + col]);
     }
-    // dk: both directions' rows, slot 0 + slot 1 (four columns a thread)
+    // dk: both directions' rows, slot 0 + slot 1, four columns a thread; the loads of kUnroll
+    // rounds go out before their stores (the compiler may not move a load above a store)
+    constexpr int kUnroll = 4;
     const Float4* slots = reinterpret_cast<const Float4*>(park_k);
-    const i64 K4 = K / 4, other = p.chunk_len * K4;
-    for (i64 i = threadIdx.x; i < T * K4; i += blockDim.x) {
-      const Float4 x = slots[i], y = slots[other + i];
-      Float4 sum[1] = {Float4{x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w}};
-      store_outputs<E, 1>(out_ptr<E>(p.dk) + (b * p.T + t0 + i / K4) * row_k + h * K + 4 * (i % K4), sum);
+    const int K4 = int(K / 4), n = int(T) * K4, other = int(p.chunk_len) * K4;
+    for (int first = threadIdx.x; first < n; first += kUnroll * blockDim.x) {
+      Float4 x[kUnroll], y[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = first + u * blockDim.x;
+        if (i < n) x[u] = slots[i], y[u] = slots[other + i];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = first + u * blockDim.x;
+        if (i >= n) break;
+        Float4 sum[1] = {Float4{x[u].x + y[u].x, x[u].y + y[u].y, x[u].z + y[u].z, x[u].w + y[u].w}};
+        store_outputs<E, 1>(out_ptr<E>(p.dk) + (b * p.T + t0 + i / K4) * row_k + h * K + 4 * (i % K4), sum);
+      }
     }
   }
 }
