@@ -17,7 +17,7 @@ from cuda_emulator import compiler
 from gla_testing import GATE_REGIMES, Case, check_against_reference, make_inputs
 from glakernels import gated_linear_attention
 from glakernels.backends.cupy import _driver, _plan
-from test_cupy_chunk_forward_emulated import NAME, SEGMENTED, launcher  # noqa: F401 (the fixture)
+from test_cupy_chunk_forward_emulated import NAME, SEGMENT, SEGMENTED, launcher  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++20 compiler (g++ or clang++) to build the emulator")
 
@@ -30,10 +30,11 @@ def _sweeps_filtered(launcher) -> bool:
     return _ran(launcher, "gla_sweep")
 
 
-def _ran_adjoint(launcher, head_dim_k: int = 32, head_dim_v: int = 64, bidirectional: bool = True) -> bool:
+def _ran_adjoint(launcher, case: Case, segment_len: int | None = None) -> bool:
     """Whether the adjoint walks the plan chooses for this kind of call ran: the fused walk, or
     the dv and the dk walk."""
-    if _plan.chunk_backward_launch(1, head_dim_k, head_dim_v, bidirectional, 1).fused:
+    length = segment_len or _plan.chunking(case.T, None)[0]
+    if _plan.chunk_backward_launch(1, case.K, case.V, case.bidirectional, length, 1).fused:
         return _ran(launcher, "gla_chunk_backward_adjoint") and not _ran(launcher, "gla_chunk_backward_dkv<true")
     return _ran(launcher, "gla_chunk_backward_dkv<true") and _ran(launcher, "gla_chunk_backward_dkv<false")
 
@@ -59,7 +60,7 @@ def test_matches_reference(launcher, case):  # noqa: F811
     launcher.names.clear()
     check_against_reference(NAME, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
     assert _ran(launcher, "gla_chunk_backward_dq"), launcher.names
-    assert _ran_adjoint(launcher, case.K, case.V, case.bidirectional), launcher.names
+    assert _ran_adjoint(launcher, case), launcher.names
 
 
 # gates whose in-chunk sums leave the decay ratio's range: the sweeps redo those sequences
@@ -91,12 +92,13 @@ def test_one_strong_sequence_leaves_the_others_alone(launcher):  # noqa: F811
     """A batch where one (batch, head) has a hard reset mid-chunk: that sequence's gradients
     come from the sweeps, the others' from the tensor cores — each bitwise what it gets alone
     (batch invariance), all within the bound."""
-    x = make_inputs(Case(2, 40, 2, 32, 64, torch.bfloat16), "cpu", seed=3)
+    case = Case(2, 40, 2, 32, 64, torch.bfloat16)
+    x = make_inputs(case, "cpu", seed=3)
     x["g"][1, 21, 0] = -1e4
     x["dout"] = torch.randn_like(x["v"])
     launcher.names.clear()
     together = _grads(x, NAME)
-    assert _ran_adjoint(launcher) and _sweeps_filtered(launcher)
+    assert _ran_adjoint(launcher, case) and _sweeps_filtered(launcher)
     for b in range(2):
         alone = _grads({n: t[b:b + 1] for n, t in x.items()}, NAME)
         for n in together:
@@ -113,7 +115,7 @@ def test_longest_sequence_it_takes(launcher):  # noqa: F811
     case = Case(1, _plan.SINGLE_CHUNK_MAX, 1, 16, 16, torch.bfloat16)
     launcher.names.clear()
     check_against_reference(NAME, case, "cpu", seed=4)
-    assert _ran_adjoint(launcher, case.K, case.V, case.bidirectional)
+    assert _ran_adjoint(launcher, case)
 
 
 # sequences cut into segments of 32 tokens (the path of sequences over 512): the forward's
@@ -134,7 +136,7 @@ def test_segments_match_reference(launcher, case):  # noqa: F811
     launcher.names.clear()
     check_against_reference(SEGMENTED, case, "cpu", seed=zlib.crc32(case.id().encode()) % 1000)
     assert _ran(launcher, "gla_chunk_backward_dq"), launcher.names
-    assert _ran_adjoint(launcher, case.K, case.V, case.bidirectional), launcher.names
+    assert _ran_adjoint(launcher, case, SEGMENT), launcher.names
     assert any(n.endswith("true>") and "backward_dkv" in n for n in launcher.names), launcher.names  # local adjoints
     assert "gla::gla_gate_grad_fixup<gla::bf16>" in launcher.names
 
@@ -193,13 +195,14 @@ def test_as_accurate_as_the_float32_sweeps(launcher, bidirectional):  # noqa: F8
     float32 arithmetic (both are dominated by rounding the bfloat16 outputs)."""
     from glakernels._custom_op import _inputs
 
-    x = make_inputs(Case(2, 50, 2, 32, 64, torch.bfloat16, bidirectional), "cpu", seed=2)
+    case = Case(2, 50, 2, 32, 64, torch.bfloat16, bidirectional)
+    x = make_inputs(case, "cpu", seed=2)
     dout = torch.randn_like(x["v"])
     inputs = _inputs(x["q"], x["k"], x["v"], x["g"], x.get("g_reverse"), None, 32 ** -0.5, bidirectional, False)
     reference = _grads({**{n: t.double() for n, t in x.items()}, "dout": dout.double()}, "torch", bidirectional)
     launcher.names.clear()
     tensor_cores = _driver.backward(inputs, dout, None, launcher)
-    assert _ran_adjoint(launcher, bidirectional=bidirectional)
+    assert _ran_adjoint(launcher, case)
     sweeps = _driver.backward(inputs, dout, None, launcher, chunk_backward=False)
     fields = dict(q="dq", k="dk", v="dv", g="dg", g_reverse="dg_reverse")
     for n in reference:
@@ -214,7 +217,8 @@ def test_fused_adjoint_walk_against_the_separate_walks(launcher, bidirectional, 
     """The fused adjoint walk (dv, dk and the gate gradients in one pass, dk's V halves swapped
     between warps) against the dv and dk walks it replaces: dv's arithmetic is the dv walk's,
     so dv is bitwise the same; dk and the gate gradients sum their V halves in another order,
-    so they are held to the reference. With and without prefetching: bitwise the same."""
+    so they are held to the reference. With and without prefetching, with the adjoint in
+    registers or in shared memory: bitwise the same."""
     from glakernels._custom_op import _inputs
 
     x = make_inputs(Case(2, 70, 2, 32, 64, torch.bfloat16, bidirectional), "cpu", seed=5)
@@ -224,14 +228,18 @@ def test_fused_adjoint_walk_against_the_separate_walks(launcher, bidirectional, 
     run = lambda launch: _driver.backward(inputs, dout, None, launcher, chunk_len=chunk_len,  # noqa: E731
                                           chunk_backward_launch=launch)
     launcher.names.clear()
-    separate, fused, fused_direct = (run(launch) for launch in (
+    separate, fused, *variants = (run(launch) for launch in (
         _plan.ChunkBackwardLaunch(fused=False), _plan.ChunkBackwardLaunch(fused=True),
-        _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False)))
+        _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False),
+        _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False, fused_shared_state=True)))
     assert _ran(launcher, "gla_chunk_backward_adjoint") and _ran(launcher, "gla_chunk_backward_dkv<true")
+    mode = "true" if bidirectional else "false"
+    assert _ran(launcher, f"gla_chunk_backward_adjoint<2, 2, 2, {mode}, false, true,"), launcher.names  # shared state
     assert torch.equal(fused.dv, separate.dv)
-    for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
-        assert torch.equal(getattr(fused, field), getattr(fused_direct, field)) if getattr(fused, field) is not None \
-            else getattr(fused_direct, field) is None, field
+    for variant in variants:
+        for field in ("dq", "dk", "dv", "dg", "dg_reverse"):
+            assert torch.equal(getattr(fused, field), getattr(variant, field)) if getattr(fused, field) is not None \
+                else getattr(variant, field) is None, field
     reference = _grads({**{n: t.double() for n, t in x.items()}, "dout": dout.double()}, "torch", bidirectional)
     for n, field in dict(q="dq", k="dk", v="dv", g="dg", g_reverse="dg_reverse").items():
         if n not in reference:

@@ -28,8 +28,10 @@ NAMES = {"plan": "cupy-emulated", "chunked": "cupy-emulated-chunked"}
 #: prefetching), for the bitwise checks of test_cupy_chunk_forward_emulated.py
 FORWARD_LAUNCHES = [_plan.ChunkForwardLaunch(w, p, 1) for w in _plan.CHUNK_FORWARD_WARPS for p in (True, False)]
 #: the tensor-core backward's adjoint walks beyond the plan's at K = 32, V = 64: the separate
-#: dv and dk walks and the fused walk without prefetching (test_cupy_chunk_backward_emulated.py)
-BACKWARD_LAUNCHES = [_plan.ChunkBackwardLaunch(fused=False), _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False)]
+#: dv and dk walks, the fused walk without prefetching, and with its adjoint in shared memory
+#: (test_cupy_chunk_backward_emulated.py)
+BACKWARD_LAUNCHES = [_plan.ChunkBackwardLaunch(fused=False), _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False),
+                     _plan.ChunkBackwardLaunch(fused=True, fused_prefetch=False, fused_shared_state=True)]
 _emulators: dict = {}
 
 

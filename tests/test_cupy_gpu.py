@@ -242,7 +242,7 @@ def test_tensor_core_backward_matches_reference(cupy_backend, case):
     from glakernels.backends.cupy import _plan
 
     names = _check_recording(case, seed=19)
-    fused = _plan.chunk_backward_launch(1, case.K, case.V, case.bidirectional, 1).fused
+    fused = _plan.chunk_backward_launch(1, case.K, case.V, case.bidirectional, _plan.chunking(case.T)[0], 1).fused
     walk = "gla::gla_chunk_backward_" + ("adjoint" if fused else "dkv<true")
     assert any(n.startswith(walk) for n in names), names
 
@@ -268,7 +268,8 @@ def test_tensor_core_backward_launches_agree_bitwise(cupy_backend, bidirectional
 
     fields = ("dq", "dk", "dv", "dg", "dg_reverse")
     separate = [_plan.ChunkBackwardLaunch(w, m, w, m) for w in (1, 2) for m in (1, 3)]
-    fused = [_plan.ChunkBackwardLaunch(2, m, 2, m, True, p) for m in (1, 2, 3) for p in (True, False)]
+    fused = [_plan.ChunkBackwardLaunch(2, m, 2, m, True, p, shared) for m in (1, 2, 3) for p in (True, False)
+             for shared in (False, True)]
     firsts = []
     for family in (separate, fused):  # the fused walk sums dk's V halves in its own order
         outs = [grads(x, dout, launch) for launch in family]

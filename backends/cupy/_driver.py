@@ -149,7 +149,7 @@ def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.Chu
         park = call.scratch(call.B * call.H * n, 2, call.chunk_len, K) if bi else None
         scratch.append(park)
         call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_fused_name(K, V, bi, launch), grid, adjoint_block,
-                    plan.chunk_backward_fused_smem_bytes(call.chunk_len, V, bi),
+                    plan.chunk_backward_fused_smem_bytes(call.chunk_len, K, V, bi, launch),
                     kernel_args(dict(extra, park=_address(park)), call.base_args))
         return flags
     for dv, columns in ((True, V), (False, K)):
@@ -238,7 +238,8 @@ def backward(
     if chunk_backward and _takes_chunk_backward(call, inputs, launcher, (
             inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, grad_output, dq, dk, dv, dg, dg_rev)):
         launch = chunk_backward_launch or plan.chunk_backward_launch(
-            call.B * call.H * call.n_chunks, call.K, call.V, call.bidirectional, getattr(launcher, "sm_count", 1))
+            call.B * call.H * call.n_chunks, call.K, call.V, call.bidirectional, call.chunk_len,
+            getattr(launcher, "sm_count", 1))
         flags = _chunk_backward(call, common, outputs, launch)
         # the sweeps below then redo, exactly, only the sequences whose gates left the decay
         # ratio's range (every sweep returns at once for the others)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -240,6 +240,7 @@ class ChunkBackwardLaunch:
     adjoint_min_blocks: int = 1
     fused: bool = False  # dv and dk in one adjoint walk (K = 32, V tiles even: two warps a direction)
     fused_prefetch: bool = True  # the fused walk's next-chunk loads in flight during a step
+    fused_shared_state: bool = False  # the fused walk's adjoint in shared memory between its uses
 
 
 #: the fused adjoint walk's swap buffers: per direction, two warps x two step parities x
@@ -253,9 +254,17 @@ def chunk_backward_fuses(head_dim_k: int, head_dim_v: int) -> bool:
     return head_dim_k == 32 and (head_dim_v // 16) % 2 == 0
 
 
-def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, bidirectional: bool,
+#: bidirectional calls take the fused adjoint walk on segments up to this many tokens: with its
+#: adjoint in shared memory (4 T V + 24 KB at K = 32, V = 64) three blocks then fit an H100
+#: SM's 228 KB up to T ~ 203 (ViG at 224 px: T = 196); longer segments would run two blocks
+#: an SM, and the two walks win there (NOTES.md run 23g)
+FUSED_BIDIRECTIONAL_MAX_T = 200
+
+
+def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, bidirectional: bool, segment_len: int,
                           sm_count: int) -> ChunkBackwardLaunch:
-    """The launch for a grid of ``blocks`` blocks (B * H * segments). Two warps a direction wherever the
+    """The launch for a grid of ``blocks`` blocks (B * H * segments) over segments of
+    ``segment_len`` tokens. Two warps a direction wherever the
     split axis has an even number of 16-wide tiles (each holds half of the state; one warp
     holding K = 32 x V = 64 spills, and the halves ran 1.3-2x faster). At least 3 blocks per
     SM (162-168 registers) once the grid needs more than the 2 per SM the uncapped kernels
@@ -266,16 +275,24 @@ def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, bidirec
     against 135.3. Bits do not depend on the launch (each column's arithmetic is the same;
     tests/test_cupy_gpu.py checks it bit for bit).
 
-    Causal calls with K = 32 take the fused adjoint walk (dv and dk in one pass; it sums dk's
-    V halves in its own order, so the choice depends on the kind of call only, never on the
-    grid): backward vigT_224 66.4 against 75.7 µs, vigT_1024 161 / 175, 8 x 196 x 3 37.1 /
-    41.6 (NOTES.md run 23b). Bidirectional calls keep the two walks: the fused one lost there
-    (vigT_224 138.5 against 133.3 µs at its best launch, vigT_1024 263 / 244; runs 23b-c)."""
+    With K = 32 (V in 32-column halves) causal calls, and bidirectional ones on segments of
+    at most FUSED_BIDIRECTIONAL_MAX_T tokens, take the fused adjoint walk (dv and dk in one
+    pass). It sums dk's V halves in its own order, so that choice depends on the kind of call
+    only (mode, T, K, V), never on the grid; its launches give the same bits as each other.
+    Causal: registers, prefetching (backward vigT_224 66.4 against 75.7 µs for the two walks,
+    vigT_1024 161 / 175, 8 x 196 x 3 37.1 / 41.6; runs 23b, 23g). Bidirectional: past two
+    blocks an SM the adjoint in shared memory without prefetching, three blocks an SM
+    unspilled (vigT_224 127.1 against 132.6, vigB_224 254.7 / 264.0), else registers and
+    prefetching (8 x 196 x 3 59.9 against 71.2); longer segments keep the two walks (T = 256
+    segments at vigT_1024: 282.7 against 228.3; run 23g)."""
     k_tiles, v_tiles = head_dim_k // 16, head_dim_v // 16
     even = k_tiles % 2 == 0 and v_tiles % 2 == 0
     min_blocks = 3 if blocks > 2 * sm_count else 1
+    fused = chunk_backward_fuses(head_dim_k, head_dim_v) and (
+        not bidirectional or segment_len <= FUSED_BIDIRECTIONAL_MAX_T)
+    shared_state = fused and bidirectional and min_blocks > 1
     return ChunkBackwardLaunch(2 if k_tiles % 2 == 0 else 1, min_blocks, 2 if even else 1, min_blocks,
-                               fused=not bidirectional and chunk_backward_fuses(head_dim_k, head_dim_v))
+                               fused=fused, fused_prefetch=not shared_state, fused_shared_state=shared_state)
 
 
 def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
@@ -299,17 +316,20 @@ def chunk_backward_adjoint_name(dv: bool, head_dim_k: int, head_dim_v: int, bidi
 
 def chunk_backward_fused_name(head_dim_k: int, head_dim_v: int, bidirectional: bool,
                               launch: ChunkBackwardLaunch) -> str:
-    """``gla_chunk_backward_adjoint<KT, VT, NW, BIDIR, PREFETCH, MIN_BLOCKS>``: the fused
-    adjoint walk, two warps a direction splitting V (VT per warp), every K tile (KT)."""
+    """``gla_chunk_backward_adjoint<KT, VT, NW, BIDIR, PREFETCH, SHARED_STATE, MIN_BLOCKS>``:
+    the fused adjoint walk, two warps a direction splitting V (VT per warp), every K tile (KT)."""
     flag = lambda x: "true" if x else "false"  # noqa: E731
     return (f"gla::gla_chunk_backward_adjoint<{head_dim_k // 16}, {head_dim_v // 32}, 2, {flag(bidirectional)}, "
-            f"{flag(launch.fused_prefetch)}, {launch.adjoint_min_blocks}>")
+            f"{flag(launch.fused_prefetch)}, {flag(launch.fused_shared_state)}, {launch.adjoint_min_blocks}>")
 
 
-def chunk_backward_fused_smem_bytes(segment_len: int, head_dim_v: int, bidirectional: bool) -> int:
-    """The fused walk's dynamic shared memory: the parked dv (bidirectional), then the swap
-    buffers of each direction."""
-    return chunk_backward_smem_bytes(segment_len, head_dim_v, bidirectional) + FUSED_SWAP_BYTES * (2 if bidirectional else 1)
+def chunk_backward_fused_smem_bytes(segment_len: int, head_dim_k: int, head_dim_v: int, bidirectional: bool,
+                                    launch: ChunkBackwardLaunch) -> int:
+    """The fused walk's dynamic shared memory: the parked dv (bidirectional), the swap buffers
+    of each direction, then (``fused_shared_state``) each warp's part of the adjoint."""
+    directions = 2 if bidirectional else 1
+    state = 4 * head_dim_k * head_dim_v * directions if launch.fused_shared_state else 0
+    return chunk_backward_smem_bytes(segment_len, head_dim_v, bidirectional) + FUSED_SWAP_BYTES * directions + state
 
 
 def chunk_backward_blocks(bidirectional: bool, launch: ChunkBackwardLaunch) -> tuple[int, int]:
@@ -325,19 +345,17 @@ def chunk_backward_smem_bytes(seq_len: int, head_dim: int, bidirectional: bool) 
 
 
 def chunk_backward_names() -> tuple[str, ...]:
-    """Every launch the plan can choose for every shape (what CI compiles and emulates), and the
-    fused adjoint walk's bidirectional launches."""
+    """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
     names = []
-    for k, v, bi, blocks in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16),
-                                              range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3)):
-        launch = chunk_backward_launch(blocks, k, v, bi, 1)  # one SM: 1 and 3 blocks cross the threshold
+    for k, v, bi, blocks, length in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16),
+                                                      range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3),
+                                                      (FUSED_BIDIRECTIONAL_MAX_T, SINGLE_CHUNK_MAX)):
+        launch = chunk_backward_launch(blocks, k, v, bi, length, 1)  # one SM: 1 and 3 blocks cross the threshold
         names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(False, k, v, bi, launch, local=True)]
         if launch.fused:
             names.append(chunk_backward_fused_name(k, v, bi, launch))
         else:
             names += [chunk_backward_adjoint_name(True, k, v, bi, launch), chunk_backward_adjoint_name(False, k, v, bi, launch)]
-        if bi and chunk_backward_fuses(k, v):  # not the plan's choice there, but tests and benchmarks launch it
-            names.append(chunk_backward_fused_name(k, v, bi, replace(launch, fused=True)))
     return tuple(dict.fromkeys(names))
 
 

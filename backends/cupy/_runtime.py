@@ -11,6 +11,7 @@ copy, no DLPack round trip, no synchronisation.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import time
 import warnings
@@ -150,8 +151,9 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim_k: int, head_dim_
                 name = plan.chunk_forward_name(dtype, head_dim_k, head_dim_v, bidirectional, launch, output)
                 _kernel(index, CHUNK_FORWARD_FILE, name)
     if plan.chunk_backward_fits(dtype, 1, head_dim_k, head_dim_v, False) and device_capability(index) >= (8, 0):
-        for bidirectional in (True, False):
-            launch = plan.chunk_backward_launch(10**6, head_dim_k, head_dim_v, bidirectional, sm_count(index))
+        # ViG's 224 px sequences and segments of longer ones (their adjoint walks can differ)
+        for bidirectional, length in itertools.product((True, False), (196, plan.CHUNK_LEN)):
+            launch = plan.chunk_backward_launch(10**6, head_dim_k, head_dim_v, bidirectional, length, sm_count(index))
             _kernel(index, CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(head_dim_k, head_dim_v, bidirectional, launch))
             walks = ((False, True),) + (() if launch.fused else ((True, False), (False, False)))
             for dv, local in walks:

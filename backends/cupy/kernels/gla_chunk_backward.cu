@@ -8,6 +8,8 @@
 //   gla_chunk_backward_dkv  walks each direction's reversed order with the adjoint
 //                           dS [K x V], launched twice: dv; then dk and the gate
 //                           gradients dg (dg_rev)
+//   gla_chunk_backward_adjoint  the same walk once for dv, dk and dg together (K = 32):
+//                           causal calls and short bidirectional ones (the plan)
 //
 // Per direction, in its walk order, with the in-chunk cumulative gate sums G_t, the chunk
 // total G_15, s = scale (halved for a bidirectional call), qh = s q e^{G}, kh = k e^{-G}
@@ -695,13 +697,16 @@ __device__ __forceinline__ void select_tile(const float (&x)[N][2][4], int j, fl
 // warp forms its V half's share for every K column and the two swap the halves they do not
 // own through shared memory every step (double-buffered, one barrier a step); warp `part`
 // then finishes dk and the gate gradients of K tile `part` as the dk walk does. Shared
-// memory: the parked dv [T][V] float32 (bidirectional), then the swap buffers. A
-// bidirectional block's dk does not go through shared memory (that would leave room for two
-// blocks an SM, not three): each direction stores its float32 rows in its own slot of `park`
-// and the block writes slot 0 + slot 1 once both walks are done, so no step waits on a
-// global load (reading the other direction's row mid-walk instead cost ~10 % at vigT_224).
+// memory: the parked dv [T][V] float32 (bidirectional), the swap buffers, then (SHARED_STATE)
+// each warp's part of the adjoint. A bidirectional block's dk does not go through shared
+// memory (it would cost a third block an SM at ViG's 196 tokens): each direction stores its
+// float32 rows in its own slot of `park` and the block writes slot 0 + slot 1 once both
+// walks are done, so no step waits on a global load (reading the other direction's row
+// mid-walk instead cost ~4 % at vigT_224). dk and dg sum the V halves in another order than
+// the dk walk, so their bits differ from the two walks'; every launch of this walk (PREFETCH,
+// SHARED_STATE, MIN_BLOCKS) gives the same bits.
 // Grid: (B * H, segments); block: NW warps per direction.
-template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS>
+template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, bool SHARED_STATE, int MIN_BLOCKS>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
   static_assert(NW == 2 && KT == NW, "one K tile of dk per warp of a direction");
@@ -757,22 +762,39 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
   const u32 tri_up = ((2 * c >= r) ? one : 0u) | ((2 * c + 1 >= r) ? one << 16 : 0u);
   const u32 upper[4] = {tri_up, 0u, one | (one << 16), tri_up};
 
-  float dS[VT][2 * KT][4];  // dS^T: [V tile][K octet][C tile]
+  // dS^T: [V tile][K octet][C tile] in registers, or (SHARED_STATE) in shared memory between
+  // its uses — this warp's [V tile][K octet] quads of 32 lanes, after the swap buffers — and
+  // decayed where it is read: ~40 registers fewer, for three four-warp blocks an SM unspilled.
+  // The same float operations in the same order either way, so the same bits.
+  float dS[VT][2 * KT][4];
+  Float4* dS_shared = swap + (BIDIR ? 2 : 1) * NW * 2 * 2 * 32 + warp * (VT * 2 * KT * 32) + lane;
+  float decay[2 * KT][2] = {};  // this chunk's D per K column (SHARED_STATE)
 #pragma unroll
   for (int a = 0; a < VT; ++a)
 #pragma unroll
-    for (int n = 0; n < 2 * KT; ++n)
+    for (int n = 0; n < 2 * KT; ++n) {
+      float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (n_segments > 1) {  // the adjoint entering the segment from the later ones
+        const float* entering = in_ptr<float>(p.enter) + state_base;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dS[a][n][e] = 0.0f;
-  if (n_segments > 1) {  // the adjoint entering the segment from the later ones
-    const float* entering = in_ptr<float>(p.enter) + state_base;
+        for (int e = 0; e < 4; ++e) x[e] = entering[state_offset(a, n, e)];
+      }
+      if constexpr (SHARED_STATE) {
+        dS_shared[(a * 2 * KT + n) * 32] = Float4{x[0], x[1], x[2], x[3]};
+      } else {
 #pragma unroll
-    for (int a = 0; a < VT; ++a)
-#pragma unroll
-      for (int n = 0; n < 2 * KT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dS[a][n][e] = entering[state_offset(a, n, e)];
-  }
+        for (int e = 0; e < 4; ++e) dS[a][n][e] = x[e];
+      }
+    }
+  // D dS's C-tile elements (a, n)
+  auto adjoint = [&](int a, int n) -> Float4 {
+    if constexpr (SHARED_STATE) {
+      const Float4 x = dS_shared[(a * 2 * KT + n) * 32];
+      return Float4{x.x * decay[n][0], x.y * decay[n][1], x.z * decay[n][0], x.w * decay[n][1]};
+    } else {
+      return Float4{dS[a][n][0], dS[a][n][1], dS[a][n][2], dS[a][n][3]};  // decayed in place
+    }
+  };
   float carry[2][2] = {};  // the gate gradient of K tile `part` summed over the later chunks
 
   auto load = [&](int chunk, BackwardInputs<KW, VW>& in) {
@@ -847,8 +869,12 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
     for (int n = 0; n < 2 * KT; ++n) {
       const float d0 = exp2_approx(col_total[n >> 1][n & 1][0] * kLog2e);
       const float d1 = exp2_approx(col_total[n >> 1][n & 1][1] * kLog2e);
+      if constexpr (SHARED_STATE) {
+        decay[n][0] = d0, decay[n][1] = d1;
+      } else {
 #pragma unroll
-      for (int a = 0; a < VT; ++a) dS[a][n][0] *= d0, dS[a][n][1] *= d1, dS[a][n][2] *= d0, dS[a][n][3] *= d1;
+        for (int a = 0; a < VT; ++a) dS[a][n][0] *= d0, dS[a][n][1] *= d1, dS[a][n][2] *= d0, dS[a][n][3] *= d1;
+      }
     }
     const int rows_valid = int(T - 16 * i64(chunk));  // rows of this chunk inside the sequence
 
@@ -871,21 +897,27 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
     {
       float dv[VT][2][4];
 #pragma unroll
-      for (int a = 0; a < VT; ++a)
+      for (int a = 0; a < VT; ++a) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           float (&x)[4] = dv[a][half];
           x[0] = x[1] = x[2] = x[3] = 0.0f;
           mma_bf16(x, at_lo, dT[a][2 * half], dT[a][2 * half + 1]);
           mma_bf16(x, at_hi, dT[a][2 * half], dT[a][2 * half + 1]);
+        }
 #pragma unroll
-          for (int j = 0; j < KT; ++j) {
+        for (int j = 0; j < KT; ++j) {
+          // B = dS over (K column, V column): dS^T's C tiles of K octets 2j, 2j + 1
+          const Float4 s0 = adjoint(a, 2 * j), s1 = adjoint(a, 2 * j + 1);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
             u32 s_hi[2], s_lo[2];
-            split_bf16x2(dS[a][2 * j][2 * half], dS[a][2 * j][2 * half + 1], s_hi[0], s_lo[0]);
-            split_bf16x2(dS[a][2 * j + 1][2 * half], dS[a][2 * j + 1][2 * half + 1], s_hi[1], s_lo[1]);
-            mma_split(x, kh_hi[j], kh_lo[j], s_hi[0], s_hi[1], s_lo[0], s_lo[1]);
+            split_bf16x2(half ? s0.z : s0.x, half ? s0.w : s0.y, s_hi[0], s_lo[0]);
+            split_bf16x2(half ? s1.z : s1.x, half ? s1.w : s1.y, s_hi[1], s_lo[1]);
+            mma_split(dv[a][half], kh_hi[j], kh_lo[j], s_hi[0], s_hi[1], s_lo[0], s_lo[1]);
           }
         }
+      }
 #pragma unroll
       for (int rh = 0; rh < 2; ++rh) {
         if (r + 8 * rh >= rows_valid) continue;
@@ -921,9 +953,10 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
           for (int a = 0; a < VT; ++a) {
             u32 va[4];
             fragment<VT>(in.v, a, va);
+            const Float4 sq = adjoint(a, n);
             u32 hi0, lo0, hi1, lo1;
-            split_bf16x2(dS[a][n][0], dS[a][n][1], hi0, lo0);
-            split_bf16x2(dS[a][n][2], dS[a][n][3], hi1, lo1);
+            split_bf16x2(sq.x, sq.y, hi0, lo0);
+            split_bf16x2(sq.z, sq.w, hi1, lo1);
             mma_bf16(x, va, transpose8x8(lo0), transpose8x8(lo1));
             mma_bf16(x, va, transpose8x8(hi0), transpose8x8(hi1));
           }
@@ -1004,8 +1037,17 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
       for (int j = 0; j < KT; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          mma_bf16(dS[a][2 * j + half], dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
-          mma_bf16(dS[a][2 * j + half], dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+          const int n = 2 * j + half;
+          if constexpr (SHARED_STATE) {
+            const Float4 sq = adjoint(a, n);
+            float x[4] = {sq.x, sq.y, sq.z, sq.w};
+            mma_bf16(x, dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
+            mma_bf16(x, dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+            dS_shared[(a * 2 * KT + n) * 32] = Float4{x[0], x[1], x[2], x[3]};
+          } else {
+            mma_bf16(dS[a][n], dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
+            mma_bf16(dS[a][n], dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+          }
         }
     }
   }
