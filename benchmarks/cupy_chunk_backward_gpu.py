@@ -2,7 +2,7 @@
 on one GPU, in one run.
 
     python benchmarks/cupy_chunk_backward_gpu.py [--shapes vigT_224,vigB_224] [--modes bi,causal]
-        [--gates vig,strong,extreme] [--launches "2,1,2,1;1,1,1,3;2,3,2,3,1,0"]
+        [--gates vig,strong,extreme] [--launches "2,1,2,1;1,1,1,3;2,3,2,3,1,0,1"]
 
 For every shape and mode: the relative error of every gradient (dq, dk, dv, dg, dg_reverse)
 against the float64 torch backend on the same GPU, for each gate regime (``strong`` and
@@ -11,7 +11,7 @@ replay, three input sets, ``triton_configs_gpu.graph_time``) of the backward alo
 forward + backward, each backend's own forward. ``--launches`` adds launches of the
 tensor-core backward other than the plan's (dq warps per direction, dq minimum blocks per
 SM, dv and dk warps per direction, their minimum blocks per SM, and optionally 1/0: the fused
-adjoint walk, 1/0: its prefetching). The table is printed last, with ratios to triton's times
+adjoint walk, 1/0: its prefetching, 1/0: its adjoint in shared memory). The table is printed last, with ratios to triton's times
 measured in the same run.
 """
 
@@ -132,9 +132,10 @@ def main(argv=None) -> int:
         flag = "" if err <= BOUNDS[dtype] else "  FAILED"
         print(f"{name:<18} {mode:<7} {run_name:<20} {bwd:8.4f} {r1:9.2f} {both:8.4f} {r2:9.2f} {floor_ratio:8.1f} "
               f"{err:9.2e}{flag}")
-    print("(cupy tc w,a,x,b[,f,p]: the tensor-core backward with w dq warps per direction, at least a dq blocks per "
+    print("(cupy tc w,a,x,b[,f,p,s]: the tensor-core backward with w dq warps per direction, at least a dq blocks per "
           "SM, x dv and dk warps per direction, at least b of their blocks per SM, f = 1: the fused adjoint walk, p = 1: "
-          "its prefetching; f+b: each backend's own forward, the tensor-core rows with the tensor-core forward)")
+          "its prefetching, s = 1: its adjoint in shared memory; f+b: each backend's own forward, the tensor-core rows "
+          "with the tensor-core forward)")
     return 0
 
 
