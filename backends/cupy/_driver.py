@@ -12,7 +12,9 @@ Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_M
                or [chunk_state, state_scan]  forward_output
     backward:  [chunk_forward states, state_scan]  chunk_backward_dq
                [chunk_backward adjoint states, state_scan]  chunk_backward (dv)  chunk_backward (dk)
-               (tensor cores: bfloat16, the forward's head dims, no states), then
+               (tensor cores: bfloat16, the forward's head dims, no states; with K = 32 the
+               fused adjoint walk instead of the last two for causal calls and bidirectional
+               ones on short segments), then
                [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
                [gate_grad_fixup]
                (after the tensor-core launches the sweeps run only the sequences the dq kernel
@@ -121,7 +123,8 @@ def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.Chu
     segment states and the scan first (the dq walk's entering states), and after the dq walk
     the adjoint walk's local end states and the adjoint scan (the dv and dk walks' entering
     adjoints); the dk walk then leaves the gate gradients' in-segment sums in ``common``'s
-    ``dg_ws`` and ``dg_total`` for ``gla_gate_grad_fixup``."""
+    ``dg_ws`` and ``dg_total`` for ``gla_gate_grad_fixup``. ``launch.fused``: one fused
+    adjoint walk (dv, dk and the gate gradients) instead of the dv and the dk walk."""
     segmented = call.n_chunks > 1
     flags = (torch.zeros if segmented else torch.empty)(call.B * call.H, plan.FLAG_SLOTS, dtype=torch.int32,
                                                         device=call.device)
