@@ -879,7 +879,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
     const int rows_valid = int(T - 16 * i64(chunk));  // rows of this chunk inside the sequence
 
     // A = qh kh^T (scores) and its transpose's A fragment, for dv below (first: qh's A-order
-    // words are dead after it; the order of the steps below keeps the live registers down)
+    // words are dead after it)
     u32 at_hi[4], at_lo[4];
     {
       float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
