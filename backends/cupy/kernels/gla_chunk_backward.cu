@@ -79,6 +79,27 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const u32 (&a_hi)[4], c
   mma_bf16(d, a_hi, b_hi0, b_hi1);
 }
 
+// d += a * b, b the transpose of a C tile's elements {x0, x1 | x2, x3} (rows r, r + 8) split in
+// two bfloat16 parts: the movmatrix transposes of its split words, the lo part first
+__device__ __forceinline__ void mma_transposed_split(float (&d)[4], const u32 (&a)[4], float x0, float x1, float x2,
+                                                     float x3) {
+  u32 hi0, lo0, hi1, lo1;
+  split_bf16x2(x0, x1, hi0, lo0);
+  split_bf16x2(x2, x3, hi1, lo1);
+  mma_bf16(d, a, transpose8x8(lo0), transpose8x8(lo1));
+  mma_bf16(d, a, transpose8x8(hi0), transpose8x8(hi1));
+}
+
+// one K octet's gate terms (C tile x, rows t) become their suffix sums over the chunk (the
+// upper triangle times them) plus `carry`, the later chunks' sum; carry then takes this
+// chunk's whole sum (row 0, lanes 0-3)
+__device__ __forceinline__ void suffix_sums(float (&x)[4], const u32 (&upper)[4], float (&carry)[2], int c) {
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  mma_transposed_split(s, upper, x[0], x[1], x[2], x[3]);
+  x[0] = s[0] + carry[0], x[1] = s[1] + carry[1], x[2] = s[2] + carry[0], x[3] = s[3] + carry[1];
+  carry[0] = shfl_idx(x[0], c), carry[1] = shfl_idx(x[1], c);
+}
+
 // the four A-fragment words of 16-wide tile a of loaded rows
 template <int T, int W>
 __device__ __forceinline__ void fragment(const u32 (&rows)[2][W], int a, u32 (&words)[4]) {
@@ -544,11 +565,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
             u32 va[4];
             fragment<VT>(in.v, a, va);
             // B = dS^T over (V column, K column): the transposes of dS^T's split words
-            u32 hi0, lo0, hi1, lo1;
-            split_bf16x2(dS[a][n][0], dS[a][n][1], hi0, lo0);
-            split_bf16x2(dS[a][n][2], dS[a][n][3], hi1, lo1);
-            mma_bf16(x, va, transpose8x8(lo0), transpose8x8(lo1));
-            mma_bf16(x, va, transpose8x8(hi0), transpose8x8(hi1));
+            mma_transposed_split(x, va, dS[a][n][0], dS[a][n][1], dS[a][n][2], dS[a][n][3]);
           }
         }
       // dk = e^{-G} (...); the gate terms q dq - k dk of this direction
@@ -580,19 +597,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
       for (int j = 0; j < KT; ++j)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float (&x)[4] = dG[j][half];
-          u32 hi0, lo0, hi1, lo1;
-          split_bf16x2(x[0], x[1], hi0, lo0);
-          split_bf16x2(x[2], x[3], hi1, lo1);
-          float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          mma_bf16(s, upper, transpose8x8(lo0), transpose8x8(lo1));
-          mma_bf16(s, upper, transpose8x8(hi0), transpose8x8(hi1));
-          float (&cy)[2] = carry[2 * j + half];
-          x[0] = s[0] + cy[0], x[1] = s[1] + cy[1], x[2] = s[2] + cy[0], x[3] = s[3] + cy[1];
-          // row 0 (lanes 0-3) holds the chunk's whole sum
-          cy[0] = shfl_idx(x[0], c), cy[1] = shfl_idx(x[1], c);
-        }
+        for (int half = 0; half < 2; ++half) suffix_sums(dG[j][half], upper, carry[2 * j + half], c);
 #pragma unroll
       for (int rh = 0; rh < 2; ++rh) {
         if (r + 8 * rh >= rows_valid) continue;
@@ -954,11 +959,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
             u32 va[4];
             fragment<VT>(in.v, a, va);
             const Float4 sq = adjoint(a, n);
-            u32 hi0, lo0, hi1, lo1;
-            split_bf16x2(sq.x, sq.y, hi0, lo0);
-            split_bf16x2(sq.z, sq.w, hi1, lo1);
-            mma_bf16(x, va, transpose8x8(lo0), transpose8x8(lo1));
-            mma_bf16(x, va, transpose8x8(hi0), transpose8x8(hi1));
+            mma_transposed_split(x, va, sq.x, sq.y, sq.z, sq.w);
           }
         }
     }
@@ -1003,18 +1004,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
       }
       // suffix sums over the chunk plus the carry from the later chunks (as the dk walk)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float (&x)[4] = dG[half];
-        u32 hi0, lo0, hi1, lo1;
-        split_bf16x2(x[0], x[1], hi0, lo0);
-        split_bf16x2(x[2], x[3], hi1, lo1);
-        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma_bf16(s, upper, transpose8x8(lo0), transpose8x8(lo1));
-        mma_bf16(s, upper, transpose8x8(hi0), transpose8x8(hi1));
-        float (&cy)[2] = carry[half];
-        x[0] = s[0] + cy[0], x[1] = s[1] + cy[1], x[2] = s[2] + cy[0], x[3] = s[3] + cy[1];
-        cy[0] = shfl_idx(x[0], c), cy[1] = shfl_idx(x[1], c);
-      }
+      for (int half = 0; half < 2; ++half) suffix_sums(dG[half], upper, carry[half], c);
 #pragma unroll
       for (int rh = 0; rh < 2; ++rh) {
         if (r + 8 * rh >= rows_valid) continue;
