@@ -83,11 +83,10 @@ def gated_linear_attention(
         >>> gated_linear_attention(q, k, v, g).shape
         torch.Size([2, 196, 3, 64])
     """
+    if isinstance(q, torch.Tensor):  # autocast first, as for a matmul: mixed float32/bfloat16 inputs are fine there
+        q, k, v, g, g_reverse = cast_for_autocast((q, k, v, g, g_reverse), q.device.type)
     spec, scale = validate(q, k, v, g, bidirectional, g_reverse, scale, initial_state, output_final_state)
     backend = validate_backend_name(backend)
-    q, k, v, g, g_reverse = cast_for_autocast((q, k, v, g, g_reverse), spec.device_type)
-    if q.dtype != spec.dtype:  # autocast changed the dtype: describe the call as it will run
-        spec, scale = validate(q, k, v, g, bidirectional, g_reverse, scale, initial_state, output_final_state)
     if value_checks_enabled() and not torch.compiler.is_compiling():  # they sync: eager only
         check_values(
             {"q": q, "k": k, "v": v, "g": g, "g_reverse": g_reverse, "initial_state": initial_state},

@@ -18,11 +18,18 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 
 def cast_for_autocast(tensors: tuple, device_type: str) -> tuple:
-    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``."""
+    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``,
+    as autocast casts a matmul's: float64 ones stay float64, anything else is left for the
+    input checks to judge."""
     dtype = autocast_dtype(device_type)
     if dtype is None:
         return tensors
-    return tuple(x.to(dtype) if x is not None and x.is_floating_point() else x for x in tensors)
+
+    def cast(x):
+        eligible = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+        return x.to(dtype) if eligible and x.device.type == device_type else x
+
+    return tuple(cast(x) for x in tensors)
 
 
 def autocast_disabled(device_type: str):

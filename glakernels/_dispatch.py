@@ -53,15 +53,24 @@ class BackendRegistry:
     def __init__(self, builtin_package: Optional[str] = "glakernels.backends") -> None:
         self._backends: dict[str, Backend] = {}
         self._builtin_package = builtin_package
-        self._lock = threading.Lock()
+        self._builtins_loaded = builtin_package is None
+        # reentrant: importing the built-ins registers them (and may ask for the registry)
+        # from the importing thread, while other threads wait for the import to finish
+        self._lock = threading.RLock()
+        self._loading = False
 
     def _load_builtins(self) -> None:
-        if self._builtin_package is None:
+        if self._builtins_loaded:
             return
         with self._lock:
-            package, self._builtin_package = self._builtin_package, None
-        if package is not None:
-            importlib.import_module(package)
+            if self._builtins_loaded or self._loading:  # loaded meanwhile, or this thread is importing them
+                return
+            self._loading = True
+            try:
+                importlib.import_module(self._builtin_package)
+                self._builtins_loaded = True
+            finally:  # a failed import raises here, and the next call tries again
+                self._loading = False
 
     def register(self, backend: Backend) -> Backend:
         if not isinstance(backend, Backend):
@@ -87,20 +96,23 @@ class BackendRegistry:
         self._load_builtins()
         return list(self._backends.values())
 
-    def get(self, name: str) -> Backend:
+    def get(self, name: str, source: Optional[str] = None) -> Backend:
+        """The backend registered as ``name``; ``source`` (where the name came from, e.g. "the
+        GLAKERNELS_BACKEND environment variable") goes into the error for an unknown name."""
         self._load_builtins()
         try:
             return self._backends[name]
         except KeyError:
-            raise ValueError(
-                f"unknown backend {name!r}; registered backends: {', '.join(self._backends)} "
+            chosen = f" (chosen by {source})" if source else ""
+            raise BackendNotSupportedError(
+                f"unknown backend {name!r}{chosen}; registered backends: {', '.join(self._backends)} "
                 f"(or {AUTO!r} for automatic selection)"
             ) from None
 
     def select(self, spec: ProblemSpec, name: Optional[str], source: str) -> Backend:
         """The backend that runs ``spec``: ``name`` if given (else automatic)."""
         if name is not None and name != AUTO:
-            backend = self.get(name)
+            backend = self.get(name, source)
             reasons = backend.not_supported_reasons(spec)
             if reasons:
                 can_run = [b.name for b in self.backends() if not b.not_supported_reasons(spec)]
@@ -154,7 +166,7 @@ def use_backend(name: str) -> Iterator[Backend | None]:
     """
     if not isinstance(name, str):
         raise TypeError(f"use_backend() takes a backend name (str), got {type(name).__name__}")
-    backend = None if name == AUTO else registry.get(name)  # unknown names fail here, not later
+    backend = None if name == AUTO else registry.get(name, "use_backend()")  # unknown names fail here, not later
     stack = _context_stack()
     stack.append(name)
     try:

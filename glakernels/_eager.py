@@ -22,20 +22,61 @@ batch 128, 15,547 -> 17,296 img/s (NOTES.md, session 10).
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._custom_op import run_backward, run_forward
 from ._dispatch import get_backend
+from ._env import env_flag
 
 ENV_FORCE_CUSTOM_OP = "GLAKERNELS_EAGER_CUSTOM_OP"
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+DOUBLE_BACKWARD_MESSAGE = "glakernels: gradients of gated_linear_attention's gradients (double backward) are not supported"
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """``apply(n, *gradients, *inputs)`` -> the n gradients as they are, in a graph that reaches
+    the op's inputs and raises when a second backward gets there."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(None if x is None else x.view_as(x) for x in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def _backward_without_derivative(backward):
+    """``once_differentiable`` that also looks at the saved inputs.
+
+    ``torch.autograd.function.once_differentiable`` attaches its raising node only when an
+    incoming gradient requires grad. With ``create_graph=True`` over a plain loss (a gradient
+    penalty: ``grad(loss, q, create_graph=True)``) none does, so the gradients would come back
+    as constants and a second backward would silently leave out the penalty's part. The
+    gradients depend on the saved q, k, v, g too: where any of those requires grad, they come
+    back in a graph that reaches them and raises when a second backward gets there, as the
+    custom op's ``gla_backward`` (no autograd formula) does."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        inputs = [x for x in (*grads, *ctx.saved_tensors) if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not inputs:
+            return outputs
+        return _NoSecondDerivative.apply(len(outputs), *outputs, *inputs)
+
+    return wrapper
+
+
 def _custom_op_forced() -> bool:
-    return os.environ.get(ENV_FORCE_CUSTOM_OP, "") not in ("", "0")
+    return env_flag(ENV_FORCE_CUSTOM_OP)
 
 
 def eager_path_applies(backend: str, *tensors) -> bool:
@@ -67,7 +108,7 @@ class EagerGLA(torch.autograd.Function):
         return (o, final_state) if output_final_state else o
 
     @staticmethod
-    @once_differentiable  # like the custom op: its backward has no derivative of its own
+    @_backward_without_derivative  # like the custom op: its backward has no derivative of its own
     def backward(ctx, grad_output, grad_final_state=None):
         q, k, v, g, g_reverse, initial_state = ctx.saved_tensors
         scale, bidirectional, output_final_state, backend = ctx.call

@@ -36,10 +36,17 @@ def _require_float_dtype(name: str, x: torch.Tensor) -> None:
         )
 
 
+def _type_name(x: object) -> str:
+    kind = type(x)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _require_bool(name: str, x: object) -> bool:
-    if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
-    return x
+    if isinstance(x, bool):
+        return x
+    if type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool"):  # numpy.bool_, without importing numpy
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {_type_name(x)}")
 
 
 def _require_shape(name: str, x: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
@@ -144,9 +151,9 @@ def validate(
             )
         if initial_state.dtype not in (torch.float32, torch.float64):
             raise TypeError(
-                f"initial_state has dtype {_dtype_name(initial_state.dtype)}; expected "
-                f"{_dtype_name(state_dtype_for(q.dtype))} (states are kept in float32, or float64 "
-                "for float64 inputs)"
+                f"initial_state has dtype {_dtype_name(initial_state.dtype)}; expected float32 or "
+                f"float64 (states are kept in {_dtype_name(state_dtype_for(q.dtype))} for "
+                f"{_dtype_name(q.dtype)} inputs, and the initial state is converted to that)"
             )
 
     spec = ProblemSpec(

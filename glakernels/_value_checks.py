@@ -5,15 +5,15 @@ They read data back to the host, which synchronises the device, so the default p
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._env import env_flag
 
 ENV_CHECK = "GLAKERNELS_CHECK"
 
 
 def value_checks_enabled() -> bool:
-    return os.environ.get(ENV_CHECK, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return env_flag(ENV_CHECK)
 
 
 def check_values(named_tensors: dict[str, torch.Tensor], gate_names: tuple[str, ...]) -> None:

@@ -127,23 +127,39 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="list backends and why unavailable ones are")
     for name in ("check", "bench", "all"):
         p = sub.add_parser(name, help={"check": "check backends against the reference", "bench": "time backends", "all": "info, check and bench"}[name])
-        _add_common(p)
+        # the options may come before or after the command: a subcommand's parser sets only
+        # what it was given, so it never overwrites `glakernels --device cuda check`'s value
+        _add_common(p, argparse.SUPPRESS)
     _add_common(parser)
     return parser
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
-    p.add_argument("--shape", action="append", help="bench only this shape (repeatable)")
+def _add_common(p: argparse.ArgumentParser, suppress: str | None = None) -> None:
+    default = (lambda value: suppress) if suppress else (lambda value: value)
+    p.add_argument("--device", default=default("cpu"), help="torch device to run on (default: cpu)")
+    p.add_argument("--dtype", default=default("float32"), choices=sorted(_DTYPES))
+    p.add_argument("--seed", type=int, default=default(0))
+    p.add_argument("--repeats", type=int, default=default(5), help="timed repeats per measurement")
+    p.add_argument("--shape", action="append", default=default(None), help="bench only this shape (repeatable)")
+
+
+def _device_error(device: str) -> str | None:
+    """Why ``device`` cannot run here, or None."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:  # torch raises AssertionError for CUDA on CPU builds
+        return f"--device {device!r} cannot be used here: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return cmd_info(args)
+    error = _device_error(args.device)
+    if error:
+        print(f"glakernels: {error}", file=sys.stderr)
+        return 2
     if args.command == "check":
         return cmd_check(args)
     if args.command == "bench":

@@ -13,6 +13,7 @@ import pytest
 
 ASV_DIR = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
 RESULTS = ASV_DIR / "results"
+QUICK_SHAPE = "vigT_224"
 
 pytest.importorskip("asv", reason="asv is part of the test extra")
 
@@ -33,6 +34,10 @@ def _env(tmp_path) -> dict:
     env = dict(os.environ, HOME=str(tmp_path))  # asv keeps its machine file in $HOME
     # benchmark the real backends: the test session may have turned Triton's CPU interpreter on
     env.pop("TRITON_INTERPRET", None)
+    # every suite and method still runs, for every backend, dtype and direction, but on one
+    # DESIGN shape of the five: the whole grid took ~10 minutes of CI on 2 cores (each
+    # combination is a process of its own), and the shapes differ only in size here
+    env.setdefault("GLAKERNELS_ASV_SHAPES", QUICK_SHAPE)
     return env
 
 

@@ -184,10 +184,12 @@ def _deterministic(name):
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("mode", ["bi", "causal-state"])
 def test_batch_invariance(backend_device, mode):
-    """A sequence's output and gradients do not depend on the rest of the batch, bitwise."""
+    """A sequence's output and gradients do not depend on the rest of the batch, bitwise. At
+    ViG's head dims (K = 32, V = 64): there CPU matmuls batched over sequences changed the torch
+    backend's last bits with the batch size (K = 16, V = 32 did not show it)."""
     name, device = backend_device
     _deterministic(name)
-    case = Case(3, 37, 2, 16, 32, torch.float32, bidirectional=mode == "bi", states=mode != "bi")
+    case = Case(3, 37, 2, 32, 64, torch.float32, bidirectional=mode == "bi", states=mode != "bi")
     kwargs = {"bidirectional": case.bidirectional, "backend": name}
     if case.states:
         kwargs["output_final_state"] = True

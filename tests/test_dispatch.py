@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ import glakernels
 from backends_for_tests import RecordingBackend
 from gla_testing import temporary_backend
 from glakernels import BackendNotSupportedError, available_backends, gated_linear_attention, use_backend
-from glakernels._dispatch import ENV_BACKEND, registry, select_backend
+from glakernels._dispatch import ENV_BACKEND, BackendRegistry, registry, select_backend
 from glakernels._problem import ProblemSpec
+from glakernels.cli import _parser as _cli_parser
 from glakernels.cli import main as cli_main
 
 
@@ -148,8 +150,45 @@ def test_use_backend_rejects_unknown_names_immediately():
 
 def test_environment_variable_with_unknown_name(clean_env):
     clean_env.setenv(ENV_BACKEND, "nope")
-    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+    with pytest.raises(BackendNotSupportedError,
+                       match=f"unknown backend 'nope' \\(chosen by the {ENV_BACKEND} environment variable\\)"):
         gated_linear_attention(**inputs())
+
+
+def test_builtins_load_once_for_threads_that_ask_at_the_same_time(tmp_path, monkeypatch):
+    """The first calls may come from several threads at once: none may see the registry
+    before the built-in backends have registered (the import takes a while here)."""
+    registry_under_test = BackendRegistry("slow_builtins_for_test")
+    (tmp_path / "slow_builtins_for_test.py").write_text(
+        "import time, slow_builtins_target as t\n"
+        "time.sleep(0.3)\n"
+        "t.registry.register(t.make('slow-builtin'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "slow_builtins_target",
+                        types.SimpleNamespace(registry=registry_under_test, make=RecordingBackend))
+    monkeypatch.delitem(sys.modules, "slow_builtins_for_test", raising=False)
+    seen, start = [], threading.Barrier(4)
+
+    def ask():
+        start.wait()
+        seen.append(registry_under_test.names())
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [["slow-builtin"]] * 4
+
+
+def test_builtins_that_fail_to_import_raise_every_time(tmp_path, monkeypatch):
+    registry_under_test = BackendRegistry("broken_builtins_for_test")
+    (tmp_path / "broken_builtins_for_test.py").write_text("raise ImportError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for _ in range(2):  # not an empty registry the second time
+        with pytest.raises(ImportError, match="broken on purpose"):
+            registry_under_test.names()
 
 
 def test_named_backend_never_falls_back(clean_env):
@@ -246,6 +285,26 @@ def test_cli_check_fails_when_a_backend_is_wrong(capsys):
     with temporary_backend(Wrong("wrong", auto_priority={})):
         assert cli_main(["check"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "float64", "--device", "meta", "bench"],
+                                  ["bench", "--dtype", "float64", "--device", "meta"],
+                                  ["--dtype", "float64", "bench", "--device", "meta"]])
+def test_cli_options_count_before_or_after_the_command(argv):
+    args = _cli_parser().parse_args(argv)
+    assert (args.command, args.dtype, args.device) == ("bench", "float64", "meta")
+
+
+def test_cli_defaults_without_options():
+    args = _cli_parser().parse_args(["check"])
+    assert (args.dtype, args.device, args.repeats, args.shape) == ("float32", "cpu", 5, None)
+
+
+@pytest.mark.parametrize("argv", [["--device", "no-such-device", "check"], ["check", "--device", "no-such-device"]])
+def test_cli_rejects_a_device_it_cannot_use(argv, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--device 'no-such-device' cannot be used here" in err
 
 
 def test_python_dash_m_glakernels_info():

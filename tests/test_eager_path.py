@@ -68,8 +68,34 @@ def test_double_backward_raises_on_both_paths(force, monkeypatch):
     x = _leaves(Case(1, 4, 1, 2, 3, torch.float64))
     out = gated_linear_attention(**x, backend="torch")
     (dq,) = torch.autograd.grad(out.sum(), x["q"], create_graph=True)
-    with pytest.raises(RuntimeError):
+    # the gradient must carry a graph (whose backward raises), not come back as a constant
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError, match="gla_backward|double backward"):
         torch.autograd.grad(dq.sum(), x["k"])
+
+
+@pytest.mark.parametrize("force", ["0", "1"])
+def test_gradient_penalty_is_never_silently_dropped(force, monkeypatch):
+    """A gradient penalty (``loss + |grad(loss, q)|²`` with ``create_graph=True``) needs the
+    op's second derivative, which it does not have: the second backward must raise rather than
+    leave out the penalty's contribution."""
+    monkeypatch.setenv(ENV_FORCE_CUSTOM_OP, force)
+    x = _leaves(Case(1, 4, 1, 2, 3, torch.float64))
+    loss = gated_linear_attention(**x, backend="torch").square().sum()
+    (dq,) = torch.autograd.grad(loss, x["q"], create_graph=True)
+    with pytest.raises(RuntimeError, match="gla_backward|double backward"):
+        (loss + dq.square().sum()).backward()
+
+
+def test_first_order_gradients_under_create_graph_are_unchanged(monkeypatch):
+    """``create_graph=True`` alone (no second backward) still gives the plain gradients."""
+    monkeypatch.delenv(ENV_FORCE_CUSTOM_OP, raising=False)
+    x = _leaves(Case(1, 5, 1, 3, 4, torch.float64))
+    out = gated_linear_attention(**x, backend="torch")
+    plain = torch.autograd.grad(out.sum(), list(x.values()), retain_graph=True)
+    graphed = torch.autograd.grad(out.sum(), list(x.values()), create_graph=True)
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b.detach())
 
 
 def test_fast_path_under_no_grad_and_inference_mode(monkeypatch):

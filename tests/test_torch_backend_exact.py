@@ -28,20 +28,24 @@ def test_torch_backend_matches_quadratic_formula(case):
 
 @pytest.mark.parametrize("mode", ["bi", "causal-state"])
 def test_one_sequence_at_a_time_path(mode, monkeypatch):
-    """The path GPUs take (one sequence per call, for bitwise batch invariance), forced on the
-    CPU: the same results as the quadratic formula, and a sequence's results bitwise the same
-    alone and inside the batch."""
+    """Every device runs the batch one sequence per call (for bitwise batch invariance): the
+    same results as the quadratic formula, and a sequence's results bitwise the same alone and
+    inside the batch."""
     import glakernels.backends.pytorch as torch_backend
 
     calls = []
-    monkeypatch.setattr(torch_backend, "_one_at_a_time", lambda inputs: calls.append(inputs.spec.batch) or True)
+    for method in ("_forward", "_backward"):
+        original = getattr(torch_backend.TorchBackend, method)
+        monkeypatch.setattr(torch_backend.TorchBackend, method,
+                            lambda self, inputs, *rest, _original=original: calls.append(inputs.spec.batch)
+                            or _original(self, inputs, *rest))
     case = Case(3, 21, 2, 4, 5, torch.float64, bidirectional=mode == "bi", states=mode != "bi", gates="strong")
     inputs = make_inputs(case, seed=8)
     kwargs = {"bidirectional": case.bidirectional}
     if case.states:
         kwargs["output_final_state"] = True
     got, cot = outputs_and_grads(gated_linear_attention, inputs, None, backend="torch", **kwargs)
-    assert calls == [3, 3], calls  # forward and backward, each split into 3 sequences
+    assert calls == [1] * 6, calls  # forward and backward, each split into 3 sequences
     expected, _ = outputs_and_grads(quadratic_gla, inputs, cot, **kwargs)
     assert_close(got, expected, 1e-10, case.id("torch") + "-one-at-a-time")
     single, _ = outputs_and_grads(gated_linear_attention, {n: x[1:2] for n, x in inputs.items()},

@@ -220,6 +220,22 @@ def test_autocast_runs_in_autocast_dtype():
         assert gated_linear_attention(**x).dtype == torch.float32
 
 
+def test_autocast_takes_mixed_dtypes_and_keeps_float64():
+    """As a matmul under autocast: float32 and bfloat16 inputs mixed run in the autocast
+    dtype (the mix is an error only outside autocast), and float64 inputs stay float64."""
+    case = Case(1, 11, 2, 4, 6, torch.float32)
+    x = make_inputs(case, seed=7)
+    mixed = dict(x, k=x["k"].to(torch.bfloat16))
+    with pytest.raises(TypeError, match="k has dtype bfloat16 but q has float32"):
+        gated_linear_attention(**mixed, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gated_linear_attention(**mixed, backend="torch")
+        in_double = gated_linear_attention(**{n: t.double() for n, t in x.items()}, backend="torch")
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, gated_linear_attention(**{n: t.to(torch.bfloat16) for n, t in x.items()}, backend="torch"))
+    assert in_double.dtype == torch.float64
+
+
 def test_autocast_keeps_state_in_float32():
     case = Case(1, 9, 1, 4, 4, torch.float32, bidirectional=False, states=True)
     x = make_inputs(case, seed=5)

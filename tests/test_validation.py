@@ -53,13 +53,13 @@ BAD_INPUTS = {
     "final-state-with-bidirectional": (good(output_final_state=True), ValueError, r"causal-only.*output_final_state=True"),
     "initial-state-shape": (good(bidirectional=False, initial_state=torch.zeros(B, H, V, K)), ValueError, r"initial_state must have shape \[B, H, K, V\] = \(2, 3, 4, 6\)"),
     "initial-state-integer": (good(bidirectional=False, initial_state=torch.zeros(B, H, K, V, dtype=torch.int32)), TypeError, r"initial_state has dtype int32"),
-    "initial-state-bfloat16": (good(bidirectional=False, initial_state=torch.zeros(B, H, K, V, dtype=torch.bfloat16)), TypeError, r"initial_state has dtype bfloat16; expected float32"),
+    "initial-state-bfloat16": (good(bidirectional=False, initial_state=torch.zeros(B, H, K, V, dtype=torch.bfloat16)), TypeError, r"initial_state has dtype bfloat16; expected float32 or float64"),
     "initial-state-device": (good(bidirectional=False, initial_state=torch.zeros(B, H, K, V, device="meta")), ValueError, r"initial_state is on device meta"),
     "output-final-state-not-bool": (good(bidirectional=False, output_final_state=1), TypeError, r"output_final_state must be a bool, got int"),
     "scale-not-number": (good(scale="0.5"), TypeError, r"scale must be a real number or None, got str"),
     "scale-nan": (good(scale=float("nan")), ValueError, r"scale must be finite"),
     "scale-bool": (good(scale=True), TypeError, r"scale must be a real number"),
-    "backend-unknown": (good(backend="no-such-backend"), ValueError, r"unknown backend 'no-such-backend'; registered backends: .*torch"),
+    "backend-unknown": (good(backend="no-such-backend"), ValueError, r"unknown backend 'no-such-backend' \(chosen by the backend= argument\); registered backends: .*torch"),
     "backend-not-str": (good(backend=3), TypeError, r"backend must be a backend name \(str\) or None, got int"),
 }
 
@@ -125,3 +125,15 @@ def test_public_api_is_small():
     assert set(glakernels.__all__) == {
         "gated_linear_attention", "available_backends", "use_backend", "BackendNotSupportedError", "__version__"
     }
+
+
+def test_numpy_bools_are_bools():
+    """Flags often come out of numpy (configs, sweeps): numpy.bool_ counts as a bool; the error
+    for anything else names the type in full."""
+    np = pytest.importorskip("numpy")
+    inputs = good()
+    expected = gated_linear_attention(**inputs, bidirectional=False, backend="torch")
+    got = gated_linear_attention(**inputs, bidirectional=np.bool_(False), backend="torch")
+    assert torch.equal(got, expected)
+    with pytest.raises(TypeError, match=r"bidirectional must be a bool, got numpy.int64"):
+        gated_linear_attention(**good(bidirectional=np.int64(1)))

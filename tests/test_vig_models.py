@@ -77,6 +77,25 @@ def test_official_checkpoint_file_through_create_model(tmp_path):
     assert torch.equal(model.head.weight, checkpoint["model"]["module.head.weight"])
 
 
+def test_checkpoint_errors_say_what_went_wrong(tmp_path):
+    """A missing file is a missing file (no advice to unpickle); a file the weights-only
+    unpickler refuses (a pickled config object) gets the weights_only=False hint."""
+    model = vig.create_model("vig_tiny", depth=1, embed_dim=64, num_heads=2)
+    with pytest.raises(FileNotFoundError):
+        vig.load_checkpoint(model, tmp_path / "no_such_file.pth")
+    with pytest.raises(FileNotFoundError):
+        vig.create_model("vig_tiny", depth=1, embed_dim=64, num_heads=2, checkpoint_path=str(tmp_path / "missing.pth"))
+    torch.save({"model": model.state_dict(), "config": _PickledConfig()}, tmp_path / "with_config.pth")
+    with pytest.raises(ValueError, match="pass weights_only=False if you trust the file"):
+        vig.load_checkpoint(model, tmp_path / "with_config.pth")
+    result = vig.load_checkpoint(model, tmp_path / "with_config.pth", weights_only=False)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+class _PickledConfig:
+    """Stands in for the config object official training checkpoints pickle."""
+
+
 def test_official_checkpoint_at_another_resolution_resamples_pos_embed():
     checkpoint = _official_checkpoint("vig_tiny", seed=1)
     model = vig.create_model("vig_tiny", img_size=320)  # 20 x 20 tokens

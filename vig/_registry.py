@@ -58,8 +58,11 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Non
         name: one of :func:`list_models` (``"vig_tiny"``, ``"vig_h_small"``, ``"dig_s_2"``...).
         pretrained: must be False: no weights are downloaded. Load an official checkpoint with
             ``checkpoint_path`` instead.
-        checkpoint_path: an official or native checkpoint file, loaded strictly through the
-            model's ``checkpoint_filter_fn`` (position embeddings resampled to ``img_size``).
+        checkpoint_path: a checkpoint file that holds tensors only (a native one, or an official
+            state dict saved on its own), loaded with ``weights_only=True`` and strictly through
+            the model's ``checkpoint_filter_fn`` (position embeddings resampled to ``img_size``).
+            Official training checkpoints also pickle their config: load those with
+            ``vig.load_checkpoint(model, path, weights_only=False)`` (files you trust only).
         **kwargs: model arguments (``num_classes``, ``img_size``, ``drop_path_rate``, ...).
     """
     if not isinstance(name, str) or name not in _ENTRY_POINTS:

@@ -10,6 +10,7 @@ from the helpers here.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Mapping
 
 import torch
@@ -78,7 +79,7 @@ def load_checkpoint(
     if not isinstance(checkpoint, Mapping):
         try:
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-        except Exception as error:  # pickle refused: say what to do about it
+        except pickle.UnpicklingError as error:  # the weights-only unpickler refused: say what to do about it
             if not weights_only:
                 raise
             raise ValueError(

@@ -67,9 +67,10 @@ _MODES = ("auto", "0", "1")
 
 
 def _read_mode() -> str:
-    mode = os.environ.get("VIG_TRITON_KERNELS", "auto").strip().lower()
+    mode = os.environ.get("VIG_TRITON_KERNELS", "auto").strip().lower() or "auto"
+    mode = {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(mode, mode)  # as env_flag
     if mode not in _MODES:
-        raise ValueError(f"VIG_TRITON_KERNELS must be one of {_MODES}, got {mode!r}")
+        raise ValueError(f"VIG_TRITON_KERNELS must be one of auto, 0/1, false/true, no/yes, off/on; got {mode!r}")
     return mode
 
 

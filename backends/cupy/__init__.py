@@ -29,8 +29,10 @@ class CupyBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim_k = MAX_HEAD_DIM
     max_head_dim_v = MAX_HEAD_DIM
-    # first on CUDA: faster than the triton backend at every DESIGN §7 shape, forward and
-    # forward+backward, on an H100 (bf16; benchmarks/gpu_session.sh, 2026-11-25, NOTES.md)
+    # The base rank on CUDA: above triton's base 100 (the calls neither backend's fast kernels
+    # take: wider heads, float32 training on short sequences), below triton's single-pass
+    # kernels (300) and this backend's own tensor-core kernels (400, below), which the
+    # automatic selection ranks per call.
     auto_priority = {"cuda": 200}
 
     #: Rank of the calls the tensor-core kernels take where they measured faster than triton's,
@@ -71,7 +73,7 @@ class CupyBackend(Backend):
             import cupy  # noqa: F401
         except Exception as exc:  # ImportError, or a CuPy built for another CUDA
             reasons.append(f"cupy is not importable ({type(exc).__name__}: {exc}); "
-                           "install glakernels[cupy] (cupy-cuda13x)")
+                           "pip install -e '.[cupy]' from a checkout, or cupy-cuda13x")
         if torch.version.cuda is None:
             reasons.append("this PyTorch build has no CUDA support")
         elif not torch.cuda.is_available():

@@ -24,15 +24,6 @@ def _flip(x: torch.Tensor) -> torch.Tensor:
     return torch.flip(x, dims=[1])
 
 
-def _one_at_a_time(inputs: GLAInputs) -> bool:
-    """Whether to run the batch one sequence at a time. On GPUs, batched matmuls choose their
-    algorithm by the batch count (and by address alignment), so a sequence's result would change
-    bitwise with what else is in the batch (found on an H100: cuBLAS). Calls shaped
-    [1, T, H, D] on fresh copies, aligned alike, give every sequence the same kernels whatever
-    the batch (DESIGN §9), a batch of one included."""
-    return inputs.q.device.type != "cpu"
-
-
 def _sequence(x: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
     return None if x is None else x[b : b + 1].clone()
 
@@ -55,18 +46,21 @@ class TorchBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
     auto_priority = {"any": 0}
 
+    # One sequence at a time, on every device: batched matmuls choose their algorithm by the
+    # batch count (and by address alignment), so a sequence's result would change bitwise with
+    # what else is in the batch — found on an H100 (cuBLAS) and on CPUs too (K = 32, V = 64:
+    # last-bit differences in o and dv with two sequences against one). Calls shaped
+    # [1, T, H, D] on fresh copies, aligned alike, give every sequence the same kernels
+    # whatever the batch (DESIGN §9), a batch of one included.
+
     def forward(self, inputs: GLAInputs):
-        if _one_at_a_time(inputs):
-            outs = [self._forward(one) for _, one in _sequences(inputs)]
-            return _cat([o for o, _ in outs]), _cat([s for _, s in outs])
-        return self._forward(inputs)
+        outs = [self._forward(one) for _, one in _sequences(inputs)]
+        return _cat([o for o, _ in outs]), _cat([s for _, s in outs])
 
     def backward(self, inputs: GLAInputs, grad_output, grad_final_state: Optional[torch.Tensor]):
-        if _one_at_a_time(inputs):
-            grads = [self._backward(one, _sequence(grad_output, b), _sequence(grad_final_state, b))
-                     for b, one in _sequences(inputs)]
-            return GLAGradients(*(_cat([g[i] for g in grads]) for i in range(len(GLAGradients._fields))))
-        return self._backward(inputs, grad_output, grad_final_state)
+        grads = [self._backward(one, _sequence(grad_output, b), _sequence(grad_final_state, b))
+                 for b, one in _sequences(inputs)]
+        return GLAGradients(*(_cat([g[i] for g in grads]) for i in range(len(GLAGradients._fields))))
 
     def _forward(self, inputs: GLAInputs):
         from .chunked import causal_forward

@@ -69,7 +69,7 @@ class TritonBackend(Backend):
         try:
             import triton  # noqa: F401
         except ImportError:
-            return ["triton is not installed (pip install 'glakernels[triton]')"]
+            return ["triton is not installed (pip install -e '.[triton]' from a checkout, or triton)"]
         if not interpreter_enabled() and not torch.cuda.is_available():
             return ["no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on CPU, slowly, for testing)"]
         return []
