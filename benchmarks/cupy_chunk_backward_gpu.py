@@ -2,7 +2,7 @@
 on one GPU, in one run.
 
     python benchmarks/cupy_chunk_backward_gpu.py [--shapes vigT_224,vigB_224] [--modes bi,causal]
-        [--gates vig,strong,extreme] [--launches "2,1,2,1;1,1,1,3;2,3,2,3,1,0,1"]
+        [--gates vig,strong,extreme] [--launches "2,1,2,1;1,1,1,3;2,3,2,3,1,0,1"] [--dtype float16]
 
 For every shape and mode: the relative error of every gradient (dq, dk, dv, dg, dg_reverse)
 against the float64 torch backend on the same GPU, for each gate regime (``strong`` and
@@ -86,10 +86,11 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="bi,causal")
     parser.add_argument("--gates", default="vig,strong,extreme")
     parser.add_argument("--launches", default="")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = parser.parse_args(argv)
     from glakernels.backends.cupy._plan import ChunkBackwardLaunch
 
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     runs = {"cupy (tensor cores)": cupy_run(True), "cupy (sweeps)": cupy_run(False), "triton": triton_run()}
     for text in filter(None, args.launches.split(";")):
         numbers = tuple(int(n) for n in text.split(","))
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
                 rows.append((name, mode, run_name, bwd, bwd / times["triton"][0], both, both / times["triton"][1],
                              both / floor, errors[run_name]))
                 print(rows[-1], flush=True)
-    print(f"\n{torch.cuda.get_device_name()}; bfloat16, ms per call (CUDA-graph replay); error: worst gradient over gates "
+    print(f"\n{torch.cuda.get_device_name()}; {args.dtype}, ms per call (CUDA-graph replay); error: worst gradient over gates "
           f"{args.gates} against the float64 torch backend (bound {BOUNDS[dtype]})")
     print(f"{'shape':<18} {'mode':<7} {'backend':<20} {'bwd ms':>8} {'÷ triton':>9} {'f+b ms':>8} {'÷ triton':>9} "
           f"{'× floor':>8} {'error':>9}")

@@ -47,8 +47,8 @@ def shared_emulator(tmp_path_factory) -> Emulator:
             _plan.chunk_forward_name(dtype, 32, 64, bi, launch) for launch in FORWARD_LAUNCHES
             for bi in (True, False) for dtype in (torch.bfloat16, torch.float16))))
         file = _sources.CHUNK_BACKWARD_FILE
-        extra = [_plan.chunk_backward_fused_name(32, 64, bi, launch) if launch.fused else
-                 _plan.chunk_backward_adjoint_name(dv, 32, 64, bi, launch)
+        extra = [_plan.chunk_backward_fused_name(torch.bfloat16, 32, 64, bi, launch) if launch.fused else
+                 _plan.chunk_backward_adjoint_name(torch.bfloat16, dv, 32, 64, bi, launch)
                  for launch in BACKWARD_LAUNCHES for bi in (True, False) for dv in (True, False)]
         names[file] = tuple(dict.fromkeys(names[file] + tuple(extra)))
         _emulators[base] = Emulator(names, base / "emulator")

@@ -217,8 +217,8 @@ def test_tensor_core_forward_launches_agree_bitwise(cupy_backend, bidirectional)
         assert torch.equal(o, outs[0]), launch
 
 
-# the tensor-core backward (kernels/gla_chunk_backward.cu): bfloat16, one segment; strong and
-# extreme gates flag sequences for the sweeps
+# the tensor-core backward (kernels/gla_chunk_backward.cu): bfloat16 and float16, one segment
+# or several; strong and extreme gates flag sequences for the sweeps
 CHUNK_BACKWARD_CASES = [
     Case(2, 1, 1, 32, 64, torch.bfloat16),
     Case(1, 17, 2, 16, 16, torch.bfloat16),
@@ -234,6 +234,12 @@ CHUNK_BACKWARD_CASES = [
     Case(2, 1100, 3, 32, 64, torch.bfloat16),
     Case(1, 777, 2, 16, 48, torch.bfloat16, gates="extreme"),
     Case(2, 600, 2, 32, 32, torch.bfloat16, bidirectional=False),
+    # float16: dout and v as two exact bfloat16 parts
+    Case(4, 196, 3, 32, 64, torch.float16),
+    Case(2, 196, 3, 32, 64, torch.float16, gates="extreme"),
+    Case(2, 77, 2, 16, 32, torch.float16, bidirectional=False),
+    Case(2, 1100, 3, 32, 64, torch.float16),
+    Case(1, 33, 2, 32, 48, torch.float16),
 ]
 
 
@@ -243,8 +249,9 @@ def test_tensor_core_backward_matches_reference(cupy_backend, case):
 
     names = _check_recording(case, seed=19)
     fused = _plan.chunk_backward_launch(1, case.K, case.V, case.bidirectional, _plan.chunking(case.T)[0], 1).fused
-    walk = "gla::gla_chunk_backward_" + ("adjoint" if fused else "dkv<true")
-    assert any(n.startswith(walk) for n in names), names
+    walk = "gla::gla_chunk_backward_" + ("adjoint<" if fused else "dkv<")
+    dtype = _plan.C_TYPES[case.dtype]
+    assert any(n.startswith(walk + dtype + (", " if fused else ", true")) for n in names), names
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

@@ -4,7 +4,7 @@ Sources: ``kernels/gla_sweep.cu`` (every recurrent sweep, forward and backward, 
 directions in one launch), ``kernels/gla_scan.cu`` (stitching time chunks together) and
 ``kernels/gla_chunk_forward.cu`` (the tensor-core forward of 16-bit calls with K <= 32,
 V <= 64 and no states, on sm_80 and newer) and ``kernels/gla_chunk_backward.cu`` (the
-tensor-core backward of such bfloat16 calls); each algorithm is described at the top of its
+tensor-core backward of such calls); each algorithm is described at the top of its
 file. Kernels run on PyTorch's current CUDA stream with the tensors' device addresses as
 arguments: no copies, no synchronisation, so the op can be captured in a CUDA graph.
 """
@@ -51,7 +51,10 @@ class CupyBackend(Backend):
     #: 303 / 491, vigT_2048 325 / 499, but 8 x 196 x 3 89 / 77 (24 sequences: too few blocks);
     #: causal vigT_224 96 / 139, 8 x 196 x 3 57 / 56, vigT_1024 222 / 247, vigT_2048 234 / 252.
     #: The choice may not depend on B or H (a sequence's bits would then depend on the batch),
-    #: so small batches pay the 1.16x.
+    #: so small batches pay the 1.16x. float16 training calls too since session 24 (dout and v
+    #: as two exact bfloat16 parts; NOTES.md run 24b, `--dtype float16`), forward + backward µs,
+    #: cupy / triton: bidirectional vigT_224 185 / 335, vigB_224 371 / 633, 8 x 196 x 3 83 /
+    #: 85, vigT_1024 345 / 569; causal vigT_224 94 / 160, 8 x 196 x 3 55 / 66, vigT_1024 203 / 290.
     chunk_kernels_priority = 400
 
     def priority_for_problem(self, spec) -> Optional[int]:

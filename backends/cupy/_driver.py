@@ -8,11 +8,11 @@ emulator of the kernels. Nothing here reads tensor values or synchronises.
 Launch sequence (N = number of time chunks, 1 for sequences up to SINGLE_CHUNK_MAX):
 
     forward:   [chunk_forward states, state_scan]  chunk_forward
-               (tensor cores: bfloat16, K <= 32, V <= 64 in multiples of 16, no states)
+               (tensor cores: bfloat16 or float16, K <= 32, V <= 64 in multiples of 16, no states)
                or [chunk_state, state_scan]  forward_output
     backward:  [chunk_forward states, state_scan]  chunk_backward_dq
                [chunk_backward adjoint states, state_scan]  chunk_backward (dv)  chunk_backward (dk)
-               (tensor cores: bfloat16, the forward's head dims, no states; with K = 32 the
+               (tensor cores: bfloat16 or float16, the forward's head dims, no states; with K = 32 the
                fused adjoint walk instead of the last two for causal calls and bidirectional
                ones on short segments), then
                [chunk_state, chunk_adjoint, state_scan x2]  backward_dq  backward_dk  backward_dv
@@ -137,26 +137,27 @@ def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.Chu
         forward_launch = plan.chunk_forward_launch(call.B * call.H * n, V, bi, getattr(call.launch, "sm_count", 1))
         scratch.append(_chunk_forward_entering_states(call, forward_launch))
         extra["enter"] = scratch[-1].data_ptr()
-    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(K, V, bi, launch), grid, dq_block,
+    dtype = call.spec.dtype
+    call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(dtype, K, V, bi, launch), grid, dq_block,
                 plan.chunk_backward_smem_bytes(call.chunk_len, K, bi), kernel_args(extra, call.base_args))
     if segmented:
         enter = call.scratch(call.B * call.H, 2, n, K, V)
         decay = call.scratch(call.B * call.H, 2, n, K)
         scratch += [enter, decay]
         states = dict(extra, enter=enter.data_ptr(), decay=decay.data_ptr())
-        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(False, K, V, bi, launch, local=True), grid,
+        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dtype, False, K, V, bi, launch, local=True), grid,
                     adjoint_block, 0, kernel_args(states, call.base_args))
         call.state_scan(True, enter=enter.data_ptr(), decay=decay.data_ptr())
         extra["enter"] = enter.data_ptr()
     if launch.fused:  # dk's hand-over between the directions goes through global memory
         park = call.scratch(call.B * call.H * n, 2, call.chunk_len, K) if bi else None
         scratch.append(park)
-        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_fused_name(K, V, bi, launch), grid, adjoint_block,
+        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_fused_name(dtype, K, V, bi, launch), grid, adjoint_block,
                     plan.chunk_backward_fused_smem_bytes(call.chunk_len, K, V, bi, launch),
                     kernel_args(dict(extra, park=_address(park)), call.base_args))
         return flags
     for dv, columns in ((True, V), (False, K)):
-        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dv, K, V, bi, launch), grid, adjoint_block,
+        call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dtype, dv, K, V, bi, launch), grid, adjoint_block,
                     plan.chunk_backward_smem_bytes(call.chunk_len, columns, bi), kernel_args(extra, call.base_args))
     return flags
 

@@ -215,10 +215,11 @@ def chunk_forward_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-#: The tensor-core backward (``kernels/gla_chunk_backward.cu``): bfloat16 inputs, head dims
-#: and segments as the forward's, no states. Sequences whose gates leave the decay ratio's
+#: The tensor-core backward (``kernels/gla_chunk_backward.cu``): bfloat16 and float16 inputs
+#: (float16 dout and v as two exact bfloat16 parts), head dims and segments as the forward's, no
+#: states. Sequences whose gates leave the decay ratio's
 #: range are flagged by the dq kernel and redone by the sweeps.
-CHUNK_BACKWARD_DTYPES = (torch.bfloat16,)
+CHUNK_BACKWARD_DTYPES = (torch.bfloat16, torch.float16)
 #: int32 flags per (batch, head) (mirror of ``kFlagSlots`` in ``kernels/gla_common.cuh``)
 FLAG_SLOTS = 4
 
@@ -295,31 +296,33 @@ def chunk_backward_launch(blocks: int, head_dim_k: int, head_dim_v: int, bidirec
                                fused=fused, fused_prefetch=not shared_state, fused_shared_state=shared_state)
 
 
-def chunk_backward_dq_name(head_dim_k: int, head_dim_v: int, bidirectional: bool, launch: ChunkBackwardLaunch) -> str:
-    """``gla_chunk_backward_dq<KT, VT, NW, BIDIR, MIN_BLOCKS>``: K tiles of 16 per warp."""
+def chunk_backward_dq_name(dtype: torch.dtype, head_dim_k: int, head_dim_v: int, bidirectional: bool,
+                           launch: ChunkBackwardLaunch) -> str:
+    """``gla_chunk_backward_dq<E, KT, VT, NW, BIDIR, MIN_BLOCKS>``: K tiles of 16 per warp."""
     bi = "true" if bidirectional else "false"
-    return (f"gla::gla_chunk_backward_dq<{head_dim_k // 16 // launch.dq_warps}, {head_dim_v // 16}, "
+    return (f"gla::gla_chunk_backward_dq<{C_TYPES[dtype]}, {head_dim_k // 16 // launch.dq_warps}, {head_dim_v // 16}, "
             f"{launch.dq_warps}, {bi}, {launch.dq_min_blocks}>")
 
 
-def chunk_backward_adjoint_name(dv: bool, head_dim_k: int, head_dim_v: int, bidirectional: bool,
+def chunk_backward_adjoint_name(dtype: torch.dtype, dv: bool, head_dim_k: int, head_dim_v: int, bidirectional: bool,
                                 launch: ChunkBackwardLaunch, local: bool = False) -> str:
-    """``gla_chunk_backward_dkv<DV, KT, VT, NW, BIDIR, MIN_BLOCKS, LOCAL>``: the dv walk (V
+    """``gla_chunk_backward_dkv<E, DV, KT, VT, NW, BIDIR, MIN_BLOCKS, LOCAL>``: the dv walk (V
     split between the warps) or the dk walk (K split); KT, VT per warp; ``local``: the dk
     walk's layout without outputs, each segment's local adjoint for the scan."""
     w = launch.adjoint_warps
     k_tiles, v_tiles = (head_dim_k // 16, head_dim_v // 16 // w) if dv else (head_dim_k // 16 // w, head_dim_v // 16)
     flag = lambda x: "true" if x else "false"  # noqa: E731
-    return (f"gla::gla_chunk_backward_dkv<{flag(dv)}, {k_tiles}, {v_tiles}, {w}, {flag(bidirectional)}, "
+    return (f"gla::gla_chunk_backward_dkv<{C_TYPES[dtype]}, {flag(dv)}, {k_tiles}, {v_tiles}, {w}, {flag(bidirectional)}, "
             f"{launch.adjoint_min_blocks}, {flag(local)}>")
 
 
-def chunk_backward_fused_name(head_dim_k: int, head_dim_v: int, bidirectional: bool,
+def chunk_backward_fused_name(dtype: torch.dtype, head_dim_k: int, head_dim_v: int, bidirectional: bool,
                               launch: ChunkBackwardLaunch) -> str:
-    """``gla_chunk_backward_adjoint<KT, VT, NW, BIDIR, PREFETCH, SHARED_STATE, MIN_BLOCKS>``:
+    """``gla_chunk_backward_adjoint<E, KT, VT, NW, BIDIR, PREFETCH, SHARED_STATE, MIN_BLOCKS>``:
     the fused adjoint walk, two warps a direction splitting V (VT per warp), every K tile (KT)."""
     flag = lambda x: "true" if x else "false"  # noqa: E731
-    return (f"gla::gla_chunk_backward_adjoint<{head_dim_k // 16}, {head_dim_v // 32}, 2, {flag(bidirectional)}, "
+    return (f"gla::gla_chunk_backward_adjoint<{C_TYPES[dtype]}, {head_dim_k // 16}, {head_dim_v // 32}, 2, "
+            f"{flag(bidirectional)}, "
             f"{flag(launch.fused_prefetch)}, {flag(launch.fused_shared_state)}, {launch.adjoint_min_blocks}>")
 
 
@@ -347,15 +350,17 @@ def chunk_backward_smem_bytes(seq_len: int, head_dim: int, bidirectional: bool) 
 def chunk_backward_names() -> tuple[str, ...]:
     """Every launch the plan can choose for every shape (what CI compiles and emulates)."""
     names = []
-    for k, v, bi, blocks, length in itertools.product(range(16, CHUNK_FORWARD_MAX_K + 1, 16),
-                                                      range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3),
-                                                      (FUSED_BIDIRECTIONAL_MAX_T, SINGLE_CHUNK_MAX)):
+    for dt, k, v, bi, blocks, length in itertools.product(CHUNK_BACKWARD_DTYPES, range(16, CHUNK_FORWARD_MAX_K + 1, 16),
+                                                          range(16, CHUNK_FORWARD_MAX_V + 1, 16), (True, False), (1, 3),
+                                                          (FUSED_BIDIRECTIONAL_MAX_T, SINGLE_CHUNK_MAX)):
         launch = chunk_backward_launch(blocks, k, v, bi, length, 1)  # one SM: 1 and 3 blocks cross the threshold
-        names += [chunk_backward_dq_name(k, v, bi, launch), chunk_backward_adjoint_name(False, k, v, bi, launch, local=True)]
+        names += [chunk_backward_dq_name(dt, k, v, bi, launch),
+                  chunk_backward_adjoint_name(dt, False, k, v, bi, launch, local=True)]
         if launch.fused:
-            names.append(chunk_backward_fused_name(k, v, bi, launch))
+            names.append(chunk_backward_fused_name(dt, k, v, bi, launch))
         else:
-            names += [chunk_backward_adjoint_name(True, k, v, bi, launch), chunk_backward_adjoint_name(False, k, v, bi, launch)]
+            names += [chunk_backward_adjoint_name(dt, True, k, v, bi, launch),
+                      chunk_backward_adjoint_name(dt, False, k, v, bi, launch)]
     return tuple(dict.fromkeys(names))
 
 

@@ -154,13 +154,13 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim_k: int, head_dim_
         # ViG's 224 px sequences and segments of longer ones (their adjoint walks can differ)
         for bidirectional, length in itertools.product((True, False), (196, plan.CHUNK_LEN)):
             launch = plan.chunk_backward_launch(10**6, head_dim_k, head_dim_v, bidirectional, length, sm_count(index))
-            _kernel(index, CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(head_dim_k, head_dim_v, bidirectional, launch))
+            _kernel(index, CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(dtype, head_dim_k, head_dim_v, bidirectional, launch))
             walks = ((False, True),) + (() if launch.fused else ((True, False), (False, False)))
             for dv, local in walks:
-                name = plan.chunk_backward_adjoint_name(dv, head_dim_k, head_dim_v, bidirectional, launch, local)
+                name = plan.chunk_backward_adjoint_name(dtype, dv, head_dim_k, head_dim_v, bidirectional, launch, local)
                 _kernel(index, CHUNK_BACKWARD_FILE, name)
             if launch.fused:
-                name = plan.chunk_backward_fused_name(head_dim_k, head_dim_v, bidirectional, launch)
+                name = plan.chunk_backward_fused_name(dtype, head_dim_k, head_dim_v, bidirectional, launch)
                 _kernel(index, CHUNK_BACKWARD_FILE, name)
     _kernel(index, SCAN_FILE, plan.SCAN_NAME)
     return time.perf_counter() - start

@@ -1,7 +1,8 @@
-// The backward on tensor cores: bfloat16 inputs with K <= 32 and V <= 64 (multiples of 16),
-// no states — ViG's training calls. Each launch is a chunked walk of 16 tokens a step with
-// both directions of a bidirectional call in one block (the forward's layouts and midpoint
-// hand-over, gla_chunk_forward.cu), one block per (batch, head) and segment:
+// The backward on tensor cores: bfloat16 and float16 inputs with K <= 32 and V <= 64
+// (multiples of 16), no states — ViG's training calls. Each launch is a chunked walk of 16
+// tokens a step with both directions of a bidirectional call in one block (the forward's
+// layouts and midpoint hand-over, gla_chunk_forward.cu), one block per (batch, head) and
+// segment:
 //
 //   gla_chunk_backward_dq   walks each direction's own order with the state S [K x V]:
 //                           dq, and q * dq per direction (float32, for the gate gradients)
@@ -28,10 +29,13 @@
 // gradients' in-segment sums in dg_ws and each segment's total in dg_total, and
 // gla_gate_grad_fixup adds the later segments' part.
 //
-// dq, B and the state terms take the forward's fragment layouts: dout and v are exact
-// bfloat16 operands (B in one product), float32 operands are split in two bfloat16 parts. The gate gradients' in-chunk suffix sums are a product with an
-// upper triangle of ones (each term then carries ~2^-17 of relative error, as the triton
-// backend's), plus a float32 carry from the later chunks.
+// dq, B and the state terms take the forward's fragment layouts: float32 operands are split in
+// two bfloat16 parts; loaded bfloat16 dout and v are exact operands as they are, float16 ones
+// two bfloat16 parts each (exactly: 11 significant bits in 8 + 8), one product more wherever
+// they meet a split operand (B = dout . v^T is one float16 product of the loaded words). The
+// gate gradients' in-chunk suffix sums are a product with an upper triangle of ones (each
+// term then carries ~2^-17 of relative error, as the triton backend's), plus a float32 carry
+// from the later chunks.
 //
 // Chunks whose in-chunk sums leave the ratio's range (any gate down to -1e4 must work) have
 // no exact path here: the dq kernel records, per (batch, head), whether its walks met one
@@ -79,23 +83,56 @@ __device__ __forceinline__ void mma_split(float (&d)[4], const u32 (&a_hi)[4], c
   mma_bf16(d, a_hi, b_hi0, b_hi1);
 }
 
-// d += a * b, b the transpose of a C tile's elements {x0, x1 | x2, x3} (rows r, r + 8) split in
-// two bfloat16 parts: the movmatrix transposes of its split words, the lo part first
-__device__ __forceinline__ void mma_transposed_split(float (&d)[4], const u32 (&a)[4], float x0, float x1, float x2,
-                                                     float x3) {
+// A loaded 16-bit word as bfloat16 operand words: a bfloat16 word is exact as it is (lo
+// unused); a float16 word is two bfloat16 parts, exactly
+template <class E>
+__device__ __forceinline__ void loaded_parts(u32 word, u32& hi, u32& lo) {
+  if constexpr (Half16<E>::kIsF16) {
+    split_bf16x2(Half16<E>::low(word), Half16<E>::high(word), hi, lo);
+  } else {
+    hi = word, lo = 0u;
+  }
+}
+
+// d += a * b, a loaded (parts a_hi, a_lo: loaded_parts) and b split in two parts: a*b_lo (+
+// a_lo*b_hi for float16) + a*b_hi, always in this order
+template <class E>
+__device__ __forceinline__ void mma_loaded_a(float (&d)[4], const u32 (&a_hi)[4], const u32 (&a_lo)[4], u32 b_hi0,
+                                             u32 b_hi1, u32 b_lo0, u32 b_lo1) {
+  mma_bf16(d, a_hi, b_lo0, b_lo1);
+  if constexpr (Half16<E>::kIsF16) mma_bf16(d, a_lo, b_hi0, b_hi1);
+  mma_bf16(d, a_hi, b_hi0, b_hi1);
+}
+
+// d += a * b, a split in two parts and b loaded (parts b_hi, b_lo): a_lo*b (+ a_hi*b_lo for
+// float16) + a_hi*b, always in this order
+template <class E>
+__device__ __forceinline__ void mma_loaded_b(float (&d)[4], const u32 (&a_hi)[4], const u32 (&a_lo)[4], u32 b_hi0,
+                                             u32 b_hi1, u32 b_lo0, u32 b_lo1) {
+  mma_bf16(d, a_lo, b_hi0, b_hi1);
+  if constexpr (Half16<E>::kIsF16) mma_bf16(d, a_hi, b_lo0, b_lo1);
+  mma_bf16(d, a_hi, b_hi0, b_hi1);
+}
+
+// d += a * b, a loaded (parts a_hi, a_lo) and b the transpose of a C tile's elements {x0, x1 |
+// x2, x3} (rows r, r + 8) split in two bfloat16 parts: the movmatrix transposes of its split
+// words, the lo part first
+template <class E>
+__device__ __forceinline__ void mma_transposed_split(float (&d)[4], const u32 (&a_hi)[4], const u32 (&a_lo)[4],
+                                                     float x0, float x1, float x2, float x3) {
   u32 hi0, lo0, hi1, lo1;
   split_bf16x2(x0, x1, hi0, lo0);
   split_bf16x2(x2, x3, hi1, lo1);
-  mma_bf16(d, a, transpose8x8(lo0), transpose8x8(lo1));
-  mma_bf16(d, a, transpose8x8(hi0), transpose8x8(hi1));
+  const u32 b_hi0 = transpose8x8(hi0), b_hi1 = transpose8x8(hi1);
+  mma_loaded_a<E>(d, a_hi, a_lo, b_hi0, b_hi1, transpose8x8(lo0), transpose8x8(lo1));
 }
 
 // one K octet's gate terms (C tile x, rows t) become their suffix sums over the chunk (the
-// upper triangle times them) plus `carry`, the later chunks' sum; carry then takes this
-// chunk's whole sum (row 0, lanes 0-3)
+// upper triangle of bfloat16 ones times them) plus `carry`, the later chunks' sum; carry then
+// takes this chunk's whole sum (row 0, lanes 0-3)
 __device__ __forceinline__ void suffix_sums(float (&x)[4], const u32 (&upper)[4], float (&carry)[2], int c) {
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  mma_transposed_split(s, upper, x[0], x[1], x[2], x[3]);
+  mma_transposed_split<bf16>(s, upper, upper, x[0], x[1], x[2], x[3]);  // (bfloat16: no low part read)
   x[0] = s[0] + carry[0], x[1] = s[1] + carry[1], x[2] = s[2] + carry[0], x[3] = s[3] + carry[1];
   carry[0] = shfl_idx(x[0], c), carry[1] = shfl_idx(x[1], c);
 }
@@ -116,8 +153,8 @@ __device__ __forceinline__ void mask_causal(float (&x)[2][4], int r, int c) {
   if (2 * c + 1 > r) x[1][3] = 0.0f;
 }
 
-// B = dout . v^T over one chunk (exact products of bfloat16 values, float32 sums)
-template <int VT, int VW>
+// B = dout . v^T over one chunk (exact products of the loaded 16-bit values, float32 sums)
+template <class E, int VT, int VW>
 __device__ __forceinline__ void dout_v_scores(const u32 (&dout)[2][VW], const u32 (&v)[2][VW], float (&x)[2][4]) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) x[half][0] = x[half][1] = x[half][2] = x[half][3] = 0.0f;
@@ -127,7 +164,7 @@ __device__ __forceinline__ void dout_v_scores(const u32 (&dout)[2][VW], const u3
     fragment<VT>(dout, a, d);
 #pragma unroll
     for (int half = 0; half < 2; ++half)  // B = v^T over (column, token s)
-      mma_bf16(x[half], d, fragment_word<VT>(v, a, half), fragment_word<VT>(v, a, half + 2));
+      Half16<E>::mma(x[half], d, fragment_word<VT>(v, a, half), fragment_word<VT>(v, a, half + 2));
   }
 }
 
@@ -135,11 +172,10 @@ __device__ __forceinline__ void dout_v_scores(const u32 (&dout)[2][VW], const u3
 // 16 (every warp holds all of V). Each warp keeps S [its K columns x V] as C tiles (rows K,
 // columns V): they are the B fragments of dout . S^T as they stand.
 // Grid: (B * H); block: NW warps per direction.
-template <int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS>
+template <class E, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
-  using E = bf16;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
@@ -233,8 +269,8 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const u32 word = fragment_word<KT>(in.k, j, w);
-        kf[2 * w] = low_bf16(word) * exp2_approx(-G[j][2 * w] * kLog2e);
-        kf[2 * w + 1] = high_bf16(word) * exp2_approx(-G[j][2 * w + 1] * kLog2e);
+        kf[2 * w] = Half16<E>::low(word) * exp2_approx(-G[j][2 * w] * kLog2e);
+        kf[2 * w + 1] = Half16<E>::high(word) * exp2_approx(-G[j][2 * w + 1] * kLog2e);
       }
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
@@ -245,12 +281,17 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
     }
 
     float bs[2][4];
-    dout_v_scores<VT, VW>(in.dout, in.v, bs);
+    dout_v_scores<E, VT, VW>(in.dout, in.v, bs);
     mask_causal(bs, r, c);
     u32 b_hi[4], b_lo[4];
     split_lower_tile(bs, b_hi, b_lo);
 
     // dq (before e^{G} and the scale): B.kh + dout.S^T, C tiles [K octet][rows t]
+    u32 d_hi[VT][4], d_lo[VT][4];  // dout's A fragments (d_lo: float16's low parts)
+#pragma unroll
+    for (int a = 0; a < VT; ++a)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<VT>(in.dout, a, w), d_hi[a][w], d_lo[a][w]);
     float acc[KT][2][4];
 #pragma unroll
     for (int j = 0; j < KT; ++j)
@@ -262,31 +303,32 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
                   khT_lo[j][2 * half + 1]);
 #pragma unroll
         for (int a = 0; a < VT; ++a) {
-          u32 d[4];
-          fragment<VT>(in.dout, a, d);
           // B = S^T over (V column, K column): S's C tiles of V octets 2a, 2a + 1, rows of `half`
           u32 s_hi[2], s_lo[2];
           split_bf16x2(S[j][2 * a][2 * half], S[j][2 * a][2 * half + 1], s_hi[0], s_lo[0]);
           split_bf16x2(S[j][2 * a + 1][2 * half], S[j][2 * a + 1][2 * half + 1], s_hi[1], s_lo[1]);
-          mma_bf16(x, d, s_lo[0], s_lo[1]);
-          mma_bf16(x, d, s_hi[0], s_hi[1]);
+          mma_loaded_a<E>(x, d_hi[a], d_lo[a], s_hi[0], s_hi[1], s_lo[0], s_lo[1]);
         }
       }
 
     // the state: S' = diag(e^{G_15}) (S + kh^T v), v's transposed words as the B operand
 #pragma unroll
     for (int a = 0; a < VT; ++a) {
-      u32 vt[4];
+      u32 vt[4], vt_lo[4];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) vt[w] = transpose8x8(fragment_word<VT>(in.v, a, w));
+      for (int w = 0; w < 4; ++w) {
+        u32 hi, lo;
+        loaded_parts<E>(fragment_word<VT>(in.v, a, w), hi, lo);
+        vt[w] = transpose8x8(hi), vt_lo[w] = Half16<E>::kIsF16 ? transpose8x8(lo) : 0u;
+      }
 #pragma unroll
       for (int j = 0; j < KT; ++j) {
         const u32 A_hi[4] = {khT_hi[j][0], khT_hi[j][2], khT_hi[j][1], khT_hi[j][3]};
         const u32 A_lo[4] = {khT_lo[j][0], khT_lo[j][2], khT_lo[j][1], khT_lo[j][3]};
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          mma_bf16(S[j][2 * a + half], A_lo, vt[2 * half], vt[2 * half + 1]);
-          mma_bf16(S[j][2 * a + half], A_hi, vt[2 * half], vt[2 * half + 1]);
+          mma_loaded_b<E>(S[j][2 * a + half], A_hi, A_lo, vt[2 * half], vt[2 * half + 1], vt_lo[2 * half],
+                          vt_lo[2 * half + 1]);
         }
       }
     }
@@ -315,7 +357,7 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
             const int ge = 4 * half + 2 * rh + e;  // the A-fragment element of (row half rh, column 8 half + 2c + e)
             y[2 * half + e] = acc[j][half][2 * rh + e] * scale * exp2_approx(G[j][ge] * kLog2e);
             const u32 qw = fragment_word<KT>(in.q, j, ge >> 1);
-            z[2 * half + e] = (e ? high_bf16(qw) : low_bf16(qw)) * y[2 * half + e];
+            z[2 * half + e] = (e ? Half16<E>::high(qw) : Half16<E>::low(qw)) * y[2 * half + e];
           }
         x[j] = Float4{y[0], y[1], y[2], y[3]}, qx[j] = Float4{z[0], z[1], z[2], z[3]};
       }
@@ -353,11 +395,10 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
 // dS^T [V x K], as C tiles (rows V, columns K; the forward's S^T layout); for (D dS) v the
 // B fragments are movmatrix transposes of its split words.
 // Grid: (B * H); block: NW warps per direction.
-template <bool DV, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS, bool LOCAL>
+template <class E, bool DV, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS, bool LOCAL>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   GLA_COLLECT_PARAMS;
-  using E = bf16;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
@@ -405,8 +446,9 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
   const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
   const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
   // the upper triangle (t >= u) for the suffix sums
-  const u32 tri_up = ((2 * c >= r) ? one : 0u) | ((2 * c + 1 >= r) ? one << 16 : 0u);
-  const u32 upper[4] = {tri_up, 0u, one | (one << 16), tri_up};
+  const u32 one_bf16 = Half16<bf16>::kOne;  // the suffix sums' partner is split float32
+  const u32 tri_up = ((2 * c >= r) ? one_bf16 : 0u) | ((2 * c + 1 >= r) ? one_bf16 << 16 : 0u);
+  const u32 upper[4] = {tri_up, 0u, one_bf16 | (one_bf16 << 16), tri_up};
 
   float dS[VT][2 * KT][4];  // dS^T: [V tile][K octet][C tile]
 #pragma unroll
@@ -464,16 +506,20 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const u32 word = fragment_word<KT>(in.q, j, w);
-        split_bf16x2(low_bf16(word) * scale * exp2_approx(G[j][2 * w] * kLog2e),
-                     high_bf16(word) * scale * exp2_approx(G[j][2 * w + 1] * kLog2e), qh_hi[j][w], qh_lo[j][w]);
+        split_bf16x2(Half16<E>::low(word) * scale * exp2_approx(G[j][2 * w] * kLog2e),
+                     Half16<E>::high(word) * scale * exp2_approx(G[j][2 * w + 1] * kLog2e), qh_hi[j][w], qh_lo[j][w]);
         qhT_hi[j][w] = transpose8x8(qh_hi[j][w]), qhT_lo[j][w] = transpose8x8(qh_lo[j][w]);
       }
     // dout's transposed words: B operand over (token, V column) and, reordered, A of dout^T
-    u32 dT[VT][4];
+    u32 dT[VT][4], dT_lo[VT][4];  // (dT_lo: float16's low parts)
 #pragma unroll
     for (int a = 0; a < VT; ++a)
 #pragma unroll
-      for (int w = 0; w < 4; ++w) dT[a][w] = transpose8x8(fragment_word<VT>(in.dout, a, w));
+      for (int w = 0; w < 4; ++w) {
+        u32 hi, lo;
+        loaded_parts<E>(fragment_word<VT>(in.dout, a, w), hi, lo);
+        dT[a][w] = transpose8x8(hi), dT_lo[a][w] = Half16<E>::kIsF16 ? transpose8x8(lo) : 0u;
+      }
 
     // D dS: the adjoint from the later chunks, decayed across this one (per K column)
 #pragma unroll
@@ -496,8 +542,8 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
           const u32 word = fragment_word<KT>(in.k, j, w);
-          split_bf16x2(low_bf16(word) * exp2_approx(-G[j][2 * w] * kLog2e),
-                       high_bf16(word) * exp2_approx(-G[j][2 * w + 1] * kLog2e), kh_hi[j][w], kh_lo[j][w]);
+          split_bf16x2(Half16<E>::low(word) * exp2_approx(-G[j][2 * w] * kLog2e),
+                       Half16<E>::high(word) * exp2_approx(-G[j][2 * w + 1] * kLog2e), kh_hi[j][w], kh_lo[j][w]);
         }
       // A = qh kh^T (scores, [t][s]); B = kh^T over (column, token s): octet 0 words a0, a2
       float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -519,8 +565,8 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
         for (int half = 0; half < 2; ++half) {
           float (&x)[4] = dv[a][half];
           x[0] = x[1] = x[2] = x[3] = 0.0f;
-          mma_bf16(x, at_lo, dT[a][2 * half], dT[a][2 * half + 1]);
-          mma_bf16(x, at_hi, dT[a][2 * half], dT[a][2 * half + 1]);
+          mma_loaded_b<E>(x, at_hi, at_lo, dT[a][2 * half], dT[a][2 * half + 1], dT_lo[a][2 * half],
+                          dT_lo[a][2 * half + 1]);
 #pragma unroll
           for (int j = 0; j < KT; ++j) {
             // B = dS over (K column, V column): dS^T's C tiles of K octets 2j, 2j + 1, rows of `half`
@@ -545,7 +591,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
     } else {
       // B = dout v^T (scores, [t][s]), its transpose's A fragment
       float bs[2][4];
-      dout_v_scores<VT, VW>(in.dout, in.v, bs);
+      dout_v_scores<E, VT, VW>(in.dout, in.v, bs);
       mask_causal(bs, r, c);
       u32 bt_hi[4], bt_lo[4];
       transposed_lower_tile(bs, bt_hi, bt_lo);
@@ -562,10 +608,11 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
           const int n = 2 * j + half;
 #pragma unroll
           for (int a = 0; a < VT; ++a) {
-            u32 va[4];
-            fragment<VT>(in.v, a, va);
+            u32 va[4], va_lo[4];
+#pragma unroll
+            for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<VT>(in.v, a, w), va[w], va_lo[w]);
             // B = dS^T over (V column, K column): the transposes of dS^T's split words
-            mma_transposed_split(x, va, dS[a][n][0], dS[a][n][1], dS[a][n][2], dS[a][n][3]);
+            mma_transposed_split<E>(x, va, va_lo, dS[a][n][0], dS[a][n][1], dS[a][n][2], dS[a][n][3]);
           }
         }
       // dk = e^{-G} (...); the gate terms q dq - k dk of this direction
@@ -588,7 +635,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
               float& x = dk[j][half][2 * rh + e];
               x *= exp2_approx(-G[j][ge] * kLog2e);
               const u32 kw = fragment_word<KT>(in.k, j, ge >> 1);
-              dG[j][half][2 * rh + e] = qx[2 * half + e] - (e ? high_bf16(kw) : low_bf16(kw)) * x;
+              dG[j][half][2 * rh + e] = qx[2 * half + e] - (e ? Half16<E>::high(kw) : Half16<E>::low(kw)) * x;
             }
         }
       }
@@ -624,13 +671,13 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
     for (int a = 0; a < VT; ++a) {
       const u32 dA[4] = {dT[a][0], dT[a][2], dT[a][1], dT[a][3]};
+      const u32 dA_lo[4] = {dT_lo[a][0], dT_lo[a][2], dT_lo[a][1], dT_lo[a][3]};
 #pragma unroll
       for (int j = 0; j < KT; ++j)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          mma_bf16(dS[a][2 * j + half], dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
-          mma_bf16(dS[a][2 * j + half], dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
-        }
+        for (int half = 0; half < 2; ++half)
+          mma_loaded_a<E>(dS[a][2 * j + half], dA, dA_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1],
+                          qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
     }
   }
   // this lane's K column of octet n, element e (every row holds the same column sums)
@@ -711,12 +758,11 @@ __device__ __forceinline__ void select_tile(const float (&x)[N][2][4], int j, fl
 // the dk walk, so their bits differ from the two walks'; every launch of this walk (PREFETCH,
 // SHARED_STATE, MIN_BLOCKS) gives the same bits.
 // Grid: (B * H, segments); block: NW warps per direction.
-template <int KT, int VT, int NW, bool BIDIR, bool PREFETCH, bool SHARED_STATE, int MIN_BLOCKS>
+template <class E, int KT, int VT, int NW, bool BIDIR, bool PREFETCH, bool SHARED_STATE, int MIN_BLOCKS>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
   static_assert(NW == 2 && KT == NW, "one K tile of dk per warp of a direction");
   GLA_COLLECT_PARAMS;
-  using E = bf16;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
@@ -764,8 +810,9 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
   const u32 one = Half16<E>::kOne;
   const u32 tri_low = ((2 * c <= r) ? one : 0u) | ((2 * c + 1 <= r) ? one << 16 : 0u);
   const u32 tri[4] = {tri_low, one | (one << 16), 0u, tri_low};
-  const u32 tri_up = ((2 * c >= r) ? one : 0u) | ((2 * c + 1 >= r) ? one << 16 : 0u);
-  const u32 upper[4] = {tri_up, 0u, one | (one << 16), tri_up};
+  const u32 one_bf16 = Half16<bf16>::kOne;  // the suffix sums' partner is split float32
+  const u32 tri_up = ((2 * c >= r) ? one_bf16 : 0u) | ((2 * c + 1 >= r) ? one_bf16 << 16 : 0u);
+  const u32 upper[4] = {tri_up, 0u, one_bf16 | (one_bf16 << 16), tri_up};
 
   // dS^T: [V tile][K octet][C tile] in registers, or (SHARED_STATE) in shared memory between
   // its uses — this warp's [V tile][K octet] quads of 32 lanes, after the swap buffers — and
@@ -845,10 +892,10 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
       for (int w = 0; w < 4; ++w) {
         const u32 qw = fragment_word<KT>(in.q, j, w), kw = fragment_word<KT>(in.k, j, w);
         const float e0 = exp2_approx(G[j][2 * w] * kLog2e), e1 = exp2_approx(G[j][2 * w + 1] * kLog2e);
-        split_bf16x2(low_bf16(qw) * scale * e0, high_bf16(qw) * scale * e1, qh_hi[j][w], qh_lo[j][w]);
+        split_bf16x2(Half16<E>::low(qw) * scale * e0, Half16<E>::high(qw) * scale * e1, qh_hi[j][w], qh_lo[j][w]);
         qhT_hi[j][w] = transpose8x8(qh_hi[j][w]), qhT_lo[j][w] = transpose8x8(qh_lo[j][w]);
-        split_bf16x2(low_bf16(kw) * exp2_approx(-G[j][2 * w] * kLog2e),
-                     high_bf16(kw) * exp2_approx(-G[j][2 * w + 1] * kLog2e), kh_hi[j][w], kh_lo[j][w]);
+        split_bf16x2(Half16<E>::low(kw) * exp2_approx(-G[j][2 * w] * kLog2e),
+                     Half16<E>::high(kw) * exp2_approx(-G[j][2 * w + 1] * kLog2e), kh_hi[j][w], kh_lo[j][w]);
       }
     // the gate sums and k's words of K tile `part`, for dk and the gate gradients
     float Gp[8];
@@ -863,11 +910,15 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
       select_tile<KT, 4>(kw, part, kp);
     }
     // dout's transposed words: B operand over (token, V column) and, reordered, A of dout^T
-    u32 dT[VT][4];
+    u32 dT[VT][4], dT_lo[VT][4];  // (dT_lo: float16's low parts)
 #pragma unroll
     for (int a = 0; a < VT; ++a)
 #pragma unroll
-      for (int w = 0; w < 4; ++w) dT[a][w] = transpose8x8(fragment_word<VT>(in.dout, a, w));
+      for (int w = 0; w < 4; ++w) {
+        u32 hi, lo;
+        loaded_parts<E>(fragment_word<VT>(in.dout, a, w), hi, lo);
+        dT[a][w] = transpose8x8(hi), dT_lo[a][w] = Half16<E>::kIsF16 ? transpose8x8(lo) : 0u;
+      }
 
     // D dS: the adjoint from the later chunks, decayed across this one (per K column)
 #pragma unroll
@@ -907,8 +958,8 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
         for (int half = 0; half < 2; ++half) {
           float (&x)[4] = dv[a][half];
           x[0] = x[1] = x[2] = x[3] = 0.0f;
-          mma_bf16(x, at_lo, dT[a][2 * half], dT[a][2 * half + 1]);
-          mma_bf16(x, at_hi, dT[a][2 * half], dT[a][2 * half + 1]);
+          mma_loaded_b<E>(x, at_hi, at_lo, dT[a][2 * half], dT[a][2 * half + 1], dT_lo[a][2 * half],
+                          dT_lo[a][2 * half + 1]);
         }
 #pragma unroll
         for (int j = 0; j < KT; ++j) {
@@ -941,7 +992,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
     float dk[KT][2][4];
     {
       float bs[2][4];
-      dout_v_scores<VT, VW>(in.dout, in.v, bs);
+      dout_v_scores<E, VT, VW>(in.dout, in.v, bs);
       mask_causal(bs, r, c);
       u32 bt_hi[4], bt_lo[4];
       transposed_lower_tile(bs, bt_hi, bt_lo);
@@ -956,10 +1007,11 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
           const int n = 2 * j + half;
 #pragma unroll
           for (int a = 0; a < VT; ++a) {
-            u32 va[4];
-            fragment<VT>(in.v, a, va);
+            u32 va[4], va_lo[4];
+#pragma unroll
+            for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<VT>(in.v, a, w), va[w], va_lo[w]);
             const Float4 sq = adjoint(a, n);
-            mma_transposed_split(x, va, sq.x, sq.y, sq.z, sq.w);
+            mma_transposed_split<E>(x, va, va_lo, sq.x, sq.y, sq.z, sq.w);
           }
         }
     }
@@ -999,7 +1051,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
             float& x = own[half][2 * rh + e];
             x *= exp2_approx(-Gp[ge] * kLog2e);
             const u32 kw = kp[ge >> 1];
-            dG[half][2 * rh + e] = qx[2 * half + e] - (e ? high_bf16(kw) : low_bf16(kw)) * x;
+            dG[half][2 * rh + e] = qx[2 * half + e] - (e ? Half16<E>::high(kw) : Half16<E>::low(kw)) * x;
           }
       }
       // suffix sums over the chunk plus the carry from the later chunks (as the dk walk)
@@ -1023,6 +1075,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
 #pragma unroll
     for (int a = 0; a < VT; ++a) {
       const u32 dA[4] = {dT[a][0], dT[a][2], dT[a][1], dT[a][3]};
+      const u32 dA_lo[4] = {dT_lo[a][0], dT_lo[a][2], dT_lo[a][1], dT_lo[a][3]};
 #pragma unroll
       for (int j = 0; j < KT; ++j)
 #pragma unroll
@@ -1031,12 +1084,12 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
           if constexpr (SHARED_STATE) {
             const Float4 sq = adjoint(a, n);
             float x[4] = {sq.x, sq.y, sq.z, sq.w};
-            mma_bf16(x, dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
-            mma_bf16(x, dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+            mma_loaded_a<E>(x, dA, dA_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1], qhT_lo[j][2 * half],
+                            qhT_lo[j][2 * half + 1]);
             dS_shared[(a * 2 * KT + n) * 32] = Float4{x[0], x[1], x[2], x[3]};
           } else {
-            mma_bf16(dS[a][n], dA, qhT_lo[j][2 * half], qhT_lo[j][2 * half + 1]);
-            mma_bf16(dS[a][n], dA, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1]);
+            mma_loaded_a<E>(dS[a][n], dA, dA_lo, qhT_hi[j][2 * half], qhT_hi[j][2 * half + 1], qhT_lo[j][2 * half],
+                            qhT_lo[j][2 * half + 1]);
           }
         }
     }
