@@ -120,8 +120,11 @@ def measure(label: str, img_size: int, batch: int, mode: str, runner_kind: str, 
     else:
         runner = model
     # CUDA graph capture needs autocast's weight-cast cache off
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=runner_kind != "graph")
-           if args.dtype == "bf16" else contextlib.nullcontext())
+    # (fp16: autocast in float16 without a GradScaler, whose finite-gradient check syncs the host;
+    # the timing leaves out its few elementwise passes over the gradients, for every model alike)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    amp = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=runner_kind != "graph")
+           if amp_dtype is not None else contextlib.nullcontext())
     # (a captured step needs the optimizer's step counters on the GPU: capturable)
     optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda",
                                    capturable=runner_kind == "graph") if mode == "train" else None)
@@ -232,7 +235,8 @@ def main(argv=None) -> int:
                         "or training)")
     p.add_argument("--compile-models", default="ViG-T,DeiT-T",
                    help="models that get compiled rows (compiling takes ~a minute per model, point and mode)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (fp16 without a GradScaler), or fp32: no autocast")
     p.add_argument("--backend", default=None, help="force a glakernels backend for ViG")
     p.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
                    help="torch.set_float32_matmul_precision: 'high' allows tf32; 'medium' also lets the triton "

@@ -50,7 +50,8 @@ class TritonBackend(Backend):
     #: 415 / 468, vigB_224 824 / 915, vigT_1024 676 / 1125 (session 6: lm_4k, K = 128,
     #: forward 2160 / 1964, so cupy kept 64 < K <= 128 until the ratio chunk math of session
     #: 18: lm_4k forward 1181 / 1974 in session 19, `python -m glakernels.backends.cupy.tune
-    #: --backends triton,cupy`, where triton leads at every DESIGN §7 shape). Also 16-bit
+    #: --backends triton,cupy`, where triton led cupy's sweeps at every DESIGN §7 shape;
+    #: cupy's later tensor-core kernels rank above it for the calls they take). Also 16-bit
     #: training calls with 64 < K, V <= 128 on sequences over ``SINGLE_SEGMENT_MAX_T``, where
     #: the two-phase backward runs with the ratio math since session 19: forward+backward
     #: lm_4k 6251 / 7669 (`python benchmarks/triton_configs_gpu.py --backward --shapes
