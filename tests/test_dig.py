@@ -9,10 +9,10 @@ import vig
 from vig.diffusion import GaussianDiffusion
 
 
-def _tiny_dig(depth=4, dw_conv=True, transpose=True, seed=0):
+def _tiny_dig(depth=4, dw_conv=True, transpose=True, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = vig.create_model("dig_s_2", hidden_size=32, depth=depth, num_heads=2, input_size=8, num_classes=5,
-                             dw_conv=dw_conv, transpose=transpose).double()
+                             dw_conv=dw_conv, transpose=transpose, **kwargs).double()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # adaLN-Zero starts as the identity: give every weight a value
         for p in model.parameters():
@@ -156,6 +156,21 @@ def test_training_steps_reduce_the_noise_prediction_loss():
         loss.backward()
         opt.step()
     assert fixed_loss() < 0.9 * before
+
+
+def test_sampler_is_deterministic_for_a_model_in_training_mode():
+    """Sampling mid-training (to monitor a run) must not draw label dropout from the global RNG:
+    the same generator gives the same samples, and the model stays in the mode it was in."""
+    model = _tiny_dig(depth=2, class_dropout_prob=0.5).float().train()
+    diffusion = GaussianDiffusion()
+    y = torch.tensor([1, 3])
+    samples = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        samples.append(diffusion.sample(model, (2, 4, 8, 8), y, steps=3, generator=torch.Generator().manual_seed(0)))
+    assert model.training
+    assert torch.isfinite(samples[0]).all() and samples[0].abs().max() > 0
+    assert torch.equal(samples[0], samples[1])
 
 
 def test_sampler_with_guidance_runs_and_is_deterministic():

@@ -172,6 +172,14 @@ def test_reset_classifier_and_create_model_errors():
         vig.create_model("vig_tiny", expand_v=2.0)
     with pytest.raises(ValueError, match="num_heads=5"):
         vig.create_model("vig_tiny", num_heads=5)
+    # reset_classifier checks its pooling as the constructor does (a bad value once left the
+    # head to classify every token)
+    plain = vig.create_model("vig_tiny", depth=1, embed_dim=64, num_heads=2)
+    for m in (model, plain):
+        with pytest.raises(ValueError, match="global_pool must be 'avg' or ''"):
+            m.reset_classifier(3, "max")
+        m.reset_classifier(3, "avg")
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
 @pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")

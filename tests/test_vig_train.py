@@ -82,3 +82,50 @@ def test_eval_only_reports_accuracy_of_checkpoint(tmp_path):
     out = _run([*SMALL, "--threads", "1", "--resume", "run/last.pt", "--eval-only"], tmp_path)
     match = re.search(r"test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", out)
     assert match and int(match.group(3)) == 360
+
+
+def _main(args, tmp_path, monkeypatch):
+    """The CLI in this process (its errors as exceptions), in ``tmp_path``."""
+    from vig.train import main
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        return main(args)
+    finally:
+        torch.set_num_threads(threads)  # main sets --threads for the process
+
+
+def test_resume_builds_the_checkpoints_model_and_refuses_another(tmp_path, monkeypatch, capsys):
+    """Evaluating or resuming a checkpoint builds the model it records; model flags that describe
+    another model are an error (vig_tiny and vig_small share every parameter name and shape, so
+    loading one into the other would succeed and silently be a different network)."""
+    _main([*SMALL, "--steps", "2", "--output-dir", "run"], tmp_path, monkeypatch)
+    trained = re.findall(r"test accuracy: [\d.]+% \((\d+/\d+)\)", capsys.readouterr().out)[-1]
+    _main(["--resume", "run/last.pt", "--eval-only", "--no-progress"], tmp_path, monkeypatch)
+    assert re.search(r"test accuracy: [\d.]+% \((\d+/\d+)\)", capsys.readouterr().out).group(1) == trained
+    with pytest.raises(ValueError, match="holds vig_tiny .* ask for vig_small"):
+        _main([*SMALL, "--model", "vig_small", "--resume", "run/last.pt", "--eval-only"], tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="leave the model flags out"):
+        _main(["--img-size", "20", "--resume", "run/last.pt", "--eval-only"], tmp_path, monkeypatch)
+
+
+def test_eval_only_never_scores_an_untrained_model(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        _main([*SMALL, "--eval-only", "--resume", "auto", "--output-dir", "empty"], tmp_path, monkeypatch)
+
+
+def test_batch_larger_than_the_training_set_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="larger than the 1437 training images"):
+        _main([*SMALL, "--batch-size", "5000"], tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("flags", [["--img-size", "0"], ["--threads", "0"], ["--depth", "-1"],
+                                   ["--model", "vig_h_tiny", "--depth", "1"], ["--resume", "no_such.pt"]])
+def test_bad_flags_are_usage_errors(flags, capsys):
+    from vig.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err

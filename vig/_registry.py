@@ -94,6 +94,13 @@ def drop_timm_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+def check_global_pool(global_pool: object) -> str:
+    """The pooling ViG and ViG-H heads take: 'avg', or '' (none: the head sees every token)."""
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
 def build_classifier(cls: type, name: str, pretrained: bool, config: dict, kwargs: dict,
                      default_cfg: dict) -> nn.Module:
     """What a ViG / ViG-H entry point does: refuse downloads, build ``cls`` from the named

@@ -77,7 +77,9 @@ class GaussianDiffusion:
     def sample(self, model: nn.Module, shape: tuple[int, ...], y: Optional[Tensor] = None, steps: int = 50,
                cfg_scale: float = 1.0, device: str | torch.device = "cpu",
                generator: Optional[torch.Generator] = None) -> Tensor:
-        """Sample a DiG (class labels ``y``; guidance when ``cfg_scale != 1``)."""
+        """Sample a DiG (class labels ``y``; guidance when ``cfg_scale != 1``). The model runs in
+        eval mode (no label dropout drawing from the global RNG, so the same generator gives the
+        same samples) and returns to the mode it was in."""
         if cfg_scale != 1.0 and y is None:
             raise ValueError("cfg_scale != 1 needs class labels y")
 
@@ -86,4 +88,9 @@ class GaussianDiffusion:
                 return model.forward_with_cfg(x, t, y, cfg_scale)
             return model(x, t, y)
 
-        return self.ddim_sample(eps_fn, shape, steps, device, generator)
+        was_training = model.training
+        model.eval()
+        try:
+            return self.ddim_sample(eps_fn, shape, steps, device, generator)
+        finally:
+            model.train(was_training)

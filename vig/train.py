@@ -40,14 +40,17 @@ from .progress import progress_bar
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vig.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vig_tiny", choices=[m for m in list_models() if not m.startswith("dig")],
+    # the model's flags default to None so that a resumed run can tell which were given (the
+    # checkpoint's own model description fills the rest); MODEL_DEFAULTS holds their defaults
+    p.add_argument("--model", default=None, choices=[m for m in list_models() if not m.startswith("dig")],
                    help="architecture (default: vig_tiny, shrunk by the size flags below)")
-    p.add_argument("--embed-dim", type=int, default=64, help="width of a plain ViG (default 64 for the digits)")
-    p.add_argument("--depth", type=int, default=4, help="blocks of a plain ViG")
-    p.add_argument("--num-heads", type=int, default=2, help="heads of a plain ViG")
-    p.add_argument("--patch-size", type=int, default=4, help="patch size of a plain ViG")
-    p.add_argument("--official-size", action="store_true", help="ignore the four size flags: the model as published")
-    p.add_argument("--img-size", type=int, default=24, help="input resolution the digits are upsampled to")
+    p.add_argument("--embed-dim", type=int, default=None, help="width of a plain ViG (default 64 for the digits)")
+    p.add_argument("--depth", type=int, default=None, help="blocks of a plain ViG (default 4)")
+    p.add_argument("--num-heads", type=int, default=None, help="heads of a plain ViG (default 2)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size of a plain ViG (default 4)")
+    p.add_argument("--official-size", action="store_true", default=None,
+                   help="ignore the four size flags: the model as published (ViG-H models always are)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution the digits are upsampled to (default 24)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
@@ -68,6 +71,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-param-hash", action="store_true", help="print every process's parameter hash at the end")
     args = p.parse_args(argv)
+    args.model_flags_given = sorted(name for name in MODEL_DEFAULTS if getattr(args, name) is not None)
+    for name, value in MODEL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    size_flags = [f"--{n.replace('_', '-')}" for n in ("embed_dim", "depth", "num_heads", "patch_size")
+                  if n in args.model_flags_given]
+    if size_flags and (args.model.startswith("vig_h") or args.official_size):
+        p.error(f"{', '.join(size_flags)} shape a plain ViG; {args.model}"
+                f"{' with --official-size' if args.official_size else ''} is built as published")
     if args.batch_size < 1 or args.epochs < 1:
         p.error("--batch-size and --epochs must be >= 1")
     if args.steps is not None and args.steps < 1:
@@ -76,7 +91,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--resume auto needs --output-dir")
     if args.eval_only and args.resume is None:
         p.error("--eval-only needs --resume")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        p.error(f"--resume {args.resume}: no such file")
     return args
+
+
+#: the flags that describe the model (parse_args fills in these defaults)
+MODEL_DEFAULTS = dict(model="vig_tiny", embed_dim=64, depth=4, num_heads=2, patch_size=4, official_size=False,
+                      img_size=24)
 
 
 class Distributed:
@@ -122,12 +144,29 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def build_model(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+def model_description(args: argparse.Namespace) -> tuple[str, dict]:
+    """The registered name and the keyword arguments the flags ask for."""
     kwargs = dict(num_classes=10, in_chans=1, img_size=args.img_size)
     if not args.official_size and not args.model.startswith("vig_h"):
         kwargs.update(embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, patch_size=args.patch_size,
                       drop_path_rate=0.0)
-    return create_model(args.model, **kwargs), kwargs
+    return args.model, kwargs
+
+
+def resumed_description(args: argparse.Namespace, ckpt: dict, path: str) -> tuple[str, dict]:
+    """The model a resumed run builds: the checkpoint's own, unless model flags were given, which
+    must then describe that same model (the plain sizes share parameter names and shapes, so a
+    mismatch would otherwise load without complaint into a different network)."""
+    saved = (ckpt.get("model_name"), ckpt.get("model_kwargs"))
+    if None in saved:
+        raise ValueError(f"{path} has no model description (model_name, model_kwargs): not a checkpoint of this CLI")
+    if not args.model_flags_given:
+        return saved
+    asked = model_description(args)
+    if asked != saved:
+        raise ValueError(f"{path} holds {saved[0]} {saved[1]}, but the flags ({', '.join(args.model_flags_given)}) "
+                         f"ask for {asked[0]} {asked[1]}: leave the model flags out to use the checkpoint's")
+    return saved
 
 
 def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
@@ -186,23 +225,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise ValueError(f"--batch-size {args.batch_size} must divide by the {env.world_size} processes")
     log = print if env.is_main else (lambda *a, **k: None)
 
+    resume = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
+    ckpt = None
+    if resume is not None:
+        if args.resume == "auto" and not os.path.exists(resume):
+            if args.eval_only:
+                raise FileNotFoundError(f"--eval-only --resume auto: no checkpoint at {resume}")
+            log(f"no checkpoint at {resume}: starting from scratch")
+        else:
+            # tensors, numbers and strings only (save_checkpoint): no pickled objects to trust
+            ckpt = torch.load(resume, map_location=env.device, weights_only=True)
+    model_name, model_kwargs = resumed_description(args, ckpt, resume) if ckpt is not None else model_description(args)
+    args.model, args.img_size = model_name, model_kwargs["img_size"]  # the data follows the model
+
     torch.manual_seed(args.seed)  # the same initial weights on every process
     train_set, test_set = load_digits_datasets(args.img_size, seed=args.seed)
-    model, model_kwargs = build_model(args)
+    model = create_model(model_name, **model_kwargs)
     model.to(env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     state = dict(epoch=0, step=0, epoch_step=0)
-    resume = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
-    if resume is not None:
-        if args.resume == "auto" and not os.path.exists(resume):
-            log(f"no checkpoint at {resume}: starting from scratch")
-        else:
-            ckpt = torch.load(resume, map_location=env.device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            state = {key: ckpt[key] for key in state}
-            log(f"resumed from {resume}: epoch {state['epoch']}, step {state['step']}")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {key: ckpt[key] for key in state}
+        log(f"resumed from {resume} ({model_name}): epoch {state['epoch']}, step {state['step']}")
 
     if args.eval_only:
         correct, total = evaluate(model, test_set, env, args)
@@ -217,6 +264,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         sampler = RandomSampler(train_set, generator=torch.Generator())
     loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, drop_last=True)
     steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:  # drop_last: a batch larger than the training set would train nothing
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
+                         f"({per_process_batch} per process against {len(train_set) // env.world_size})")
     total_steps = args.epochs * steps_per_epoch
     if args.steps is not None:
         total_steps = min(total_steps, args.steps)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import build_classifier, register_model
+from ._registry import build_classifier, check_global_pool, register_model
 from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
 from .fused import add_rms_norm, layer_norm_act, patch_conv
 from .gla_mixer import GatedLinearAttention2D
@@ -164,8 +164,7 @@ class ViG(nn.Module):
         global_pool: str = "avg",
     ):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
@@ -201,7 +200,7 @@ class ViG(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = check_global_pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:

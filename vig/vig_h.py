@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ._registry import build_classifier, register_model
+from ._registry import build_classifier, check_global_pool, register_model
 from .checkpoint import unwrap_state_dict
 from .gla_mixer import GatedLinearAttention2D
 from .layers import DropPath, LayerNorm2d, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
@@ -122,8 +122,7 @@ class HierViG(nn.Module):
             dims = [dims * 2**i for i in range(len(depths))]
         if not (len(dims) == len(depths) == len(num_heads)):
             raise ValueError(f"depths {depths}, dims {dims} and num_heads {num_heads} must have the same length")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.dims = list(dims)
         self.num_features = self.dims[-1]
@@ -165,7 +164,7 @@ class HierViG(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = check_global_pool(global_pool)
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
