@@ -160,6 +160,19 @@ def test_same_forward_in_train_and_eval():
     assert torch.equal(train_out, eval_out)
 
 
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_bad_images_get_errors_that_say_what_was_expected(name):
+    model = vig.create_model(name, num_classes=3, **({"depths": (1, 1, 1, 1)} if "_h_" in name else
+                                                     {"depth": 1, "embed_dim": 64, "num_heads": 2}))
+    with pytest.raises(ValueError, match=r"images must have shape \[B, 3, H, W\] \(in_chans=3\), got \(3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"got \(2, 1, 32, 32\)"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(TypeError, match="images must be floating point"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
 def test_reset_classifier_and_create_model_errors():
     model = vig.create_model("vig_h_tiny", depths=(1, 1, 1, 1), num_classes=4)
     model.reset_classifier(0)

@@ -65,6 +65,17 @@ class LayerNorm2d(nn.LayerNorm):
         return nhwc_to_nchw(y)
 
 
+def check_images(x: object, in_chans: int) -> None:
+    """A classifier's input: a floating [B, in_chans, H, W] tensor (errors say so, rather than
+    what a convolution deep inside makes of it)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, {in_chans}, H, W], got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"images must have shape [B, {in_chans}, H, W] (in_chans={in_chans}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"images must be floating point (e.g. normalised float32), got {x.dtype}")
+
+
 def nhwc_to_nchw(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2)
 

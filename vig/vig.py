@@ -23,7 +23,7 @@ from ._registry import build_classifier, check_global_pool, register_model
 from .checkpoint import resample_pos_embed, square_grid, unwrap_state_dict
 from .fused import add_rms_norm, layer_norm_act, patch_conv
 from .gla_mixer import GatedLinearAttention2D
-from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
+from .layers import DropPath, LayerNorm2d, RMSNorm, SwiGLU, check_images, nchw_to_nhwc, nhwc_to_nchw
 from .weight_casts import autocast_matmul_weights, split_by_module
 
 Tensor = torch.Tensor
@@ -168,6 +168,7 @@ class ViG(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
+        self.in_chans = in_chans
         self.patch_embed = PatchEmbedV2(patch_size, in_chans, embed_dim)
         self.patch_grid = self.patch_embed.grid_size(img_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
@@ -209,6 +210,7 @@ class ViG(nn.Module):
         return pos.view(1, grid[0], grid[1], -1)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        check_images(x, self.in_chans)
         x = self.patch_embed(x)
         x = x + self.position_embedding(tuple(x.shape[1:3]))
         branch = None  # each block's last residual add is done by its consumer (forward_deferred)

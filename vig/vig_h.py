@@ -21,7 +21,7 @@ import torch.nn as nn
 from ._registry import build_classifier, check_global_pool, register_model
 from .checkpoint import unwrap_state_dict
 from .gla_mixer import GatedLinearAttention2D
-from .layers import DropPath, LayerNorm2d, SwiGLU, nchw_to_nhwc, nhwc_to_nchw
+from .layers import DropPath, LayerNorm2d, SwiGLU, check_images, nchw_to_nhwc, nhwc_to_nchw
 from .weight_casts import autocast_matmul_weights, split_by_module
 
 Tensor = torch.Tensor
@@ -127,6 +127,7 @@ class HierViG(nn.Module):
         self.dims = list(dims)
         self.num_features = self.dims[-1]
         self.global_pool = global_pool
+        self.in_chans = in_chans
         self.patch_embed = _stem(in_chans, self.dims[0])
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule
@@ -168,6 +169,7 @@ class HierViG(nn.Module):
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
+        check_images(x, self.in_chans)
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         x = nchw_to_nhwc(x).contiguous()
         # under autocast, every block's matmul weights cast in one pass (vig.weight_casts)
