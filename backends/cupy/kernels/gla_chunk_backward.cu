@@ -104,14 +104,17 @@ __device__ __forceinline__ void mma_loaded_a(float (&d)[4], const u32 (&a_hi)[4]
   mma_bf16(d, a_hi, b_hi0, b_hi1);
 }
 
-// d += a * b, a split in two parts and b loaded (parts b_hi, b_lo): a_lo*b (+ a_hi*b_lo for
-// float16) + a_hi*b, always in this order
+// d += a * b, a split in two parts and b loaded (parts b_hi, b_lo): for float16 mma_split; for
+// bfloat16 (b exact) its terms without b_lo, a_lo*b + a_hi*b
 template <class E>
 __device__ __forceinline__ void mma_loaded_b(float (&d)[4], const u32 (&a_hi)[4], const u32 (&a_lo)[4], u32 b_hi0,
                                              u32 b_hi1, u32 b_lo0, u32 b_lo1) {
-  mma_bf16(d, a_lo, b_hi0, b_hi1);
-  if constexpr (Half16<E>::kIsF16) mma_bf16(d, a_hi, b_lo0, b_lo1);
-  mma_bf16(d, a_hi, b_hi0, b_hi1);
+  if constexpr (Half16<E>::kIsF16) {
+    mma_split(d, a_hi, a_lo, b_hi0, b_hi1, b_lo0, b_lo1);
+  } else {
+    mma_bf16(d, a_lo, b_hi0, b_hi1);
+    mma_bf16(d, a_hi, b_hi0, b_hi1);
+  }
 }
 
 // d += a * b, a loaded (parts a_hi, a_lo) and b the transpose of a C tile's elements {x0, x1 |
@@ -142,6 +145,25 @@ template <int T, int W>
 __device__ __forceinline__ void fragment(const u32 (&rows)[2][W], int a, u32 (&words)[4]) {
 #pragma unroll
   for (int w = 0; w < 4; ++w) words[w] = fragment_word<T>(rows, a, w);
+}
+
+// tile a's four A-fragment words of loaded rows as bfloat16 parts (loaded_parts)
+template <class E, int T, int W>
+__device__ __forceinline__ void loaded_fragment(const u32 (&rows)[2][W], int a, u32 (&hi)[4], u32 (&lo)[4]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<T>(rows, a, w), hi[w], lo[w]);
+}
+
+// the same words' movmatrix transposes (the tile over time: B operand words, or reordered A)
+template <class E, int T, int W>
+__device__ __forceinline__ void loaded_fragment_transposed(const u32 (&rows)[2][W], int a, u32 (&hi)[4],
+                                                           u32 (&lo)[4]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    u32 h, l;
+    loaded_parts<E>(fragment_word<T>(rows, a, w), h, l);
+    hi[w] = transpose8x8(h), lo[w] = Half16<E>::kIsF16 ? transpose8x8(l) : 0u;
+  }
 }
 
 // keep s <= t: C tiles of a [16 t x 16 s] tile, rows r and r + 8, columns 2c + e (+ 8)
@@ -289,9 +311,7 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
     // dq (before e^{G} and the scale): B.kh + dout.S^T, C tiles [K octet][rows t]
     u32 d_hi[VT][4], d_lo[VT][4];  // dout's A fragments (d_lo: float16's low parts)
 #pragma unroll
-    for (int a = 0; a < VT; ++a)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<VT>(in.dout, a, w), d_hi[a][w], d_lo[a][w]);
+    for (int a = 0; a < VT; ++a) loaded_fragment<E, VT>(in.dout, a, d_hi[a], d_lo[a]);
     float acc[KT][2][4];
 #pragma unroll
     for (int j = 0; j < KT; ++j)
@@ -315,12 +335,7 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
 #pragma unroll
     for (int a = 0; a < VT; ++a) {
       u32 vt[4], vt_lo[4];
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        u32 hi, lo;
-        loaded_parts<E>(fragment_word<VT>(in.v, a, w), hi, lo);
-        vt[w] = transpose8x8(hi), vt_lo[w] = Half16<E>::kIsF16 ? transpose8x8(lo) : 0u;
-      }
+      loaded_fragment_transposed<E, VT>(in.v, a, vt, vt_lo);
 #pragma unroll
       for (int j = 0; j < KT; ++j) {
         const u32 A_hi[4] = {khT_hi[j][0], khT_hi[j][2], khT_hi[j][1], khT_hi[j][3]};
@@ -513,13 +528,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
     // dout's transposed words: B operand over (token, V column) and, reordered, A of dout^T
     u32 dT[VT][4], dT_lo[VT][4];  // (dT_lo: float16's low parts)
 #pragma unroll
-    for (int a = 0; a < VT; ++a)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        u32 hi, lo;
-        loaded_parts<E>(fragment_word<VT>(in.dout, a, w), hi, lo);
-        dT[a][w] = transpose8x8(hi), dT_lo[a][w] = Half16<E>::kIsF16 ? transpose8x8(lo) : 0u;
-      }
+    for (int a = 0; a < VT; ++a) loaded_fragment_transposed<E, VT>(in.dout, a, dT[a], dT_lo[a]);
 
     // D dS: the adjoint from the later chunks, decayed across this one (per K column)
 #pragma unroll
@@ -609,8 +618,7 @@ gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
 #pragma unroll
           for (int a = 0; a < VT; ++a) {
             u32 va[4], va_lo[4];
-#pragma unroll
-            for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<VT>(in.v, a, w), va[w], va_lo[w]);
+            loaded_fragment<E, VT>(in.v, a, va, va_lo);
             // B = dS^T over (V column, K column): the transposes of dS^T's split words
             mma_transposed_split<E>(x, va, va_lo, dS[a][n][0], dS[a][n][1], dS[a][n][2], dS[a][n][3]);
           }
@@ -912,13 +920,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
     // dout's transposed words: B operand over (token, V column) and, reordered, A of dout^T
     u32 dT[VT][4], dT_lo[VT][4];  // (dT_lo: float16's low parts)
 #pragma unroll
-    for (int a = 0; a < VT; ++a)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        u32 hi, lo;
-        loaded_parts<E>(fragment_word<VT>(in.dout, a, w), hi, lo);
-        dT[a][w] = transpose8x8(hi), dT_lo[a][w] = Half16<E>::kIsF16 ? transpose8x8(lo) : 0u;
-      }
+    for (int a = 0; a < VT; ++a) loaded_fragment_transposed<E, VT>(in.dout, a, dT[a], dT_lo[a]);
 
     // D dS: the adjoint from the later chunks, decayed across this one (per K column)
 #pragma unroll
@@ -1008,8 +1010,7 @@ gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
 #pragma unroll
           for (int a = 0; a < VT; ++a) {
             u32 va[4], va_lo[4];
-#pragma unroll
-            for (int w = 0; w < 4; ++w) loaded_parts<E>(fragment_word<VT>(in.v, a, w), va[w], va_lo[w]);
+            loaded_fragment<E, VT>(in.v, a, va, va_lo);
             const Float4 sq = adjoint(a, n);
             mma_transposed_split<E>(x, va, va_lo, sq.x, sq.y, sq.z, sq.w);
           }
