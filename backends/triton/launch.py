@@ -113,6 +113,16 @@ class Config:
     # chunk; the boundary states come first, kernels_boundary_states.py)
     # (H100, bf16, vigT_1024: 256 171 µs, 128 187, 512 229, 64 241; NOTES.md session 5)
     single_pass_max_t: int = SINGLE_SEGMENT_MAX_T
+    # the forward written in Gluon (kernels_gluon_forward.py) in place of the tl kernel, for
+    # 16-bit inputs with K <= single_pass_gluon_max_k on NVIDIA GPUs (not under the
+    # interpreter or while Dynamo traces): one warp a program, V blocks of
+    # single_pass_gluon_block_v columns, registers capped. Off by default: H100, bf16, µs
+    # (NOTES.md session 25, run 25b) Gluon / tl: vigT_224 55.7 / 54.1, vigB_224 120.4 / 102.7,
+    # vigT_1024 134.6 / 115.7 (uncapped, 239 registers: 68.9 at vigT_224; 128: 135.1)
+    single_pass_gluon: bool = False
+    single_pass_gluon_max_k: int = 32
+    single_pass_gluon_block_v: int = 32
+    single_pass_gluon_maxnreg: Optional[int] = 168
     single_pass_segment: int = 256
     # its backward (kernels_single_pass_bwd.py), when V <= 64 too
     single_pass_backward: bool = True
@@ -416,11 +426,37 @@ def _chunk_rows_need_64bit(C: int, H: int, K: int, V: int) -> bool:
     return C * H * max(K, V) >= 2**31
 
 
+def _gluon_forward_runs(q: torch.Tensor, K: int, V: int, cfg: Config) -> bool:
+    """Whether ``_forward_single_pass`` launches the Gluon forward (``kernels_gluon_forward``)."""
+    return (cfg.single_pass_gluon and q.device.type == "cuda" and torch.version.hip is None
+            and q.dtype in _HALF_DTYPES and K <= cfg.single_pass_gluon_max_k and cfg.single_pass_chunk == 16
+            and not torch.compiler.is_compiling() and not _chunk_rows_need_64bit(16, q.shape[2], K, V)
+            and not _interpreter_enabled() and gluon_forward_available())
+
+
+def _interpreter_enabled() -> bool:
+    from . import interpreter_enabled  # (the package imports this module)
+    return interpreter_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_forward_available() -> bool:
+    """Whether this Triton has the Gluon API the Gluon forward is written for (3.6 and later)."""
+    try:
+        from . import kernels_gluon_forward  # noqa: F401
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
 def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectional, output_final_state, cfg,
                          dot_bf16, precision):
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = cfg.single_pass_chunk
+    gluon = _gluon_forward_runs(q, K, V, cfg)
+    if gluon:
+        cfg = dataclasses.replace(cfg, single_pass_block_v=cfg.single_pass_gluon_block_v)
     bv = cfg.single_pass_block_v
     n_chunks, nvb = _cdiv(T, C), _cdiv(V, bv)
     ndir = 2 if bidirectional else 1
@@ -447,15 +483,26 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             bstates = _boundary_states(q, k, v, g, gr, q, h0, part, ht, part, 1.0, ndir, 1, seg, cfg, dot_bf16,
                                        precision, has_h0=initial_state is not None, has_dht=False,
                                        store_ht=output_final_state, store_dh0=False)
-        kernels_single_pass._gla_fwd_single_pass_kernel[(B * H * ndir, nvb, nseg)](
-            q, k, v, g, gr, o, part, flags, h0, ht, bstates,
-            T, H, K, V, scale_eff, seg // C,
-            C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
-            BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
-            HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all,
-            RATIO=_ratio_mode(cfg.single_pass_ratio, cfg), WIDE_ROWS=_chunk_rows_need_64bit(C, H, K, V),
-            num_warps=warps, num_stages=cfg.single_pass_num_stages, **extra,
-        )
+        if gluon:
+            from . import kernels_gluon_forward
+            kernels_gluon_forward._gla_fwd_gluon_kernel[(B * H * ndir, nvb, nseg)](
+                q, k, v, g, gr, o, part, flags, h0, ht, bstates,
+                T, H, K, V, scale_eff, seg // C,
+                BK=max(16, _pow2(K)), BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
+                STORE_HT=output_final_state and nseg == 1, HAS_BSTATES=nseg > 1, PARK_ALL=park_all,
+                IS_F16=q.dtype == torch.float16, num_warps=1,
+                **({} if cfg.single_pass_gluon_maxnreg is None else {"maxnreg": cfg.single_pass_gluon_maxnreg}),
+            )
+        else:
+            kernels_single_pass._gla_fwd_single_pass_kernel[(B * H * ndir, nvb, nseg)](
+                q, k, v, g, gr, o, part, flags, h0, ht, bstates,
+                T, H, K, V, scale_eff, seg // C,
+                C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
+                BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
+                HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all,
+                RATIO=_ratio_mode(cfg.single_pass_ratio, cfg), WIDE_ROWS=_chunk_rows_need_64bit(C, H, K, V),
+                num_warps=warps, num_stages=cfg.single_pass_num_stages, **extra,
+            )
         if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
             rows, bv_sum = 32, min(64, _pow2(max(16, V)))
             kernels_single_pass._gla_fwd_sum_parts_kernel[(B * H, _cdiv(T, rows), _cdiv(V, bv_sum))](
