@@ -183,3 +183,43 @@ def test_sampler_with_guidance_runs_and_is_deterministic():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="cfg_scale"):
         diffusion.sample(model, (2, 4, 8, 8), None, steps=2, cfg_scale=2.0)
+
+
+def test_inputs_are_checked_by_name():
+    """Latents of the wrong size (even by less than a patch), channels or dtype, timesteps and
+    labels of the wrong shape, float labels, labels for an unconditional model: ValueErrors
+    naming the argument. A scalar timestep (or label) is every sample's."""
+    model = _tiny_dig(depth=2).eval()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    t = torch.tensor([5, 5, 5])
+    y = torch.tensor([1, 1, 1])
+    with torch.no_grad():
+        reference = model(x, t, y)
+        assert torch.equal(model(x, 5, 1), reference)
+        assert torch.equal(model(x, torch.tensor(5), y), reference)
+        for bad, match in [
+            (dict(x=torch.randn(3, 4, 9, 9)), r"x must be latents \[B, 4, 8, 8\]"),  # one row and column over
+            (dict(x=torch.randn(3, 3, 8, 8)), r"x must be latents"),
+            (dict(x=torch.randint(0, 5, (3, 4, 8, 8))), r"x must be floating-point"),
+            (dict(x=torch.randn(4, 8, 8)), r"x must be floating-point latents"),
+            (dict(t=torch.tensor([1, 2])), r"t must be a scalar or \[B\] = \[3\]"),
+            (dict(y=torch.tensor([[1, 2, 3]])), r"y must be a scalar or \[B\]"),
+            (dict(y=torch.tensor([1.0, 2.0, 3.0])), r"y must hold integer class labels"),
+            (dict(y=None), r"y \(class labels\) is required"),
+        ]:
+            args = dict(x=x, t=t, y=y) | bad
+            with pytest.raises(ValueError, match=match):
+                model(args["x"], args["t"], args["y"])
+    unconditional = vig.create_model("dig_s_2", hidden_size=32, depth=2, num_heads=2, input_size=8, num_classes=0)
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional(x.float(), t, y)
+    with pytest.raises(ValueError, match="class-conditional"):
+        unconditional.forward_with_cfg(x.float(), t, y, 2.0)
+    unconditional(x.float(), t)
+
+
+def test_guidance_needs_the_no_class_label():
+    model = _tiny_dig(depth=2, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="class_dropout_prob > 0"):
+        model.forward_with_cfg(torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([3, 3]), torch.tensor([0, 1]),
+                               2.0)

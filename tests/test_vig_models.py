@@ -207,3 +207,34 @@ def test_timm_create_model(name):
     assert model.get_classifier().out_features == 3
     assert _shapes(model) == _shapes(_on_meta(name, num_classes=3))
     assert model.pretrained_cfg["classifier"] in ("head", "classifier.head")
+
+
+def _non_square_source(img_size):
+    torch.manual_seed(3)
+    return vig.create_model("vig_tiny", num_classes=7, depth=1, embed_dim=64, num_heads=2, img_size=img_size)
+
+
+def test_checkpoint_trained_at_a_non_square_grid_loads_from_its_record_or_source_grid():
+    """8 x 18 tokens (128 x 288 px) count 144 = 12 x 12: read as square, the position embedding
+    would be resampled from the wrong grid without a word. vig.train's checkpoints record the
+    model's ``img_size``; other containers pass ``source_grid``; both resample from 8 x 18."""
+    source = _non_square_source((128, 288))
+    assert source.patch_grid == (8, 18)
+    expected = resample_pos_embed(source.pos_embed.detach(), (8, 18), (14, 14))
+    recorded = {"model": source.state_dict(), "model_kwargs": {"img_size": (128, 288), "num_classes": 7}}
+    bare = {"model": source.state_dict()}
+    for checkpoint, grid in ((recorded, None), (bare, (8, 18))):
+        target = vig.create_model("vig_tiny", num_classes=7, depth=1, embed_dim=64, num_heads=2)
+        vig.load_checkpoint(target, checkpoint, source_grid=grid)
+        assert torch.equal(target.pos_embed.detach(), expected)
+    wrong = resample_pos_embed(source.pos_embed.detach(), (12, 12), (14, 14))
+    assert not torch.allclose(expected, wrong, atol=1e-3)  # the square reading is a different embedding
+
+
+def test_a_non_square_token_count_without_a_record_asks_for_source_grid():
+    source = _non_square_source((128, 160))  # 8 x 10 = 80 tokens: no square grid
+    target = vig.create_model("vig_tiny", num_classes=7, depth=1, embed_dim=64, num_heads=2)
+    with pytest.raises(ValueError, match="source_grid"):
+        vig.load_checkpoint(target, {"model": source.state_dict()})
+    with pytest.raises(ValueError, match="source_grid: HierViG has no position embedding"):
+        vig.load_checkpoint(vig.create_model("vig_h_tiny"), {"model": {}}, source_grid=(8, 10))

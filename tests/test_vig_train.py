@@ -129,3 +129,38 @@ def test_bad_flags_are_usage_errors(flags, capsys):
         parse_args(flags)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_weight_decay_spares_norms_biases_and_the_position_embedding():
+    """AdamW's groups: decay on the weight matrices and kernels, none on one-dimensional
+    parameters (a norm's scale decayed would shrink towards 0, not 1) nor on ``pos_embed``;
+    every trainable parameter in exactly one group."""
+    import vig
+    from vig.train import parameter_groups
+
+    model = vig.create_model("vig_tiny", num_classes=10, img_size=32)
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    assert "pos_embed" in spared and "norm.weight" in spared and "head.bias" in spared
+    assert "head.weight" in decayed and "patch_embed.proj.0.weight" in decayed
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+
+
+def test_a_checkpoint_from_before_the_groups_resumes(tmp_path):
+    """A checkpoint whose optimizer has one group (weight decay on every parameter, before
+    ``parameter_groups``) resumes with that optimizer instead of failing to load its state."""
+    import vig
+
+    _run([*SMALL, "--steps", "2", "--threads", "1", "--output-dir", "run"], tmp_path)
+    path = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert len(ckpt["optimizer"]["param_groups"]) == 2
+    model = vig.create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    ckpt["optimizer"] = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05).state_dict()
+    torch.save(ckpt, path)
+    resumed = _run([*SMALL, "--steps", "3", "--threads", "1", "--output-dir", "run", "--resume", "auto"], tmp_path)
+    assert "resumed from" in resumed and "after 3 steps" in resumed

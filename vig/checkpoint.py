@@ -9,6 +9,7 @@ from the helpers here.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from typing import Any, Mapping
@@ -67,14 +68,20 @@ def square_grid(length: int) -> tuple[int, int]:
 
 
 def load_checkpoint(
-    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True, weights_only: bool = True
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    strict: bool = True,
+    weights_only: bool = True,
+    source_grid: tuple[int, int] | None = None,
 ):
     """Load an official or native checkpoint (a path or an already loaded dict) into ``model``.
 
     The checkpoint goes through the model's ``checkpoint_filter_fn`` (container unwrapped,
     prefixes stripped, position embeddings resampled). Official training checkpoints also pickle
     their config object; loading those needs ``weights_only=False`` (only for files you trust).
-    Returns what ``load_state_dict`` returns.
+    ``source_grid``: the (rows, columns) token grid the checkpoint's position embedding was
+    trained at, where it is neither square nor recorded in the checkpoint (ViG's
+    ``checkpoint_filter_fn``). Returns what ``load_state_dict`` returns.
     """
     if not isinstance(checkpoint, Mapping):
         try:
@@ -87,5 +94,10 @@ def load_checkpoint(
                 "checkpoints pickle their config: pass weights_only=False if you trust the file"
             ) from error
     filter_fn = getattr(model, "checkpoint_filter_fn", None)
-    state = filter_fn(checkpoint) if filter_fn is not None else unwrap_state_dict(checkpoint)
+    if source_grid is not None:
+        if filter_fn is None or "source_grid" not in inspect.signature(filter_fn).parameters:
+            raise ValueError(f"source_grid: {type(model).__name__} has no position embedding to resample")
+        state = filter_fn(checkpoint, source_grid=source_grid)
+    else:
+        state = filter_fn(checkpoint) if filter_fn is not None else unwrap_state_dict(checkpoint)
     return model.load_state_dict(state, strict=strict)

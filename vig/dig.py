@@ -274,17 +274,47 @@ class DiG(nn.Module):
         x = x.reshape(x.shape[0], grid[0], grid[1], p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, grid[0] * p, grid[1] * p)
 
+    def check_inputs(self, x: Tensor, t, y) -> tuple[Tensor, Tensor | None]:
+        """Raise ``ValueError`` naming the argument for inputs this model cannot take; returns
+        ``t`` and ``y`` as ``[B]`` tensors on ``x``'s device (a scalar is every sample's)."""
+        size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        expected = f"[B, {self.in_channels}, {size[0]}, {size[1]}]"
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be floating-point latents {expected}, got {got}")
+        if x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != size:
+            raise ValueError(f"x must be latents {expected} (in_channels, input_size), got {tuple(x.shape)}")
+        batch = x.shape[0]
+
+        def per_sample(value, name: str) -> Tensor:
+            value = torch.as_tensor(value, device=x.device)
+            if value.ndim == 0:
+                value = value.expand(batch)
+            if value.shape != (batch,):
+                raise ValueError(f"{name} must be a scalar or [B] = [{batch}], got shape {tuple(value.shape)}")
+            return value
+
+        t = per_sample(t, "t")
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("y: this DiG is unconditional (num_classes=0); pass y=None")
+            return t, None
+        if y is None:
+            raise ValueError("y (class labels) is required for a class-conditional DiG")
+        y = per_sample(y, "y")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got {y.dtype}")
+        return t, y
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x: ``[B, C, H, W]`` noisy latents; t: ``[B]`` timesteps; y: ``[B]`` class labels
-        (``num_classes`` = unconditional)."""
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        if grid != self.grid:
-            raise ValueError(f"x must be {self.grid[0] * self.patch_size} px square latents, got {tuple(x.shape[-2:])}")
+        """x: ``[B, C, H, W]`` noisy latents; t: ``[B]`` timesteps (or one for all); y: ``[B]``
+        class labels (``num_classes`` = the "no class" label of a model built with
+        ``class_dropout_prob > 0``), None for an unconditional model."""
+        t, y = self.check_inputs(x, t, y)
+        grid = self.grid
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t)
         if self.num_classes > 0:
-            if y is None:
-                raise ValueError("y (class labels) is required for a class-conditional DiG")
             c = c + self.y_embedder(y, self.training)
         B, T, C = x.shape
         flipped, transposed = False, False
@@ -307,7 +337,14 @@ class DiG(nn.Module):
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
         """Classifier-free guidance: conditional and unconditional passes in one batch; the
-        guided noise prediction is ``uncond + cfg_scale · (cond − uncond)``."""
+        guided noise prediction is ``uncond + cfg_scale · (cond − uncond)``. Needs the "no
+        class" label: a class-conditional model built with ``class_dropout_prob > 0``."""
+        if self.num_classes == 0:
+            raise ValueError("forward_with_cfg: guidance needs a class-conditional DiG (num_classes > 0)")
+        if self.y_embedder.dropout_prob <= 0:
+            raise ValueError("forward_with_cfg: guidance needs the \"no class\" label, which only a DiG built "
+                             "with class_dropout_prob > 0 has")
+        t, y = self.check_inputs(x, t, y)
         null = torch.full_like(y, self.num_classes)
         out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out.chunk(2)

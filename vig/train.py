@@ -55,7 +55,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay of weight matrices and kernels (none on norms, biases, pos_embed)")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -185,6 +186,20 @@ def parameter_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups as the official ViG recipe sets them: weight decay on the weight matrices
+    and convolution kernels only; none on one-dimensional parameters (norms' scales, biases)
+    or on what the model lists in ``no_weight_decay()`` (the position embedding). Decaying a
+    norm's scale pulls it towards zero, not towards its identity value of one."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
 def save_checkpoint(path: str, model: nn.Module, optimizer, state: dict, args: argparse.Namespace, model_kwargs: dict) -> None:
     """Atomically (a crash never leaves a truncated file behind)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -242,7 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     train_set, test_set = load_digits_datasets(args.img_size, seed=args.seed)
     model = create_model(model_name, **model_kwargs)
     model.to(env.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
+    if ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1:
+        # a checkpoint from before the groups (weight decay on every parameter): resume it as it ran
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     state = dict(epoch=0, step=0, epoch_step=0)
     if ckpt is not None:

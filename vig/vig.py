@@ -13,7 +13,7 @@ input resolution (position embeddings resampled). Activations are channels-last
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -198,6 +198,11 @@ class ViG(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters an optimizer should not decay besides the one-dimensional ones (timm's
+        convention, read by ``vig.train.parameter_groups`` and timm's optimizer factory)."""
+        return {"pos_embed"}
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
@@ -231,18 +236,41 @@ class ViG(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def checkpoint_filter_fn(self, state_dict: dict) -> dict:
-        return checkpoint_filter_fn(state_dict, self)
+    def checkpoint_filter_fn(self, state_dict: dict, source_grid: tuple[int, int] | None = None) -> dict:
+        return checkpoint_filter_fn(state_dict, self, source_grid)
 
 
-def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
+def checkpoint_filter_fn(state_dict: dict, model: ViG, source_grid: tuple[int, int] | None = None) -> dict:
     """Official (or native) checkpoint -> state dict for ``model``: unwraps ``{"model": ...}``,
-    strips DDP / compile prefixes, resamples ``pos_embed`` to the model's token grid."""
+    strips DDP / compile prefixes, resamples ``pos_embed`` to the model's token grid.
+
+    The checkpoint's token grid (rows, columns) is ``source_grid`` if given, else the one its
+    container records (``python -m vig.train`` checkpoints: their ``model_kwargs``'
+    ``img_size``), else square (every official checkpoint: 224 px, 14 x 14). A non-square grid
+    cannot be read off a token count (12 x 12 and 8 x 18 both have 144), so a checkpoint
+    trained on non-square images without a record needs ``source_grid``."""
     state = unwrap_state_dict(state_dict)
     pos = state.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
-        state["pos_embed"] = resample_pos_embed(pos, square_grid(pos.shape[1]), model.patch_grid)
+        grid = source_grid if source_grid is not None else _recorded_grid(state_dict, model)
+        if grid is None:
+            try:
+                grid = square_grid(pos.shape[1])
+            except ValueError as error:
+                raise ValueError(f"{error}: pass source_grid=(rows, columns), the token grid the checkpoint "
+                                 "was trained at") from None
+        state["pos_embed"] = resample_pos_embed(pos, tuple(grid), model.patch_grid)
     return state
+
+
+def _recorded_grid(container: Mapping[str, Any], model: ViG) -> tuple[int, int] | None:
+    """The token grid a checkpoint container records for its model (vig.train's
+    ``model_kwargs``), through ``model``'s patch embedding (the patch size must match for the
+    weights to load at all)."""
+    kwargs = container.get("model_kwargs") if isinstance(container, Mapping) else None
+    if not isinstance(kwargs, Mapping) or kwargs.get("img_size") is None:
+        return None
+    return model.patch_embed.grid_size(kwargs["img_size"])
 
 
 # official configurations (classification/configs/vig/*.yaml)
