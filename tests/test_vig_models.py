@@ -229,6 +229,11 @@ def test_checkpoint_trained_at_a_non_square_grid_loads_from_its_record_or_source
         assert torch.equal(target.pos_embed.detach(), expected)
     wrong = resample_pos_embed(source.pos_embed.detach(), (12, 12), (14, 14))
     assert not torch.allclose(expected, wrong, atol=1e-3)  # the square reading is a different embedding
+    # into a model at 12 x 12 tokens: the same token count, still a different grid
+    square = vig.create_model("vig_tiny", num_classes=7, depth=1, embed_dim=64, num_heads=2, img_size=192)
+    assert square.patch_grid == (12, 12)
+    vig.load_checkpoint(square, recorded)
+    assert torch.equal(square.pos_embed.detach(), resample_pos_embed(source.pos_embed.detach(), (8, 18), (12, 12)))
 
 
 def test_a_non_square_token_count_without_a_record_asks_for_source_grid():

@@ -251,15 +251,19 @@ def checkpoint_filter_fn(state_dict: dict, model: ViG, source_grid: tuple[int, i
     trained on non-square images without a record needs ``source_grid``."""
     state = unwrap_state_dict(state_dict)
     pos = state.get("pos_embed")
-    if pos is not None and pos.shape != model.pos_embed.shape:
-        grid = source_grid if source_grid is not None else _recorded_grid(state_dict, model)
-        if grid is None:
-            try:
-                grid = square_grid(pos.shape[1])
-            except ValueError as error:
-                raise ValueError(f"{error}: pass source_grid=(rows, columns), the token grid the checkpoint "
-                                 "was trained at") from None
-        state["pos_embed"] = resample_pos_embed(pos, tuple(grid), model.patch_grid)
+    if pos is None:
+        return state
+    grid = source_grid if source_grid is not None else _recorded_grid(state_dict, model)
+    if grid is None:
+        if pos.shape == model.pos_embed.shape:
+            return state  # (the same token count and no other grid known: the model's own)
+        try:
+            grid = square_grid(pos.shape[1])
+        except ValueError as error:
+            raise ValueError(f"{error}: pass source_grid=(rows, columns), the token grid the checkpoint "
+                             "was trained at") from None
+    # (a known grid is resampled even at the model's token count: 8 x 18 is not 12 x 12)
+    state["pos_embed"] = resample_pos_embed(pos, tuple(grid), model.patch_grid)
     return state
 
 
