@@ -257,10 +257,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     train_set, test_set = load_digits_datasets(args.img_size, seed=args.seed)
     model = create_model(model_name, **model_kwargs)
     model.to(env.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
     if ckpt is not None and len(ckpt["optimizer"]["param_groups"]) == 1:
         # a checkpoint from before the groups (weight decay on every parameter): resume it as it ran
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
 
     state = dict(epoch=0, step=0, epoch_step=0)
     if ckpt is not None:

@@ -152,15 +152,10 @@ def _dot_acc(a, b, acc, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     return out
 
 
-@triton.jit
-def _split_bf16_ptx(x):
-    """``_split_bf16`` for float32 ``x`` on NVIDIA GPUs, two elements at a time: one packed
-    conversion for each part, the high part back to float32 by a shift and a mask (AOT sm_90,
-    the forward's ratio step at ViG-T's shape: 1,058 -> 1,006 SASS instructions, against
-    Triton's conversion per element and repacking). The same roundings of the same values:
-    bitwise the same parts (``test_bfloat16_split_in_ptx_is_the_portable_split``)."""
-    return tl.inline_asm_elementwise(
-        asm="""
+#: Two float32 values ($2, $3) split into bfloat16 high parts ($0, packed) and low parts ($1):
+#: one packed conversion for each part, the high part back to float32 by a shift and a mask.
+#: Shared by ``_split_bf16_ptx`` and the Gluon forward's ``_split``.
+SPLIT_BF16X2_PTX = tl.constexpr("""
         {
         .reg .b32 h0, h1, l0, l1;
         cvt.rn.bf16x2.f32 $0, $3, $2;
@@ -170,7 +165,18 @@ def _split_bf16_ptx(x):
         sub.f32 l1, $3, h1;
         cvt.rn.bf16x2.f32 $1, l1, l0;
         }
-        """,
+        """)
+
+
+@triton.jit
+def _split_bf16_ptx(x):
+    """``_split_bf16`` for float32 ``x`` on NVIDIA GPUs, two elements at a time: one packed
+    conversion for each part, the high part back to float32 by a shift and a mask (AOT sm_90,
+    the forward's ratio step at ViG-T's shape: 1,058 -> 1,006 SASS instructions, against
+    Triton's conversion per element and repacking). The same roundings of the same values:
+    bitwise the same parts (``test_bfloat16_split_in_ptx_is_the_portable_split``)."""
+    return tl.inline_asm_elementwise(
+        asm=SPLIT_BF16X2_PTX,
         constraints="=r,=r,r,r",
         args=[x],
         dtype=(tl.bfloat16, tl.bfloat16),

@@ -47,6 +47,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .kernels import SPLIT_BF16X2_PTX
+
 # a barrier of the program's threads: gl.thread_barrier in Triton 3.6, gl.barrier from 3.9
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 # shared memory's reinterpret: public from Triton 3.9, ``_reinterpret`` in 3.6
@@ -108,19 +110,9 @@ def _state_offsets(K, V, n_cols_v, BK: gl.constexpr, BV: gl.constexpr):
 def _split(x):
     """``x`` (float32) as two bfloat16 parts, ``hi = bf16(x)`` and ``lo = bf16(x - hi)``: ``x``
     to ~2^-17. Two elements at a time: one packed conversion a part, ``hi`` back to float32
-    by a shift and a mask (the same roundings as ``kernels._split_bf16_ptx``)."""
+    by a shift and a mask (``kernels.SPLIT_BF16X2_PTX``, as ``kernels._split_bf16_ptx``)."""
     return gl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 h0, h1, l0, l1;
-        cvt.rn.bf16x2.f32 $0, $3, $2;
-        shl.b32 h0, $0, 16;
-        and.b32 h1, $0, 0xffff0000;
-        sub.f32 l0, $2, h0;
-        sub.f32 l1, $3, h1;
-        cvt.rn.bf16x2.f32 $1, l1, l0;
-        }
-        """,
+        asm=SPLIT_BF16X2_PTX,
         constraints="=r,=r,r,r",
         args=[x],
         dtype=(gl.bfloat16, gl.bfloat16),
@@ -171,6 +163,19 @@ def _exact_scores(sq, sk, sg, sgt, REV: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
+def _load_chunk(q, k, g, v, row_qk, row_v, c, n_valid, stride_qk, stride_v, offs_k, ok_k, row16, offs_v, ok_v,
+                row16v):
+    """Chunk ``c``'s q, k, g and v tiles as loaded (rows past ``n_valid`` read as 0)."""
+    at_k = row_qk + (c * 16).to(gl.int64) * stride_qk
+    at_v = row_v + (c * 16).to(gl.int64) * stride_v
+    qt = gl.load(q + at_k + offs_k, mask=ok_k & (row16 < n_valid), other=0.0)
+    kt = gl.load(k + at_k + offs_k, mask=ok_k & (row16 < n_valid), other=0.0)
+    gt = gl.load(g + at_k + offs_k, mask=ok_k & (row16 < n_valid), other=0.0)
+    vt = gl.load(v + at_v + offs_v, mask=ok_v & (row16v < n_valid), other=0.0)
+    return qt, kt, gt, vt
+
+
+@gluon.jit
 def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_part, T, K, n_cols_v, stride_qk,
                 stride_v, V, scale, ST, c_lo, c_hi,
                 BK: gl.constexpr, BV: gl.constexpr, REV: gl.constexpr, HANDOFF: gl.constexpr, IS_F16: gl.constexpr):
@@ -205,13 +210,8 @@ def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_p
 
     n_chunks = c_hi - c_lo
     c = c_hi - 1 if REV else c_lo
-    n0 = gl.minimum(16, T - c * 16)
-    at_k = row_qk + (c * 16).to(gl.int64) * stride_qk
-    at_v = row_v + (c * 16).to(gl.int64) * stride_v
-    nq = gl.load(q + at_k + offs_k, mask=ok_k & (row16 < n0), other=0.0)
-    nk = gl.load(k + at_k + offs_k, mask=ok_k & (row16 < n0), other=0.0)
-    ng = gl.load(g + at_k + offs_k, mask=ok_k & (row16 < n0), other=0.0)
-    nv = gl.load(v + at_v + offs_v, mask=ok_v & (row16v < n0), other=0.0)
+    nq, nk, ng, nv = _load_chunk(q, k, g, v, row_qk, row_v, c, gl.minimum(16, T - c * 16), stride_qk, stride_v,
+                                 offs_k, ok_k, row16, offs_v, ok_v, row16v)
     for i in range(0, n_chunks):
         c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * 16
@@ -221,12 +221,8 @@ def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_p
         c_next = c - 1 if REV else c + 1
         n_next = gl.where(i + 1 < n_chunks, gl.minimum(16, T - c_next * 16), 0)
         c_next = gl.where(i + 1 < n_chunks, c_next, c)
-        at_k = row_qk + (c_next * 16).to(gl.int64) * stride_qk
-        at_v = row_v + (c_next * 16).to(gl.int64) * stride_v
-        nq = gl.load(q + at_k + offs_k, mask=ok_k & (row16 < n_next), other=0.0)
-        nk = gl.load(k + at_k + offs_k, mask=ok_k & (row16 < n_next), other=0.0)
-        ng = gl.load(g + at_k + offs_k, mask=ok_k & (row16 < n_next), other=0.0)
-        nv = gl.load(v + at_v + offs_v, mask=ok_v & (row16v < n_next), other=0.0)
+        nq, nk, ng, nv = _load_chunk(q, k, g, v, row_qk, row_v, c_next, n_next, stride_qk, stride_v, offs_k, ok_k,
+                                     row16, offs_v, ok_v, row16v)
 
         qf = _to_mma(qt, BK).to(gl.float32)
         kf = _to_mma(kt, BK).to(gl.float32)
