@@ -69,7 +69,8 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
         fn = mod._gla_fwd_single_pass_kernel
         chunk = cfg.single_pass_chunk
         consts = dict(BV=cfg.single_pass_block_v, STORE_HT=False, HAS_H0=False, WIDE_ROWS=False,
-                      RATIO=launch._ratio_mode(cfg.single_pass_ratio, cfg))
+                      RATIO=launch._ratio_mode(cfg.single_pass_ratio, cfg), PARK_ALL=False,
+                      MEET=cfg.single_pass_meet, SPIN=cfg.single_pass_meet_spin)
         options = dict(num_warps=cfg.single_pass_num_warps, num_stages=cfg.single_pass_num_stages)
         if cfg.single_pass_maxnreg is not None:
             options["maxnreg"] = cfg.single_pass_maxnreg
@@ -79,7 +80,8 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
         fn = mod._gla_bwd_single_pass_kernel
         chunk = cfg.single_pass_bwd_chunk
         consts = dict(BV=launch._pow2(max(16, v)), HAS_H0=False, HAS_DHT=False, STORE_DH0=False,
-                      RATIO=launch._ratio_mode(cfg.single_pass_bwd_ratio, cfg))
+                      RATIO=launch._ratio_mode(cfg.single_pass_bwd_ratio, cfg), MEET=cfg.single_pass_meet,
+                      SPIN=cfg.single_pass_meet_spin)
         options = dict(num_warps=cfg.single_pass_bwd_num_warps, num_stages=1)
         if cfg.single_pass_bwd_maxnreg is not None:
             options["maxnreg"] = cfg.single_pass_bwd_maxnreg

@@ -5,7 +5,7 @@ chunk loops (no GPU needed; ``cuobjdump`` from Triton's wheel).
     python benchmarks/triton_gluon_forward_aot.py [--variants "BK=32,BV=32;BK=32,BV=32,IS_F16=True"]
 
 A variant is the kernel's constexprs and ``maxnreg`` (defaults: BK=32, BV=32, bidirectional bfloat16, the
-chunk-by-chunk handoff, no states). Columns: registers, stack bytes (spills), SASS
+directions meeting once in the middle, no states). Columns: registers, stack bytes (spills), SASS
 instructions in all, and per chunk step of the largest loop (the forward walk's chunk loop,
 with its exact path; the reverse walk's is the same size), its tensor-core products (HMMA)
 and shared-memory stores (STS: the exact path's operands) and barriers (BAR).
@@ -32,7 +32,7 @@ except ImportError:
 from glakernels.backends.triton.kernels_gluon_forward import _gla_fwd_gluon_kernel
 
 DEFAULTS = dict(BK=32, BV=32, BIDIR=True, HAS_H0=False, STORE_HT=False, HAS_BSTATES=False, PARK_ALL=False,
-                IS_F16=False)
+                IS_F16=False, MEET=True, SPIN=64)
 POINTERS = ("q", "k", "v", "g", "gr", "o", "part", "flags", "h0", "ht", "bstates")
 
 

@@ -44,13 +44,16 @@ def test_forward_loads_are_vectorised_as_in_a_launch(tmp_path):
 def test_finds_each_directions_chunk_loops(tmp_path, kind, n_loops):
     """Forward: one walk per direction and chunk math (the ratio's and the hierarchy's, see
     ``kernels_single_pass``); backward: pass A and pass B per direction and chunk math. Every
-    walk does tensor-core work."""
+    walk does tensor-core work; the other loops (the directions' meeting's tail, which adds
+    parked parts, one per direction) do none and are not walks."""
     report, _ = _run(tmp_path, "--kernel", kind, "--top", "40")
     loops = re.findall(r"^loop \S+: (\d+) instructions; (.*)$", report, re.M)
-    assert len(loops) == n_loops, report
-    for total, ops in loops:
-        mma = re.search(r"\bmma:(\d+)", ops)
-        assert int(total) > 100 and mma and int(mma.group(1)) > 0, report
+    walks = [(int(total), int(mma.group(1))) for total, ops in loops for mma in [re.search(r"\bmma:(\d+)", ops)]
+             if mma]
+    assert len(walks) == n_loops, report
+    assert len(loops) - len(walks) <= 2, report
+    for total, mma in walks:
+        assert total > 100 and mma > 0, report
 
 
 def test_counts_the_machine_code_of_each_walk(tmp_path):

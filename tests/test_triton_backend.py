@@ -356,25 +356,66 @@ def test_single_pass_backward_in_one_or_two_launches(case, layout):
     ids=lambda p: p if isinstance(p, str) else p.id(),
 )
 def test_forward_parts_meet_per_chunk_or_parked_bitwise(monkeypatch, case, layout):
-    """A bidirectional forward's two parts per chunk meet chunk by chunk in the walk, or are
-    all parked and summed by a second launch (``single_pass_park_all_per_sm``, for small
-    grids): both against float64, and bit for bit the same ``o`` (V over one block and over
-    two, one segment and several, a one-token sequence)."""
+    """A bidirectional forward's two parts per chunk meet once in the middle of the walks (the
+    default; on a GPU also with no waiting there, so that the first to arrive gives up and the
+    last to finish sums the rest), chunk by chunk in the walk (``single_pass_meet=False``), or
+    are all parked and summed by a second launch (``single_pass_park_all_per_sm``): each
+    against float64, and bit for bit the same ``o`` (V over one block and over two, one
+    segment and several, a one-token sequence). On the CPU interpreter programs run one at a
+    time, so there the first to arrive always gives up."""
     from glakernels.backends.triton import kernels_single_pass
 
     fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    handoffs = [dict(single_pass_park_all_per_sm=0), dict(single_pass_park_all_per_sm=0, single_pass_meet=False),
+                dict(single_pass_park_all_per_sm=10**9)]
+    if DEVICE == "cuda":
+        handoffs.append(dict(single_pass_park_all_per_sm=0, single_pass_meet_spin=0))
     launches = _record_launches(monkeypatch, kernels_single_pass)
-    outs, sums = [], []
-    for per_sm in (0, 10**9):  # never / always park
-        with _launch().override_config(single_pass_park_all_per_sm=per_sm, **fields):
+    outs, sums, meets = [], [], []
+    for handoff in handoffs:
+        with _launch().override_config(**handoff, **fields):
             check_against_reference("triton", case, DEVICE, seed=23)
             x = make_inputs(case, DEVICE, seed=24)
             first = len(launches)  # the launches of this call only
             with torch.no_grad():
                 outs.append(gated_linear_attention(**x, backend="triton"))
-            sums.append(sum(name == "_gla_fwd_sum_parts_kernel" for name, _ in launches[first:]))
-    assert sums == [0, 1], f"second launches per call {sums}: the handoff setting did not take"
-    assert torch.equal(outs[0], outs[1]), "o differs between the two handoffs"
+            mine = launches[first:]
+            sums.append(sum(name == "_gla_fwd_sum_parts_kernel" for name, _ in mine))
+            meets.append([args.get("MEET") for name, args in mine if name == "_gla_fwd_single_pass_kernel"])
+    assert sums == [0, 0, 1] + [0] * (len(handoffs) - 3), f"second launches per call {sums}: a setting did not take"
+    assert meets[0] == [True] and meets[1] == [False], meets
+    for handoff, out in zip(handoffs[1:], outs[1:]):
+        assert torch.equal(outs[0], out), f"o differs between the meeting and {handoff}"
+
+
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        (Case(2, 50, 1, 16, 32, torch.float32, gates="strong"), "one-segment"),
+        (Case(1, 47, 1, 33, 17, torch.float32, gates="extreme"), "single-pass-segments"),
+        (Case(1, 1, 1, 8, 5, torch.float32), "one-segment"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else p.id(),
+)
+def test_backward_parts_meet_or_hand_over_bitwise(case, layout):
+    """The single-pass backward's dq, dk and dv parts meet once in the middle of pass B's walks
+    (the default; on a GPU also with no waiting there, so that the last to finish sums what the
+    one that gave up parked) or chunk by chunk: against float64, and bit for bit the same
+    gradients."""
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    handoffs = [{}, dict(single_pass_meet=False)] + ([dict(single_pass_meet_spin=0)] if DEVICE == "cuda" else [])
+    x = make_inputs(case, DEVICE, seed=25)
+    results, cot = [], None
+    for handoff in handoffs:
+        with _launch().override_config(**handoff, **fields):
+            if not results:
+                check_against_reference("triton", case, DEVICE, seed=26)
+            out, cot = outputs_and_grads(gated_linear_attention, x, cot, bidirectional=True, backend="triton")
+        results.append(out)
+    assert len(results[0]) >= 5
+    for handoff, other in zip(handoffs[1:], results[1:]):
+        for name in results[0]:
+            assert torch.equal(results[0][name], other[name]), f"{name} differs between the meeting and {handoff}"
 
 
 def _record_launches(monkeypatch, *modules) -> list:

@@ -9,7 +9,7 @@ time (NOTES.md, sessions 17-24). ``benchmarks/triton_gluon_layout_probe.py`` sho
 Gluon compiles those chains without shared memory; this kernel is that organisation:
 
 * one warp per program, one program per (batch·head, direction, V block, segment), the same
-  grid, handoff of the two directions' parts (``part``, ``flags``, ``PARK_ALL``) and boundary
+  grid, handoff of the two directions' parts (``part``, ``flags``, ``MEET``, ``PARK_ALL``) and boundary
   states as ``_gla_fwd_single_pass_kernel``, whose launcher (``launch._forward_single_pass``)
   runs this kernel in its place for bfloat16 and float16 on NVIDIA GPUs when
   ``Config.single_pass_gluon`` is on (off by default: on an H100 it measured no faster than
@@ -178,10 +178,12 @@ def _load_chunk(q, k, g, v, row_qk, row_v, c, n_valid, stride_qk, stride_v, offs
 @gluon.jit
 def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_part, T, K, n_cols_v, stride_qk,
                 stride_v, V, scale, ST, c_lo, c_hi,
-                BK: gl.constexpr, BV: gl.constexpr, REV: gl.constexpr, HANDOFF: gl.constexpr, IS_F16: gl.constexpr):
+                BK: gl.constexpr, BV: gl.constexpr, REV: gl.constexpr, HANDOFF: gl.constexpr, IS_F16: gl.constexpr,
+                SPIN: gl.constexpr):
     """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order from the state ``Sᵀ`` (``ST``),
-    writing each chunk's part (``HANDOFF`` 0, causal), handing it over per chunk (1) or parking
-    it (2), as ``kernels_single_pass._direction_walk`` does; returns the leaving state."""
+    writing each chunk's part (``HANDOFF`` 0, causal), handing it over per chunk (1), parking
+    it (2) or meeting the other direction once in the middle (3), as
+    ``kernels_single_pass._direction_walk`` does; returns the leaving state."""
     LOG2E: gl.constexpr = 1.4426950408889634
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -212,6 +214,9 @@ def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_p
     c = c_hi - 1 if REV else c_lo
     nq, nk, ng, nv = _load_chunk(q, k, g, v, row_qk, row_v, c, gl.minimum(16, T - c * 16), stride_qk, stride_v,
                                  offs_k, ok_k, row16, offs_v, ok_v, row16v)
+    if HANDOFF == 3:
+        paired = gl.to_tensor(0)  # 1 past the meeting if the other's parts are parked
+        quitter = gl.to_tensor(-1)
     for i in range(0, n_chunks):
         c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * 16
@@ -285,7 +290,18 @@ def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_p
         out = _from_mma(out_m, BV)
         at_v = row_v + t0.to(gl.int64) * stride_v
         rows_ok = row16v < n0
-        if HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
+        if HANDOFF == 3:
+            p_at = row_part + t0.to(gl.int64) * V + offs_p
+            # first half (and the middle chunk): park; then, once, the meeting; second half:
+            # add the other's part and write, or park if the other never came
+            if (2 * i <= n_chunks - 1) | (paired == 0):
+                gl.store(part + p_at, out, mask=ok_v & rows_ok)
+            if i == n_chunks // 2:
+                paired, quitter = _gluon_meet(flags_row + c_lo, 1 if REV else 0, SPIN)
+            if (paired != 0) & (2 * i >= n_chunks - 1):
+                out += gl.load(other_part + p_at, mask=ok_v & rows_ok, other=0.0, cache_modifier=".cg")
+                gl.store(o + at_v + offs_v, (scale * out).to(E), mask=ok_v & rows_ok)
+        elif HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
             gl.store(part + row_part + t0.to(gl.int64) * V + offs_p, out, mask=ok_v & rows_ok)
         elif HANDOFF == 1:
             flag = flags_row + c
@@ -305,7 +321,54 @@ def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_p
         else:  # (the scaling and rounding before the relabelling: in the other order the causal
             # build failed in Triton 3.6's lowering to LLVM)
             gl.store(o + at_v + offs_v, _from_mma((scale * out_m).to(E), BV), mask=ok_v & rows_ok)
+    if HANDOFF == 3:
+        if quitter >= 0:
+            _gluon_tail(part, other_part, o, flags_row + c_lo + 1, row_part, row_v, T, V, scale, stride_v, offs_v,
+                        ok_v, row16v, offs_p, c_lo, n_chunks, quitter, E)
     return ST
+
+
+@gluon.jit
+def _gluon_meet(meet, D: gl.constexpr, SPIN: gl.constexpr):
+    """``kernels_single_pass._meet``: the two directions' one meeting at the middle of their
+    walks; returns (1 if this program adds the other's parked parts in its second half, the
+    direction that gave up waiting or -1)."""
+    _barrier()  # (the parked stores before the count)
+    prev = gl.atomic_add(meet, 1, sem="acq_rel", scope="gpu")
+    paired = gl.where(prev != 0, 1, 0)
+    quitter = gl.where(prev >= 3, prev - 3, -1)
+    if prev == 0:
+        seen = prev + 1
+        tries = 0
+        while (seen == 1) & (tries < SPIN):
+            seen = gl.atomic_add(meet, 0, sem="acquire", scope="gpu")
+            tries += 1
+        if seen == 1:
+            seen = gl.atomic_cas(meet, 1, 3 + D, sem="acq_rel", scope="gpu")
+        paired = gl.where(seen == 2, 1, 0)
+        quitter = gl.where(seen == 2, -1, D)
+    _barrier()
+    return paired, quitter
+
+
+@gluon.jit
+def _gluon_tail(part, other_part, o, end, row_part, row_v, T, V, scale, stride_v, offs_v, ok_v, row16v, offs_p,
+                c_lo, n_chunks, quitter, E: gl.constexpr):
+    """``kernels_single_pass._tail``: after a direction gave up at the meeting, the last to
+    finish sums the parked parts of that direction's second half and writes ``o``."""
+    _barrier()
+    last = gl.atomic_add(end, 1, sem="acq_rel", scope="gpu") == 1
+    _barrier()
+    if last:
+        half = n_chunks // 2
+        first = gl.where(quitter == 0, c_lo + n_chunks - half, c_lo)
+        for j in range(0, half):
+            t0 = (first + j) * 16
+            ok = ok_v & (row16v < gl.minimum(16, T - t0))
+            p_at = row_part + t0.to(gl.int64) * V + offs_p
+            total = (gl.load(part + p_at, mask=ok, other=0.0, cache_modifier=".cg")
+                     + gl.load(other_part + p_at, mask=ok, other=0.0, cache_modifier=".cg"))
+            gl.store(o + row_v + t0.to(gl.int64) * stride_v + offs_v, (scale * total).to(E), mask=ok)
 
 
 @gluon.jit
@@ -323,7 +386,8 @@ def _gla_fwd_gluon_kernel(
     q, k, v, g, gr, o, part, flags, h0, ht, bstates,
     T, H, K, V, scale, SEG_CHUNKS,
     BK: gl.constexpr, BV: gl.constexpr, BIDIR: gl.constexpr, HAS_H0: gl.constexpr, STORE_HT: gl.constexpr,
-    HAS_BSTATES: gl.constexpr, PARK_ALL: gl.constexpr, IS_F16: gl.constexpr,
+    HAS_BSTATES: gl.constexpr, PARK_ALL: gl.constexpr, IS_F16: gl.constexpr, MEET: gl.constexpr = False,
+    SPIN: gl.constexpr = 0,
 ):
     """``kernels_single_pass._gla_fwd_single_pass_kernel``'s contract (grid, ``part``,
     ``flags``, ``bstates``, ``h0``/``ht``), for bfloat16 (``IS_F16`` false) or float16 inputs,
@@ -335,7 +399,7 @@ def _gla_fwd_gluon_kernel(
     seg = gl.program_id(2)
     NSEG = gl.num_programs(2)
     NDIR: gl.constexpr = 2 if BIDIR else 1
-    HANDOFF: gl.constexpr = (2 if PARK_ALL else 1) if BIDIR else 0
+    HANDOFF: gl.constexpr = (2 if PARK_ALL else (3 if MEET else 1)) if BIDIR else 0
     bh = pid // NDIR
     BH = gl.num_programs(0) // NDIR
     direction = pid % NDIR
@@ -364,7 +428,7 @@ def _gla_fwd_gluon_kernel(
         elif HAS_H0:
             ST = gl.load(h0 + bh.to(gl.int64) * kv + s_offs, mask=s_mask, other=0.0)
         ST = _gluon_walk(q, k, v, g, o, part, part + part_size, flags_row, row_qk, row_v, row_part, T, K, n_cols_v,
-                         stride_qk, stride_v, V, scale, ST, c_lo, c_hi, BK, BV, False, HANDOFF, IS_F16)
+                         stride_qk, stride_v, V, scale, ST, c_lo, c_hi, BK, BV, False, HANDOFF, IS_F16, SPIN)
         if STORE_HT:
             gl.store(ht + bh.to(gl.int64) * kv + s_offs, ST, mask=s_mask)
     if BIDIR:
@@ -373,4 +437,4 @@ def _gla_fwd_gluon_kernel(
                 ST = gl.load(bst + BH.to(gl.int64) * (NSEG + 1) * kv + (seg + 1) * kv + s_offs, mask=s_mask,
                              other=0.0)
             _gluon_walk(q, k, v, gr, o, part + part_size, part, flags_row, row_qk, row_v, row_part, T, K, n_cols_v,
-                        stride_qk, stride_v, V, scale, ST, c_lo, c_hi, BK, BV, True, HANDOFF, IS_F16)
+                        stride_qk, stride_v, V, scale, ST, c_lo, c_hi, BK, BV, True, HANDOFF, IS_F16, SPIN)

@@ -11,19 +11,22 @@ one program carries both directions' chains. Here:
   doubles the programs (H100, vigT_224: 94.7 against 113.6 µs with both directions in one
   program, NOTES.md session 4; since then, shorter chains did not help: the SM's rate of
   chunk steps bounds it, session 5);
-* a chunk's output is the sum of two parts, one per direction, made by two programs. They meet
-  through ``part`` (float32) and a per-chunk counter ``flags``: a program parks its part,
-  then increments the counter; the one that finds 1 there (the second) adds the other's part
-  and writes ``o``. A program that reaches the chunk in the second half of its walk — where
-  the other direction, walking the other way, was in its first half — reads the counter
-  first, and if the other's part is there, adds it and writes ``o`` without parking its own
-  or counting (H100: forward 96.5 -> 94.2 µs at vigT_224, 180.8 -> 175.3 at vigT_1024; the
-  backward does the same, NOTES.md session 8). Nobody waits, so there is no deadlock
-  whatever order programs run in, and the sum is one float32 addition, which is commutative:
-  bitwise the same result whichever direction arrives second. For small grids (``PARK_ALL``)
-  both directions park every part instead, and ``_gla_fwd_sum_parts_kernel`` adds them in a
-  second launch: the same addition, without a fence and an atomic in every chunk step
-  (H100, batch 1 of ViG-T: 38.2 -> 28.3 µs; NOTES.md session 13);
+* a chunk's output is the sum of two parts, one per direction, made by two programs. By
+  default they meet once, in the middle of their walks (``_meet``): each parks the parts of
+  its first half (and of the middle chunk) in ``part`` (float32) and counts itself in on its
+  segment's counter in ``flags``; the second to count adds the other's parked parts in its
+  whole second half and writes ``o``; the first reads the counter for the other (a bounded
+  number of times: the other need not be resident, so nobody waits for ever) and then does
+  the same, or gives up and parks its second half too, which the last of the two to finish
+  sums (``_tail``). One fence and a few atomics per walk, where the chunk-by-chunk handoff
+  (``MEET`` off) put a fence and an atomic round trip into every chunk step: a program parks
+  its part and increments the chunk's counter, and the one that finds 1 there adds the
+  other's part and writes ``o`` (one that reaches the chunk in its second half reads the
+  counter first). H100, bf16, forward vigT_224: 55.1 µs chunk by chunk, 47.3 meeting
+  (NOTES.md session 26; the backward's pass B does the same). Every way the sum is one
+  float32 addition, which is commutative: bitwise the same result whichever direction adds.
+  ``PARK_ALL`` parks every part instead, and ``_gla_fwd_sum_parts_kernel`` adds them in a
+  second launch (``Config.single_pass_park_all_per_sm``, off by default since the meeting);
 * the next chunk's tiles are loaded before the current chunk's math (by hand: the loads feed
   elementwise work, which Triton's pipeliner does not prefetch).
 
@@ -67,7 +70,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import (_chunk_allows_ratio, _dot, _dot_acc, _level_mask, _load_state, _ratio_factors, _row,
+from .kernels import (_SPLIT_IN_PTX, _chunk_allows_ratio, _dot, _dot_acc, _level_mask, _load_state, _ratio_factors, _row,
                       _sequence_rows, _store_state, _tile)
 
 
@@ -204,6 +207,94 @@ def _count(flag):
     return arrived
 
 
+#: Read the count at $1 (acquire, GPU scope) until it is not 1 or $2 reads were made; $0: the
+#: last value read. One asm block, so that the compiler sees no loop inside the walks' chunk
+#: loop: the same wait as a ``while`` loop there raised the backward's pass B from 88 to 696
+#: bytes of spills (AOT sm_90, ViG-T's shape; NOTES.md session 26). (Labels are local to the
+#: braces, so each inlined copy has its own; not unrolled: ptxas unrolled it 64 times.)
+_POLL_PTX = tl.constexpr("""
+        {
+        .reg .pred p;
+        .reg .u32 n;
+        mov.u32 n, 0;
+        POLL:
+        .pragma "nounroll";
+        ld.acquire.gpu.global.b32 $0, [$1];
+        setp.ne.u32 p, $0, 1;
+        @p bra DONE;
+        add.u32 n, n, 1;
+        setp.lt.u32 p, n, $2;
+        @p bra POLL;
+        DONE:
+        }
+        """)
+
+
+@triton.jit
+def _poll(meet, SPIN: tl.constexpr):
+    """The count at ``meet`` once it is not 1, or after ``SPIN`` reads (acquire)."""
+    if _SPLIT_IN_PTX:  # (NVIDIA and compiled: the same switch as the PTX split's)
+        seen = tl.inline_asm_elementwise(asm=_POLL_PTX, constraints="=r,l,r",
+                                         args=[meet, tl.full([], SPIN, tl.int32)], dtype=tl.int32, is_pure=False,
+                                         pack=1)
+    else:
+        seen = tl.full([], 1, tl.int32)
+        tries = 0
+        while (seen == 1) & (tries < SPIN):
+            seen = tl.atomic_add(meet, 0, sem="acquire", scope="gpu")
+            tries += 1
+    return seen
+
+
+@triton.jit
+def _meet(meet, DIRECTION: tl.constexpr, SPIN: tl.constexpr):
+    """The two directions' one meeting, at the middle of their walks (``HANDOFF`` 3): each has
+    parked the parts of its first half (and of the middle chunk, if there is one) and counts
+    itself in (release: those parts are visible to whoever reads the count). The second to
+    count may add the other's parked parts in its whole second half. The first waits for the
+    second, reading the count up to ``SPIN`` times; if the second does not come (it may not
+    even be resident), the first marks that it gave up (``3 + DIRECTION``, by compare-and-swap,
+    so that a second arriving meanwhile is seen) and parks its second half too, to be summed by
+    whichever finishes last (``_tail``). Nobody waits unboundedly: no deadlock in any order
+    programs run in. Returns (whether this program adds the other's parts in its second half,
+    the direction that gave up or -1)."""
+    D: tl.constexpr = 1 if DIRECTION else 0
+    tl.debug_barrier()  # (every thread's parked stores before the count)
+    prev = tl.atomic_add(meet, 1, sem="acq_rel", scope="gpu")
+    paired = tl.where(prev != 0, 1, 0)
+    quitter = tl.where(prev >= 3, prev - 3, -1)
+    if prev == 0:
+        seen = _poll(meet, SPIN)
+        if seen == 1:
+            seen = tl.atomic_cas(meet, 1, 3 + D, sem="acq_rel", scope="gpu")
+        paired = tl.where(seen == 2, 1, 0)
+        quitter = tl.where(seen == 2, -1, D)
+    tl.debug_barrier()
+    return paired, quitter
+
+
+@triton.jit
+def _tail(part, other_part, o, end, row_part, row_v, T, V, scale, stride_v, cols_v, ok_v, c_lo, n_chunks, quitter,
+          C: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """After a direction gave up at the meeting (``_meet``), the chunks of its second half have
+    both parts parked and no output: the program that finishes last (the end count's second)
+    adds them and writes ``o``, the same float32 addition as in the walk (bitwise the same)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(end, 1, sem="acq_rel", scope="gpu") == 1
+    tl.debug_barrier()
+    if last:
+        half = n_chunks // 2  # (the middle chunk, if any, was summed by the one that stayed)
+        first = tl.where(quitter == 0, c_lo + n_chunks - half, c_lo)
+        for j in range(0, half):
+            t0 = (first + j) * C
+            n0 = tl.minimum(C, T - t0)
+            p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+            total = (tl.load(part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg")
+                     + tl.load(other_part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg"))
+            o_at, o_mask = _chunk_at(row_v, stride_v, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+            tl.store(o + o_at, (scale * total).to(o.dtype.element_ty), mask=o_mask)
+
+
 @triton.jit
 def _rows_ptrs(base, row0, t0, n_valid, stride_t, cols, ncols, C: tl.constexpr):
     rows = tl.arange(0, C)
@@ -244,16 +335,20 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
                     stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
                     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
                     HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
-                    RATIO: tl.constexpr, WIDE_ROWS: tl.constexpr):
+                    RATIO: tl.constexpr, WIDE_ROWS: tl.constexpr, SPIN: tl.constexpr = 0):
     """Walk chunks ``c_lo .. c_hi - 1`` in this direction's order, writing each chunk's part
-    (``HANDOFF`` 0, causal), handing it over per chunk (1) or parking it (2). Every tile's
-    element offsets within a chunk are formed once, before the walk (``_chunk_at``)."""
+    (``HANDOFF`` 0, causal), handing it over per chunk (1), parking it (2) or meeting the other
+    direction once in the middle (3, ``_meet``); returns the leaving state and the direction
+    that gave up at the meeting (or -1). Every tile's element offsets within a chunk are formed
+    once, before the walk (``_chunk_at``)."""
     n_chunks = c_hi - c_lo
     first = c_hi - 1 if REV else c_lo
     ok_k = cols_k < K
     ok_v = cols_v < V
     nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, first * C, tl.minimum(C, T - first * C), stride_qk,
                                  stride_v, cols_k, cols_v, ok_k, ok_v, C, WIDE_ROWS)
+    paired = tl.full([], 0, tl.int32)  # 1 past the meeting if the other's parts are parked
+    quitter = tl.full([], -1, tl.int32)
     for i in range(0, n_chunks):
         c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * C
@@ -265,24 +360,34 @@ def _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_p
         n_next = tl.where(i + 1 < n_chunks, tl.minimum(C, T - c_next * C), 0)
         nq, nk, nv, ng = _load_chunk(q, k, v, g, row_qk, row_v, c_next * C, n_next, stride_qk, stride_v,
                                      cols_k, cols_v, ok_k, ok_v, C, WIDE_ROWS)
+        p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
         out, state = _chunk_math(qt, kt, vt, gt, state, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
         o_at, o_mask = _chunk_at(row_v, stride_v, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
-        if HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
-            p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+        if HANDOFF == 3:
+            # first half (and the middle chunk): park; then, once, the meeting; second half:
+            # add the other's part and write, or park if the other never came
+            if (2 * i <= n_chunks - 1) | (paired == 0):
+                tl.store(part + p_at, out, mask=p_mask)
+            if i == n_chunks // 2:
+                paired, quitter = _meet(flags + row_flags + c_lo, REV, SPIN)
+            if (paired != 0) & (2 * i >= n_chunks - 1):
+                # (loaded here, not ahead with the next chunk's tiles: held across the step it
+                # cost spills, H100 vigT_224 53.0 against 48.8 µs, NOTES.md session 26)
+                out += tl.load(other_part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg")
+                tl.store(o + o_at, (scale * out).to(o.dtype.element_ty), mask=o_mask)
+        elif HANDOFF == 2:  # park every part; _gla_fwd_sum_parts_kernel writes o afterwards
             tl.store(part + p_at, out, mask=p_mask)
         elif HANDOFF == 1:
             arrived = _look(flags + row_flags + c, i, n_chunks)
             if arrived == 0:  # park this direction's part, then count
-                p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
                 tl.store(part + p_at, out, mask=p_mask)
                 arrived = _count(flags + row_flags + c)
             if arrived == 1:
-                p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
                 out += tl.load(other_part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg")
                 tl.store(o + o_at, (scale * out).to(o.dtype.element_ty), mask=o_mask)
         else:
             tl.store(o + o_at, (scale * out).to(o.dtype.element_ty), mask=o_mask)
-    return state
+    return state, quitter
 
 
 @triton.jit
@@ -304,7 +409,7 @@ def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_f
           stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
           C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, REV: tl.constexpr,
           HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr,
-          WIDE_ROWS: tl.constexpr):
+          WIDE_ROWS: tl.constexpr, SPIN: tl.constexpr = 0):
     """``_direction_walk`` with the chunk math ``RATIO`` asks for: 0, the hierarchy; 1, the
     ratio math where every gate of the walk allows it (checked first, one test per program,
     so that each of the two walks compiles with only its own chunk math in its loop); 2, a
@@ -312,17 +417,24 @@ def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_f
     868 bytes against 332 with 1; ``Config.single_pass_ratio_per_chunk``)."""
     if RATIO == 1:
         if _gates_allow_ratio(g, row_qk, T, stride_qk, cols_k, K, c_lo, c_hi, C, BK):
-            state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
-                                    T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 1, WIDE_ROWS)
+            state, quitter = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part,
+                                             row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state,
+                                             c_lo, c_hi, C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 1,
+                                             WIDE_ROWS, SPIN)
         else:
-            state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
-                                    T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                    C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 0, WIDE_ROWS)
+            state, quitter = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part,
+                                             row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state,
+                                             c_lo, c_hi, C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, 0,
+                                             WIDE_ROWS, SPIN)
     else:
-        state = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_flags,
-                                T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                                C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS)
+        state, quitter = _direction_walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part,
+                                         row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state,
+                                         c_lo, c_hi, C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, RATIO,
+                                         WIDE_ROWS, SPIN)
+    if HANDOFF == 3:  # (here, not in each chunk math's walk: one copy of it to compile)
+        if quitter >= 0:
+            _tail(part, other_part, o, flags + row_flags + c_lo + 1, row_part, row_v, T, V, scale, stride_v,
+                  cols_v, cols_v < V, c_lo, c_hi - c_lo, quitter, C, WIDE_ROWS)
     return state
 
 
@@ -333,15 +445,17 @@ def _gla_fwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, HAS_BSTATES: tl.constexpr,
     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PARK_ALL: tl.constexpr = False,
-    RATIO: tl.constexpr = 0, WIDE_ROWS: tl.constexpr = False,
+    RATIO: tl.constexpr = 0, WIDE_ROWS: tl.constexpr = False, MEET: tl.constexpr = False,
+    SPIN: tl.constexpr = 0,
 ):
     """Forward with one program per (batch·head, direction, V block, segment): each walks one
     direction only, so its dependency chain is half as long as when one program walks both. A
     chunk's two parts meet through ``part`` (``[2, B·H, N·C, V]`` float32) and ``flags``
-    (``[B·H, N]`` int32, zero on entry): a direction parks its part and increments the
-    chunk's flag; the one that finds 1 there adds the other's part and writes ``o`` (one that
-    expects to be second looks at the flag first; see the module docstring). The sum
-    is one addition of two float32 values, the same whichever arrives second: bitwise
+    (``[B·H·V blocks, N]`` int32, zero on entry): with ``MEET``, once in the middle of the
+    walks on the counters at a segment's first two chunks (``_meet``, ``_tail``); without it,
+    chunk by chunk on each chunk's counter (a direction parks its part and increments it; the
+    one that finds 1 there adds the other's part and writes ``o``); see the module docstring.
+    The sum is one addition of two float32 values, the same whichever adds: bitwise
     reproducible.
 
     Long sequences are cut into segments of ``SEG_CHUNKS`` chunks, one program each, starting
@@ -353,7 +467,7 @@ def _gla_fwd_single_pass_kernel(
     seg = tl.program_id(2)
     NSEG = tl.num_programs(2)
     NDIR: tl.constexpr = 2 if BIDIR else 1
-    HANDOFF: tl.constexpr = (2 if PARK_ALL else 1) if BIDIR else 0
+    HANDOFF: tl.constexpr = (2 if PARK_ALL else (3 if MEET else 1)) if BIDIR else 0
     bh = pid // NDIR
     BH = tl.num_programs(0) // NDIR
     direction = pid % NDIR
@@ -379,7 +493,7 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(h0 + bh.to(tl.int64) * kv, cols_k, cols_v, K, V)
         state = _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, part + part_size, row_flags,
                       T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-                      C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS)
+                      C, LOG2C, BK, False, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS, SPIN)
         if STORE_HT:
             _store_state(ht + bh.to(tl.int64) * kv, state, cols_k, cols_v, K, V)
     else:
@@ -387,7 +501,7 @@ def _gla_fwd_single_pass_kernel(
             state = _load_state(bst + BH.to(tl.int64) * (NSEG + 1) * kv + (seg + 1) * kv, cols_k, cols_v, K, V)
         _walk(q, k, v, gr, o, part + part_size, flags, row_qk, row_v, row_part, part, row_flags,
               T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, state, c_lo, c_hi,
-              C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS)
+              C, LOG2C, BK, True, HANDOFF, DOT_BF16, PRECISION, RATIO, WIDE_ROWS, SPIN)
 
 
 @triton.jit

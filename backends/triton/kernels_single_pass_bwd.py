@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .kernels import (_chunk_allows_ratio, _dot, _dot_acc, _level_mask, _level_scores_and_grads, _load_state,
                       _ratio_factors, _sequence_rows)
-from .kernels_single_pass import _count, _gates_allow_ratio, _look, _next_level, _rows_ptrs, _total_of_pair
+from .kernels_single_pass import _count, _gates_allow_ratio, _look, _meet, _next_level, _rows_ptrs, _total_of_pair
 
 
 @triton.jit
@@ -184,6 +184,40 @@ def _hand_over(x, out, row_out, stride_out, part, other_part, row_part, t0, n0, 
 
 
 @triton.jit
+def _add_parked(part, other_part, out, row_part, row_out, stride_out, t0, n0, cols, width, C: tl.constexpr):
+    """``out`` rows ``t0 ..`` from both directions' parked parts (the same float32 addition as
+    ``_hand_over``'s, which commutes)."""
+    p_ptrs, p_mask = _rows_ptrs(part, row_part, t0, n0, width, cols, width, C)
+    q_ptrs, _ = _rows_ptrs(other_part, row_part, t0, n0, width, cols, width, C)
+    x = (tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
+         + tl.load(q_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg"))
+    o_ptrs, o_mask = _rows_ptrs(out, row_out, t0, n0, stride_out, cols, width, C)
+    tl.store(o_ptrs, x.to(out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v, end, bh, row_qk, row_v, T, K, V,
+              stride_qk, stride_v, cols_k, cols_v, c_lo, n_walk, quitter, C: tl.constexpr):
+    """After a direction gave up at the meeting, the program that finishes last adds the
+    parked dq, dk and dv parts of that direction's second half (``kernels_single_pass._tail``)."""
+    n_chunks = tl.cdiv(T, C)
+    row_part_k = bh.to(tl.int64) * n_chunks * C * K
+    row_part_v = bh.to(tl.int64) * n_chunks * C * V
+    tl.debug_barrier()
+    last = tl.atomic_add(end, 1, sem="acq_rel", scope="gpu") == 1
+    tl.debug_barrier()
+    if last:
+        half = n_walk // 2  # (the middle chunk, if any, was summed by the one that stayed)
+        first = tl.where(quitter == 0, c_lo + n_walk - half, c_lo)
+        for j in range(0, half):
+            t0 = (first + j) * C
+            n0 = tl.minimum(C, T - t0)
+            _add_parked(parts_q, other_q, dq, row_part_k, row_qk, stride_qk, t0, n0, cols_k, K, C)
+            _add_parked(parts_k, other_k, dk, row_part_k, row_qk, stride_qk, t0, n0, cols_k, K, C)
+            _add_parked(parts_v, other_v, dv, row_part_v, row_v, stride_v, t0, n0, cols_v, V, C)
+
+
+@triton.jit
 def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, dS, c_lo,
             c_hi, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
             DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
@@ -205,9 +239,13 @@ def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, strid
 def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
             bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
             C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
-            HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+            HANDOFF: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr,
+            MEET: tl.constexpr = False, SPIN: tl.constexpr = 0):
     """Pass B, along the direction: the states in registers, every chunk's gradients, from
-    the state gradients pass A parked in ``scr``."""
+    the state gradients pass A parked in ``scr``. Bidirectional (``HANDOFF``), the two
+    directions' dq, dk and dv parts meet chunk by chunk or (``MEET``) once in the middle of
+    the walks, as the forward's do (``kernels_single_pass._meet``); returns the direction that
+    gave up at the meeting, or -1."""
     n_chunks = tl.cdiv(T, C)
     n_walk = c_hi - c_lo
     scr_offs = cols_k[:, None] * BV + cols_v[None, :]
@@ -217,6 +255,8 @@ def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, othe
     ndS = tl.load(scr + first * BK * BV + scr_offs)
     row_part_k = bh.to(tl.int64) * n_chunks * C * K
     row_part_v = bh.to(tl.int64) * n_chunks * C * V
+    paired = tl.full([], 0, tl.int32)  # (MEET) 1 past the meeting if the other's parts are parked
+    quitter = tl.full([], -1, tl.int32)
     for i in range(0, n_walk):
         c = c_hi - 1 - i if REV else c_lo + i
         t0 = c * C
@@ -231,7 +271,18 @@ def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, othe
         g_ptrs, g_mask = _rows_ptrs(dg, row_qk, t0, n0, stride_qk, cols_k, K, C)
         tl.store(g_ptrs, dg_c.to(dg.dtype.element_ty), mask=g_mask)
         arrived = 0
-        if HANDOFF:
+        if HANDOFF and MEET:
+            if (2 * i <= n_walk - 1) | (paired == 0):  # first half, middle, or the other never came
+                pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
+                pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
+                pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
+                tl.store(pq, dq_c, mask=pq_mask)
+                tl.store(pk, dk_c, mask=pk_mask)
+                tl.store(pv, dv_c, mask=pv_mask)
+            if i == n_walk // 2:
+                paired, quitter = _meet(flags + row_flags + c_lo, REV, SPIN)
+            arrived = tl.where((paired != 0) & (2 * i >= n_walk - 1), 1, 0)
+        elif HANDOFF:
             arrived = _look(flags + row_flags + c, i, n_walk)
             if arrived == 0:  # park this direction's parts, then count (as the forward does)
                 pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
@@ -244,6 +295,7 @@ def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, othe
         _hand_over(dq_c, dq, row_qk, stride_qk, parts_q, other_q, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dk_c, dk, row_qk, stride_qk, parts_k, other_k, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dv_c, dv, row_v, stride_v, parts_v, other_v, row_part_v, t0, n0, cols_v, V, C, HANDOFF, arrived)
+    return quitter
 
 
 @triton.jit
@@ -252,7 +304,8 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
                    S, dS, c_lo, c_hi,
                    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
                    HANDOFF: tl.constexpr, STORE_DH0: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
-                   PASSES: tl.constexpr, RATIO: tl.constexpr):
+                   PASSES: tl.constexpr, RATIO: tl.constexpr, MEET: tl.constexpr = False,
+                   SPIN: tl.constexpr = 0):
     """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
     direction (``S``) and the state gradient leaving them (``dS``): pass A if ``PASSES & 1``,
     pass B if ``PASSES & 2`` (from the scratch of an earlier launch when pass A is not here).
@@ -280,17 +333,25 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
     if PASSES & 2:
         if RATIO == 1:
             if allow:
-                _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
-                        flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
-                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, 1)
+                quitter = _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k,
+                                  other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v,
+                                  cols_k, cols_v, S, c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION,
+                                  1, MEET, SPIN)
             else:
-                _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v,
-                        flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S,
-                        c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, 0)
+                quitter = _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k,
+                                  other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v,
+                                  cols_k, cols_v, S, c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION,
+                                  0, MEET, SPIN)
         else:
-            _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k, other_v, flags,
-                    bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, S, c_lo, c_hi,
-                    C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION, RATIO)
+            quitter = _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, other_q, other_k,
+                              other_v, flags, bh, row_qk, row_v, row_flags, T, K, V, scale, stride_qk, stride_v,
+                              cols_k, cols_v, S, c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION,
+                              RATIO, MEET, SPIN)
+        if HANDOFF and MEET:  # (here, not in each chunk math's pass B: one copy of it to compile)
+            if quitter >= 0:
+                _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v,
+                          flags + row_flags + c_lo + 1, bh, row_qk, row_v, T, K, V, stride_qk, stride_v, cols_k,
+                          cols_v, c_lo, c_hi - c_lo, quitter, C)
 
 
 @triton.jit
@@ -300,7 +361,7 @@ def _gla_bwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PASSES: tl.constexpr = 3,
-    RATIO: tl.constexpr = 0,
+    RATIO: tl.constexpr = 0, MEET: tl.constexpr = False, SPIN: tl.constexpr = 0,
 ):
     """Backward, one program per (batch·head, direction, segment); see the module docstring.
 
@@ -349,7 +410,7 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v,
                        parts_q + size_k, parts_k + size_k, parts_v + size_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, False,
-                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES, RATIO)
+                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES, RATIO, MEET, SPIN)
     else:
         if HAS_BSTATES:  # R at the segment's right edge, dR at its left edge
             S = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
@@ -357,4 +418,4 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, dh0, scr, parts_q + size_k, parts_k + size_k,
                        parts_v + size_v, parts_q, parts_k, parts_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, True,
-                       BIDIR, False, DOT_BF16, PRECISION, PASSES, RATIO)
+                       BIDIR, False, DOT_BF16, PRECISION, PASSES, RATIO, MEET, SPIN)

@@ -7,8 +7,9 @@ Launch counts. With K <= 64 the forward runs the single-pass kernel
 states (``kernels_boundary_states.py``), then one program per direction and segment of
 ``single_pass_segment`` tokens (256). The single-pass backward is two launches of that last
 kind (its pass A, then its pass B; ``single_pass_bwd_split``). Bidirectional calls also zero
-their per-chunk counters first, except a small forward grid, which instead parks every part
-and sums them in one more launch (``single_pass_park_all_per_sm``). Otherwise the two-phase
+the counters where the two directions meet first (``single_pass_meet``), except a forward that
+parks every part and sums them in one more launch (``single_pass_park_all_per_sm``, off by
+default). Otherwise the two-phase
 kernels of ``kernels.py`` run: one launch for a sequence that fits one segment, else the same
 two boundary-state launches first.
 Nothing here reads tensor values or synchronises, so a CUDA graph can capture the op and
@@ -90,15 +91,27 @@ class Config:
     # result must not depend on the rest of the batch; the kernel's sums are all tensor-core
     # dots or exact, see kernels_single_pass._chunk_math).
     single_pass_small_grid_launches: tuple = ((4, None, 2), (4, 168, 3), (2, None, 4))
-    # bidirectional grids of at most this many programs per SM park every chunk's part and
-    # sum the two directions' parts in a second launch (_gla_fwd_sum_parts_kernel) instead of
-    # handing them over chunk by chunk (0: never). The handoff puts a fence and an atomic
-    # round trip into every chunk step, which a grid that leaves SMs idle waits for; parking
-    # all writes and reads back twice the float32 parts, which a full grid pays for. H100,
-    # bf16, T = 196, µs per chunk-by-chunk / parked (NOTES.md session 13): 6 programs 38.2 /
-    # 28.3, 132: 39.7 / 29.6, 264: 47.8 / 40.3, 384: 54.1 / 50.2, 528: 62.8 / 62.4, 768:
-    # 88.3 / 102.1. The same o bit for bit either way (one float32 addition, which commutes).
-    single_pass_park_all_per_sm: int = 3
+    # bidirectional calls: how the two directions' parts of a chunk meet. By default once, in
+    # the middle of the walks (kernels_single_pass._meet): each direction parks the parts of
+    # its first half and counts itself in; the second to count adds the other's parked parts
+    # in its whole second half; the first reads the count up to single_pass_meet_spin times
+    # for the other and, if the other does not come (it need not be resident: no deadlock),
+    # parks its second half for the last to finish to sum. Otherwise (single_pass_meet=False)
+    # chunk by chunk: a fence and an atomic in every chunk step (the forward's and the
+    # backward's pass B's). H100, bf16, µs, meeting / chunk by chunk (NOTES.md session 26,
+    # run 26d): forward vigT_224 47.3 / 55.1, vigB_224 90.1 / 105.4, vigT_1024 107.8 / 115.3;
+    # forward+backward vigT_224 268.6 / 294.8, vigT_1024 463.6 / 494.0. No waiting at all
+    # (spin 0) lost (run 26b: 56.5 against 53.0 at vigT_224); 512 reads: as 64.
+    single_pass_meet: bool = True
+    single_pass_meet_spin: int = 64
+    # bidirectional forward grids of at most this many programs per SM park every chunk's
+    # part instead and sum the two directions' parts in a second launch
+    # (_gla_fwd_sum_parts_kernel). Off: against the meeting it won 3 % at B·H = 3 and lost
+    # 10 % at 96 (H100, bf16, T = 196, µs, parked / meeting: B·H 3: 16.7 / 17.2, 12: 17.5 /
+    # 17.8, 48: 17.8 / 17.2, 96: 24.0 / 21.7; NOTES.md session 26); against the chunk-by-chunk
+    # handoff it had won (session 13: 6 programs 38.2 -> 28.3 µs). The same o bit for bit any
+    # way (one float32 addition, which commutes).
+    single_pass_park_all_per_sm: int = 0
     # walks whose gates are all >= -32 / chunk score pairs by a decay ratio, one dot a chunk,
     # instead of the binary hierarchy's one a level (kernels_single_pass._ratio_scores). H100,
     # bf16, forward (NOTES.md session 18): vigT_224 88.1 -> 59.0 µs, vigT_1024 153.8 -> 124.9,
@@ -118,7 +131,8 @@ class Config:
     # interpreter or while Dynamo traces): one warp a program, V blocks of
     # single_pass_gluon_block_v columns, registers capped. Off by default: H100, bf16, µs
     # (NOTES.md session 25, run 25b) Gluon / tl: vigT_224 55.7 / 54.1, vigB_224 120.4 / 102.7,
-    # vigT_1024 134.6 / 115.7 (uncapped, 239 registers: 68.9 at vigT_224; 128: 135.1)
+    # vigT_1024 134.6 / 115.7 (uncapped, 239 registers: 68.9 at vigT_224; 128: 135.1); with
+    # the directions' meeting (session 26, run 26c) vigT_224 55.4 / 47.6
     single_pass_gluon: bool = False
     single_pass_gluon_max_k: int = 32
     single_pass_gluon_block_v: int = 32
@@ -434,6 +448,12 @@ def _gluon_forward_runs(q: torch.Tensor, K: int, V: int, cfg: Config) -> bool:
             and not _interpreter_enabled() and gluon_forward_available())
 
 
+def _meet_spin(q: torch.Tensor, cfg: Config) -> int:
+    """How many times the first direction at the meeting reads the count for the other: none
+    where programs run one at a time (the CPU interpreter: the other has not started)."""
+    return 0 if q.device.type == "cpu" or _interpreter_enabled() else cfg.single_pass_meet_spin
+
+
 def _interpreter_enabled() -> bool:
     from . import interpreter_enabled  # (the package imports this module)
     return interpreter_enabled()
@@ -490,7 +510,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
                 T, H, K, V, scale_eff, seg // C,
                 BK=max(16, _pow2(K)), BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
                 STORE_HT=output_final_state and nseg == 1, HAS_BSTATES=nseg > 1, PARK_ALL=park_all,
-                IS_F16=q.dtype == torch.float16, num_warps=1,
+                IS_F16=q.dtype == torch.float16, MEET=cfg.single_pass_meet, SPIN=_meet_spin(q, cfg), num_warps=1,
                 **({} if cfg.single_pass_gluon_maxnreg is None else {"maxnreg": cfg.single_pass_gluon_maxnreg}),
             )
         else:
@@ -501,6 +521,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
                 BIDIR=bidirectional, HAS_H0=initial_state is not None, STORE_HT=output_final_state and nseg == 1,
                 HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PARK_ALL=park_all,
                 RATIO=_ratio_mode(cfg.single_pass_ratio, cfg), WIDE_ROWS=_chunk_rows_need_64bit(C, H, K, V),
+                MEET=cfg.single_pass_meet, SPIN=_meet_spin(q, cfg),
                 num_warps=warps, num_stages=cfg.single_pass_num_stages, **extra,
             )
         if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
@@ -549,8 +570,8 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
                 C=C, LOG2C=C.bit_length() - 1, BK=bk, BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
                 HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
                 HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PASSES=passes,
-                RATIO=_ratio_mode(cfg.single_pass_bwd_ratio, cfg),
-                num_warps=warps, num_stages=1, **options,
+                RATIO=_ratio_mode(cfg.single_pass_bwd_ratio, cfg), MEET=cfg.single_pass_meet,
+                SPIN=_meet_spin(q, cfg), num_warps=warps, num_stages=1, **options,
             )
     return dh0
 
