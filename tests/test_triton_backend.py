@@ -793,12 +793,12 @@ def _needs_free_gpu_memory(gib):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("park_all_per_sm", [0, 10**9], ids=["per-chunk-handoff", "parked"])
+@pytest.mark.parametrize("park_all_per_sm", [0, 10**9], ids=["meeting", "parked"])
 def test_64bit_offsets_forward(park_all_per_sm):
     """The last sequences of inputs past 2^31 elements come out exactly as when run alone
-    (index arithmetic past 2^31 is 64-bit), with the directions' parts handed over chunk by
-    chunk or parked and summed by a second launch (the default for a grid this large is the
-    first; the three sequences alone take the small-grid launches)."""
+    (index arithmetic past 2^31 is 64-bit), with the directions' parts meeting in the middle
+    of the walks (the default) or parked and summed by a second launch (the three sequences
+    alone take the small-grid launches)."""
     _needs_free_gpu_memory(45)
     x, tail = _inputs_past_2_31()
     with torch.no_grad():
