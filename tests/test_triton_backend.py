@@ -418,6 +418,42 @@ def test_backward_parts_meet_or_hand_over_bitwise(case, layout):
             assert torch.equal(results[0][name], other[name]), f"{name} differs between the meeting and {handoff}"
 
 
+@pytest.mark.parametrize("case, layout", [
+    (Case(3, 9, 2, 8, 8, torch.float32), "one-segment"),  # one chunk a sequence
+    (Case(2, 48, 1, 8, 24, torch.float32), "single-pass-segments"),  # a last segment of one chunk
+], ids=lambda p: p if isinstance(p, str) else p.id())
+def test_meeting_counters_stay_in_their_segment(monkeypatch, case, layout):
+    """After a bidirectional forward and backward, each segment's meeting counter holds 2 (both
+    met), or 4 or 5 (one gave up, then the other came; always so under the interpreter, which
+    runs programs one at a time), its second counter 0 or 2 (the last to finish, after a give-
+    up), and no other counter was touched: a walk of one chunk has no second counter (it would
+    be the next segment's or sequence's meeting counter, which a stray count there would
+    corrupt: the first to arrive would take it for the other's)."""
+    from glakernels.backends.triton import kernels_single_pass, kernels_single_pass_bwd
+
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    launches = _record_launches(monkeypatch, kernels_single_pass, kernels_single_pass_bwd)
+    x = make_inputs(case, DEVICE, seed=27)
+    with _launch().override_config(single_pass_park_all_per_sm=0, **fields):
+        outputs_and_grads(gated_linear_attention, x, None, bidirectional=True, backend="triton")
+    walks = [(name, args) for name, args in launches
+             if name in ("_gla_fwd_single_pass_kernel", "_gla_bwd_single_pass_kernel") and args.get("PASSES", 2) & 2]
+    assert [name for name, _ in walks] == ["_gla_fwd_single_pass_kernel", "_gla_bwd_single_pass_kernel"]
+    n_chunks = -(-case.T // 16)
+    for name, args in walks:
+        seg_chunks = args["SEG_CHUNKS"]
+        flags = args["flags"].cpu().view(-1, n_chunks)  # a row per sequence (and V block)
+        expected_zero = torch.ones_like(flags, dtype=torch.bool)
+        for c_lo in range(0, n_chunks, seg_chunks):
+            n = min(seg_chunks, n_chunks - c_lo)
+            assert set(flags[:, c_lo].tolist()) <= {2, 4, 5}, (name, c_lo, flags)
+            expected_zero[:, c_lo] = False
+            if n >= 2:
+                assert set(flags[:, c_lo + 1].tolist()) <= {0, 2}, (name, c_lo, flags)
+                expected_zero[:, c_lo + 1] = False
+        assert not flags[expected_zero].any(), (name, flags)
+
+
 def _record_launches(monkeypatch, *modules) -> list:
     """Wrap every ``*_kernel`` of ``modules`` so that each launch appends ``(kernel name,
     {argument name: value})`` (positional and keyword arguments) to the returned list, then

@@ -322,7 +322,7 @@ def _gluon_walk(q, k, v, g, o, part, other_part, flags_row, row_qk, row_v, row_p
             # build failed in Triton 3.6's lowering to LLVM)
             gl.store(o + at_v + offs_v, _from_mma((scale * out_m).to(E), BV), mask=ok_v & rows_ok)
     if HANDOFF == 3:
-        if quitter >= 0:
+        if (quitter >= 0) & (n_chunks >= 2):  # (a one-chunk walk has no tail; see the tl kernel's)
             _gluon_tail(part, other_part, o, flags_row + c_lo + 1, row_part, row_v, T, V, scale, stride_v, offs_v,
                         ok_v, row16v, offs_p, c_lo, n_chunks, quitter, E)
     return ST

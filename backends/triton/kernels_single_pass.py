@@ -432,7 +432,9 @@ def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_f
                                          c_lo, c_hi, C, LOG2C, BK, REV, HANDOFF, DOT_BF16, PRECISION, RATIO,
                                          WIDE_ROWS, SPIN)
     if HANDOFF == 3:  # (here, not in each chunk math's walk: one copy of it to compile)
-        if quitter >= 0:
+        # (a one-chunk walk leaves no chunk to sum, and its second counter would be the next
+        # segment's or sequence's first)
+        if (quitter >= 0) & (c_hi - c_lo >= 2):
             _tail(part, other_part, o, flags + row_flags + c_lo + 1, row_part, row_v, T, V, scale, stride_v,
                   cols_v, cols_v < V, c_lo, c_hi - c_lo, quitter, C, WIDE_ROWS)
     return state

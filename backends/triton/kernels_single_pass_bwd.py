@@ -348,7 +348,7 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
                               cols_k, cols_v, S, c_lo, c_hi, C, LOG2C, BK, BV, REV, HANDOFF, DOT_BF16, PRECISION,
                               RATIO, MEET, SPIN)
         if HANDOFF and MEET:  # (here, not in each chunk math's pass B: one copy of it to compile)
-            if quitter >= 0:
+            if (quitter >= 0) & (c_hi - c_lo >= 2):  # (as the forward's: a one-chunk walk has no tail)
                 _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v,
                           flags + row_flags + c_lo + 1, bh, row_qk, row_v, T, K, V, stride_qk, stride_v, cols_k,
                           cols_v, c_lo, c_hi - c_lo, quitter, C)
