@@ -208,7 +208,7 @@ def _count(flag):
 
 
 #: Read the count at $1 (acquire, GPU scope) until it is not 1 or $2 reads were made; $0: the
-#: last value read. One asm block, so that the compiler sees no loop inside the walks' chunk
+#: last value read (unused). One asm block, so that the compiler sees no loop inside the walks' chunk
 #: loop: the same wait as a ``while`` loop there raised the backward's pass B from 88 to 696
 #: bytes of spills (AOT sm_90, ViG-T's shape; NOTES.md session 26). (Labels are local to the
 #: braces, so each inlined copy has its own; not unrolled: ptxas unrolled it 64 times.)
@@ -232,18 +232,18 @@ _POLL_PTX = tl.constexpr("""
 
 @triton.jit
 def _poll(meet, SPIN: tl.constexpr):
-    """The count at ``meet`` once it is not 1, or after ``SPIN`` reads (acquire)."""
+    """Wait until the count at ``meet`` is not 1, or for ``SPIN`` reads. Every thread reads for
+    itself, so threads of different warps may stop on different values: what was seen decides
+    nothing (``_meet`` decides by one compare-and-swap, the same for the whole program)."""
     if _SPLIT_IN_PTX:  # (NVIDIA and compiled: the same switch as the PTX split's)
-        seen = tl.inline_asm_elementwise(asm=_POLL_PTX, constraints="=r,l,r",
-                                         args=[meet, tl.full([], SPIN, tl.int32)], dtype=tl.int32, is_pure=False,
-                                         pack=1)
+        tl.inline_asm_elementwise(asm=_POLL_PTX, constraints="=r,l,r", args=[meet, tl.full([], SPIN, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
     else:
         seen = tl.full([], 1, tl.int32)
         tries = 0
         while (seen == 1) & (tries < SPIN):
             seen = tl.atomic_add(meet, 0, sem="acquire", scope="gpu")
             tries += 1
-    return seen
 
 
 @triton.jit
@@ -264,9 +264,9 @@ def _meet(meet, DIRECTION: tl.constexpr, SPIN: tl.constexpr):
     paired = tl.where(prev != 0, 1, 0)
     quitter = tl.where(prev >= 3, prev - 3, -1)
     if prev == 0:
-        seen = _poll(meet, SPIN)
-        if seen == 1:
-            seen = tl.atomic_cas(meet, 1, 3 + D, sem="acq_rel", scope="gpu")
+        _poll(meet, SPIN)
+        # 2: the other came (acquire: its parked parts are visible); 1: give up (now 3 + D)
+        seen = tl.atomic_cas(meet, 1, 3 + D, sem="acq_rel", scope="gpu")
         paired = tl.where(seen == 2, 1, 0)
         quitter = tl.where(seen == 2, -1, D)
     tl.debug_barrier()
