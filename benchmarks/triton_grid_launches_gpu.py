@@ -12,9 +12,10 @@ automatic choice, as GPU time per call from a CUDA graph (``triton_configs_gpu.g
 with the large-grid setting's: the choice is only sound if they agree (a sequence's result
 must not depend on the rest of the batch), and a row that differs says how many outputs do.
 The table, printed last: µs per setting, the automatic choice's setting and its time against
-the large-grid setting's. Bidirectional rows also time the two ways the directions' parts
-meet (``Config.single_pass_park_all_per_sm``): chunk by chunk inside the walk, or every part
-parked and summed by a second launch; both under the automatic warps, both checked bit for
+the large-grid setting's. Bidirectional rows also time the three ways the directions' parts
+meet: once in the middle of the walks (``Config.single_pass_meet``, the default), chunk by
+chunk inside the walk, or every part parked and summed by a second launch
+(``Config.single_pass_park_all_per_sm``); each under the automatic warps, each checked bit for
 bit against the large-grid setting.
 """
 
@@ -31,6 +32,14 @@ from triton_configs_gpu import graph_time  # noqa: E402
 
 from glakernels import gated_linear_attention  # noqa: E402
 from glakernels.bench import Shape, random_inputs  # noqa: E402
+
+
+# the ways a bidirectional call's two parts of a chunk can meet (launch.Config)
+HANDOFFS = {
+    "meeting": dict(single_pass_meet=True, single_pass_park_all_per_sm=0),
+    "per chunk": dict(single_pass_meet=False, single_pass_park_all_per_sm=0),
+    "park all": dict(single_pass_park_all_per_sm=10**9),
+}
 
 
 def _label(warps, cap=None) -> str:
@@ -86,8 +95,8 @@ def main(argv=None) -> int:
                 else:
                     differ[(warps, cap)] = out
             if bidirectional:  # the two handoffs, each under the automatic warps
-                for handoff, per_sm in (("per chunk", 0), ("park all", 10**9)):
-                    with launch.override_config(single_pass_park_all_per_sm=per_sm):
+                for handoff, fields in HANDOFFS.items():
+                    with launch.override_config(**fields):
                         differ[handoff] = call(sets[0])
                         times[handoff] = graph_time(call, sets) * 1e3
             mismatches = {s: (o != reference).sum().item() for s, o in differ.items()}
@@ -97,10 +106,10 @@ def main(argv=None) -> int:
                   "differing outputs:", {_key(k): v for k, v in mismatches.items() if v}, flush=True)
     print(f"\nforward, bfloat16, T = {args.seq_len}, H = {args.heads}, K = {args.k}, V = {args.v}; µs per call "
           f"(CUDA-graph replay), {torch.cuda.get_device_name()}")
-    handoffs = ["per chunk", "park all"]
-    print("| mode | batch | programs | " + " | ".join(_label(*s) for s in settings)
-          + " | per-chunk handoff | park all | automatic (setting) | ÷ large-grid setting | differing outputs |")
-    print("| --- " * (len(settings) + 8) + "|")
+    handoffs = list(HANDOFFS)
+    print("| mode | batch | programs | " + " | ".join(_label(*s) for s in settings) + " | "
+          + " | ".join(handoffs) + " | automatic (setting) | ÷ large-grid setting | differing outputs |")
+    print("| --- " * (len(settings) + 9) + "|")
     for mode, batch, programs, auto, times, mismatches in rows:
         wrong = sum(mismatches.values())
         print(f"| {mode} | {batch} | {programs} | " + " | ".join(f"{times[s]:.1f}" for s in settings) + " | "
