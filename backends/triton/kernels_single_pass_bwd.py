@@ -18,11 +18,13 @@ its own (``PASSES=1``, few registers, many programs per SM) and then pass B (``P
 255 registers, 2 programs per SM); ``PASSES=3`` makes both in one program, where pass A
 runs at pass B's occupancy (H100: forward+backward 7-10 % slower at 224 px, NOTES.md session 9).
 
-The two directions' parts of dq, dk and dv meet as the forward's output parts do: a program
-parks its float32 parts, counts the chunk, and the second to arrive adds and writes (one that
-expects to be second looks at the count first and, if the other's parts are there, adds them
-without parking its own). Each
-direction writes its own gate gradient (``dg`` or ``dg_reverse``) directly. Pass B prefetches
+The two directions' parts of dq, dk and dv meet in pass B as the forward's output parts do:
+by default once, in the middle of the walks (``kernels_single_pass._meet``; the first half
+parked, the second half adding the other's parked parts, a give-up's half summed by the last
+to finish in ``_tail_bwd``); with ``MEET`` off chunk by chunk (a program parks its float32
+parts, counts the chunk, and the second to arrive adds and writes). H100, bf16,
+forward+backward at vigT_224: 294.8 µs chunk by chunk, 268.6 meeting (NOTES.md session 26).
+Each direction writes its own gate gradient (``dg`` or ``dg_reverse``) directly. Pass B prefetches
 the next chunk's tiles, as the forward does.
 
 Both passes take the forward's ratio chunk math (``kernels_single_pass``' docstring) where every
