@@ -274,25 +274,32 @@ def _meet(meet, DIRECTION: tl.constexpr, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _tail(part, other_part, o, end, row_part, row_v, T, V, scale, stride_v, cols_v, ok_v, c_lo, n_chunks, quitter,
-          C: tl.constexpr, WIDE_ROWS: tl.constexpr):
+def _tail_chunks(end, c_lo, n_walk, quitter):
     """After a direction gave up at the meeting (``_meet``), the chunks of its second half have
-    both parts parked and no output: the program that finishes last (the end count's second)
-    adds them and writes ``o``, the same float32 addition as in the walk (bitwise the same)."""
+    both parts parked and no output. Both programs count themselves out on the segment's
+    second counter (after their parked stores); returns the chunks the last of the two to
+    finish sums (first, count), and a count of 0 to the other."""
     tl.debug_barrier()
     last = tl.atomic_add(end, 1, sem="acq_rel", scope="gpu") == 1
     tl.debug_barrier()
-    if last:
-        half = n_chunks // 2  # (the middle chunk, if any, was summed by the one that stayed)
-        first = tl.where(quitter == 0, c_lo + n_chunks - half, c_lo)
-        for j in range(0, half):
-            t0 = (first + j) * C
-            n0 = tl.minimum(C, T - t0)
-            p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
-            total = (tl.load(part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg")
-                     + tl.load(other_part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg"))
-            o_at, o_mask = _chunk_at(row_v, stride_v, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
-            tl.store(o + o_at, (scale * total).to(o.dtype.element_ty), mask=o_mask)
+    half = n_walk // 2  # (the middle chunk, if any, was summed by the one that stayed)
+    return tl.where(quitter == 0, c_lo + n_walk - half, c_lo), tl.where(last, half, 0)
+
+
+@triton.jit
+def _tail(part, other_part, o, end, row_part, row_v, T, V, scale, stride_v, cols_v, ok_v, c_lo, n_chunks, quitter,
+          C: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """``o`` of the chunks ``_tail_chunks`` gives this program, from both parked parts: the same
+    float32 addition as in the walk (bitwise the same)."""
+    first, count = _tail_chunks(end, c_lo, n_chunks, quitter)
+    for j in range(0, count):
+        t0 = (first + j) * C
+        n0 = tl.minimum(C, T - t0)
+        p_at, p_mask = _chunk_at(row_part, V, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+        total = (tl.load(part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg")
+                 + tl.load(other_part + p_at, mask=p_mask, other=0.0, cache_modifier=".cg"))
+        o_at, o_mask = _chunk_at(row_v, stride_v, cols_v, ok_v, t0, n0, C, WIDE_ROWS)
+        tl.store(o + o_at, (scale * total).to(o.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit

@@ -40,7 +40,8 @@ import triton.language as tl
 
 from .kernels import (_chunk_allows_ratio, _dot, _dot_acc, _level_mask, _level_scores_and_grads, _load_state,
                       _ratio_factors, _sequence_rows)
-from .kernels_single_pass import _count, _gates_allow_ratio, _look, _meet, _next_level, _rows_ptrs, _total_of_pair
+from .kernels_single_pass import (_count, _gates_allow_ratio, _look, _meet, _next_level, _rows_ptrs, _tail_chunks,
+                                  _total_of_pair)
 
 
 @triton.jit
@@ -198,25 +199,32 @@ def _add_parked(part, other_part, out, row_part, row_out, stride_out, t0, n0, co
 
 
 @triton.jit
+def _park_parts(dq_c, dk_c, dv_c, parts_q, parts_k, parts_v, row_part_k, row_part_v, t0, n0, cols_k, cols_v, K, V,
+                C: tl.constexpr):
+    """This direction's dq, dk and dv parts of rows ``t0 ..``, parked for the other direction."""
+    pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
+    pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
+    pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
+    tl.store(pq, dq_c, mask=pq_mask)
+    tl.store(pk, dk_c, mask=pk_mask)
+    tl.store(pv, dv_c, mask=pv_mask)
+
+
+@triton.jit
 def _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v, end, bh, row_qk, row_v, T, K, V,
               stride_qk, stride_v, cols_k, cols_v, c_lo, n_walk, quitter, C: tl.constexpr):
-    """After a direction gave up at the meeting, the program that finishes last adds the
-    parked dq, dk and dv parts of that direction's second half (``kernels_single_pass._tail``)."""
+    """dq, dk and dv of the chunks ``kernels_single_pass._tail_chunks`` gives this program (after
+    a direction gave up at the meeting), from both directions' parked parts."""
     n_chunks = tl.cdiv(T, C)
     row_part_k = bh.to(tl.int64) * n_chunks * C * K
     row_part_v = bh.to(tl.int64) * n_chunks * C * V
-    tl.debug_barrier()
-    last = tl.atomic_add(end, 1, sem="acq_rel", scope="gpu") == 1
-    tl.debug_barrier()
-    if last:
-        half = n_walk // 2  # (the middle chunk, if any, was summed by the one that stayed)
-        first = tl.where(quitter == 0, c_lo + n_walk - half, c_lo)
-        for j in range(0, half):
-            t0 = (first + j) * C
-            n0 = tl.minimum(C, T - t0)
-            _add_parked(parts_q, other_q, dq, row_part_k, row_qk, stride_qk, t0, n0, cols_k, K, C)
-            _add_parked(parts_k, other_k, dk, row_part_k, row_qk, stride_qk, t0, n0, cols_k, K, C)
-            _add_parked(parts_v, other_v, dv, row_part_v, row_v, stride_v, t0, n0, cols_v, V, C)
+    first, count = _tail_chunks(end, c_lo, n_walk, quitter)
+    for j in range(0, count):
+        t0 = (first + j) * C
+        n0 = tl.minimum(C, T - t0)
+        _add_parked(parts_q, other_q, dq, row_part_k, row_qk, stride_qk, t0, n0, cols_k, K, C)
+        _add_parked(parts_k, other_k, dk, row_part_k, row_qk, stride_qk, t0, n0, cols_k, K, C)
+        _add_parked(parts_v, other_v, dv, row_part_v, row_v, stride_v, t0, n0, cols_v, V, C)
 
 
 @triton.jit
@@ -275,24 +283,16 @@ def _pass_b(q, k, v, g, do, dq, dk, dv, dg, scr, parts_q, parts_k, parts_v, othe
         arrived = 0
         if HANDOFF and MEET:
             if (2 * i <= n_walk - 1) | (paired == 0):  # first half, middle, or the other never came
-                pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
-                pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
-                pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
-                tl.store(pq, dq_c, mask=pq_mask)
-                tl.store(pk, dk_c, mask=pk_mask)
-                tl.store(pv, dv_c, mask=pv_mask)
+                _park_parts(dq_c, dk_c, dv_c, parts_q, parts_k, parts_v, row_part_k, row_part_v, t0, n0, cols_k,
+                            cols_v, K, V, C)
             if i == n_walk // 2:
                 paired, quitter = _meet(flags + row_flags + c_lo, REV, SPIN)
             arrived = tl.where((paired != 0) & (2 * i >= n_walk - 1), 1, 0)
         elif HANDOFF:
             arrived = _look(flags + row_flags + c, i, n_walk)
             if arrived == 0:  # park this direction's parts, then count (as the forward does)
-                pq, pq_mask = _rows_ptrs(parts_q, row_part_k, t0, n0, K, cols_k, K, C)
-                pk, pk_mask = _rows_ptrs(parts_k, row_part_k, t0, n0, K, cols_k, K, C)
-                pv, pv_mask = _rows_ptrs(parts_v, row_part_v, t0, n0, V, cols_v, V, C)
-                tl.store(pq, dq_c, mask=pq_mask)
-                tl.store(pk, dk_c, mask=pk_mask)
-                tl.store(pv, dv_c, mask=pv_mask)
+                _park_parts(dq_c, dk_c, dv_c, parts_q, parts_k, parts_v, row_part_k, row_part_v, t0, n0, cols_k,
+                            cols_v, K, V, C)
                 arrived = _count(flags + row_flags + c)
         _hand_over(dq_c, dq, row_qk, stride_qk, parts_q, other_q, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
         _hand_over(dk_c, dk, row_qk, stride_qk, parts_k, other_k, row_part_k, t0, n0, cols_k, K, C, HANDOFF, arrived)
