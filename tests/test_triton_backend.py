@@ -349,6 +349,41 @@ def test_single_pass_backward_in_one_or_two_launches(case, layout):
     "case, layout",
     [
         (Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong"), "one-segment"),
+        (Case(1, 47, 1, 33, 17, torch.float32, gates="extreme"), "single-pass-segments"),
+        (Case(1, 40, 1, 8, 24, torch.float32, bidirectional=False, states=True, gates="vig"), "single-pass-segments"),
+        (Case(2, 1, 1, 8, 5, torch.float32), "one-segment"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else p.id(),
+)
+def test_backward_pass_a_prefetch_is_bitwise_neutral(case, layout):
+    """Pass A loading the next chunk's tiles ahead (the default) or each chunk's when it gets
+    there (``single_pass_bwd_pass_a_prefetch=False``), in its own launch or in pass B's:
+    against float64, and the same gradients bit for bit (only the loads move)."""
+    fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
+    with _launch().override_config(**fields):
+        check_against_reference("triton", case, DEVICE, seed=28)
+    x = make_inputs(case, DEVICE, seed=29)
+    kwargs = {"bidirectional": case.bidirectional, "backend": "triton"}
+    if not case.bidirectional:
+        kwargs["output_final_state"] = True
+    variants = [dict(single_pass_bwd_split=split, single_pass_bwd_pass_a_prefetch=ahead)
+                for split in (True, False) for ahead in (True, False)]
+    results, cot = [], None
+    for variant in variants:
+        with _launch().override_config(**variant, **fields):
+            out, cot = outputs_and_grads(gated_linear_attention, x, cot, **kwargs)
+        results.append(out)
+    assert len(results[0]) >= 5
+    for pair in ((0, 1), (2, 3)):
+        for name in results[pair[0]]:
+            assert torch.equal(results[pair[0]][name], results[pair[1]][name]), \
+                f"{name} differs between {variants[pair[0]]} and {variants[pair[1]]}"
+
+
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        (Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong"), "one-segment"),
         (Case(1, 33, 1, 17, 72, torch.float32, gates="extreme"), "one-segment"),
         (Case(1, 47, 1, 33, 17, torch.float32, gates="extreme"), "single-pass-segments"),
         (Case(1, 1, 1, 8, 5, torch.float32), "one-segment"),

@@ -230,14 +230,28 @@ def _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v, 
 @triton.jit
 def _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v, dS, c_lo,
             c_hi, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
-            DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr):
+            DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, RATIO: tl.constexpr, PREFETCH: tl.constexpr = True):
     """Pass A, against the direction: the state gradient leaving every chunk, parked in
-    ``scr``; returns the one entering the first chunk."""
+    ``scr``; returns the one entering the first chunk. ``PREFETCH``: the next chunk's tiles
+    load while this chunk's math runs, as in pass B and the forward (otherwise each step waits
+    on its own loads: long-scoreboard stalls were half of pass A's cycles, ncu, session 27).
+    Pass A reads q, g and dO only (k and v go unused, and their loads with them)."""
     scr_offs = cols_k[:, None] * BV + cols_v[None, :]
-    for i in range(0, c_hi - c_lo):
+    n_walk = c_hi - c_lo
+    if PREFETCH:
+        first = c_lo if REV else c_hi - 1
+        nq, _, _, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, first, T, stride_qk, stride_v, cols_k,
+                                         cols_v, K, V, C)
+    for i in range(0, n_walk):
         c = c_lo + i if REV else c_hi - 1 - i
-        qt, kt, vt, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
-                                            cols_v, K, V, C)
+        if PREFETCH:
+            qt, gt, dot_ = nq, ng, ndo
+            c_next = tl.where(i + 1 < n_walk, c + 1 if REV else c - 1, -1)
+            nq, _, _, ng, ndo = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c_next, T, stride_qk, stride_v, cols_k,
+                                             cols_v, K, V, C)
+        else:
+            qt, _, _, gt, dot_ = _chunk_tiles(q, k, v, g, do, row_qk, row_v, c, T, stride_qk, stride_v, cols_k,
+                                              cols_v, K, V, C)
         tl.store(scr + c * BK * BV + scr_offs, dS)
         Qf, total = _chunk_factors(gt, C, LOG2C, BK, REV, DOT_BF16, PRECISION, RATIO)
         # (the decayed state as the dot's accumulator, the scale on the smaller operand)
@@ -307,7 +321,7 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
                    C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr,
                    HANDOFF: tl.constexpr, STORE_DH0: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
                    PASSES: tl.constexpr, RATIO: tl.constexpr, MEET: tl.constexpr = False,
-                   SPIN: tl.constexpr = 0):
+                   SPIN: tl.constexpr = 0, PREFETCH_A: tl.constexpr = True):
     """One direction over chunks ``c_lo .. c_hi - 1``, given the state entering them in this
     direction (``S``) and the state gradient leaving them (``dS``): pass A if ``PASSES & 1``,
     pass B if ``PASSES & 2`` (from the scratch of an earlier launch when pass A is not here).
@@ -320,13 +334,13 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
         if RATIO == 1:
             if allow:
                 dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 1)
+                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 1, PREFETCH_A)
             else:
                 dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 0)
+                             dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, 0, PREFETCH_A)
         else:
             dS = _pass_a(q, k, v, g, do, scr, row_qk, row_v, T, K, V, scale, stride_qk, stride_v, cols_k, cols_v,
-                         dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, RATIO)
+                         dS, c_lo, c_hi, C, LOG2C, BK, BV, REV, DOT_BF16, PRECISION, RATIO, PREFETCH_A)
         if STORE_DH0:
             kv_mask = (cols_k < K)[:, None] & (cols_v < V)[None, :]
             tl.store(dh0 + bh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :], dS, mask=kv_mask)
@@ -363,7 +377,7 @@ def _gla_bwd_single_pass_kernel(
     C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIDIR: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     HAS_BSTATES: tl.constexpr, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, PASSES: tl.constexpr = 3,
-    RATIO: tl.constexpr = 0, MEET: tl.constexpr = False, SPIN: tl.constexpr = 0,
+    RATIO: tl.constexpr = 0, MEET: tl.constexpr = False, SPIN: tl.constexpr = 0, PREFETCH_A: tl.constexpr = True,
 ):
     """Backward, one program per (batch·head, direction, segment); see the module docstring.
 
@@ -412,7 +426,7 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, parts_v,
                        parts_q + size_k, parts_k + size_k, parts_v + size_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, False,
-                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES, RATIO, MEET, SPIN)
+                       BIDIR, STORE_DH0, DOT_BF16, PRECISION, PASSES, RATIO, MEET, SPIN, PREFETCH_A)
     else:
         if HAS_BSTATES:  # R at the segment's right edge, dR at its left edge
             S = _load_state(bst + bst_slot + (seg + 1) * kv, cols_k, cols_v, K, V)
@@ -420,4 +434,4 @@ def _gla_bwd_single_pass_kernel(
         _direction_bwd(q, k, v, gr, do, dq, dk, dv, dgr, dh0, scr, parts_q + size_k, parts_k + size_k,
                        parts_v + size_v, parts_q, parts_k, parts_v, flags, bh, row_qk, row_v, row_flags,
                        T, K, V, scale, H * K, H * V, cols_k, cols_v, S, dS, c_lo, c_hi, C, LOG2C, BK, BV, True,
-                       BIDIR, False, DOT_BF16, PRECISION, PASSES, RATIO, MEET, SPIN)
+                       BIDIR, False, DOT_BF16, PRECISION, PASSES, RATIO, MEET, SPIN, PREFETCH_A)

@@ -150,6 +150,12 @@ class Config:
     # 891 -> 824, vigT_1024 720 -> 676 (4 warps: 418, 820, 708; NOTES.md session 9, run 5)
     single_pass_bwd_split: bool = True
     single_pass_bwd_pass_a_num_warps: int = 2
+    # pass A loads the next chunk's q, g and dO tiles while this chunk's math runs (as pass B
+    # and the forward do); off, each step waits on its own loads. H200, bf16, forward+backward,
+    # µs, on / off (NOTES.md session 27, run 27c): vigT_224 252.7 / 256.6, vigB_224 492.4 /
+    # 506.7, vigT_1024 441.8 / 446.1 (pass A capped at 128 registers, 6 -> 8 programs an SM:
+    # 251.9, 501.9, 444.2)
+    single_pass_bwd_pass_a_prefetch: bool = True
     # the ratio chunk math (as single_pass_ratio) in both passes. H100, bf16, forward+backward
     # (session 18): vigT_224 395.1 -> 321.2 µs, vigT_1024 612.5 -> 521.6 (the forward's already on)
     single_pass_bwd_ratio: bool = True
@@ -571,7 +577,8 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
                 HAS_DHT=grad_final_state is not None, STORE_DH0=initial_state is not None and nseg == 1,
                 HAS_BSTATES=nseg > 1, DOT_BF16=dot_bf16, PRECISION=precision, PASSES=passes,
                 RATIO=_ratio_mode(cfg.single_pass_bwd_ratio, cfg), MEET=cfg.single_pass_meet,
-                SPIN=_meet_spin(q, cfg), num_warps=warps, num_stages=1, **options,
+                SPIN=_meet_spin(q, cfg), PREFETCH_A=cfg.single_pass_bwd_pass_a_prefetch, num_warps=warps,
+                num_stages=1, **options,
             )
     return dh0
 
