@@ -4,7 +4,7 @@ by opcode.
 
     python benchmarks/triton_aot_counts.py [--kernel fwd|bwd|bwd2] [--k 32] [--v 64]
         [--dtype bf16] [--precision bf16x3|bf16] [--module glakernels.backends.triton.kernels_single_pass]
-        [--arch 90] [--sass]
+        [--arch 90] [--sass] [--config "FIELD=VALUE,..."]
 
 Why: on the GPU these kernels are bound by the instruction count of a chunk step (NOTES.md
 session 8), and this counts it in seconds on a CPU-only machine; ``--module`` takes an edited
@@ -30,6 +30,7 @@ machine code (``sass_loop_counts``), which tracked GPU time better in session 20
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import importlib
 import os
@@ -81,7 +82,7 @@ def kernel_launches(kind: str, module: str | None, t: int, k: int, v: int, preci
         chunk = cfg.single_pass_bwd_chunk
         consts = dict(BV=launch._pow2(max(16, v)), HAS_H0=False, HAS_DHT=False, STORE_DH0=False,
                       RATIO=launch._ratio_mode(cfg.single_pass_bwd_ratio, cfg), MEET=cfg.single_pass_meet,
-                      SPIN=cfg.single_pass_meet_spin)
+                      SPIN=cfg.single_pass_meet_spin, PREFETCH_A=cfg.single_pass_bwd_pass_a_prefetch)
         options = dict(num_warps=cfg.single_pass_bwd_num_warps, num_stages=1)
         if cfg.single_pass_bwd_maxnreg is not None:
             options["maxnreg"] = cfg.single_pass_bwd_maxnreg
@@ -232,6 +233,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ptx", help="also write the PTX to this file")
     parser.add_argument("--sass", action="store_true",
                         help="count each loop's machine code (SASS) too: what runs; PTX overstates moves")
+    parser.add_argument("--config", default="",
+                        help="launch.Config fields to override (as override_config), e.g. "
+                        "'single_pass_meet=False,single_pass_bwd_pass_a_prefetch=False'")
     args = parser.parse_args(argv)
     # compiled, not interpreted: the kernels are decorated at their first import, below
     os.environ.pop("TRITON_INTERPRET", None)
@@ -242,9 +246,18 @@ def main(argv=None) -> int:
     if args.kernel != "bwd2" and (args.k > 64 or args.v > 64):
         parser.error("--k and --v: the single-pass settings are counted for K, V <= 64 (--kernel bwd2: any)")
     shape = dict(T=args.t, H=args.heads, K=args.k, V=args.v)
+    from glakernels.backends.triton import launch
+
+    fields = {}
+    for item in filter(None, (part.strip() for part in args.config.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in launch.Config.__dataclass_fields__:
+            parser.error(f"--config: expected FIELD=VALUE with a launch.Config field, got {item!r}")
+        fields[name.strip()] = ast.literal_eval(value.strip())
     ptxs = []
-    for label, fn, consts, options in kernel_launches(args.kernel, args.module, args.t, args.k, args.v,
-                                                      args.precision):
+    with launch.override_config(**fields):
+        launches = kernel_launches(args.kernel, args.module, args.t, args.k, args.v, args.precision)
+    for label, fn, consts, options in launches:
         asm = compile_asm(fn, consts, options, args.dtype, shape, args.arch)
         ptx = asm["ptx"]
         ptxs.append(ptx)

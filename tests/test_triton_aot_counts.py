@@ -74,3 +74,17 @@ def test_counts_the_two_phase_backward(tmp_path):
     report, _ = _run(tmp_path, "--kernel", "bwd2", "--t", "4096", "--k", "128", "--v", "128", "--heads", "8")
     loops = re.findall(r"^loop \S+: (\d+) instructions; (.*)$", report, re.M)
     assert sum(bool(re.search(r"\bmma:\d+", ops)) for _, ops in loops) >= 2, report
+
+
+def test_config_overrides_reach_the_launch(tmp_path):
+    """``--config`` sets launch.Config fields as ``override_config`` does: with the forward's
+    register cap lifted, the compile options it reports carry none; a field Config lacks is
+    refused by name."""
+    report, _ = _run(tmp_path)
+    assert "'maxnreg': 168" in report, report
+    report, _ = _run(tmp_path, "--config", "single_pass_maxnreg=None")
+    assert "maxnreg" not in report, report
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(SCRIPT), "--config", "no_such_field=1"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode != 0 and "no_such_field" in run.stderr, run.stderr[-2000:]
