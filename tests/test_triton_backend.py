@@ -348,8 +348,8 @@ def test_single_pass_backward_in_one_or_two_launches(case, layout):
 @pytest.mark.parametrize(
     "case, layout",
     [
-        (Case(2, 50, 2, 16, 32, torch.bfloat16, gates="strong"), "one-segment"),
-        (Case(1, 47, 1, 33, 17, torch.float32, gates="extreme"), "single-pass-segments"),
+        (Case(1, 40, 1, 16, 32, torch.bfloat16, gates="strong"), "one-segment"),
+        (Case(1, 40, 1, 17, 9, torch.float32, gates="extreme"), "single-pass-segments"),
         (Case(1, 40, 1, 8, 24, torch.float32, bidirectional=False, states=True, gates="vig"), "single-pass-segments"),
         (Case(2, 1, 1, 8, 5, torch.float32), "one-segment"),
     ],

@@ -153,8 +153,8 @@ class Config:
     # pass A loads the next chunk's q, g and dO tiles while this chunk's math runs (as pass B
     # and the forward do); off, each step waits on its own loads. H200, bf16, forward+backward,
     # µs, on / off (NOTES.md session 27, run 27c): vigT_224 252.7 / 256.6, vigB_224 492.4 /
-    # 506.7, vigT_1024 441.8 / 446.1 (pass A capped at 128 registers, 6 -> 8 programs an SM:
-    # 251.9, 501.9, 444.2)
+    # 506.7, vigT_1024 441.8 / 446.1 (with pass A also capped at 128 registers: 251.9, 501.9,
+    # 444.2; not kept)
     single_pass_bwd_pass_a_prefetch: bool = True
     # the ratio chunk math (as single_pass_ratio) in both passes. H100, bf16, forward+backward
     # (session 18): vigT_224 395.1 -> 321.2 µs, vigT_1024 612.5 -> 521.6 (the forward's already on)
