@@ -23,9 +23,7 @@ Needs timm for DeiT (without it only the ViG rows are measured).
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import dataclasses
 import gc
 import json
 import os
@@ -298,19 +296,7 @@ def triton_overrides(text: str):
         from glakernels.backends.triton import launch
     except ImportError as e:
         raise ValueError(f"needs the triton backend, which does not import here ({e})") from None
-
-    known = {f.name for f in dataclasses.fields(launch.Config)}
-    fields = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in known:
-            raise ValueError(f"expected FIELD=VALUE items with FIELD one of launch.Config's fields, got {item!r}")
-        try:
-            fields[name] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise ValueError(f"{name}: expected a Python literal (True, 16, None, ...), got {value.strip()!r}") from None
-    return launch.override_config(**fields)
+    return launch.override_config(**launch.config_fields(text))
 
 
 def run(args, device, points, models, compile_modes) -> int:

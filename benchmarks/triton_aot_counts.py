@@ -30,7 +30,6 @@ machine code (``sass_loop_counts``), which tracked GPU time better in session 20
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import importlib
 import os
@@ -248,12 +247,10 @@ def main(argv=None) -> int:
     shape = dict(T=args.t, H=args.heads, K=args.k, V=args.v)
     from glakernels.backends.triton import launch
 
-    fields = {}
-    for item in filter(None, (part.strip() for part in args.config.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or name.strip() not in launch.Config.__dataclass_fields__:
-            parser.error(f"--config: expected FIELD=VALUE with a launch.Config field, got {item!r}")
-        fields[name.strip()] = ast.literal_eval(value.strip())
+    try:
+        fields = launch.config_fields(args.config)
+    except ValueError as e:
+        parser.error(f"--config: {e}")
     ptxs = []
     with launch.override_config(**fields):
         launches = kernel_launches(args.kernel, args.module, args.t, args.k, args.v, args.precision)

@@ -22,7 +22,6 @@ time its setting on every grid.
 from __future__ import annotations
 
 import argparse
-import ast
 import statistics
 import time
 
@@ -46,14 +45,6 @@ DEFAULT_VARIANTS = ";".join([
     "single_pass_maxnreg=168",
     "single_pass_maxnreg=128",
 ])
-
-
-def parse_variant(text: str) -> dict:
-    fields = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        name, value = item.split("=")
-        fields[name.strip()] = ast.literal_eval(value.strip())
-    return fields
 
 
 def shape_from(name: str) -> Shape:
@@ -167,8 +158,7 @@ def main(argv=None) -> int:
         for backend, variant in runs:
             label = backend if variant is None else f"triton[{variant or 'defaults'}]"
             try:
-                fields = parse_variant(variant or "")
-                with launch.override_config(**fields):
+                with launch.override_config(**launch.config_fields(variant or "")):
                     t0 = time.perf_counter()
                     out = call(sets[0], backend)
                     torch.cuda.synchronize()

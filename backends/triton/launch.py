@@ -26,6 +26,7 @@ with 16-bit inputs. Accumulation is float32 throughout.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
@@ -187,6 +188,24 @@ def override_config(**fields) -> Iterator[None]:
     finally:
         with _overrides_lock:
             _overrides = previous
+
+
+def config_fields(text: str) -> dict:
+    """``override_config``'s fields from ``"FIELD=VALUE, ..."`` (each value a Python literal),
+    checked against ``Config`` here rather than at the first kernel launch (the benchmarks'
+    ``--triton-config`` / ``--config`` options)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    fields = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(f"expected FIELD=VALUE items with FIELD one of launch.Config's fields, got {item!r}")
+        try:
+            fields[name] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{name}: expected a Python literal (True, 16, None, ...), got {value.strip()!r}") from None
+    return fields
 
 
 def _pow2(n: int) -> int:
