@@ -174,10 +174,14 @@ def loop_counts(ptx: str) -> dict[str, Counter]:
             continue
         if line.startswith("}"):  # a function's end (inline asm's braces are indented)
             current = None
-        if current and re.match(r"^\s+[@a-z]", line):
-            words = text.split()
-            opcode = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
-            loops.setdefault(current, Counter())[opcode] += 1
+        if current and line[:1].isspace():
+            # one statement a line, except inline asm written on one line: "{ .reg ...; a; L: b; }"
+            for statement in text.split("//")[0].strip("{} ").split(";"):
+                statement = re.sub(r"^\s*\w+:", "", statement).strip()  # a local label
+                if re.match(r"^[@a-z]", statement):
+                    words = statement.split()
+                    opcode = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+                    loops.setdefault(current, Counter())[opcode] += 1
     return loops
 
 

@@ -1,5 +1,10 @@
 """DESIGN.md §5: custom op registration, gradcheck, torch.compile, strides, autocast."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +186,49 @@ def test_compile_records_the_triton_launches_on_cuda(grad):
     if grad:
         assert all(p.grad.abs().max() > 0 for p in model.parameters()), "a compiled gradient is all zero"
         assert_close({n: p.grad for n, p in model.named_parameters()}, eager_grads, bound, "compiled grads")
+
+
+_EMBEDDING_CHECK = r"""
+import ast, importlib, sys
+import triton
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+bad = []
+for name in sys.argv[1:]:
+    module = importlib.import_module(name)
+    for attr, fn in vars(module).items():
+        if isinstance(fn, triton.runtime.jit.JITFunction) and fn.__module__ == module.__name__:
+            src = closure(fn)
+            # as torch 2.11's Inductor embeds it: inside a plain ''' literal, ''' itself escaped
+            literal = "'''" + src.replace("'''", "\\'\\'\\'") + "'''"
+            try:
+                embedded = ast.literal_eval(literal)
+                compile(embedded, attr, "exec")
+            except SyntaxError as error:
+                bad.append(f"{name}.{attr}: {error}")
+                continue
+            if embedded != src:
+                bad.append(f"{name}.{attr}: changed by the embedding")
+print("\n".join(bad) or "ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernel_sources_survive_inductors_embedding(tmp_path):
+    """``torch.compile`` copies each user Triton kernel with the functions and constants it
+    reads (``repr`` for strings) into a generated module, and torch 2.11's Inductor puts that
+    source inside a plain ``'''`` literal without escaping backslashes: a ``\\n`` in a
+    constant's ``repr`` (the inline PTX, when it spanned lines) turned into a line break there,
+    and every compiled call of the single-pass kernels failed on the GPU with a SyntaxError.
+    Every kernel of the triton backend and of vig/ must come through that literal unchanged.
+    (Run without the interpreter, whose kernels Inductor's walk does not follow.)"""
+    modules = ["glakernels.backends.triton." + m for m in
+               ("kernels", "kernels_single_pass", "kernels_single_pass_bwd", "kernels_boundary_states",
+                "kernels_gluon_forward")] + ["vig.triton_kernels", "vig.triton_backward", "vig.triton_matmuls"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _EMBEDDING_CHECK, *modules], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok", result.stdout
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -3,6 +3,7 @@ machine: it must compile the kernels the way a launch does, and find their chunk
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -88,3 +89,21 @@ def test_config_overrides_reach_the_launch(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--config", "no_such_field=1"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert run.returncode != 0 and "no_such_field" in run.stderr, run.stderr[-2000:]
+
+
+def test_counts_each_statement_of_inline_asm_on_one_line():
+    """Inline PTX is written on one line (``kernels.one_line_ptx``, for torch.compile): each
+    of its statements counts, labels and ``.reg`` declarations do not, and the loop ends at
+    the function's closing brace."""
+    spec = importlib.util.spec_from_file_location("triton_aot_counts", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ptx = "\n".join([
+        "$L__BB0_3:                              // =>This Inner Loop Header: Depth=1",
+        "\tmov.u32 \t%r1, 0;",
+        "\t{ .reg .pred p; POLL: ld.acquire.gpu.global.b32 %r2, [%rd1]; setp.ne.u32 p, %r2, 1; @p bra DONE; DONE: }",
+        "\t@%p1 bra \t$L__BB0_3;  // back; to the header",
+        "}",
+        "\tadd.s32 \t%r3, %r3, 1;",
+    ])
+    assert script.loop_counts(ptx) == {"L__BB0_3": {"mov": 1, "ld": 1, "setp": 1, "bra": 2}}

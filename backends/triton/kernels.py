@@ -152,10 +152,20 @@ def _dot_acc(a, b, acc, DOT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     return out
 
 
+def one_line_ptx(text: str) -> tl.constexpr:
+    """Inline PTX as a constexpr of one line (PTX does not care). ``torch.compile`` copies a
+    Triton kernel and the globals it reads into a generated module, a string constant as its
+    ``repr``, and torch 2.11's Inductor places that source inside a plain ``'''`` literal: the
+    ``\\n`` escapes of a multi-line string became line breaks there, the module no longer
+    parsed, and every compiled call of the single-pass kernels failed
+    (``test_kernel_sources_survive_inductors_embedding``)."""
+    return tl.constexpr(" ".join(text.split()))
+
+
 #: Two float32 values ($2, $3) split into bfloat16 high parts ($0, packed) and low parts ($1):
 #: one packed conversion for each part, the high part back to float32 by a shift and a mask.
 #: Shared by ``_split_bf16_ptx`` and the Gluon forward's ``_split``.
-SPLIT_BF16X2_PTX = tl.constexpr("""
+SPLIT_BF16X2_PTX = one_line_ptx("""
         {
         .reg .b32 h0, h1, l0, l1;
         cvt.rn.bf16x2.f32 $0, $3, $2;

@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from .kernels import (_SPLIT_IN_PTX, _chunk_allows_ratio, _dot, _dot_acc, _level_mask, _load_state, _ratio_factors, _row,
-                      _sequence_rows, _store_state, _tile)
+                      _sequence_rows, _store_state, _tile, one_line_ptx)
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def _count(flag):
 #: loop: the same wait as a ``while`` loop there raised the backward's pass B from 88 to 696
 #: bytes of spills (AOT sm_90, ViG-T's shape; NOTES.md session 26). (Labels are local to the
 #: braces, so each inlined copy has its own; not unrolled: ptxas unrolled it 64 times.)
-_POLL_PTX = tl.constexpr("""
+_POLL_PTX = one_line_ptx("""
         {
         .reg .pred p;
         .reg .u32 n;
