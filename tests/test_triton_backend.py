@@ -94,7 +94,7 @@ def test_head_dims_up_to_256(dims):
 
 def test_segment_boundaries_do_not_change_results():
     """One segment or many, chunks of 16 or 32: the same function within float32 rounding."""
-    case = Case(2, 90, 2, 12, 10, torch.float32, gates="strong")
+    case = Case(1, 90, 2, 12, 10, torch.float32, gates="strong")  # (one sequence: interpreted, slow)
     x = make_inputs(case, DEVICE, seed=12)
     single, cot = outputs_and_grads(gated_linear_attention, x, None, backend="triton")
     for layout, fields in LONG_LAYOUTS.items():
@@ -197,7 +197,8 @@ def test_ratio_chunks_at_their_gate_bound(dtype, layout):
     lowest = -32.0 / launch.choose_config(70, 20, 24).single_pass_chunk
     fields = {} if layout == "one-segment" else dict(LONG_LAYOUTS[layout])
     for bidirectional in (True, False):
-        case = Case(2, 70, 2, 20, 24, dtype, bidirectional=bidirectional, states=not bidirectional)
+        # one sequence of two heads: the programs run one at a time under the interpreter
+        case = Case(1, 70, 2, 20, 24, dtype, bidirectional=bidirectional, states=not bidirectional)
         x, kwargs = _inputs_down_to(case, lowest, seed=31, gate_seed=0)
         with launch.override_config(**fields):
             got, expected = backend_and_reference("triton", x, **kwargs)
@@ -275,7 +276,7 @@ def test_two_phase_backward_ratio_at_its_gate_bound(dtype, layout):
     with launch.override_config(**fields):
         lowest = -32.0 / launch.choose_config(T, 20, 72).chunk
     for bidirectional in (True, False):
-        case = Case(2, T, 1, 20, 72, dtype, bidirectional=bidirectional, states=not bidirectional)
+        case = Case(1, T, 1, 20, 72, dtype, bidirectional=bidirectional, states=not bidirectional)
         x, kwargs = _inputs_down_to(case, lowest, seed=33, gate_seed=2)
         with launch.override_config(**fields):
             got, expected = backend_and_reference("triton", x, **kwargs)
