@@ -12,6 +12,16 @@ than the kernel. For each backend this prints, in one run on one card (bf16, bid
   forward+backward. When ``host`` exceeds ``graph`` the GPU waits on Python.
 
 ``--profile`` adds a cProfile of the fast path's forward+backward (top functions by own time).
+
+``--layers`` splits the fast path's forward+backward (``torch.autograd.grad``) into what
+PyTorch's autograd costs and what glakernels' own Python costs, with no kernel work at all:
+
+- ``bare Function``: a ``torch.autograd.Function`` of the same five inputs whose forward and
+  backward return preallocated tensors (autograd's floor for such an op);
+- ``op, no kernels``: ``gated_linear_attention`` with the backend's ``forward`` / ``backward``
+  replaced by functions returning preallocated tensors (validation, dispatch, the eager path);
+- ``op``: the real call. ``op`` minus ``op, no kernels`` is the backend's own host work
+  (launches, allocations) as it runs inside autograd; compare with ``direct f+b``.
 """
 
 from __future__ import annotations
@@ -30,18 +40,19 @@ from glakernels._dispatch import get_backend
 from glakernels.bench import SHAPES, capture_cuda_graph, random_inputs
 
 
-def host_time(fn, calls: int = 300) -> float:
+def host_time(fn, calls: int = 300, device: str = "cuda") -> float:
     """Seconds of host time per call, issued back to back (GPU synchronised only around)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
-        torch.cuda.synchronize()
+        sync()
     return best
 
 
@@ -63,11 +74,53 @@ def graph_time(fn, calls: int = 50) -> float:
     return start.elapsed_time(end) / 1e3 / calls
 
 
+def layer_times(name: str, x: dict, device: str) -> dict:
+    """Host seconds per forward+backward (``torch.autograd.grad``): the bare autograd floor,
+    the op without kernel work, and the op (see the module docstring, ``--layers``)."""
+    from glakernels._problem import GLAGradients
+
+    tensors = list(x.values())
+    o = torch.empty_like(x["v"])
+    grad = torch.randn_like(o)
+    grads = [torch.empty_like(t) for t in tensors]
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return o
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return tuple(grads)
+
+    def op():
+        return torch.autograd.grad(gated_linear_attention(**x, backend=name), tensors, grad)
+
+    times = {"bare Function": host_time(lambda: torch.autograd.grad(Bare.apply(*tensors), tensors, grad), device=device)}
+    backend = get_backend(name)
+    own = {n: vars(backend)[n] for n in ("forward", "backward") if n in vars(backend)}
+    backend.forward = lambda inputs: (o, None)  # (instance attributes shadow the methods)
+    backend.backward = lambda inputs, grad_output, grad_state: GLAGradients(*grads, None)
+    try:
+        times["op, no kernels"] = host_time(op, device=device)
+    finally:
+        for n in ("forward", "backward"):
+            if n in own:
+                setattr(backend, n, own[n])
+            else:
+                delattr(backend, n)
+    times["op"] = host_time(op, device=device)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="cupy,triton")
     parser.add_argument("--shape", default="vigT_224", choices=sorted(SHAPES))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--layers", action="store_true",
+                        help="also split forward+backward into autograd's and glakernels' host time")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "| shape", args.shape, "bf16 bidirectional")
@@ -97,6 +150,8 @@ def main() -> None:
             row[f"{label} fwd"] = host_time(op_forward)
             row[f"{label} f+b"] = host_time(op_forward_backward, calls=100)
         os.environ.pop("GLAKERNELS_EAGER_CUSTOM_OP")
+        if args.layers:
+            row.update({f"{label} f+b": t for label, t in layer_times(name, x, "cuda").items()})
         rows.append(row)
         if args.profile:
             profile = cProfile.Profile()
@@ -109,9 +164,10 @@ def main() -> None:
             pstats.Stats(profile).sort_stats("tottime").print_stats(18)
     columns = [c for c in rows[0] if c != "backend"]
     print("\nmicroseconds per call (graph = GPU time; the rest = host time, back to back)")
-    print(f"{'backend':<8}" + "".join(f"{c:>14}" for c in columns))
+    widths = [max(14, len(c) + 2) for c in columns]
+    print(f"{'backend':<8}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     for row in rows:
-        print(f"{row['backend']:<8}" + "".join(f"{row[c] * 1e6:>14.1f}" for c in columns))
+        print(f"{row['backend']:<8}" + "".join(f"{row[c] * 1e6:>{w}.1f}" for c, w in zip(columns, widths)))
 
 
 if __name__ == "__main__":
