@@ -89,6 +89,36 @@ def test_results_do_not_depend_on_the_work_split(monkeypatch, case):
 
 
 @needs_numba
+def test_torch_thread_count_is_left_as_the_caller_set_it():
+    """Numba's OpenMP layer, when it starts (on the first parallel call), sets the calling
+    thread's OpenMP thread count, which is also PyTorch's: a process that had called
+    ``torch.set_num_threads(1)`` ran PyTorch on Numba's count (every core) after its first
+    numba call (when PyTorch had run parallel work of its own first). The backend puts
+    PyTorch's count back. (A fresh process: the layer starts once per process.)"""
+    script = textwrap.dedent(
+        """
+        import torch
+        from glakernels import gated_linear_attention
+        torch.set_num_threads(1)
+        torch.randn(100_000).exp().sum()  # PyTorch's own parallel work first, as in any program
+        gen = torch.Generator().manual_seed(0)
+        q, k, g = (torch.randn(2, 9, 2, 4, generator=gen, requires_grad=True) for _ in range(3))
+        v = torch.randn(2, 9, 2, 5, generator=gen, requires_grad=True)
+        out = gated_linear_attention(q, k, v, -g.detach().abs().requires_grad_(), backend="numba")
+        after_forward = torch.get_num_threads()
+        out.sum().backward()
+        print(after_forward, torch.get_num_threads())
+        """
+    )
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", NUMBA_THREADING_LAYER="omp")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "threading layer" in result.stderr.lower():
+        pytest.skip("Numba's OpenMP threading layer is not available here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "1"], result.stdout
+
+
+@needs_numba
 def test_numba_num_threads_is_respected_and_changes_nothing(tmp_path):
     """A process started with NUMBA_NUM_THREADS=1 runs one thread and gets the same bits."""
     case = Case(1, 37, 2, 16, 24, torch.float32, bidirectional=False, states=True)

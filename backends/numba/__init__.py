@@ -14,6 +14,7 @@ when that directory is writable, else in Numba's user cache (``NUMBA_CACHE_DIR``
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -40,12 +41,30 @@ class NumbaBackend(Backend):
     def forward(self, inputs: GLAInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from . import launch
 
-        return launch.forward(inputs)
+        with _torch_threads_kept():
+            return launch.forward(inputs)
 
     def backward(self, inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Optional[torch.Tensor]) -> GLAGradients:
         from . import launch
 
-        return launch.backward(inputs, grad_output, grad_final_state)
+        with _torch_threads_kept():
+            return launch.backward(inputs, grad_output, grad_final_state)
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Leave PyTorch's CPU thread count as the caller set it. Numba's OpenMP threading layer,
+    when it starts (the first parallel call in a process), sets the calling thread's OpenMP
+    thread count, and PyTorch reads its own from the same OpenMP runtime: after the first
+    numba call, ``torch.get_num_threads()`` read Numba's count (every core) where the caller
+    had asked ``torch.set_num_threads(1)`` (one thread per process under ``torchrun``, or per
+    pytest-xdist worker: ``test_xdist_workers_share_the_cpu_threads`` failed so)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 register_backend(NumbaBackend())
