@@ -1,10 +1,9 @@
 """benchmarks/host_overhead.py's ``--layers`` split, run on the CPU with the torch backend:
-it must time all three layers and leave the backend's kernels as it found them."""
+its three calls must run, and the backend's kernels must be its own again afterwards."""
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import pathlib
 
 import torch
@@ -25,12 +24,12 @@ def _script():
 
 def test_layer_times_restores_the_backend(monkeypatch):
     script = _script()
+    # each layer's call runs once (its time is not what this checks)
     monkeypatch.setattr(script, "host_time", lambda fn, calls=300, device="cuda": (fn(), 1e-6)[1])
     x = random_inputs(Shape("tiny", 1, 5, 1, 4, 6), torch.float32, "cpu", requires_grad=True)
     backend = get_backend("torch")
     times = script.layer_times("torch", x, "cpu")
     assert set(times) == {"bare Function", "op, no kernels", "op"}
-    assert all(math.isfinite(t) and t > 0 for t in times.values())
     assert "forward" not in vars(backend) and "backward" not in vars(backend)
     # and the op computes again after the fake kernels were swapped out
     out = gated_linear_attention(**x, backend="torch")

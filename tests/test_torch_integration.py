@@ -191,7 +191,11 @@ def test_compile_records_the_triton_launches_on_cuda(grad):
 _EMBEDDING_CHECK = r"""
 import ast, importlib, sys
 import triton
-from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+try:
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+except ImportError as error:
+    print("no closure:", error)
+    sys.exit(77)
 bad = []
 for name in sys.argv[1:]:
     module = importlib.import_module(name)
@@ -227,6 +231,8 @@ def test_kernel_sources_survive_inductors_embedding(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _EMBEDDING_CHECK, *modules], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=300)
+    if result.returncode == 77:
+        pytest.skip(f"this torch has no Inductor closure function to check against ({result.stdout.strip()})")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok", result.stdout
 
