@@ -89,11 +89,45 @@ def _main(args, tmp_path, monkeypatch):
     from vig.train import main
 
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads(), _numba_threads()
     try:
         return main(args)
     finally:
-        torch.set_num_threads(threads)  # main sets --threads for the process
+        _restore_threads(threads)  # main sets --threads for the process
+
+
+def _numba_threads():
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.get_num_threads()
+
+
+def _restore_threads(threads):
+    torch.set_num_threads(threads[0])
+    if threads[1] is not None:
+        import numba
+
+        numba.set_num_threads(threads[1])
+
+
+def test_threads_flag_sets_torch_and_the_gla_backend():
+    """``--threads 1`` holds for PyTorch's ops and for the GLA op's Numba kernels, also after
+    the op has run (Numba's OpenMP layer must not hand PyTorch its count)."""
+    from glakernels import gated_linear_attention
+    from vig.train import use_cpu_threads
+
+    numba = pytest.importorskip("numba")
+    saved = torch.get_num_threads(), _numba_threads()
+    try:
+        use_cpu_threads(1)
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 9, 2, 4, generator=gen) for _ in range(3))
+        gated_linear_attention(q, k, v, -torch.rand(2, 9, 2, 4, generator=gen), backend="numba")
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+    finally:
+        _restore_threads(saved)
 
 
 def test_resume_builds_the_checkpoints_model_and_refuses_another(tmp_path, monkeypatch, capsys):

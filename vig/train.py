@@ -231,11 +231,22 @@ def autocast(env: Distributed, args: argparse.Namespace):
     return torch.autocast(env.device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
 
 
+def use_cpu_threads(threads: int) -> None:
+    """``--threads`` for PyTorch's ops and for the GLA op's CPU backend (Numba, whose own
+    count is otherwise every core: two torchrun processes on two cores ran four threads)."""
+    torch.set_num_threads(threads)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     env = Distributed(args.device)
     if env.device.type == "cpu":
-        torch.set_num_threads(args.threads)
+        use_cpu_threads(args.threads)
     if args.batch_size % env.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must divide by the {env.world_size} processes")
     log = print if env.is_main else (lambda *a, **k: None)
