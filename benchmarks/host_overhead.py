@@ -37,7 +37,7 @@ import torch
 from glakernels import gated_linear_attention
 from glakernels._custom_op import _inputs
 from glakernels._dispatch import get_backend
-from glakernels.bench import SHAPES, capture_cuda_graph, random_inputs
+from glakernels.bench import SHAPES, capture_cuda_graph, kernels_replaced, random_inputs
 
 
 def host_time(fn, calls: int = 300, device: str = "cuda") -> float:
@@ -77,8 +77,6 @@ def graph_time(fn, calls: int = 50) -> float:
 def layer_times(name: str, x: dict, device: str) -> dict:
     """Host seconds per forward+backward (``torch.autograd.grad``): the bare autograd floor,
     the op without kernel work, and the op (see the module docstring, ``--layers``)."""
-    from glakernels._problem import GLAGradients
-
     tensors = list(x.values())
     o = torch.empty_like(x["v"])
     grad = torch.randn_like(o)
@@ -98,18 +96,8 @@ def layer_times(name: str, x: dict, device: str) -> dict:
         return torch.autograd.grad(gated_linear_attention(**x, backend=name), tensors, grad)
 
     times = {"bare Function": host_time(lambda: torch.autograd.grad(Bare.apply(*tensors), tensors, grad), device=device)}
-    backend = get_backend(name)
-    own = {n: vars(backend)[n] for n in ("forward", "backward") if n in vars(backend)}
-    backend.forward = lambda inputs: (o, None)  # (instance attributes shadow the methods)
-    backend.backward = lambda inputs, grad_output, grad_state: GLAGradients(*grads, None)
-    try:
+    with kernels_replaced(name, o, grads):
         times["op, no kernels"] = host_time(op, device=device)
-    finally:
-        for n in ("forward", "backward"):
-            if n in own:
-                setattr(backend, n, own[n])
-            else:
-                delattr(backend, n)
     times["op"] = host_time(op, device=device)
     return times
 
