@@ -10,6 +10,7 @@ import torch
 from . import _custom_op  # noqa: F401  (registers torch.ops.glakernels.*)
 from ._autocast import cast_for_autocast
 from ._dispatch import select_backend_name
+from ._custom_op import run_forward
 from ._eager import EagerGLA, eager_path_applies
 from ._validation import validate, validate_backend_name
 from ._value_checks import check_values, value_checks_enabled
@@ -115,6 +116,9 @@ def gated_linear_attention(
         name,
     )
     if eager_path_applies(name, *args[:6]):
+        if not needs_grad:  # no gradient wanted: the same forward without autograd's Function
+            o, final_state = run_forward(*args)
+            return (o, final_state) if output_final_state else o
         return EagerGLA.apply(*args)
     o, final_state = torch.ops.glakernels.gla_forward(*args)
     return (o, final_state) if output_final_state else o

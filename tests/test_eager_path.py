@@ -106,3 +106,28 @@ def test_fast_path_under_no_grad_and_inference_mode(monkeypatch):
         assert torch.equal(gated_linear_attention(**x, backend="torch"), expected)
     with torch.inference_mode():
         assert torch.equal(gated_linear_attention(**x, backend="torch"), expected)
+
+
+def test_calls_wanting_no_gradient_skip_the_autograd_function(monkeypatch):
+    """Under ``no_grad``, ``inference_mode``, or with no input requiring grad, the fast path runs
+    the backend's forward without ``EagerGLA`` (its host time buys nothing there), with the same
+    bits as a call that records the graph."""
+    from glakernels import _eager
+
+    monkeypatch.delenv(ENV_FORCE_CUSTOM_OP, raising=False)
+    x = make_inputs(Case(1, 6, 2, 3, 4, bidirectional=False, states=True), seed=6)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    recorded, recorded_state = gated_linear_attention(**leaves, bidirectional=False, output_final_state=True,
+                                                      backend="torch")
+    assert type(recorded.grad_fn).__name__ == "EagerGLABackward"
+
+    def refuse(*args):
+        raise AssertionError("EagerGLA.apply ran for a call that wants no gradient")
+
+    monkeypatch.setattr(_eager.EagerGLA, "apply", refuse)
+    for context in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        inputs = leaves if context is not torch.enable_grad else x  # enable_grad: no input requires grad
+        with context():
+            o, state = gated_linear_attention(**inputs, bidirectional=False, output_final_state=True, backend="torch")
+        assert o.grad_fn is None and not o.requires_grad
+        assert torch.equal(o, recorded.detach()) and torch.equal(state, recorded_state.detach())
