@@ -116,7 +116,9 @@ def gated_linear_attention(
         name,
     )
     if eager_path_applies(name, *args[:6]):
-        if not needs_grad:  # no gradient wanted: the same forward without autograd's Function
+        # no gradient wanted: the same forward without autograd's Function (host time). Not
+        # while compiling, whose traced triton path stays the one measured on a GPU.
+        if not needs_grad and not torch.compiler.is_compiling():
             o, final_state = run_forward(*args)
             return (o, final_state) if output_final_state else o
         return EagerGLA.apply(*args)
