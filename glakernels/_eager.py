@@ -12,6 +12,10 @@ behind it: ``torch.compile`` / ``torch.export`` tracing, a ``TorchDispatchMode``
 ``torch.func`` transforms, and tensor subclasses. ``GLAKERNELS_EAGER_CUSTOM_OP=1`` forces
 the custom op everywhere (to compare the two paths, or to debug one).
 
+A call that wants no gradient (``no_grad``, ``inference_mode``, or no input requiring grad)
+skips even this Function outside tracing and runs ``run_forward`` directly (``_api``): the
+Function's bookkeeping was a third of such a call's host time on a CPU.
+
 One exception under ``torch.compile``: a call on a backend that declares the device in
 ``Backend.traceable_on`` (triton on CUDA) is traced through this same function, forward and
 backward, so Dynamo records its Triton launches as graph nodes and Inductor launches them
