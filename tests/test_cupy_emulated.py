@@ -142,3 +142,41 @@ def test_determinism(emulated, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_reference_drawn(emulated, variant):
     shared.test_matches_reference_drawn((emulated[variant], "cpu"))
+
+
+def test_params_struct_layout_matches_the_numpy_type(tmp_path):
+    """The kernels take ``gla::Params`` by value and the launcher sends the bytes of
+    ``_sources.params_dtype()``: both must lay the fields out alike (C++'s offsets and size,
+    from the very header the kernels include, against NumPy's)."""
+    import ctypes
+    import subprocess
+
+    from cuda_emulator import HERE
+
+    unit = tmp_path / "layout.cpp"
+    unit.write_text(
+        '#include "prelude.h"\n#include "gla_common.cuh"\n#include <cstddef>\n'
+        "#define GLA_OFFSET(type, name) offsetof(gla::Params, name),\n"
+        'extern "C" unsigned long long gla_params_layout(unsigned long long* out) {\n'
+        "  const unsigned long long offsets[] = {GLA_PARAM_FIELDS(GLA_OFFSET)};\n"
+        "  for (unsigned i = 0; i < sizeof(offsets) / sizeof(offsets[0]); ++i) out[i] = offsets[i];\n"
+        "  return sizeof(gla::Params);\n}\n"
+    )
+    library = tmp_path / "layout.so"
+    subprocess.run([compiler(), "-std=c++20", "-shared", "-fPIC", "-DGLA_EMULATION", "-Wno-unknown-pragmas",
+                    f"-I{HERE}", f"-I{_sources.KERNEL_DIR}", str(unit), "-o", str(library)], check=True)
+    dtype = _sources.params_dtype()
+    offsets = (ctypes.c_ulonglong * len(dtype.names))()
+    size = ctypes.CDLL(str(library)).gla_params_layout(offsets)
+    assert list(offsets) == [dtype.fields[name][1] for name in dtype.names]
+    assert size == dtype.itemsize
+    assert dtype.names == tuple(name for _, name in _sources.param_fields())
+
+
+def test_kernel_params_start_from_the_base_without_changing_it():
+    base = _sources.kernel_params({"B": 3, "scale": 0.25, "q": 1 << 40})
+    (args,) = _sources.kernel_args({"dq": 12345, "B": 4}, base)
+    assert (int(args["B"]), float(args["scale"]), int(args["q"]), int(args["dq"])) == (4, 0.25, 1 << 40, 12345)
+    assert (int(base["B"]), int(base["dq"])) == (3, 0)
+    with pytest.raises(KeyError, match="not_a_field"):
+        _sources.kernel_params({"not_a_field": 1})

@@ -32,7 +32,7 @@ import torch
 from glakernels._problem import GLAGradients, GLAInputs
 
 from . import _plan as plan
-from ._sources import CHUNK_BACKWARD_FILE, CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_args
+from ._sources import CHUNK_BACKWARD_FILE, CHUNK_FORWARD_FILE, SCAN_FILE, SWEEP_FILE, kernel_args, kernel_params
 
 Launcher = Callable[[str, str, tuple, int, int, tuple], None]
 
@@ -57,7 +57,7 @@ class _Call:
         self.device = inputs.q.device
         scale = inputs.scale * (0.5 if spec.bidirectional else 1.0)  # the two directions are averaged
         # the parameters every launch of this call shares, converted once
-        self.base_args = kernel_args(dict(
+        self.base_params = kernel_params(dict(
             q=_address(inputs.q), k=_address(inputs.k), v=_address(inputs.v), g=_address(inputs.g),
             g_rev=_address(inputs.g_reverse if spec.bidirectional else None),
             s0=_address(inputs.initial_state),
@@ -77,12 +77,12 @@ class _Call:
         smem = plan.sweep_smem_bytes(tile, role, self.bidirectional, self.chunk_len)
         name = plan.sweep_name(self.spec.dtype, tile, role)
         self.launch(SWEEP_FILE, name, grid, self.groups * tile.threads, smem,
-                    kernel_args(extra, self.base_args))
+                    kernel_args(extra, self.base_params))
 
     def state_scan(self, adjoint: bool, **extra) -> None:
         grid = (self.B * self.H * 2, math.ceil(self.K * self.V / plan.SCAN_THREADS), 1)
         self.launch(SCAN_FILE, plan.SCAN_NAME, grid, plan.SCAN_THREADS, 0,
-                    kernel_args({"lambda_scan": int(adjoint), **extra}, self.base_args))
+                    kernel_args({"lambda_scan": int(adjoint), **extra}, self.base_params))
 
     def chunk_entering_states(self, adjoint: bool, **extra) -> torch.Tensor:
         """State (or adjoint) entering every chunk: ``[B*H, 2, N, K, V]`` float32."""
@@ -139,14 +139,14 @@ def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.Chu
         extra["enter"] = scratch[-1].data_ptr()
     dtype = call.spec.dtype
     call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_dq_name(dtype, K, V, bi, launch), grid, dq_block,
-                plan.chunk_backward_smem_bytes(call.chunk_len, K, bi), kernel_args(extra, call.base_args))
+                plan.chunk_backward_smem_bytes(call.chunk_len, K, bi), kernel_args(extra, call.base_params))
     if segmented:
         enter = call.scratch(call.B * call.H, 2, n, K, V)
         decay = call.scratch(call.B * call.H, 2, n, K)
         scratch += [enter, decay]
         states = dict(extra, enter=enter.data_ptr(), decay=decay.data_ptr())
         call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dtype, False, K, V, bi, launch, local=True), grid,
-                    adjoint_block, 0, kernel_args(states, call.base_args))
+                    adjoint_block, 0, kernel_args(states, call.base_params))
         call.state_scan(True, enter=enter.data_ptr(), decay=decay.data_ptr())
         extra["enter"] = enter.data_ptr()
     if launch.fused:  # dk's hand-over between the directions goes through global memory
@@ -154,11 +154,11 @@ def _chunk_backward(call: "_Call", common: dict, outputs: dict, launch: plan.Chu
         scratch.append(park)
         call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_fused_name(dtype, K, V, bi, launch), grid, adjoint_block,
                     plan.chunk_backward_fused_smem_bytes(call.chunk_len, K, V, bi, launch),
-                    kernel_args(dict(extra, park=_address(park)), call.base_args))
+                    kernel_args(dict(extra, park=_address(park)), call.base_params))
         return flags
     for dv, columns in ((True, V), (False, K)):
         call.launch(CHUNK_BACKWARD_FILE, plan.chunk_backward_adjoint_name(dtype, dv, K, V, bi, launch), grid, adjoint_block,
-                    plan.chunk_backward_smem_bytes(call.chunk_len, columns, bi), kernel_args(extra, call.base_args))
+                    plan.chunk_backward_smem_bytes(call.chunk_len, columns, bi), kernel_args(extra, call.base_params))
     return flags
 
 
@@ -171,7 +171,7 @@ def _chunk_forward_entering_states(call: _Call, launch: plan.ChunkForwardLaunch)
     extra = dict(enter=enter.data_ptr(), decay=decay.data_ptr())
     name = plan.chunk_forward_name(call.spec.dtype, call.K, call.V, bi, launch, output=False)
     call.launch(CHUNK_FORWARD_FILE, name, (call.B * call.H, n, 1), plan.chunk_forward_block(bi, launch),
-                plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi, output=False), kernel_args(extra, call.base_args))
+                plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi, output=False), kernel_args(extra, call.base_params))
     call.state_scan(False, **extra)
     return enter
 
@@ -195,7 +195,7 @@ def forward(inputs: GLAInputs, launcher: Launcher, *, chunk_len: Optional[int] =
         enter = _chunk_forward_entering_states(call, launch) if n > 1 else None
         name = plan.chunk_forward_name(spec.dtype, call.K, call.V, bi, launch)
         launcher(CHUNK_FORWARD_FILE, name, grid, block, plan.chunk_forward_smem_bytes(call.chunk_len, call.V, bi),
-                 kernel_args(dict(o=o.data_ptr(), enter=_address(enter)), call.base_args))
+                 kernel_args(dict(o=o.data_ptr(), enter=_address(enter)), call.base_params))
         return o, None
     final = (torch.empty(call.B, call.H, call.K, call.V, dtype=torch.float32, device=call.device)
              if spec.output_final_state else None)
@@ -258,7 +258,7 @@ def backward(
                ds0=_address(ds0), enter=_address(enter_adjoint), **common)
     call.sweep(plan.BACKWARD_DV, dv=dv.data_ptr(), enter=_address(enter_adjoint), **common)
     if chunked:
-        args = kernel_args({**common, "flags": 0, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_args)
+        args = kernel_args({**common, "flags": 0, "dg": dg.data_ptr(), "dg_rev": _address(dg_rev)}, call.base_params)
         launcher(SCAN_FILE, plan.fixup_name(spec.dtype), (call.B * call.H * 2, call.n_chunks, 1),
                  plan.FIXUP_THREADS, plan.fixup_smem_bytes(call.K), args)
     return GLAGradients(dq, dk, dv, dg, dg_rev, ds0)

@@ -72,30 +72,29 @@ def param_fields() -> tuple[tuple[str, str], ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _field_converters() -> tuple[dict[str, int], tuple]:
-    """Field name -> argument position, and each position's NumPy scalar type."""
-    fields = param_fields()
-    index = {name: i + 1 for i, (_, name) in enumerate(fields)}  # position 0: gla_params_begin_
-    return index, (np.int32,) + tuple(_NUMPY_TYPES[ctype] for ctype, _ in fields)
+def params_dtype() -> np.dtype:
+    """``gla::Params`` as a NumPy structured type: its fields in order, laid out by C's
+    alignment rules (``align=True``), so its bytes are the struct the kernels take."""
+    return np.dtype([(name, _NUMPY_TYPES[ctype]) for ctype, name in param_fields()], align=True)
 
 
-def kernel_args(values: dict, base: tuple | None = None) -> tuple:
-    """The positional kernel arguments: a leading 0 (``gla_params_begin_``), then every field
-    of ``GLA_PARAM_FIELDS`` as a typed NumPy scalar: from ``values``, else from ``base`` (an
-    earlier result of this function), else 0. A call's launches share most values, so the
-    driver converts them once and passes only what changes (host time per launch matters at
-    ViG's sizes, where a kernel runs for tens of microseconds)."""
-    index, types = _field_converters()
-    if base is None:
-        args = [t(0) for t in types]
-    else:
-        args = list(base)
+def kernel_params(values: dict, base: np.ndarray | None = None) -> np.ndarray:
+    """A ``gla::Params`` (0-d structured array): the fields in ``values``, the others from
+    ``base`` (an earlier result of this function, not modified), else 0. A call's launches
+    share most fields, so the driver fills them once and each launch sets what changes."""
+    params = np.zeros((), params_dtype()) if base is None else base.copy()
     for name, value in values.items():
-        position = index.get(name)
-        if position is None:
+        if name not in params.dtype.fields:
             raise KeyError(f"not a kernel parameter: {name!r}")
-        args[position] = types[position](value)
-    return tuple(args)
+        params[name] = value
+    return params
+
+
+def kernel_args(values: dict, base: np.ndarray | None = None) -> tuple:
+    """The positional arguments of a launch: one ``gla::Params`` by value (a NumPy structured
+    scalar, which CuPy passes as the struct's bytes), from :func:`kernel_params`. Host time
+    per launch matters at ViG's sizes, where a kernel runs for tens of microseconds."""
+    return (kernel_params(values, base)[()],)
 
 
 def instantiation_unit(file_name: str, names) -> str:

@@ -99,7 +99,9 @@ class Emulator:
         self.names = names_by_file
 
     def __call__(self, file: str, name: str, grid: tuple, block: int, smem: int, args: tuple) -> None:
-        values = [_CTYPES[type(a)](a.item() if hasattr(a, "item") else a) for a in args]
+        # a struct by value (``gla::Params``) travels as a copy of its bytes
+        values = [ctypes.create_string_buffer(a.tobytes(), a.nbytes) if isinstance(a, np.void)
+                  else _CTYPES[type(a)](a.item() if hasattr(a, "item") else a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
         status = self._lib.gla_emu_launch(name.encode(), grid[0], grid[1], grid[2], block, smem, pointers)
         if status != 0:

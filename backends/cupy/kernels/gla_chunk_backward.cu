@@ -197,7 +197,6 @@ __device__ __forceinline__ void dout_v_scores(const u32 (&dout)[2][VW], const u3
 template <class E, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
-  GLA_COLLECT_PARAMS;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
@@ -413,7 +412,6 @@ gla_chunk_backward_dq(GLA_KERNEL_PARAMS) {
 template <class E, bool DV, int KT, int VT, int NW, bool BIDIR, int MIN_BLOCKS, bool LOCAL>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_dkv(GLA_KERNEL_PARAMS) {
-  GLA_COLLECT_PARAMS;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;
@@ -770,7 +768,6 @@ template <class E, int KT, int VT, int NW, bool BIDIR, bool PREFETCH, bool SHARE
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_backward_adjoint(GLA_KERNEL_PARAMS) {
   static_assert(NW == 2 && KT == NW, "one K tile of dk per warp of a direction");
-  GLA_COLLECT_PARAMS;
   constexpr int KW = 2 * KT, VW = 2 * VT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;

@@ -56,7 +56,6 @@ struct ChunkInputs {
 template <class E, int KT, int VT, int NW, bool BIDIR, bool PREFETCH, int MIN_BLOCKS, bool OUTPUT>
 __global__ void __launch_bounds__(32 * NW * (BIDIR ? 2 : 1), MIN_BLOCKS)
 gla_chunk_forward(GLA_KERNEL_PARAMS) {
-  GLA_COLLECT_PARAMS;
   constexpr int KW = 2 * KT, VW = 2 * VT;  // words per row and lane
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, c = lane & 3;

@@ -51,19 +51,12 @@ struct Params {
 };
 #undef GLA_DECLARE_FIELD
 
-// Kernel signature: `__global__ void kernel(GLA_KERNEL_PARAMS)`, then `GLA_COLLECT_PARAMS;`
-// gathers the arguments into `const Params p`. (Arguments are prefixed so that they cannot
-// collide with template parameters such as T.)
-#define GLA_KERNEL_ARG(type, name) , const type arg_##name
-#define GLA_KERNEL_PARAMS int gla_params_begin_ GLA_PARAM_FIELDS(GLA_KERNEL_ARG)
-#define GLA_COPY_FIELD(type, name) params_.name = arg_##name;
-#define GLA_COLLECT_PARAMS                                          \
-  (void)gla_params_begin_;                                          \
-  const ::gla::Params p = [&] {                                     \
-    ::gla::Params params_;                                          \
-    GLA_PARAM_FIELDS(GLA_COPY_FIELD)                                \
-    return params_;                                                 \
-  }()
+// Kernel signature: `__global__ void kernel(GLA_KERNEL_PARAMS)`: the whole Params struct is
+// the one argument, by value (it lives in the kernel's parameter space, as separate
+// arguments did). One argument rather than 35 because the host packs it once: CuPy
+// converts every argument of a launch on its own, ~24 us a launch for 35 of them against
+// ~9 for one struct on the H200 machine of NOTES.md (session 29).
+#define GLA_KERNEL_PARAMS const ::gla::Params p
 
 constexpr int kFlagSlots = 4;  // per (batch, head): one per warp of gla_chunk_backward_dq
 

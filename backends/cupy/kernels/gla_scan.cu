@@ -19,7 +19,6 @@ namespace gla {
 constexpr int kScanBatch = 8;
 
 __global__ void gla_state_scan(GLA_KERNEL_PARAMS) {
-  GLA_COLLECT_PARAMS;
   const i64 kv = p.K * p.V;
   const i64 e = (i64)blockIdx.y * blockDim.x + threadIdx.x;
   if (e >= kv) return;
@@ -79,7 +78,6 @@ constexpr int kFixupUnroll = 4;
 // of their use (the compiler may not move a load above a store).
 template <class T>
 __global__ void gla_gate_grad_fixup(GLA_KERNEL_PARAMS) {
-  GLA_COLLECT_PARAMS;
   const i64 bh = blockIdx.x / 2;
   const int group = blockIdx.x % 2;
   if (p.bidirectional == 0 && group == 1) return;

@@ -124,7 +124,6 @@ struct SweepSmem {
 
 template <class T, class TILE, int ROLE>
 __global__ void __launch_bounds__(2 * TILE::THREADS) gla_sweep(GLA_KERNEL_PARAMS) {
-  GLA_COLLECT_PARAMS;
   using R = RoleTraits<ROLE>;
   constexpr int OWN_TILE = TILE::OWN_TILE, OPT = TILE::OPT, SPLIT = TILE::SPLIT, IPT = TILE::IPT;
   constexpr int CT = TILE::CT, THREADS = TILE::THREADS, INNER_PAD = TILE::INNER_PAD;
