@@ -26,11 +26,6 @@ PyTorch's autograd costs and what glakernels' own Python costs, with no kernel w
   (False)``. Autograd runs a CUDA backward on a device thread of its own; a lone op's
   forward+backward then pays the hand-over to that thread and back (NOTES.md, session 29),
   which a whole model's backward pays once, not once per op.
-
-``--launch`` times the triton backend with its cached launch path (``glakernels._triton_launch``)
-switched off and on (``GLAKERNELS_TRITON_FAST_LAUNCH=0/1``), alternating, several rounds: the
-host time of one small kernel's launch (a vig RMSNorm) and of the op's forward and
-forward+backward.
 """
 
 from __future__ import annotations
@@ -46,7 +41,6 @@ import torch
 from glakernels import gated_linear_attention
 from glakernels._custom_op import _inputs
 from glakernels._dispatch import get_backend
-from glakernels._triton_launch import ENV_FAST_LAUNCH
 from glakernels.bench import SHAPES, capture_cuda_graph, kernels_replaced, random_inputs
 
 
@@ -114,37 +108,6 @@ def layer_times(name: str, x: dict, device: str) -> dict:
     return times
 
 
-def launch_times(x: dict, rounds: int = 3) -> dict:
-    """Host seconds per call with the cached Triton launch off and on (the best of ``rounds``
-    alternating measurements of each): one small vig kernel, the op's forward (no gradient)
-    and forward+backward, on the triton backend."""
-    from vig.triton_kernels import rms_norm
-
-    rows = torch.randn(128 * 196, 192, device="cuda", dtype=torch.bfloat16)
-    weight = torch.ones(192, device="cuda", dtype=torch.bfloat16)
-    tensors = list(x.values())
-    grad = torch.randn_like(x["v"])
-
-    def forward():
-        with torch.no_grad():
-            gated_linear_attention(**x, backend="triton")
-
-    calls = {
-        "vig rms_norm call": lambda: rms_norm(rows, weight, 1e-6, rows.dtype),
-        "op fwd": forward,
-        "op f+b": lambda: torch.autograd.grad(gated_linear_attention(**x, backend="triton"), tensors, grad),
-    }
-    best = {}
-    for _ in range(rounds):
-        for switch in ("0", "1"):
-            os.environ[ENV_FAST_LAUNCH] = switch
-            for label, fn in calls.items():
-                key = f"{label} ({'cached' if switch == '1' else 'triton'})"
-                best[key] = min(best.get(key, float("inf")), host_time(fn, calls=100))
-    os.environ.pop(ENV_FAST_LAUNCH)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="cupy,triton")
@@ -152,8 +115,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--layers", action="store_true",
                         help="also split forward+backward into autograd's and glakernels' host time")
-    parser.add_argument("--launch", action="store_true",
-                        help="also time the triton backend's launches with the cached path off and on")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "| shape", args.shape, "bf16 bidirectional")
@@ -195,11 +156,6 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"--- cProfile, {name}, 200 x forward+backward (fast path), by own time")
             pstats.Stats(profile).sort_stats("tottime").print_stats(18)
-    if args.launch:
-        x = random_inputs(shape, torch.bfloat16, "cuda", bidirectional=True, requires_grad=True)
-        print("\nmicroseconds of host time per call, triton's launch path against the cached one (best of 3 rounds)")
-        for label, seconds in launch_times(x).items():
-            print(f"  {label:<28}{seconds * 1e6:10.1f}")
     columns = [c for c in rows[0] if c != "backend"]
     print("\nmicroseconds per call (graph = GPU time; the rest = host time, back to back)")
     widths = [max(14, len(c) + 2) for c in columns]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import torch
 
 from glakernels._launch_device import launch_device
-from glakernels._triton_launch import launch_kernel
 
 from .triton_kernels import _as_rows, _conv_dot_mode, _pow2, _rows_launch, triton
 
@@ -292,7 +291,7 @@ def rms_norm_backward(x: Tensor, weight: Tensor, eps: float, grad: Tensor, resid
     out = torch.empty(rx.shape, dtype=out_dtype or x.dtype, device=x.device)
     part = torch.empty((block_cols, programs), dtype=torch.float32, device=x.device)
     with launch_device(x):
-        launch_kernel(_rms_norm_backward_kernel, (programs,),
+        _rms_norm_backward_kernel[(programs,)](
             rx, weight, rg, rr, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0), rr.stride(0),
             HAS_RES=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
@@ -311,7 +310,7 @@ def layer_norm_act_backward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     out = torch.empty(rx.shape, dtype=x.dtype, device=x.device)
     part = torch.empty((2, block_cols, programs), dtype=torch.float32, device=x.device)
     with launch_device(x):
-        launch_kernel(_layer_norm_act_backward_kernel, (programs,),
+        _layer_norm_act_backward_kernel[(programs,)](
             rx, weight, bias, rg, out, part, n_rows, width, eps, rx.stride(0), rg.stride(0),
             ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
@@ -325,7 +324,7 @@ def silu_backward(y: Tensor, grad: Tensor, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
     block = 1024
     with launch_device(y):
-        launch_kernel(_silu_backward_kernel, (triton.cdiv(y.numel(), block),), y, grad, out, y.numel(), BLOCK=block)
+        _silu_backward_kernel[(triton.cdiv(y.numel(), block),)](y, grad, out, y.numel(), BLOCK=block)
     return out
 
 
@@ -344,7 +343,7 @@ def log_gates_pair_backward(grad_fwd: Tensor | None, fwd: Tensor, grad_rev: Tens
     programs = triton.cdiv(n_rows, block_rows)
     part = torch.empty((2, block_cols, programs) if column_sums else (1,), dtype=torch.float32, device=fwd.device)
     with launch_device(fwd):
-        launch_kernel(_log_gates_backward_kernel, (programs, 2),
+        _log_gates_backward_kernel[(programs, 2)](
             gf, fwd.contiguous(), gr, rev.contiguous(), out, part, n_rows, width, float(normalizer),
             HAS_F=grad_fwd is not None, HAS_R=grad_rev is not None, SUMS=column_sums, BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols, num_warps=warps,
@@ -363,8 +362,8 @@ def column_sums(x: Tensor) -> Tensor:
     programs = triton.cdiv(n_rows, block_rows)
     part = torch.empty((block_cols, programs), dtype=torch.float32, device=x.device)
     with launch_device(x):
-        launch_kernel(_column_sums_kernel, (programs,), rows, part, n_rows, width, rows.stride(0),
-                      BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
+        _column_sums_kernel[(programs,)](rows, part, n_rows, width, rows.stride(0), BLOCK_ROWS=block_rows,
+                                         BLOCK_COLS=block_cols, num_warps=warps)
     return _part_sums(part)[:width]
 
 
@@ -378,8 +377,7 @@ def swiglu_backward(projected: Tensor, grad_product: Tensor) -> tuple[Tensor, Te
     block_cols = min(256, _pow2(hidden))
     block_rows = max(1, 4096 // block_cols)
     with launch_device(projected):
-        grid = (triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))
-        launch_kernel(_swiglu_backward_kernel, grid,
+        _swiglu_backward_kernel[(triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))](
             rows, grows, grad, product, rows.shape[0], hidden, rows.stride(0), grows.stride(0), grad.stride(0),
             product.stride(0), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )
@@ -402,7 +400,7 @@ def mix_backward(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, eps: f
     part = torch.empty((2, block_cols, programs), dtype=torch.float32, device=a.device)
     y = None if output_dtype is None else torch.empty(ra.shape, dtype=output_dtype, device=a.device)
     with launch_device(a):
-        launch_kernel(_mix_backward_kernel, (programs,),
+        _mix_backward_kernel[(programs,)](
             ra, rb, rz, wa, wb, rg, grad_a, grad_b, grad_z, part, grad_a if y is None else y, n_rows, width, eps,
             ra.stride(0), rb.stride(0), rz.stride(0), rg.stride(0),
             OUT_ACT=out_act, STORE_Y=y is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
@@ -443,7 +441,7 @@ def depthwise_conv_backward(x: Tensor, grad: Tensor, weight: Tensor, out_dtype: 
     grad_x = torch.empty((B, H, W, C), dtype=out_dtype or x.dtype, device=x.device)
     part = torch.empty((programs, taps, C), dtype=torch.float32, device=x.device)
     with launch_device(x):
-        launch_kernel(_dwconv_backward_kernel, (programs, triton.cdiv(C, block_c)),
+        _dwconv_backward_kernel[(programs, triton.cdiv(C, block_c))](
             x, grad, weight, grad_x, part, H, W, C, rows,
             x.stride(0), x.stride(1), x.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3),
@@ -542,7 +540,7 @@ def patch_conv_weight_grad(x: Tensor, grad: Tensor, kernel_size: int, stride: in
                        dtype=torch.float32, device=x.device)
     dot_bf16, precision = _conv_dot_mode(x, dtype)  # as the forward rounded its operands
     with launch_device(x):
-        launch_kernel(_patch_conv_weight_grad_kernel, (splits, kd_blocks, n_blocks),
+        _patch_conv_weight_grad_kernel[(splits, kd_blocks, n_blocks)](
             x, grad, part, n_pixels, pixels_per_program, H, W, OH, OW, C_out, kdim, *x.stride(),
             KS=kernel_size, STRIDE=stride, PAD=padding, DOT_BF16=dot_bf16, PRECISION=precision,
             BLOCK_P=launch["BLOCK_P"], BLOCK_KD=launch["BLOCK_KD"], BLOCK_N=launch["BLOCK_N"],

@@ -48,7 +48,6 @@ import os
 import torch
 
 from glakernels._launch_device import launch_device
-from glakernels._triton_launch import launch_kernel
 from glakernels._precision import tf32_allowed
 
 try:
@@ -342,7 +341,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> T
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     block_rows, block_cols, warps = _rows_launch("rms_norm", rows.shape[1])
     with launch_device(x):
-        launch_kernel(_rms_norm_kernel, (triton.cdiv(rows.shape[0], block_rows),),
+        _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
             rows, weight, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
@@ -375,7 +374,7 @@ def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Ten
     with launch_device(x):
         if branch is None:
             block_rows, block_cols, warps = _rows_launch("rstd", C)
-            launch_kernel(_rstd_kernel, (triton.cdiv(B * H * W, block_rows),),
+            _rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
                 x, rstd, B * H * W, C, eps, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
         else:
             if branch.shape != x.shape:
@@ -383,11 +382,11 @@ def norm_dwconv_act(x: Tensor, norm_weight: Tensor, eps: float, conv_weight: Ten
             branch = branch.contiguous()
             total = torch.empty((B, H, W, C), dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
             block_rows, block_cols, warps = _rows_launch("add_rstd", C)
-            launch_kernel(_add_rstd_kernel, (triton.cdiv(B * H * W, block_rows),),
+            _add_rstd_kernel[(triton.cdiv(B * H * W, block_rows),)](
                 x, branch, total, rstd, B * H * W, C, eps, C, C, C, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
                 num_warps=warps)
             x = total
-        launch_kernel(_norm_dwconv_act_kernel, (B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c)),
+        _norm_dwconv_act_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
             x, rstd, norm_weight, conv_weight, out, H, W, C,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             conv_weight.stride(0), conv_weight.stride(2), conv_weight.stride(3),
@@ -404,7 +403,7 @@ def mix_global_local(a: Tensor, b: Tensor, z: Tensor, wa: Tensor, wb: Tensor, ep
     out = torch.empty(ra.shape, dtype=out_dtype, device=a.device)
     block_rows, block_cols, warps = _rows_launch("mix", ra.shape[1])
     with launch_device(a):
-        launch_kernel(_mix_kernel, (triton.cdiv(ra.shape[0], block_rows),),
+        _mix_kernel[(triton.cdiv(ra.shape[0], block_rows),)](
             ra, rb, rz, wa, wb, out, ra.shape[0], ra.shape[1], eps,
             ra.stride(0), rb.stride(0), rz.stride(0), out.stride(0),
             OUT_ACT=out_act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
@@ -421,8 +420,7 @@ def swiglu_product(projected: Tensor) -> Tensor:
     block_cols = min(256, _pow2(hidden))
     block_rows = max(1, 4096 // block_cols)
     with launch_device(projected):
-        grid = (triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))
-        launch_kernel(_swiglu_kernel, grid,
+        _swiglu_kernel[(triton.cdiv(rows.shape[0], block_rows), triton.cdiv(hidden, block_cols))](
             rows, out, rows.shape[0], hidden, rows.stride(0), out.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )
@@ -437,7 +435,7 @@ def add_rms_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float, out_dtyp
     out = torch.empty(rx.shape, dtype=out_dtype, device=x.device)
     block_rows, block_cols, warps = _rows_launch("add_rms_norm", rx.shape[1])
     with launch_device(x):
-        launch_kernel(_add_rms_norm_kernel, (triton.cdiv(rx.shape[0], block_rows),),
+        _add_rms_norm_kernel[(triton.cdiv(rx.shape[0], block_rows),)](
             rx, rb, weight, total, out, rx.shape[0], rx.shape[1], eps,
             rx.stride(0), rb.stride(0), total.stride(0), out.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
@@ -454,7 +452,7 @@ def log_gates_pair(logits: Tensor, normalizer: float) -> tuple[Tensor, Tensor]:
     rev = torch.empty_like(fwd)
     block_rows, block_cols, warps = _rows_launch("log_gates_pair", width)
     with launch_device(logits):
-        launch_kernel(_log_gates_pair_kernel, (triton.cdiv(rows.shape[0], block_rows), 2),
+        _log_gates_pair_kernel[(triton.cdiv(rows.shape[0], block_rows), 2)](
             rows, fwd, rev, rows.shape[0], width, 1.0 / normalizer, rows.stride(0),
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
@@ -492,8 +490,7 @@ def patch_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: in
     dot_bf16, precision = _conv_dot_mode(x, dtype)
     with launch_device(x):
         launch = PATCH_CONV_LAUNCH
-        grid = (triton.cdiv(n_pixels, launch["BLOCK_M"]), triton.cdiv(C_out, block_n))
-        launch_kernel(_patch_conv_kernel, grid,
+        _patch_conv_kernel[(triton.cdiv(n_pixels, launch["BLOCK_M"]), triton.cdiv(C_out, block_n))](
             x, w, bias, out, n_pixels, H, W, OH, OW, C_out, C_in * ks * ks, *x.stride(),
             KS=ks, STRIDE=stride, PAD=padding, DOT_BF16=dot_bf16, PRECISION=precision, BLOCK_N=block_n, **launch,
         )
@@ -506,7 +503,7 @@ def layer_norm_act(x: Tensor, weight: Tensor, bias: Tensor, eps: float, act: boo
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     block_rows, block_cols, warps = _rows_launch("layer_norm_act", rows.shape[1])
     with launch_device(x):
-        launch_kernel(_layer_norm_act_kernel, (triton.cdiv(rows.shape[0], block_rows),),
+        _layer_norm_act_kernel[(triton.cdiv(rows.shape[0], block_rows),)](
             rows, weight, bias, out, rows.shape[0], rows.shape[1], eps, rows.stride(0), out.stride(0),
             ACT=act, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from glakernels._launch_device import launch_device
-from glakernels._triton_launch import launch_kernel
 from glakernels._precision import tf32_allowed
 
 from .triton_kernels import _as_rows, _pow2, triton
@@ -144,8 +143,8 @@ def swiglu_matmul(x: Tensor, weight: Tensor) -> Tensor:
         launch["BLOCK_K"] = max(16, min(128, _pow2(rows.shape[1])))
     grid = (triton.cdiv(rows.shape[0], launch["BLOCK_M"]), triton.cdiv(hidden, launch["BLOCK_N"]))
     with launch_device(x):
-        launch_kernel(_swiglu_matmul_kernel, grid, rows, w, out, rows.shape[0], rows.shape[1], hidden, rows.stride(0),
-                      w.stride(0), out.stride(0), UPCAST=upcast, PRECISION=precision, **launch)
+        _swiglu_matmul_kernel[grid](rows, w, out, rows.shape[0], rows.shape[1], hidden, rows.stride(0), w.stride(0),
+                                    out.stride(0), UPCAST=upcast, PRECISION=precision, **launch)
     return out.view(*x.shape[:-1], hidden)
 
 
@@ -167,7 +166,7 @@ def low_rank_log_gates_pair(x: Tensor, w0: Tensor, w1: Tensor, b1: Tensor, norma
     if x.device.type == "cpu":
         launch["BLOCK_K"] = max(16, min(128, _pow2(C)))
     with launch_device(x):
-        launch_kernel(_low_rank_log_gates_kernel, (triton.cdiv(M, launch["BLOCK_M"]),),
+        _low_rank_log_gates_kernel[(triton.cdiv(M, launch["BLOCK_M"]),)](
             rows, w0, w1, b1, low, fwd, rev, M, C, R, NG, 1.0 / normalizer, rows.stride(0),
             UPCAST=upcast, PRECISION=precision, BLOCK_R=max(16, _pow2(R)), **launch,
         )

@@ -37,7 +37,6 @@ from typing import Iterator, Optional
 import torch
 
 from glakernels._launch_device import launch_device
-from glakernels._triton_launch import launch_kernel
 from glakernels._precision import float32_matmul_precision, tf32_allowed
 
 from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
@@ -359,7 +358,7 @@ def forward(
                                        dot_bf16, precision, has_h0=initial_state is not None, has_dht=False,
                                        store_ht=output_final_state, store_dh0=False)
         nvb = _cdiv(V, cfg.block_v)
-        launch_kernel(kernels._gla_fwd_kernel, (B * H, nseg, nvb),
+        kernels._gla_fwd_kernel[(B * H, nseg, nvb)](
             q, k, v, g, gr, o, h0, ht, bstates, scratch,
             T, H, K, V, scale_eff, SEG, nseg,
             C=C, LOG2C=C.bit_length() - 1, BK=cfg.block_k, BV=cfg.block_v, NKB=_cdiv(K, cfg.block_k),
@@ -382,14 +381,14 @@ def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kin
     gammas = torch.empty(slots, B * H, nseg, K, device=q.device, dtype=torch.float32)
     sbk, sbv = cfg.states_block_k, cfg.states_block_v
     nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
-    launch_kernel(kernels_boundary_states._gla_segment_sums_kernel, (B * H * nkb * nvb, slots, nseg),
+    kernels_boundary_states._gla_segment_sums_kernel[(B * H * nkb * nvb, slots, nseg)](
         q, k, v, g, gr, do, bstates, gammas,
         T, H, K, V, coef_grad, nseg,
         SEG=segment, STEP=min(cfg.states_step, segment), BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
         DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
     )
     block = 32 * cfg.scan_num_warps
-    launch_kernel(kernels_boundary_states._gla_boundary_scan_kernel, (B * H, slots, _cdiv(K * V, block)),
+    kernels_boundary_states._gla_boundary_scan_kernel[(B * H, slots, _cdiv(K * V, block))](
         bstates, gammas, h0, dht, ht, dh0,
         K, V, nseg,
         KIND_STRIDE=kind_stride, HAS_H0=has_h0, HAS_DHT=has_dht, STORE_HT=store_ht, STORE_DH0=store_dh0,
@@ -531,7 +530,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
                                        store_ht=output_final_state, store_dh0=False)
         if gluon:
             from . import kernels_gluon_forward
-            launch_kernel(kernels_gluon_forward._gla_fwd_gluon_kernel, (B * H * ndir, nvb, nseg),
+            kernels_gluon_forward._gla_fwd_gluon_kernel[(B * H * ndir, nvb, nseg)](
                 q, k, v, g, gr, o, part, flags, h0, ht, bstates,
                 T, H, K, V, scale_eff, seg // C,
                 BK=max(16, _pow2(K)), BV=bv, BIDIR=bidirectional, HAS_H0=initial_state is not None,
@@ -540,7 +539,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
                 **({} if cfg.single_pass_gluon_maxnreg is None else {"maxnreg": cfg.single_pass_gluon_maxnreg}),
             )
         else:
-            launch_kernel(kernels_single_pass._gla_fwd_single_pass_kernel, (B * H * ndir, nvb, nseg),
+            kernels_single_pass._gla_fwd_single_pass_kernel[(B * H * ndir, nvb, nseg)](
                 q, k, v, g, gr, o, part, flags, h0, ht, bstates,
                 T, H, K, V, scale_eff, seg // C,
                 C=C, LOG2C=C.bit_length() - 1, BK=max(16, _pow2(K)), BV=bv,
@@ -552,8 +551,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
             )
         if park_all:  # o from the parked parts: 32 tokens x up to 64 columns a program
             rows, bv_sum = 32, min(64, _pow2(max(16, V)))
-            grid = (B * H, _cdiv(T, rows), _cdiv(V, bv_sum))
-            launch_kernel(kernels_single_pass._gla_fwd_sum_parts_kernel, grid,
+            kernels_single_pass._gla_fwd_sum_parts_kernel[(B * H, _cdiv(T, rows), _cdiv(V, bv_sum))](
                 part, o, T, H, V, n_chunks * C, scale_eff, ROWS=rows, BV=bv_sum, num_warps=4,
             )
     return o, (ht if output_final_state else None)
@@ -590,7 +588,7 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
         launches = [(1, cfg.single_pass_bwd_pass_a_num_warps, {}), (2, cfg.single_pass_bwd_num_warps, extra)] \
             if cfg.single_pass_bwd_split else [(3, cfg.single_pass_bwd_num_warps, extra)]
         for passes, warps, options in launches:
-            launch_kernel(kernels_single_pass_bwd._gla_bwd_single_pass_kernel, (B * H * ndir, nseg),
+            kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir, nseg)](
                 q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
                 dh0 if dh0 is not None else scratch, scratch, parts, flags, bstates,
                 T, H, K, V, scale_eff, seg // C,
@@ -650,7 +648,7 @@ def backward(
                                        1 if bidirectional else 2, SEG, cfg, dot_bf16, precision,
                                        has_h0=initial_state is not None, has_dht=grad_final_state is not None,
                                        store_ht=False, store_dh0=initial_state is not None)
-        launch_kernel(kernels._gla_bwd_kernel, (B * H, nseg),
+        kernels._gla_bwd_kernel[(B * H, nseg)](
             q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
             dh0 if dh0 is not None else scratch, bstates, scratch,
             T, H, K, V, scale_eff, SEG, nseg,
