@@ -232,16 +232,23 @@ _POLL_PTX = one_line_ptx("""
 
 @triton.jit
 def _poll(meet, SPIN: tl.constexpr):
-    """Wait until the count at ``meet`` is not 1, or for ``SPIN`` reads. Every thread reads for
+    """Wait until the count at ``meet`` is not 1, or for ``|SPIN|`` reads. Every thread reads for
     itself, so threads of different warps may stop on different values: what was seen decides
-    nothing (``_meet`` decides by one compare-and-swap, the same for the whole program)."""
-    if _SPLIT_IN_PTX:  # (NVIDIA and compiled: the same switch as the PTX split's)
-        tl.inline_asm_elementwise(asm=_POLL_PTX, constraints="=r,l,r", args=[meet, tl.full([], SPIN, tl.int32)],
+    nothing (``_meet`` decides by one compare-and-swap, the same for the whole program).
+
+    ``SPIN >= 0`` reads through ``_POLL_PTX`` (NVIDIA, compiled); a negative ``SPIN`` through
+    a loop of atomic reads, which a traced launch uses (``launch._meet_spin``): Inductor's
+    analysis of which tensors a kernel writes stops at inline PTX with side effects and then
+    takes every tensor argument for written, so its graph copied the forward's float32
+    scratch three times around each launch (NOTES.md, session 29)."""
+    READS: tl.constexpr = -SPIN if SPIN < 0 else SPIN
+    if _SPLIT_IN_PTX and SPIN >= 0:  # (NVIDIA and compiled: the same switch as the PTX split's)
+        tl.inline_asm_elementwise(asm=_POLL_PTX, constraints="=r,l,r", args=[meet, tl.full([], READS, tl.int32)],
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         seen = tl.full([], 1, tl.int32)
         tries = 0
-        while (seen == 1) & (tries < SPIN):
+        while (seen == 1) & (tries < READS):
             seen = tl.atomic_add(meet, 0, sem="acquire", scope="gpu")
             tries += 1
 
@@ -274,24 +281,31 @@ def _meet(meet, DIRECTION: tl.constexpr, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _tail_chunks(end, c_lo, n_walk, quitter):
+def _tail_chunks(end, c_lo, n_walk):
     """After a direction gave up at the meeting (``_meet``), the chunks of its second half have
     both parts parked and no output. Both programs count themselves out on the segment's
     second counter (after their parked stores); returns the chunks the last of the two to
-    finish sums (first, count), and a count of 0 to the other."""
+    finish sums (first, count), and a count of 0 to the other.
+
+    Which direction gave up is read back from the meeting's counter (``end - 1``), which holds
+    4 + that direction once both have passed the meeting, as they have when the last counts
+    out (acquire on ``end``). Not passed in: a value the walk's call returns would tie, in
+    Inductor's analysis of a traced kernel, these chunks' store addresses to every pointer the
+    walk received (q, k, v, g), which it would then take for written (NOTES.md, session 29)."""
     tl.debug_barrier()
     last = tl.atomic_add(end, 1, sem="acq_rel", scope="gpu") == 1
+    quitter = tl.atomic_add(end - 1, 0, sem="acquire", scope="gpu") - 4
     tl.debug_barrier()
     half = n_walk // 2  # (the middle chunk, if any, was summed by the one that stayed)
     return tl.where(quitter == 0, c_lo + n_walk - half, c_lo), tl.where(last, half, 0)
 
 
 @triton.jit
-def _tail(part, other_part, o, end, row_part, row_v, T, V, scale, stride_v, cols_v, ok_v, c_lo, n_chunks, quitter,
+def _tail(part, other_part, o, end, row_part, row_v, T, V, scale, stride_v, cols_v, ok_v, c_lo, n_chunks,
           C: tl.constexpr, WIDE_ROWS: tl.constexpr):
     """``o`` of the chunks ``_tail_chunks`` gives this program, from both parked parts: the same
     float32 addition as in the walk (bitwise the same)."""
-    first, count = _tail_chunks(end, c_lo, n_chunks, quitter)
+    first, count = _tail_chunks(end, c_lo, n_chunks)
     for j in range(0, count):
         t0 = (first + j) * C
         n0 = tl.minimum(C, T - t0)
@@ -443,7 +457,7 @@ def _walk(q, k, v, g, o, part, flags, row_qk, row_v, row_part, other_part, row_f
         # segment's or sequence's first)
         if (quitter >= 0) & (c_hi - c_lo >= 2):
             _tail(part, other_part, o, flags + row_flags + c_lo + 1, row_part, row_v, T, V, scale, stride_v,
-                  cols_v, cols_v < V, c_lo, c_hi - c_lo, quitter, C, WIDE_ROWS)
+                  cols_v, cols_v < V, c_lo, c_hi - c_lo, C, WIDE_ROWS)
     return state
 
 

@@ -212,13 +212,13 @@ def _park_parts(dq_c, dk_c, dv_c, parts_q, parts_k, parts_v, row_part_k, row_par
 
 @triton.jit
 def _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v, end, bh, row_qk, row_v, T, K, V,
-              stride_qk, stride_v, cols_k, cols_v, c_lo, n_walk, quitter, C: tl.constexpr):
+              stride_qk, stride_v, cols_k, cols_v, c_lo, n_walk, C: tl.constexpr):
     """dq, dk and dv of the chunks ``kernels_single_pass._tail_chunks`` gives this program (after
     a direction gave up at the meeting), from both directions' parked parts."""
     n_chunks = tl.cdiv(T, C)
     row_part_k = bh.to(tl.int64) * n_chunks * C * K
     row_part_v = bh.to(tl.int64) * n_chunks * C * V
-    first, count = _tail_chunks(end, c_lo, n_walk, quitter)
+    first, count = _tail_chunks(end, c_lo, n_walk)
     for j in range(0, count):
         t0 = (first + j) * C
         n0 = tl.minimum(C, T - t0)
@@ -367,7 +367,7 @@ def _direction_bwd(q, k, v, g, do, dq, dk, dv, dg, dh0, scr, parts_q, parts_k, p
             if (quitter >= 0) & (c_hi - c_lo >= 2):  # (as the forward's: a one-chunk walk has no tail)
                 _tail_bwd(dq, dk, dv, parts_q, parts_k, parts_v, other_q, other_k, other_v,
                           flags + row_flags + c_lo + 1, bh, row_qk, row_v, T, K, V, stride_qk, stride_v, cols_k,
-                          cols_v, c_lo, c_hi - c_lo, quitter, C)
+                          cols_v, c_lo, c_hi - c_lo, C)
 
 
 @triton.jit
