@@ -24,8 +24,8 @@ PyTorch's autograd costs and what glakernels' own Python costs, with no kernel w
   (launches, allocations) as it runs inside autograd; compare with ``direct f+b``;
 - ``op, backward on this thread``: the same under ``torch.autograd.set_multithreading_enabled
   (False)``. Autograd runs a CUDA backward on a device thread of its own; a lone op's
-  forward+backward then pays the hand-over to that thread and back (NOTES.md, session 29),
-  which a whole model's backward pays once, not once per op.
+  forward+backward then pays the hand-over to that thread and back, which a whole model's
+  backward pays once, not once per op (``backends/triton/NOTES.md``, session 29).
 """
 
 from __future__ import annotations
