@@ -188,6 +188,18 @@ def test_compile_records_the_triton_launches_on_cuda(grad):
         assert_close({n: p.grad for n, p in model.named_parameters()}, eager_grads, bound, "compiled grads")
 
 
+def _run_compiled_kernel_check(script: str, *args: str, cwd, missing: str) -> str:
+    """stdout of ``script`` run in a fresh Python without Triton's interpreter (Inductor only
+    sees compiled kernels); a skip when the script exits 77 (this torch lacks ``missing``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                            env=env, cwd=cwd, timeout=300)
+    if result.returncode == 77:
+        pytest.skip(f"this torch has no {missing} to check against ({result.stdout.strip()})")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 _EMBEDDING_CHECK = r"""
 import ast, importlib, sys
 import triton
@@ -228,13 +240,8 @@ def test_kernel_sources_survive_inductors_embedding(tmp_path):
     modules = ["glakernels.backends.triton." + m for m in
                ("kernels", "kernels_single_pass", "kernels_single_pass_bwd", "kernels_boundary_states",
                 "kernels_gluon_forward")] + ["vig.triton_kernels", "vig.triton_backward", "vig.triton_matmuls"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _EMBEDDING_CHECK, *modules], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=300)
-    if result.returncode == 77:
-        pytest.skip(f"this torch has no Inductor closure function to check against ({result.stdout.strip()})")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok", result.stdout
+    stdout = _run_compiled_kernel_check(_EMBEDDING_CHECK, *modules, cwd=tmp_path, missing="Inductor closure function")
+    assert stdout.strip() == "ok", stdout
 
 
 _ANALYSIS_CHECK = r"""
@@ -295,18 +302,13 @@ def test_inductor_can_analyse_the_traced_launches(tmp_path):
     (``kernels_single_pass._tail_chunks``): each kernel of a bidirectional forward and
     backward must come out writing exactly its outputs and scratch (Triton's TTIR for sm_90,
     made on this CPU; run without the interpreter, whose kernels Inductor never sees)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _ANALYSIS_CHECK], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=300)
-    if result.returncode == 77:
-        pytest.skip(f"this torch has no triton kernel analysis to check against ({result.stdout.strip()})")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines() == [
+    stdout = _run_compiled_kernel_check(_ANALYSIS_CHECK, cwd=tmp_path, missing="triton kernel analysis")
+    assert stdout.strip().splitlines() == [
         "_gla_fwd_single_pass_kernel  flags o part",
         "_gla_bwd_single_pass_kernel 1 scratch",  # pass A: the state gradients it parks
         "_gla_bwd_single_pass_kernel 2 dg dgr dk dq dv flags parts",  # pass B
         "analysed",
-    ], result.stdout[-3000:]
+    ], stdout[-3000:]
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
