@@ -9,12 +9,12 @@ import torch
 
 from . import _custom_op  # noqa: F401  (registers torch.ops.glakernels.*)
 from ._autocast import cast_for_autocast
-from ._dispatch import select_backend_name
+from ._dispatch import get_backend, select_backend_name
 from ._custom_op import run_forward
 from ._eager import EagerGLA, eager_path_applies
 from ._validation import validate, validate_backend_name
 from ._value_checks import check_values, value_checks_enabled
-from ._problem import state_dtype_for
+from ._problem import GLAInputs, state_dtype_for
 
 Tensor = torch.Tensor
 
@@ -115,6 +115,8 @@ def gated_linear_attention(
         output_final_state,
         name,
     )
+    if needs_grad and not torch.compiler.is_compiling():
+        get_backend(name).prepare_backward(GLAInputs(*args[:7], spec))
     if eager_path_applies(name, *args[:6]):
         # no gradient wanted: the same forward without autograd's Function (host time). Not
         # while compiling, whose traced triton path stays the one measured on a GPU.

@@ -148,5 +148,11 @@ class Backend:
         is ``None`` unless ``spec.output_final_state``."""
         raise NotImplementedError
 
+    def prepare_backward(self, inputs: GLAInputs) -> None:
+        """Called before an eager forward whose backward autograd will run (its inputs need
+        gradients), with the same inputs: a backend may start host-side work that backward
+        will need — the triton backend compiles its backward's kernels while the forward runs.
+        It must not launch device work nor read tensor values. By default nothing."""
+
     def __repr__(self) -> str:
         return f"<glakernels backend {self.name!r}>"

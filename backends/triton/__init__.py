@@ -107,6 +107,15 @@ class TritonBackend(Backend):
             inputs.scale, spec.bidirectional, spec.output_final_state,
         )
 
+    def prepare_backward(self, inputs: GLAInputs) -> None:
+        # the backward's kernels compile in background threads while the forward compiles
+        # and runs (compile_ahead.py); the interpreter compiles nothing
+        if inputs.q.device.type == "cuda" and not interpreter_enabled():
+            from . import compile_ahead
+
+            compile_ahead.start(inputs.q, inputs.k, inputs.v, inputs.g, inputs.g_reverse, inputs.initial_state,
+                                inputs.scale, inputs.spec.bidirectional, inputs.spec.output_final_state)
+
     def backward(self, inputs: GLAInputs, grad_output: torch.Tensor, grad_final_state: Optional[torch.Tensor]):
         from . import launch
 

@@ -39,7 +39,7 @@ import torch
 from glakernels._launch_device import launch_device
 from glakernels._precision import float32_matmul_precision, tf32_allowed
 
-from . import kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
+from . import compile_ahead, kernels, kernels_boundary_states, kernels_single_pass, kernels_single_pass_bwd
 
 #: Sequences up to this length run as one segment: one launch, the whole chain in one program.
 SINGLE_SEGMENT_MAX_T = 512
@@ -318,6 +318,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _alloc_device(q: torch.Tensor, record: Optional[list]):
+    """Where a launch's outputs and scratch go: ``q``'s device, or ``meta`` while the launches
+    are only recorded (``backward``'s ``_record``): no memory, and Triton's specialisation
+    reads a ``meta`` tensor's address as 0, aligned like every fresh allocation."""
+    return q.device if record is None else "meta"
+
+
+class _Recorder:
+    """Stands in for a Triton kernel while ``backward`` records its launches."""
+
+    def __init__(self, kernel, record: list):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.record.append((self.kernel, grid, args, kwargs))
+
+
+def _kernel(kernel, record: Optional[list]):
+    """``kernel`` itself, to be launched as ``kernel[grid](...)``; or, while ``backward``
+    records, a stand-in that records the launch instead."""
+    return kernel if record is None else _Recorder(kernel, record)
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -370,25 +393,26 @@ def forward(
 
 
 def _boundary_states(q, k, v, g, gr, do, h0, dht, ht, dh0, coef_grad, slots, kind_stride, segment, cfg, dot_bf16,
-                     precision, *, has_h0, has_dht, store_ht, store_dh0):
+                     precision, *, has_h0, has_dht, store_ht, store_dh0, record=None):
     """The states at every boundary of segments of ``segment`` tokens
     (``kernels_boundary_states.py``): each segment's own contribution, all at once, then one
-    scan composing them. Returns ``bstates``."""
+    scan composing them. Returns ``bstates``. ``record``: as ``backward``'s ``_record``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     nseg = _cdiv(T, segment)
-    bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=q.device, dtype=torch.float32)
-    gammas = torch.empty(slots, B * H, nseg, K, device=q.device, dtype=torch.float32)
+    device = _alloc_device(q, record)
+    bstates = torch.empty(slots, B * H, nseg + 1, K, V, device=device, dtype=torch.float32)
+    gammas = torch.empty(slots, B * H, nseg, K, device=device, dtype=torch.float32)
     sbk, sbv = cfg.states_block_k, cfg.states_block_v
     nkb, nvb = _cdiv(K, sbk), _cdiv(V, sbv)
-    kernels_boundary_states._gla_segment_sums_kernel[(B * H * nkb * nvb, slots, nseg)](
+    _kernel(kernels_boundary_states._gla_segment_sums_kernel, record)[(B * H * nkb * nvb, slots, nseg)](
         q, k, v, g, gr, do, bstates, gammas,
         T, H, K, V, coef_grad, nseg,
         SEG=segment, STEP=min(cfg.states_step, segment), BK=sbk, BV=sbv, NKB=nkb, NVB=nvb, KIND_STRIDE=kind_stride,
         DOT_BF16=dot_bf16, PRECISION=precision, num_warps=cfg.states_num_warps,
     )
     block = 32 * cfg.scan_num_warps
-    kernels_boundary_states._gla_boundary_scan_kernel[(B * H, slots, _cdiv(K * V, block))](
+    _kernel(kernels_boundary_states._gla_boundary_scan_kernel, record)[(B * H, slots, _cdiv(K * V, block))](
         bstates, gammas, h0, dht, ht, dh0,
         K, V, nseg,
         KIND_STRIDE=kind_stride, HAS_H0=has_h0, HAS_DHT=has_dht, STORE_HT=store_ht, STORE_DH0=store_dh0,
@@ -566,7 +590,7 @@ def _forward_single_pass(q, k, v, g, gr, o, initial_state, scale_eff, bidirectio
 
 
 def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state, grad_final_state,
-                          scale_eff, bidirectional, cfg, dot_bf16, precision):
+                          scale_eff, bidirectional, cfg, dot_bf16, precision, record):
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = cfg.single_pass_bwd_chunk
@@ -574,12 +598,13 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
     n_chunks = _cdiv(T, C)
     ndir = 2 if bidirectional else 1
     seg, nseg = _single_pass_segments(T, C, cfg)
-    scratch = torch.empty(B * H * ndir * n_chunks * bk * bv, device=q.device, dtype=torch.float32)
+    device = _alloc_device(q, record)
+    scratch = torch.empty(B * H * ndir * n_chunks * bk * bv, device=device, dtype=torch.float32)
     # the directions' parked dq, dk, dv parts and per-chunk counters (bidirectional only)
-    parts = torch.empty(2 * B * H * n_chunks * C * (2 * K + V) if bidirectional else 1, device=q.device,
+    parts = torch.empty(2 * B * H * n_chunks * C * (2 * K + V) if bidirectional else 1, device=device,
                         dtype=torch.float32)
-    flags = torch.zeros(B * H * n_chunks if bidirectional else 1, device=q.device, dtype=torch.int32)
-    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
+    flags = torch.zeros(B * H * n_chunks if bidirectional else 1, device=device, dtype=torch.int32)
+    dh0 = torch.empty(B, H, K, V, device=device, dtype=torch.float32) if initial_state is not None else None
     h0 = initial_state if initial_state is not None else scratch
     dht = grad_final_state if grad_final_state is not None else scratch
     extra = {}
@@ -592,11 +617,11 @@ def _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, init
                                        dh0 if dh0 is not None else scratch, scale_eff, 2 * ndir,
                                        1 if bidirectional else 2, seg, cfg, dot_bf16, precision,
                                        has_h0=initial_state is not None, has_dht=grad_final_state is not None,
-                                       store_ht=False, store_dh0=initial_state is not None)
+                                       store_ht=False, store_dh0=initial_state is not None, record=record)
         launches = [(1, cfg.single_pass_bwd_pass_a_num_warps, {}), (2, cfg.single_pass_bwd_num_warps, extra)] \
             if cfg.single_pass_bwd_split else [(3, cfg.single_pass_bwd_num_warps, extra)]
         for passes, warps, options in launches:
-            kernels_single_pass_bwd._gla_bwd_single_pass_kernel[(B * H * ndir, nseg)](
+            _kernel(kernels_single_pass_bwd._gla_bwd_single_pass_kernel, record)[(B * H * ndir, nseg)](
                 q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
                 dh0 if dh0 is not None else scratch, scratch, parts, flags, bstates,
                 T, H, K, V, scale_eff, seg // C,
@@ -622,8 +647,18 @@ def backward(
     scale: float,
     bidirectional: bool,
     config: Optional[Config] = None,
+    *,
+    _record: Optional[list] = None,
 ):
-    """``dq, dk, dv, dg, dg_reverse, d initial_state`` (``None`` where absent)."""
+    """``dq, dk, dv, dg, dg_reverse, d initial_state`` (``None`` where absent).
+
+    ``_record`` (``compile_ahead``): a list that receives each launch as ``(kernel, grid,
+    args, kwargs)`` instead of running it; the outputs and scratch are then ``meta`` tensors,
+    so nothing touches the GPU (the inputs' shapes, dtypes and addresses are read, not their
+    values). Otherwise the launches wait for any compile of theirs that ``compile_ahead``
+    started."""
+    if _record is None and not torch.compiler.is_compiling():
+        compile_ahead.wait()
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = config or choose_config(T, K, V)
@@ -633,19 +668,21 @@ def backward(
     dot_bf16, precision = _dot_mode(q.dtype, q.device.type, cfg)
     scale_eff = 0.5 * scale if bidirectional else scale
     gr = g_reverse if bidirectional else g
-    dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    device = _alloc_device(q, _record)
+    dq, dk = torch.empty_like(q, device=device), torch.empty_like(k, device=device)
+    dv, dg = torch.empty_like(v, device=device), torch.empty_like(g, device=device)
     # causal: the kernels never touch dgr, but it must not be dg itself. Under torch.compile
     # each argument a kernel may write is cloned separately, and dg came back as the unwritten
     # clone (garbage gradients in compiled DiG on CUDA, NOTES.md session 11)
-    dgr = torch.empty_like(g_reverse) if bidirectional else g.new_empty(1)
+    dgr = torch.empty_like(g_reverse, device=device) if bidirectional else g.new_empty(1, device=device)
     if cfg.single_pass_backward and K <= SINGLE_PASS_MAX_K and V <= SINGLE_PASS_MAX_K:
         dh0 = _backward_single_pass(q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, initial_state,
-                                    grad_final_state, scale_eff, bidirectional, cfg, dot_bf16, precision)
+                                    grad_final_state, scale_eff, bidirectional, cfg, dot_bf16, precision, _record)
         return dq, dk, dv, dg, (dgr if bidirectional else None), dh0
     one_chunk = nseg > 1 and SEG == C
-    scratch = torch.empty(1 if one_chunk else B * H * nseg * (SEG // C + 1) * slots * K * V, device=q.device,
+    scratch = torch.empty(1 if one_chunk else B * H * nseg * (SEG // C + 1) * slots * K * V, device=device,
                           dtype=torch.float32)
-    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
+    dh0 = torch.empty(B, H, K, V, device=device, dtype=torch.float32) if initial_state is not None else None
     h0 = initial_state if initial_state is not None else scratch
     dht = grad_final_state if grad_final_state is not None else scratch
     bstates = scratch
@@ -655,8 +692,8 @@ def backward(
                                        dh0 if dh0 is not None else scratch, scale_eff, slots,
                                        1 if bidirectional else 2, SEG, cfg, dot_bf16, precision,
                                        has_h0=initial_state is not None, has_dht=grad_final_state is not None,
-                                       store_ht=False, store_dh0=initial_state is not None)
-        kernels._gla_bwd_kernel[(B * H, nseg)](
+                                       store_ht=False, store_dh0=initial_state is not None, record=_record)
+        _kernel(kernels._gla_bwd_kernel, _record)[(B * H, nseg)](
             q, k, v, g, gr, grad_output, dq, dk, dv, dg, dgr, h0, dht,
             dh0 if dh0 is not None else scratch, bstates, scratch,
             T, H, K, V, scale_eff, SEG, nseg,
