@@ -9,8 +9,8 @@ compiles: one training call (bidirectional, inputs needing gradients) timed from
 the end of its backward (``torch.cuda.synchronize``), split at the forward's return. ``--models``
 adds a model's first training step (``name:pixels:batch``, bf16 autocast, forward, a loss and
 its backward), where the model's own Triton kernels compile too. "inline"
-sets ``GLAKERNELS_TRITON_COMPILE_INLINE=1`` (each kernel compiles at its first launch, as
-Triton does); "ahead" is the default. Both modes of a shape run back to back on the same
+is the default (each kernel compiles at its first launch, as Triton does); "ahead" sets
+``GLAKERNELS_TRITON_COMPILE_AHEAD=1``. Both modes of a shape run back to back on the same
 machine, so their ratio is the comparison to read (compile times vary with the host's CPU).
 """
 
@@ -68,9 +68,7 @@ def first_call(child: str, case: str, dtype: str, inline: bool) -> tuple[float, 
     with tempfile.TemporaryDirectory() as cache:
         # (a model's GLA calls on the triton backend too: automatic selection may take cupy's)
         env = dict(os.environ, TRITON_CACHE_DIR=cache, GLAKERNELS_BACKEND="triton")
-        env.pop("GLAKERNELS_TRITON_COMPILE_INLINE", None)
-        if inline:
-            env["GLAKERNELS_TRITON_COMPILE_INLINE"] = "1"
+        env["GLAKERNELS_TRITON_COMPILE_AHEAD"] = "0" if inline else "1"
         out = subprocess.run([sys.executable, "-c", child, case, dtype], env=env, capture_output=True, text=True,
                              check=True)
     forward, backward = map(float, out.stdout.split()[-2:])

@@ -19,7 +19,14 @@ compiled ahead once per process; a launch whose specialisation still differs (an
 address not 16-byte aligned) compiles as before, in its own thread. A compile that fails here
 is ignored: the launch compiles again and raises the error itself. The threads are daemons:
 a process that never runs the backward (a model evaluated without ``torch.no_grad``) does not
-wait for them at exit. ``GLAKERNELS_TRITON_COMPILE_INLINE=1`` switches all of this off.
+wait for them at exit.
+
+Opt-in, with ``GLAKERNELS_TRITON_COMPILE_AHEAD=1``: with Triton 3.9 (this project's CI) a
+process that compiled in these threads aborted at exit in 2 of 24 runs ("terminate called
+without an active exception", exit status 134, in C++ teardown with no Python frame left,
+after every compile had finished and the backward had run; NOTES.md session 30). Not seen
+with the GPU image's Triton 3.6 (9 processes), but an abort at exit is not a risk to take by
+default.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ import torch
 
 from glakernels._env import env_flag
 
-#: Environment switch: 1 compiles every kernel when it is first launched, as Triton does.
-ENV_SWITCH = "GLAKERNELS_TRITON_COMPILE_INLINE"
+#: Environment switch: 1 compiles the backward's kernels ahead (off: each kernel compiles when
+#: it is first launched, as Triton does).
+ENV_SWITCH = "GLAKERNELS_TRITON_COMPILE_AHEAD"
 #: Calls compiled ahead so far are remembered up to this many, then forgotten all at once (a
 #: forgotten one only costs a second recording, whose compiles hit Triton's cache).
 MAX_REMEMBERED = 4096
@@ -54,7 +62,7 @@ def start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, g_
     V = v.shape[-1]
     key = (q.shape, v.shape, q.dtype, q.device, bidirectional, initial_state is not None, output_final_state,
            torch.get_float32_matmul_precision(), id(launch._overrides))
-    if key in _started or env_flag(ENV_SWITCH):
+    if key in _started or not env_flag(ENV_SWITCH):
         return
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
