@@ -16,7 +16,7 @@ MLIR and LLVM passes, so the compiles run side by side. ``launch.backward`` wait
 
 Each distinct call (shapes, dtype, device, options, matmul precision, config overrides) is
 compiled ahead once per process; a launch whose specialisation still differs (an input at an
-address not 16-byte aligned) compiles as before, in its own thread. A compile that fails here
+address not 16-byte aligned) compiles as before, in the thread that launches it. A compile that fails here
 is ignored: the launch compiles again and raises the error itself. The threads are daemons:
 a process that never runs the backward (a model evaluated without ``torch.no_grad``) does not
 wait for them at exit.
@@ -56,13 +56,15 @@ def start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, g_
     """Compile, in background threads, the kernels the backward of this forward call will
     launch (the forward's arguments, contiguous; the triton backend calls it for CUDA
     tensors, the tests with CPU tensors and a stand-in driver)."""
+    if not env_flag(ENV_SWITCH):  # (first: switched off, a training call pays this read only)
+        return
     from . import launch
 
     B, T, H, K = q.shape
     V = v.shape[-1]
     key = (q.shape, v.shape, q.dtype, q.device, bidirectional, initial_state is not None, output_final_state,
            torch.get_float32_matmul_precision(), id(launch._overrides))
-    if key in _started or not env_flag(ENV_SWITCH):
+    if key in _started:
         return
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
