@@ -9,8 +9,8 @@ compiles: one training call (bidirectional, inputs needing gradients) timed from
 the end of its backward (``torch.cuda.synchronize``), split at the forward's return. ``--models``
 adds a model's first training step (``name:pixels:batch``, bf16 autocast, forward, a loss and
 its backward), where the model's own Triton kernels compile too. "inline"
-is the default (each kernel compiles at its first launch, as Triton does); "ahead" sets
-``GLAKERNELS_TRITON_COMPILE_AHEAD=1``. Both modes of a shape run back to back on the same
+sets ``GLAKERNELS_TRITON_COMPILE_AHEAD=0`` (each kernel compiles at its first launch, as
+Triton does); "ahead" is the default (``=1``). Both modes of a shape run back to back on the same
 machine, so their ratio is the comparison to read (compile times vary with the host's CPU).
 """
 

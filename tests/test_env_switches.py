@@ -11,15 +11,19 @@ from glakernels._value_checks import ENV_CHECK
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), (" YES ", True), ("On", True),
-                                       ("0", False), ("false", False), ("no", False), ("OFF", False), ("", False)])
+                                       ("0", False), ("false", False), ("no", False), ("OFF", False)])
 def test_env_flag_words(value, on, monkeypatch):
     monkeypatch.setenv("GLAKERNELS_TEST_SWITCH", value)
     assert env_flag("GLAKERNELS_TEST_SWITCH") is on
 
 
-def test_env_flag_unset_is_off(monkeypatch):
+@pytest.mark.parametrize("default", [False, True])
+def test_env_flag_unset_or_empty_is_the_default(default, monkeypatch):
     monkeypatch.delenv("GLAKERNELS_TEST_SWITCH", raising=False)
-    assert env_flag("GLAKERNELS_TEST_SWITCH") is False
+    assert env_flag("GLAKERNELS_TEST_SWITCH", default=default) is default
+    monkeypatch.setenv("GLAKERNELS_TEST_SWITCH", " ")
+    assert env_flag("GLAKERNELS_TEST_SWITCH", default=default) is default
+    assert env_flag("GLAKERNELS_TEST_SWITCH") is False  # (off unless a switch says otherwise)
 
 
 @pytest.mark.parametrize("variable", [ENV_CHECK, ENV_FORCE_CUSTOM_OP])

@@ -16,39 +16,38 @@ MLIR and LLVM passes, so the compiles run side by side. ``launch.backward`` wait
 
 Each distinct call (shapes, dtype, device, options, matmul precision, config overrides) is
 compiled ahead once per process; a launch whose specialisation still differs (an input at an
-address not 16-byte aligned) compiles as before, in the thread that launches it. A compile that fails here
-is ignored: the launch compiles again and raises the error itself. The threads are daemons:
-a process that never runs the backward (a model evaluated without ``torch.no_grad``) does not
-wait for them at exit.
+address not 16-byte aligned) compiles as before, in the thread that launches it. A compile that
+fails here is ignored: the launch compiles again and raises the error itself.
 
-Opt-in, with ``GLAKERNELS_TRITON_COMPILE_AHEAD=1``: with Triton 3.9 (this project's CI) a
-process that compiled in these threads aborted at exit in 2 of 24 runs ("terminate called
-without an active exception", exit status 134, in C++ teardown with no Python frame left,
-after every compile had finished and the backward had run; NOTES.md session 30). Not seen
-with the GPU image's Triton 3.6 (9 processes), but an abort at exit is not a risk to take by
-default.
+On by default; ``GLAKERNELS_TRITON_COMPILE_AHEAD=0`` switches it off. The threads are not
+daemons, so a process that never runs the backward (a model evaluated without
+``torch.no_grad``) waits at exit for compiles still running, and finds them in Triton's cache
+next time. Daemon threads aborted such processes: a daemon thread that was still dropping its
+tensors when the interpreter shut down was ended by ``pthread_exit`` inside PyTorch's C++
+tensor destructor, and the forced unwind there ends in ``std::terminate`` ("terminate called
+without an active exception", exit status 134; 2 of 24 runs in session 30, found with gdb in
+session 31; NOTES.md). ``wait`` joins the threads, so none is left running after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import Future
 from typing import Optional
 
 import torch
 
 from glakernels._env import env_flag
 
-#: Environment switch: 1 compiles the backward's kernels ahead (off: each kernel compiles when
-#: it is first launched, as Triton does).
+#: Environment switch, on unless set to 0: compile the backward's kernels ahead (off: each
+#: kernel compiles when it is first launched, as Triton does).
 ENV_SWITCH = "GLAKERNELS_TRITON_COMPILE_AHEAD"
 #: Calls compiled ahead so far are remembered up to this many, then forgotten all at once (a
 #: forgotten one only costs a second recording, whose compiles hit Triton's cache).
 MAX_REMEMBERED = 4096
 
 _started: set = set()
-_pending: list = []  # futures of the compiles not yet waited for
+_pending: list = []  # threads of the compiles not yet waited for
 
 
 def start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, g_reverse: Optional[torch.Tensor],
@@ -56,7 +55,7 @@ def start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, g_
     """Compile, in background threads, the kernels the backward of this forward call will
     launch (the forward's arguments, contiguous; the triton backend calls it for CUDA
     tensors, the tests with CPU tensors and a stand-in driver)."""
-    if not env_flag(ENV_SWITCH):  # (first: switched off, a training call pays this read only)
+    if not env_flag(ENV_SWITCH, default=True):  # (first: switched off, a call pays this read only)
         return
     from . import launch
 
@@ -85,28 +84,25 @@ def start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, g_
                 caches[q.device.index if q.device.type == "cuda" else 0]
     except Exception:  # a head start only: whatever stops it here, the launches meet (and report) themselves
         return
+    _pending[:] = [thread for thread in _pending if thread.is_alive()]  # (ended, never waited for)
     for kernel, grid, args, kwargs in record:
-        future: Future = Future()
-        _pending.append(future)
-        threading.Thread(target=_compile, args=(future, q.device, kernel, grid, args, kwargs), daemon=True,
-                         name="glakernels-compile-ahead").start()
+        thread = threading.Thread(target=_compile, args=(q.device, kernel, grid, args, kwargs),
+                                  name="glakernels-compile-ahead")  # (not a daemon: module docstring)
+        thread.start()
+        _pending.append(thread)  # (after start: a wait in another thread may join it at once)
 
 
-def _compile(future: Future, device: torch.device, kernel, grid, args, kwargs) -> None:
+def _compile(device: torch.device, kernel, grid, args, kwargs) -> None:
     try:
         # (Triton keys its caches by the current device; a CPU device: the tests' fake driver)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             kernel.warmup(*args, grid=grid, **kwargs)
-    except BaseException as error:  # the launch compiles again and raises it there
-        future.set_exception(error)
-    else:
-        future.set_result(None)
+    except Exception:  # a head start only: the launch compiles again and raises it there
+        pass
 
 
 def wait() -> None:
-    """Block until every compile started ahead has finished (successfully or not)."""
+    """Block until every compile started ahead has finished (successfully or not) and its
+    thread has ended."""
     while _pending:
-        try:
-            _pending.pop().result()
-        except Exception:  # (see the module docstring: the launch reports it)
-            pass
+        _pending.pop().join()
