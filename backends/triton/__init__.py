@@ -108,8 +108,8 @@ class TritonBackend(Backend):
         )
 
     def prepare_backward(self, inputs: GLAInputs) -> None:
-        # opt-in: the backward's kernels compile in background threads while the forward
-        # compiles and runs (compile_ahead.py); the interpreter compiles nothing
+        # the backward's kernels compile in background threads while the forward compiles
+        # and runs (compile_ahead.py; on unless switched off); the interpreter compiles nothing
         if inputs.q.device.type == "cuda" and not interpreter_enabled():
             from . import compile_ahead
 
